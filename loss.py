@@ -1,0 +1,80 @@
+"""Contrastive losses: InfoNCE, NCL-CIR's soft-label NCE, and SPN's static-bank NCE.
+
+- info_nce: in-batch InfoNCE of composed retrieval: query i = (reference image, text), its positive is target i,
+  every other target of the batch is a negative (CLIP4Cir, SPN stage 1).
+- soft_nce: L^soft_NCE of NCL-CIR (Gao et al., ICASSP 2025). The noise-pair filter (nfb.py) gives each pair a
+  clean probability w_i; the target distribution puts w_i on the paired target and (1 - w_i)/(M - 1) on each
+  other target, so a pair flagged noisy (w -> 0) no longer pulls its query towards its (wrong) target.
+  w = 1 is exactly InfoNCE.
+- bank_nce: SPN's stage 2 "more negatives" (Feng et al., ACM MM 2024): NCE of each query over a static bank of
+  the target features of every training image; the soft labels of the NFB carry over (spread over the bank).
+
+q and t are L2-normalised by the model. Logits q tᵀ / tau are computed in fp32 with autocast off: at tau = 0.01
+a bf16 logit is off by up to ~0.1, which is larger than the loss differences the GMM has to separate.
+Every loss takes reduction="mean" | "sum" | "none"; "none" gives the per-sample losses the noise filter fits.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _logits(q, t, tau):
+    """q (B, D), t (M, D) -> (B, M) fp32 logits, autocast disabled."""
+    if q.dim() != 2 or t.dim() != 2 or q.shape[1] != t.shape[1]:
+        raise ValueError(f"loss.py: expected q (B, D) and targets (M, D), got {tuple(q.shape)} and {tuple(t.shape)}")
+    with torch.autocast(q.device.type, enabled=False):
+        return q.float() @ t.float().T / tau
+
+
+def _reduce(loss, reduction):
+    if reduction == "none":
+        return loss
+    if reduction in ("mean", "sum"):
+        return getattr(loss, reduction)()
+    raise ValueError(f"loss.py: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _nce(logits, pos, w, reduction):
+    """Cross-entropy of each row of logits (B, M) against target pos (B,) with weight w (B,) on it and
+    (1 - w)/(M - 1) on every other column; w None = hard labels. No dense (B, M) target is built."""
+    B, M = logits.shape
+    if pos.shape != (B,):
+        raise ValueError(f"loss.py: positive indices must have shape ({B},), got {tuple(pos.shape)}")
+    if w is None:
+        return _reduce(F.cross_entropy(logits, pos, reduction="none"), reduction)
+    if w.shape != (B,):
+        raise ValueError(f"loss.py: soft labels w must have shape ({B},), got {tuple(w.shape)}")
+    w = w.detach().to(logits.device, torch.float32)     # labels, not a parameter
+    logp = logits.log_softmax(dim=1)                      # (B, M)
+    lp_pos = logp.gather(1, pos[:, None]).squeeze(1)      # (B,)  log p(positive)
+    lp_rest = logp.sum(1) - lp_pos                        # (B,)  sum of log p over the other M - 1 targets
+    loss = -w * lp_pos - (1 - w) / max(M - 1, 1) * lp_rest
+    return _reduce(loss, reduction)
+
+
+def _default_pos(q, t, pos):
+    if pos is not None:
+        return pos
+    if t.shape[0] < q.shape[0]:
+        raise ValueError(f"loss.py: {t.shape[0]} targets for {q.shape[0]} queries; pass pos= (index of each "
+                         "query's target) when the targets are not the batch's own in order")
+    return torch.arange(q.shape[0], device=q.device)
+
+
+def info_nce(q, t, tau, pos=None, reduction="mean"):
+    """In-batch InfoNCE. q (B, D), t (M, D) (M > B when DDP passes targets gathered from all ranks),
+    pos (B,) long index of each query's target in t (default arange(B)). -> scalar or (B,)."""
+    return _nce(_logits(q, t, tau), _default_pos(q, t, pos), None, reduction)
+
+
+def soft_nce(q, t, w, tau, pos=None, reduction="mean"):
+    """Soft-label NCE L^soft_NCE: target w_i on t[pos_i], (1 - w_i)/(M - 1) on every other row of t.
+    w (B,) clean probabilities from nfb.py; w = 1 gives exactly info_nce."""
+    return _nce(_logits(q, t, tau), _default_pos(q, t, pos), w, reduction)
+
+
+def bank_nce(q, bank, target_idx, tau, w=None, reduction="mean"):
+    """SPN stage-2 NCE over a static bank. q (B, D), bank (M, D) L2-normalised target features of all training
+    images, target_idx (B,) row of each query's target in the bank, w (B,) optional soft labels (the rest,
+    1 - w_i, spread over the other M - 1 bank rows). Logits are (B, M): chunk the batch if M is huge."""
+    return _nce(_logits(q, bank, tau), target_idx.to(q.device), w, reduction)

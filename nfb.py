@@ -1,0 +1,188 @@
+"""Noise-pair Filter Block (NFB) of NCL-CIR (Gao et al., ICASSP 2025, arXiv 2504.04339).
+
+The paper fits a Gaussian Mixture Model to the distribution of per-pair losses, predicts which training pairs are
+noisy (mismatched or partly matched: they keep a high loss) and turns that into the soft labels of L^soft_NCE
+(loss.py). The recipe follows DivideMix / NCR: min-max normalise the losses, fit a 2-component 1-D GMM with few
+iterations (max_iter=10, tol=1e-2, reg_covar=5e-4), soft label w_i = p(low-mean component | loss_i).
+
+Our choices (the paper is silent):
+- Deterministic start: sort the losses and split them in halves; each component starts at its half's mean and
+  variance (+ reg_covar), weights 1/2. scikit-learn gets the same start (means_init / weights_init /
+  precisions_init) instead of its random k-means, so both backends run the same EM path and the fit is
+  reproducible.
+- backend="torch" is a pure-torch EM in float64 on the losses' device that replicates scikit-learn's
+  GaussianMixture step by step (reg_covar added to the variances, nk + 10 eps, stop when the mean
+  log-likelihood changes by < tol, final E-step): posteriors agree with scikit-learn to ~1e-12.
+- Degenerate inputs (< 10 losses, NaN/inf, all equal) give w = 1 with a warning, never an exception.
+"""
+
+import math
+import warnings
+
+import torch
+
+MAX_ITER, TOL, REG_COVAR = 10, 1e-2, 5e-4
+MIN_SAMPLES = 10
+
+
+def _degenerate(x):
+    """Why the 1-D tensor x cannot be fitted, or None."""
+    if x.numel() < MIN_SAMPLES:
+        return f"only {x.numel()} losses (need >= {MIN_SAMPLES})"
+    if not torch.isfinite(x).all():
+        return "NaN/inf among the losses"
+    if x.max() == x.min():
+        return "all losses are equal"
+    return None
+
+
+def minmax(losses):
+    """losses (N,) any float dtype/device -> (N,) float64 in [0, 1] (left as is when degenerate)."""
+    x = losses.detach().reshape(-1).double()
+    return x if _degenerate(x) else (x - x.min()) / (x.max() - x.min())
+
+
+def _init(x):
+    """Deterministic start from the halves of the sorted data. x (N,) float64 -> means, vars, weights (2,)."""
+    s = x.sort().values
+    lo, hi = s[: s.numel() // 2], s[s.numel() // 2:]
+    means = torch.stack([lo.mean(), hi.mean()])
+    var = torch.stack([lo.var(unbiased=False), hi.var(unbiased=False)]) + REG_COVAR
+    return means, var, torch.full_like(means, 0.5)
+
+
+def _e_step(x, means, var, weights):
+    """-> mean log-likelihood (0-dim), log responsibilities (N, 2)."""
+    lp = -0.5 * (math.log(2 * math.pi) + var.log() + (x[:, None] - means) ** 2 / var) + weights.log()  # (N, 2)
+    norm = lp.logsumexp(dim=1)                                                                          # (N,)
+    return norm.mean(), lp - norm[:, None]
+
+
+def _em_torch(x, means, var, weights, max_iter, tol, reg_covar):
+    lower_bound, converged, it = -math.inf, False, 0
+    for it in range(1, max_iter + 1):
+        prev = lower_bound
+        ll, log_resp = _e_step(x, means, var, weights)
+        resp = log_resp.exp()                                            # (N, 2)
+        nk = resp.sum(0) + 10 * torch.finfo(resp.dtype).eps              # (2,) as scikit-learn
+        means = (resp * x[:, None]).sum(0) / nk
+        var = (resp * (x[:, None] - means) ** 2).sum(0) / nk + reg_covar
+        weights = nk / nk.sum()
+        lower_bound = ll.item()          # scikit-learn's bound: log-likelihood of the E-step's parameters
+        if abs(lower_bound - prev) < tol:
+            converged = True
+            break
+    resp = _e_step(x, means, var, weights)[1].exp()                      # final E-step, as fit + predict_proba
+    return means, var, weights, resp, it, converged
+
+
+def _em_sklearn(x, means, var, weights, max_iter, tol, reg_covar):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+    X = x.cpu().numpy()[:, None]                                         # (N, 1) float64
+    # init_params="random_from_data": the cheapest built-in start; it is overwritten by the three *_init
+    gmm = GaussianMixture(2, tol=tol, reg_covar=reg_covar, max_iter=max_iter, init_params="random_from_data",
+                          random_state=0, weights_init=weights.cpu().numpy(),
+                          means_init=means.cpu().numpy()[:, None], precisions_init=(1 / var).cpu().numpy()[:, None, None])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # 10 iterations is the recipe, not a failure
+        gmm.fit(X)
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=x.device)
+    return (t(gmm.means_[:, 0]), t(gmm.covariances_.reshape(2)), t(gmm.weights_), t(gmm.predict_proba(X)),
+            int(gmm.n_iter_), bool(gmm.converged_))
+
+
+def fit_gmm(x, backend="sklearn", max_iter=MAX_ITER, tol=TOL, reg_covar=REG_COVAR):
+    """2-component 1-D GMM on normalised losses x (N,). Components are sorted, index 0 = low mean = clean.
+    -> dict(means (2,), stds (2,), weights (2,) float64 CPU; clean (N,) float32 posterior of component 0 on
+    x's device; n_iter, converged). Degenerate x: warning, NaN parameters and clean = 1."""
+    if backend not in ("sklearn", "torch"):
+        raise ValueError(f"nfb.py: backend must be 'sklearn' or 'torch', got {backend!r}")
+    x = x.detach().reshape(-1).double()
+    why = _degenerate(x)
+    if why is None:
+        means, var, weights, resp, n_iter, converged = (_em_torch if backend == "torch" else _em_sklearn)(
+            x, *_init(x), max_iter, tol, reg_covar)
+        why = None if torch.isfinite(resp).all() else "the EM produced NaN posteriors"
+    if why is not None:
+        warnings.warn(f"nfb.py: cannot fit the noise GMM ({why}); using w = 1 (every pair clean)")
+        nan = torch.full((2,), math.nan, dtype=torch.float64)
+        return dict(means=nan, stds=nan.clone(), weights=nan.clone(), n_iter=0, converged=False,
+                    clean=torch.ones(x.numel(), device=x.device))
+    order = [0, 1] if means[0] <= means[1] else [1, 0]
+    return dict(means=means[order].cpu(), stds=var[order].sqrt().cpu(), weights=weights[order].cpu(),
+                clean=resp[:, order[0]].float(), n_iter=n_iter, converged=converged)
+
+
+def clean_probability(losses, backend="sklearn"):
+    """Soft labels of the NFB. losses (N,) per-sample losses -> w (N,) float32 on losses' device,
+    w_i = p(clean | loss_i); w = 1 (and a warning) on degenerate input."""
+    return fit_gmm(minmax(losses), backend)["clean"].to(losses.device)
+
+
+def detection_metrics(w, noisy):
+    """Noise detection quality. w (N,) clean probabilities, noisy (N,) bool ground truth. Positive = noisy,
+    score = 1 - w for ROC-AUC; precision/recall of the decision w < 0.5. Undefined values are NaN."""
+    from sklearn.metrics import roc_auc_score
+    w, noisy = w.detach().float().cpu(), noisy.bool().cpu()
+    flagged = w < 0.5
+    tp = (flagged & noisy).sum().item()
+    auc = roc_auc_score(noisy.numpy(), (1 - w).numpy()) if 0 < noisy.sum() < noisy.numel() else math.nan
+    return dict(auc=float(auc), precision=tp / flagged.sum().item() if flagged.any() else math.nan,
+                recall=tp / noisy.sum().item() if noisy.any() else math.nan)
+
+
+class NoiseFilter:
+    """Training state of the NFB. Epochs are 0-based: epochs < warmup_epochs train with plain InfoNCE.
+    Call update(losses, epoch) with the per-sample losses measured in epoch `epoch`: it fits the GMM, logs the
+    statistics, and, when epoch + 1 is past the warm-up, installs the soft labels used in epoch + 1.
+    Losses that are NaN (pair not seen this epoch, e.g. drop_last) keep their previous weight."""
+
+    def __init__(self, n, warmup_epochs=1, backend="sklearn", noisy_gt=None):
+        if backend not in ("sklearn", "torch"):
+            raise ValueError(f"nfb.py: backend must be 'sklearn' or 'torch', got {backend!r}")
+        self.n, self.warmup_epochs, self.backend = n, warmup_epochs, backend
+        self.weights = torch.ones(n)                                     # (n,) soft labels, 1 before any fit
+        self.noisy_gt = None if noisy_gt is None else torch.as_tensor(noisy_gt).bool().reshape(-1).cpu()
+        if self.noisy_gt is not None and self.noisy_gt.numel() != n:
+            raise ValueError(f"nfb.py: noisy_gt has {self.noisy_gt.numel()} flags for {n} training pairs")
+        self.history = []                                                # one stats dict per update
+
+    def active(self, epoch):
+        """True when epoch `epoch` trains with the soft labels (past the warm-up)."""
+        return epoch >= self.warmup_epochs
+
+    def update(self, losses, epoch):
+        """losses (n,) per-sample losses of epoch `epoch` -> stats dict (also appended to .history)."""
+        losses = losses.detach().reshape(-1)
+        if losses.numel() != self.n:
+            raise ValueError(f"nfb.py: got {losses.numel()} losses for {self.n} training pairs")
+        seen = torch.isfinite(losses)                                    # (n,)
+        fin = losses[seen].float()                                       # (n_seen,)
+        fit = fit_gmm(minmax(fin), self.backend)
+        w = self.weights.to(losses.device, copy=True)
+        w[seen] = fit["clean"]
+        applied = self.active(epoch + 1)
+        if applied:
+            self.weights = w
+        # means/stds are in min-max normalised units; loss_min/loss_max map them back to raw losses
+        stats = dict(epoch=epoch, applied=applied, n_seen=int(seen.sum()), means=fit["means"].tolist(),
+                     loss_min=float(fin.min()) if fin.numel() else math.nan,
+                     loss_max=float(fin.max()) if fin.numel() else math.nan,
+                     stds=fit["stds"].tolist(), mix=fit["weights"].tolist(), n_iter=fit["n_iter"],
+                     n_noisy=int((w < 0.5).sum()), mean_w=float(w.float().mean()))
+        if self.noisy_gt is not None:
+            stats.update(detection_metrics(w, self.noisy_gt))
+        self.history.append(stats)
+        return stats
+
+    def state_dict(self):
+        """Plain tensors and python types only: torch.load(weights_only=True) reads it back."""
+        return dict(n=self.n, warmup_epochs=self.warmup_epochs, backend=self.backend,
+                    weights=self.weights.cpu(), noisy_gt=self.noisy_gt, history=list(self.history))
+
+    def load_state_dict(self, sd):
+        if sd["n"] != self.n:
+            raise ValueError(f"nfb.py: checkpoint has a noise filter for {sd['n']} pairs, this run has {self.n}")
+        self.warmup_epochs, self.backend = sd["warmup_epochs"], sd["backend"]
+        self.weights, self.noisy_gt, self.history = sd["weights"].float(), sd["noisy_gt"], list(sd["history"])
