@@ -16,6 +16,482 @@ from nfb import NoiseFilter, clean_probability, detection_metrics, fit_gmm, minm
 from wcb import WCB, diversity_penalty
 
 # ====================================================================================================
+# data.py
+# ====================================================================================================
+
+"""Tests of data.py: the real CIRR / FashionIQ annotation files (with placeholder images), layout variants, missing
+and corrupt images, noise injection, and the toy benchmark generator."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import data
+import toy
+
+SHARED = Path(__file__).resolve().parent.parent / "shared"
+CIRR_ANN = SHARED / "data" / "cirr"
+FIQ_ANN = SHARED / "data" / "fashioniq"
+CATS = ("dress", "shirt", "toptee")
+
+
+# -----------------------------------------------------------------------------
+# placeholder data sets: the real annotation files, one tiny PNG hard-linked under every name they need
+
+def _tiny_png(tmp, ext=".png"):
+    tmp.mkdir(parents=True, exist_ok=True)
+    p = tmp / f"_tiny{ext}"
+    if not p.exists():
+        Image.new("RGB", (4, 4), (200, 10, 10)).save(p)
+    return p
+
+
+def _link(src, dst):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def make_cirr(tmp, splits=("val",), ann_sub="", img_sub="img_raw", drop=()):
+    """A CIRR root under tmp: annotations in tmp/ann_sub, images under tmp/img_sub (paths of the split files)."""
+    ann = tmp / ann_sub
+    png = _tiny_png(tmp)
+    for s in splits:
+        files = [f"image_splits/split.rc2.{s}.json"] + ([f"captions/cap.rc2.{s}.json"] if s != "train" else [])
+        for f in files:
+            (ann / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(CIRR_ANN / f, ann / f)
+        if s == "train":
+            continue
+        for name, rel in json.loads((ann / files[0]).read_text()).items():
+            if name not in drop:
+                _link(png, tmp / img_sub / rel)
+    return tmp
+
+
+def make_fiq(tmp, split="val", cats=CATS, ext=".png", ann_sub="", drop=()):
+    ann = tmp / ann_sub
+    png = _tiny_png(tmp, ext)
+    names = set()
+    for c in cats:
+        for f in (f"captions/cap.{c}.{split}.json", f"image_splits/split.{c}.{split}.json"):
+            (ann / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(FIQ_ANN / f, ann / f)
+        names.update(json.loads((ann / f"image_splits/split.{c}.{split}.json").read_text()))
+    (ann / "images").mkdir(exist_ok=True)
+    for n in sorted(names - set(drop)):
+        _link(png, ann / "images" / f"{n}{ext}")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def cirr_root(tmp_path_factory):
+    return make_cirr(tmp_path_factory.mktemp("cirr"), splits=("val", "test1"))
+
+
+@pytest.fixture(scope="module")
+def fiq_root(tmp_path_factory):
+    return make_fiq(tmp_path_factory.mktemp("fiq"))
+
+
+# -----------------------------------------------------------------------------
+# CIRR
+
+def test_cirr_val_real_counts(cirr_root, capsys):
+    trip = data.CIRR(cirr_root, "val", return_images=False)
+    gal = data.CIRR(cirr_root, "val", view="gallery")
+    assert "CIRR release layout (img_raw/)" in capsys.readouterr().out
+    assert len(trip) == 4181 and len(trip.triplets) == 4181
+    assert len(gal) == 2297 and trip.images == gal.images and trip.index == gal.index
+    assert trip.images == list(json.loads((CIRR_ANN / "image_splits/split.rc2.val.json").read_text()))
+    rows = json.loads((CIRR_ANN / "captions/cap.rc2.val.json").read_text())
+    for t, r in zip(trip.triplets, rows):
+        assert t["reference"] in t["members"] and t["target"] in t["members"] and len(set(t["members"])) == 6
+        assert t["text"] == r["caption"] and t["target"] == r["target_hard"] and t["pairid"] == r["pairid"]
+        for n in t["members"]:
+            assert trip.paths[n].is_file()
+    assert not trip.noisy.any() and trip.noisy.shape == (4181,)
+    with pytest.raises(ValueError, match="training split"):
+        data.CIRR(cirr_root, "val", noise_ratio=0.1)
+    ref, text, tgt, i = trip[7]
+    t = trip.triplets[7]
+    assert (trip.images[ref], text, trip.images[tgt], i) == (t["reference"], t["text"], t["target"], 7)
+    i, im = gal[5]
+    assert i == 5 and im.shape == (3, 4, 4) and im.dtype == torch.float32
+    # val items carry names (the evaluator takes image features from the gallery); eval_collate batches them
+    t0 = trip.triplets[0]
+    assert data.CIRR(cirr_root, "val")[0] == (t0["reference"], t0["text"], t0["target"], tuple(t0["members"]), 0)
+    batch = next(iter(DataLoader(data.CIRR(cirr_root, "val"), batch_size=4, collate_fn=data.eval_collate)))
+    assert batch[0] == [t["reference"] for t in trip.triplets[:4]] and batch[3][1] == trip.triplets[1]["members"]
+
+
+def test_cirr_test1_real_counts(cirr_root):
+    trip = data.CIRR(cirr_root, "test1", return_images=False)
+    assert len(trip) == 4148 and len(trip.images) == 2315
+    assert all(t["target"] is None for t in trip.triplets) and (trip.tgt_idx == -1).all()
+    assert all(t["reference"] in t["members"] for t in trip.triplets)
+    assert trip[0][2] == -1
+    ref, text, tgt, members, i = data.CIRR(cirr_root, "test1")[3]
+    assert tgt == "" and ref in members and i == 3
+
+
+@pytest.mark.parametrize("ann_sub,img_sub,label", [("", "img_raw", "CIRR release layout"),
+                                                   ("cirr", "", "CLIP4Cir layout"),
+                                                   ("", "", "flat layout"),
+                                                   ("cirr", "cirr/img_raw", "custom layout")])
+def test_cirr_layout_variants(tmp_path, capsys, ann_sub, img_sub, label):
+    root = make_cirr(tmp_path, ("val",), ann_sub, img_sub)
+    ds = data.CIRR(root, "val", view="gallery")
+    out = capsys.readouterr().out
+    assert label in out and len(out.strip().splitlines()) == 1
+    assert len(ds) == 2297 and all(p.is_file() for p in ds.paths.values())
+
+
+def test_cirr_train_split_nested_folders(tmp_path):
+    """cap.rc2.train.json is not in the shared copy: a train split in the val format with CIRR's nested train/<k>/."""
+    rows = json.loads((CIRR_ANN / "captions/cap.rc2.val.json").read_text())[:300]
+    names = sorted({n for r in rows for n in (r["reference"], r["target_hard"], *r["img_set"]["members"])})
+    split = {n: f"./train/{k % 7}/{n}.png" for k, n in enumerate(names)}
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "image_splits").mkdir()
+    (tmp_path / "captions/cap.rc2.train.json").write_text(json.dumps(rows))
+    (tmp_path / "image_splits/split.rc2.train.json").write_text(json.dumps(split))
+    png = _tiny_png(tmp_path)
+    for n, rel in split.items():
+        _link(png, tmp_path / "img_raw" / rel)
+    ds = data.CIRR(tmp_path, "train", transform=lambda im: torch.zeros(3, 8, 8))
+    ref, text, tgt, i = ds[11]
+    assert ref.shape == tgt.shape == (3, 8, 8) and text == rows[11]["caption"] and i == 11
+    batch = next(iter(DataLoader(ds, batch_size=5)))
+    assert batch[0].shape == (5, 3, 8, 8) and list(batch[3]) == [0, 1, 2, 3, 4]
+    noisy = data.CIRR(tmp_path, "train", noise_ratio=0.3, noise_seed=5, return_images=False)
+    assert int(noisy.noisy.sum()) == 90
+    for t, t0, f in zip(noisy.triplets, ds.triplets, noisy.noisy):
+        assert (t["target"] != t0["target"]) == bool(f)
+    assert (noisy.tgt_idx == torch.tensor([noisy.index[t["target"]] for t in noisy.triplets])).all()
+
+
+# -----------------------------------------------------------------------------
+# FashionIQ
+
+def test_fashioniq_val_real_counts(fiq_root, capsys):
+    counts = {"dress": (2017, 3817), "shirt": (2038, 6346), "toptee": (1961, 5373)}
+    for c, (nt, ni) in counts.items():
+        trip = data.FashionIQ(fiq_root, (c,), "val", return_images=False)
+        gal = data.FashionIQ(fiq_root, c, "val", view="gallery")
+        assert len(trip) == nt and len(gal) == ni and trip.images == gal.images
+        # every candidate and target is in the category's own val split (checked on the real files)
+        assert trip.images == json.loads((FIQ_ANN / f"image_splits/split.{c}.val.json").read_text())
+        assert all(t["reference"] in trip.index and t["target"] in trip.index for t in trip.triplets)
+        assert all(t["category"] == c and t["members"] is None for t in trip.triplets)
+        assert all(p.is_file() and p.suffix == ".png" for p in gal.paths.values())
+    assert "(.png)" in capsys.readouterr().out
+    both = data.FashionIQ(fiq_root, CATS, "val", return_images=False)
+    assert len(both) == 2017 + 2038 + 1961
+    assert len(both.images) == 3817 + 6346 + 5373 - 121  # shirt and toptee share 121 val images, kept once
+    assert {c: len(v) for c, v in both.category_images.items()} == {c: v[1] for c, v in counts.items()}
+
+
+def test_fashioniq_text(fiq_root):
+    ds = data.FashionIQ(fiq_root, ("dress",), "val", return_images=False)
+    rows = json.loads((FIQ_ANN / "captions/cap.dress.val.json").read_text())
+    c0, c1 = (c.strip(".?, ") for c in rows[0]["captions"])
+    assert ds.triplets[0]["text"] == f"{c0} and {c1}" and ds[0][1] == ds[0][1] == f"{c0} and {c1}"
+    assert ds.triplets[0]["captions"] == rows[0]["captions"]
+    assert data.fiq_text(["is red.", " has dots, "]) == "is red and has dots"
+    assert data.fiq_text(["", "is grey"]) == "is grey"  # an empty caption (3 in val) is left out
+    # training: both orders or either caption alone, governed by the torch RNG
+    tr = data.FashionIQ(fiq_root, ("dress",), "val", return_images=False, random_text=True)
+    torch.manual_seed(0)
+    seen = {tr[0][1] for _ in range(200)}
+    assert seen == {f"{c0} and {c1}", f"{c1} and {c0}", c0, c1}
+    torch.manual_seed(0)
+    a = [tr[0][1] for _ in range(20)]
+    torch.manual_seed(0)
+    assert a == [tr[0][1] for _ in range(20)]
+
+
+def test_fashioniq_test_split_and_jpg_subfolder(tmp_path, capsys):
+    root = make_fiq(tmp_path, "test", ("dress",), ".jpg", ann_sub="fashionIQ_dataset")
+    ds = data.FashionIQ(root, "dress", "test", return_images=False)
+    assert "(.jpg)" in capsys.readouterr().out
+    assert len(ds) == 2024 and len(ds.images) == 3818 and all(t["target"] is None for t in ds.triplets)
+    assert all(p.suffix == ".jpg" and p.is_file() for p in ds.paths.values()) and (ds.tgt_idx == -1).all()
+    assert ds[0][2] == -1 and data.FashionIQ(root, "dress", "test")[0][2] == ""
+
+
+def test_fashioniq_train_items(tmp_path):
+    root = make_fiq(tmp_path, "train", ("dress",))
+    ds = data.FashionIQ(root, "dress", "train")
+    ref, text, tgt, i = ds[3]
+    assert ref.shape == tgt.shape == (3, 4, 4) and isinstance(text, str) and i == 3
+    n = data.FashionIQ(root, "dress", "train", noise_ratio=0.2, noise_seed=1, return_images=False)
+    assert int(n.noisy.sum()) == round(0.2 * 5985)
+
+
+# -----------------------------------------------------------------------------
+# missing, corrupt, wrong root
+
+def test_missing_images_error_and_skip(tmp_path, capsys):
+    rows = json.loads((CIRR_ANN / "captions/cap.rc2.val.json").read_text())
+    gone = sorted({rows[0]["reference"], rows[10]["target_hard"], rows[20]["img_set"]["members"][0]})
+    root = make_cirr(tmp_path, ("val",), drop=gone)
+    with pytest.raises(FileNotFoundError) as e:
+        data.CIRR(root, "val")
+    msg = str(e.value)
+    assert "3 of 2297 images are missing" in msg and "skip_missing=True" in msg and "--skip-missing" in msg
+    assert gone[0] in msg and str(root / "img_raw" / "dev" / f"{gone[0]}.png") in msg
+    capsys.readouterr()
+    ds = data.CIRR(root, "val", skip_missing=True, return_images=False)
+    out = capsys.readouterr().out
+    # evaluation needs whole subsets: a query goes when its reference, target or any member is missing
+    expect = [r for r in rows if not {r["reference"], r["target_hard"], *r["img_set"]["members"]} & set(gone)]
+    assert len(ds) == len(expect) and [t["pairid"] for t in ds.triplets] == [r["pairid"] for r in expect]
+    assert f"{4181 - len(expect)} of 4181 triplets dropped" in out and "3 missing images dropped" in out
+    gal = data.CIRR(root, "val", view="gallery", skip_missing=True)
+    assert len(gal) == 2294 and not set(gone) & set(gal.images) and gal.images == ds.images
+
+
+def test_missing_fashioniq_skip(tmp_path, capsys):
+    rows = json.loads((FIQ_ANN / "captions/cap.shirt.val.json").read_text())
+    gone = sorted({rows[i]["candidate"] for i in range(0, 400, 7)} | {rows[5]["target"]})
+    root = make_fiq(tmp_path, "val", ("shirt",), drop=gone)
+    with pytest.raises(FileNotFoundError, match=f"{len(gone)} of 6346 images are missing"):
+        data.FashionIQ(root, "shirt", "val")
+    ds = data.FashionIQ(root, "shirt", "val", skip_missing=True)
+    expect = [r for r in rows if r["candidate"] not in gone and r["target"] not in gone]
+    assert len(ds) == len(expect) and len(ds.images) == 6346 - len(gone)
+    assert f"{2038 - len(expect)} of 2038 triplets dropped" in capsys.readouterr().out
+
+
+def test_corrupt_image_names_path(tmp_path):
+    root = make_cirr(tmp_path, ("val",))
+    ds = data.CIRR(root, "val", view="gallery")
+    p = ds.paths[ds.images[3]]
+    p.unlink()  # a hard link: replace it, do not write through it
+    p.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    ds[2]
+    with pytest.raises(RuntimeError, match=re.escape(str(p))):
+        ds[3]
+
+
+def test_wrong_root(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        data.CIRR(tmp_path / "nowhere", "val")
+    msg = str(e.value)
+    assert "captions/cap.rc2.val.json" in msg and "image_splits/split.rc2.val.json" in msg
+    assert str(tmp_path / "nowhere" / "cirr") in msg
+    with pytest.raises(FileNotFoundError, match="cap.dress.val.json"):
+        data.FashionIQ(tmp_path, "dress", "val")
+    # annotations without any image: a wrong root, whatever skip_missing says
+    root = make_cirr(tmp_path / "noimg", ("val",), drop=set(json.loads(
+        (CIRR_ANN / "image_splits/split.rc2.val.json").read_text())))
+    with pytest.raises(FileNotFoundError, match="no val images"):
+        data.CIRR(root, "val", skip_missing=True)
+    with pytest.raises(ValueError, match="split"):
+        data.CIRR(root, "test")
+
+
+# -----------------------------------------------------------------------------
+# noise injection
+
+def _trips(n=200, m=50):
+    return [dict(reference=f"i{k % m}", target=f"i{(k * 7 + 1) % m}", text="t") for k in range(n)]
+
+
+def test_inject_noise():
+    trips = _trips()
+    images = [f"i{k}" for k in range(50)]
+    for p in (0.1, 0.25, 0.5, 0.8, 1.0):
+        new, flags = data.inject_noise(trips, images, p, seed=3)
+        assert int(flags.sum()) == round(p * 200) and flags.dtype == torch.bool
+        for t, t0, f in zip(new, trips, flags):
+            assert (t["target"] != t0["target"]) == bool(f) and t["reference"] == t0["reference"]
+            if f:
+                assert t["target"] in images and t["target"] != t0["reference"]
+        new2, flags2 = data.inject_noise(trips, images, p, seed=3)
+        assert new2 == new and torch.equal(flags, flags2)
+    assert data.inject_noise(trips, images, 0.5, seed=4)[0] != data.inject_noise(trips, images, 0.5, seed=3)[0]
+    assert trips == _trips()  # input untouched
+    same, flags = data.inject_noise(trips, images, 0.0, seed=1)
+    assert all(a is b for a, b in zip(same, trips)) and len(same) == 200 and not flags.any()
+    with pytest.raises(ValueError):
+        data.inject_noise(trips, images, 1.5, 0)
+
+
+# -----------------------------------------------------------------------------
+# the toy benchmark
+
+COL = "|".join(toy.TOY_COLORS)
+SH = "circle|square|triangle"
+CELL = "|".join(toy.TOY_CELLS)
+REF = re.compile(rf"^(?:(?P<size>small|large) )?(?:(?P<color>{COL}) )?(?P<shape>{SH})(?: at the (?P<cell>{CELL}))?$")
+EDITS = [  # an independent parser of the grammar in data.py's docstring
+    ("color", re.compile(rf"^(?:make|paint) the (?P<ref>.+) (?P<color>{COL})$")),
+    ("size", re.compile(r"^make the (?P<ref>.+) (?P<dir>bigger|smaller)$")),
+    ("size", re.compile(r"^(?P<dir>enlarge|shrink) the (?P<ref>.+)$")),
+    ("shape", re.compile(rf"^(?:turn the (?P<ref>.+) into|make the (?P<ref2>.+)) a (?P<shape>{SH})$")),
+    ("add", re.compile(rf"^(?:add|put) a (?P<size>small|large) (?P<color>{COL}) (?P<shape>{SH}) "
+                       rf"at the (?P<cell>{CELL})$")),
+    ("remove", re.compile(r"^(?:remove|take away) the (?P<ref>.+)$")),
+    ("move", re.compile(rf"^(?:move|shift) the (?P<ref>.+) to the (?P<cell>{CELL})$")),
+]
+
+
+def apply_edit(scene, text):
+    """Apply a modification text to a scene (list of {shape, color, size, cell}); asserts the reference is unique."""
+    for op, rx in EDITS:
+        m = rx.match(text)
+        if m:
+            break
+    else:
+        raise AssertionError(f"unparsed: {text!r}")
+    g = m.groupdict()
+    scene = [dict(o) for o in scene]
+    if op == "add":
+        assert all(o["cell"] != g["cell"] for o in scene)
+        scene.append(dict(shape=g["shape"], color=g["color"], size=g["size"], cell=g["cell"]))
+    else:
+        r = REF.match(g.get("ref") or g.get("ref2")).groupdict()
+        hits = [o for o in scene if all(o[k] == v for k, v in r.items() if v is not None)]
+        assert len(hits) == 1, f"ambiguous or dangling reference in {text!r}"
+        o = hits[0]
+        if op == "color":
+            assert o["color"] != g["color"]
+            o["color"] = g["color"]
+        elif op == "size":
+            big = g["dir"] in ("bigger", "enlarge")
+            assert o["size"] == ("small" if big else "large")
+            o["size"] = "large" if big else "small"
+        elif op == "shape":
+            assert o["shape"] != g["shape"]
+            o["shape"] = g["shape"]
+        elif op == "remove":
+            scene.remove(o)
+        else:
+            assert all(x["cell"] != g["cell"] for x in scene)
+            o["cell"] = g["cell"]
+    return sorted(scene, key=lambda o: toy.TOY_CELLS.index(o["cell"]))
+
+
+SMALL = dict(n_train=120, n_val=40, n_test=40)
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def toy_set(tmp_path_factory):
+    return toy.make_toy(tmp_path_factory.mktemp("toy_set") / "t", seed=7, noise=0.25, **SMALL)
+
+
+def test_toy_deterministic(toy_set, tmp_path):
+    again = toy.make_toy(tmp_path / "a", seed=7, noise=0.25, **SMALL)
+    assert _files(again) == _files(toy_set)
+    assert _files(toy.make_toy(tmp_path / "b", seed=8, noise=0.25, **SMALL)) != _files(toy_set)
+    # a fresh interpreter with another string-hash seed writes the same bytes (no set-order dependence)
+    code = f"import toy; toy.make_toy({str(tmp_path / 'c')!r}, seed=7, noise=0.25, **{SMALL!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(toy.__file__).parent,
+                   env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert _files(tmp_path / "c") == _files(toy_set)
+
+
+def test_toy_captions_describe_the_change(toy_set):
+    scenes = json.loads((toy_set / "scenes.json").read_text())
+    answers = json.loads((toy_set / "toy_test1_targets.json").read_text())
+    for split in ("train", "val", "test1"):
+        for r in json.loads((toy_set / f"captions/cap.rc2.{split}.json").read_text()):
+            tgt = r.get("target_clean", r.get("target_hard", answers.get(str(r["pairid"]))))
+            assert apply_edit(scenes[r["reference"]], r["caption"]) == scenes[tgt], r
+    captions = json.loads((toy_set / "image_captions.json").read_text())
+    for n, s in scenes.items():  # the exact caption of every scene
+        assert captions[n] == " and ".join(f"a {o['size']} {o['color']} {o['shape']} at the {o['cell']}" for o in s)
+        assert 1 <= len(s) <= 3 and len({o["cell"] for o in s}) == len(s)
+
+
+def test_toy_structure(toy_set):
+    scenes = json.loads((toy_set / "scenes.json").read_text())
+    key = lambda n: json.dumps(scenes[n], sort_keys=True)
+    queries, images = {}, {}
+    for split in ("train", "val", "test1"):
+        rows = json.loads((toy_set / f"captions/cap.rc2.{split}.json").read_text())
+        split_file = json.loads((toy_set / f"image_splits/split.rc2.{split}.json").read_text())
+        assert len(rows) == SMALL[{"train": "n_train", "val": "n_val", "test1": "n_test"}[split]]
+        queries[split] = {(key(r["reference"]), r["caption"]) for r in rows}
+        images[split] = {key(n) for n in split_file}
+        for r in rows:
+            m = r["img_set"]["members"]
+            assert len(m) == 6 and len(set(m)) == 6 and r["reference"] in m and set(m) <= set(split_file)
+            if split != "test1":
+                assert r.get("target_clean", r["target_hard"]) in m
+                assert m[r["img_set"]["target_rank"]] == r.get("target_clean", r["target_hard"])
+            else:
+                assert "target_hard" not in r
+        for rel in split_file.values():
+            with Image.open(toy_set / rel) as im:
+                assert im.size == (64, 64) and im.mode == "RGB"
+    assert not queries["val"] & queries["train"] and not queries["test1"] & queries["train"]
+    assert not queries["val"] & queries["test1"]
+    assert not images["val"] & images["train"] and not images["test1"] & images["train"]
+
+
+def test_toy_noise_and_cirr_loader(toy_set, capsys):
+    rows = json.loads((toy_set / "captions/cap.rc2.train.json").read_text())
+    flags = [r["noisy"] for r in rows]
+    assert sum(flags) == round(0.25 * 120)
+    assert all((r["target_hard"] != r.get("target_clean", r["target_hard"])) == f for r, f in zip(rows, flags))
+    ds = data.CIRR(toy_set, "train")
+    assert "flat layout" in capsys.readouterr().out
+    assert ds.noisy.tolist() == flags and len(ds) == 120 and len(ds.images) == 24 * 6
+    ref, text, tgt, i = ds[0]
+    assert ref.shape == (3, 64, 64) and text == rows[0]["caption"]
+    both = data.CIRR(toy_set, "train", noise_ratio=0.5, noise_seed=2, return_images=False)
+    _, injected = data.inject_noise(ds.triplets, ds.images, 0.5, 2)
+    assert torch.equal(both.noisy, ds.noisy | injected)
+    val = data.CIRR(toy_set, "val", return_images=False)
+    assert len(val) == 40 and len(val.images) == 8 * 6 and all(t["target"] in t["members"] for t in val.triplets)
+    assert len(data.CIRR(toy_set, "test1", view="gallery")) == 48
+
+
+def test_extra_triplets(toy_set, tmp_path):
+    extra = [dict(reference="train-0-1", target="train-1-2", text="a large red circle instead of a square")]
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    ds = data.CIRR(toy_set, "train", noise_ratio=0.5, extra_triplets=tmp_path / "extra.json", return_images=False)
+    assert len(ds) == 121 and ds.triplets[-1]["text"] == extra[0]["text"] and not ds.noisy[-1]
+    assert ds[120] == (ds.index["train-0-1"], extra[0]["text"], ds.index["train-1-2"], 120)
+    with pytest.raises(ValueError, match="training images"):
+        data.CIRR(toy_set, "train", extra_triplets=[dict(reference="nope", target="train-1-2", text="x")])
+
+
+def test_ensure_toy(tmp_path, capsys):
+    root = tmp_path / "toy"
+    toy.ensure_toy(root, seed=1, **SMALL)
+    assert "generating" in capsys.readouterr().out
+    stamp = (root / "scenes.json").stat().st_mtime_ns
+    assert toy.ensure_toy(root, seed=1, **SMALL) == root and "generating" not in capsys.readouterr().out
+    assert (root / "scenes.json").stat().st_mtime_ns == stamp
+    toy.ensure_toy(root, seed=2, **SMALL)  # other parameters: regenerated in place
+    assert json.loads((root / "toy_params.json").read_text())["seed"] == 2
+    assert not list(tmp_path.glob(".toy.tmp-*"))
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        toy.ensure_toy(other, **SMALL)
+    assert toy.default_toy_root().name == "toy"
+
+# ====================================================================================================
 # wcb.py, nfb.py, loss.py
 # ====================================================================================================
 

@@ -1,0 +1,421 @@
+"""Data: CIRR and FashionIQ read from their official on-disk layouts, synthetic label noise, and the bundled toy
+benchmark (design brief §4-§6).
+
+- CIRR rc2: <root>/captions/cap.rc2.{train,val,test1}.json, <root>/image_splits/split.rc2.{split}.json
+  ({name: "./dev/dev-244-0-img0.png"}, relative to the image root). Recognised variants: the CIRR release
+  (images under <root>/img_raw/), CLIP4Cir's copy (annotations under <root>/cirr/, images beside it), and the
+  flat layout of the toy benchmark (images beside captions/).
+- FashionIQ: <root>/captions/cap.{cat}.{split}.json (list of {candidate, target, captions[2]}; test: no target),
+  <root>/image_splits/split.{cat}.{split}.json (list of names), images <root>/images/<name>.png or .jpg.
+- Two views of a split: "triplets" (the queries) and "gallery" (every image of the split, in split-file order).
+  The image list (.images) is the same in both views, so indices of one are valid in the other.
+- Missing images are found once, when a dataset is built (one directory listing per folder, no image opened):
+  an error by default, or with skip_missing=True the affected triplets (and gallery images) are dropped, with a
+  printed count. A corrupt image fails when read, naming its path.
+- inject_noise: replace the target of exactly round(p*N) training triplets by another random training image;
+  the flags (.noisy) are the ground truth against which the noise filter's detection is scored.
+- The toy benchmark (toy.py) is written in CIRR's layout, so the CIRR class reads it unchanged.
+"""
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms.functional import to_tensor
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")  # FashionIQ copies use .png or .jpg; the first found wins in this order
+CIRR_SPLITS = ("train", "val", "test1")
+FIQ_SPLITS = ("train", "val", "test")
+FIQ_CATEGORIES = ("dress", "shirt", "toptee")
+
+
+# -----------------------------------------------------------------------------
+# images on disk
+
+def load_image(path):
+    """PIL RGB image; a missing or corrupt file raises one error naming its path."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() forces the decode here, so a truncated file fails now
+    except Exception as e:  # PIL raises several types (OSError, SyntaxError, ValueError, DecompressionBombError)
+        raise RuntimeError(f"cannot read image {path}: {type(e).__name__}: {e}. Replace the file, or delete it and "
+                           f"build the dataset with skip_missing=True (--skip-missing)") from e
+
+
+def _listdir(folder):
+    """Names in a folder (a set; empty if the folder does not exist). One scandir: no per-file stat."""
+    try:
+        with os.scandir(folder) as it:
+            return {e.name for e in it}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def find_missing(paths):
+    """Names of `paths` ({name: Path}) whose file does not exist, in dict order. One listing per parent folder."""
+    listings = {}
+    missing = []
+    for name, p in paths.items():
+        parent = p.parent
+        if parent not in listings:
+            listings[parent] = _listdir(parent)
+        if p.name not in listings[parent]:
+            missing.append(name)
+    return missing
+
+
+def _missing_message(what, missing, paths, root):
+    eg = "\n".join(f"  {n}: {paths[n]}" for n in missing[:5])
+    return (f"{what}: {len(missing)} of {len(paths)} images are missing under {root}, e.g.\n{eg}\n"
+            f"Download them, or pass skip_missing=True (--skip-missing) to drop the triplets that use them.")
+
+
+# -----------------------------------------------------------------------------
+# synthetic label noise
+
+def inject_noise(triplets, images, p, seed):
+    """Corrupt exactly round(p * N) of N triplets, chosen with `seed`: each chosen triplet's target is replaced by
+    a random other image of `images` (never the original target, nor the reference). Returns (new_triplets,
+    noisy (N,) bool). The input is not modified; p = 0 returns the same triplet objects and all-False flags."""
+    n = len(triplets)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"noise ratio must be in [0, 1], got {p}")
+    k = round(p * n)
+    noisy = torch.zeros(n, dtype=torch.bool)
+    new = list(triplets)
+    if k == 0:
+        return new, noisy
+    if len(set(images)) < 3:
+        raise ValueError("inject_noise needs at least 3 distinct images to draw wrong targets from")
+    rng = random.Random(seed)
+    for i in sorted(rng.sample(range(n), k)):
+        t = triplets[i]
+        while True:  # rejection sampling: at most 2 of >= 3 images are excluded, so this ends quickly
+            cand = images[rng.randrange(len(images))]
+            if cand != t["target"] and cand != t["reference"]:
+                break
+        new[i] = {**t, "target": cand}
+        noisy[i] = True
+    return new, noisy
+
+
+# -----------------------------------------------------------------------------
+# the datasets
+
+def fiq_text(captions):
+    """FashionIQ evaluation text: "c0 and c1", each caption stripped of '.?, ' (an empty caption is left out)."""
+    cs = [c.strip(".?, ") for c in captions]
+    return " and ".join(c for c in cs if c)
+
+
+def fiq_random_text(captions):
+    """FashionIQ training text: one of "c0 and c1", "c1 and c0", "c0", "c1" uniformly (torch RNG, so DataLoader
+    workers and torch.manual_seed govern it)."""
+    cs = [c.strip(".?, ") for c in captions]
+    cs = [c for c in cs if c] or [""]
+    if len(cs) == 1:
+        return cs[0]
+    c0, c1 = cs[0], cs[1]
+    return (f"{c0} and {c1}", f"{c1} and {c0}", c0, c1)[int(torch.randint(4, ()))]
+
+
+def eval_collate(batch):
+    """DataLoader collate for evaluation-split triplet items (ref_name, text, tgt_name, members, i):
+    -> (list[str], list[str], list[str], list[list[str]], LongTensor (B,))."""
+    ref, text, tgt, members, idx = zip(*batch)
+    return list(ref), list(text), list(tgt), [list(m) for m in members], torch.tensor(idx)
+
+
+class _CIRDataset(Dataset):
+    """Shared part of CIRR and FashionIQ: missing images, noise, indices, items.
+
+    Items:
+      view="gallery":                         i -> (i, image)                       name: .images[i]
+      view="triplets", return_images=False:   i -> (ref_idx, text, tgt_idx, i)      idx into .images, -1 = no target
+      view="triplets", training split:        i -> (ref_image, text, tgt_image, i)
+      view="triplets", val/test split:        i -> (ref_name, text, tgt_name, members, i)
+            tgt_name "" on test; members: the CIRR subset (tuple of 6 names), () for FashionIQ; batch with
+            eval_collate. Evaluation takes image features from the gallery view by name (.index).
+    text: FashionIQ training split randomises the caption combination (random_text=None means split == "train").
+    """
+
+    def _setup(self, name, root, split, view, images, paths, triplets, stored_noisy, transform, skip_missing,
+               noise_ratio, noise_seed, return_images, random_text, extra_triplets):
+        if view not in ("triplets", "gallery"):
+            raise ValueError(f"{name}: view must be 'triplets' or 'gallery', got {view!r}")
+        self.split, self.view, self.transform = split, view, transform
+        self.return_images = return_images
+        self.random_text = (split == "train") if random_text is None else random_text
+        train = split == "train"
+
+        # Missing images: one listing per folder. Default: a clear error. skip_missing: drop and report.
+        missing = find_missing({n: paths[n] for n in images})
+        if missing:
+            if not skip_missing:
+                raise FileNotFoundError(_missing_message(f"{name} {split}", missing, paths, root))
+            gone = set(missing)
+            images = [n for n in images if n not in gone]
+            # Evaluation needs the whole subset (every query ranks the same number of members); training does not.
+            subsets = not train and any(t["members"] for t in triplets)
+            uses = (lambda t: (t["reference"], t["target"], *(t["members"] or ()))) if subsets else \
+                (lambda t: (t["reference"], t["target"]))
+            keep = [i for i, t in enumerate(triplets) if not any(n in gone for n in uses(t))]
+            print(f"{name} {split}: skip_missing: {len(missing)} missing images dropped from the gallery "
+                  f"({len(images)} left); {len(triplets) - len(keep)} of {len(triplets)} triplets dropped "
+                  f"because their reference{', target or a subset member' if subsets else ' or target'} is missing",
+                  flush=True)
+            triplets = [triplets[i] for i in keep]
+            stored_noisy = [stored_noisy[i] for i in keep]
+            if not images or not triplets:
+                raise FileNotFoundError(f"{name} {split}: nothing left after dropping missing images under {root}")
+        self.images = images
+        self.index = {n: i for i, n in enumerate(images)}
+        self.paths = {n: paths[n] for n in images}
+
+        # Injected noise (training only), on top of any noise the data set stores itself (the toy's "noisy" key).
+        noisy = torch.tensor(stored_noisy, dtype=torch.bool)
+        if noise_ratio:
+            if not train:
+                raise ValueError(f"{name}: noise_ratio is for the training split, not {split!r}")
+            triplets, injected = inject_noise(triplets, images, noise_ratio, noise_seed)
+            print(f"{name} {split}: injected noise: {int(injected.sum())} of {len(triplets)} targets replaced "
+                  f"(ratio {noise_ratio}, seed {noise_seed})", flush=True)
+            noisy = noisy | injected
+        if extra_triplets is not None:  # generated positives (SPN), appended after the noise: never corrupted
+            extra = _read_extra(extra_triplets, self.index, name)
+            triplets = triplets + extra
+            noisy = torch.cat([noisy, torch.zeros(len(extra), dtype=torch.bool)])
+            src = extra_triplets if isinstance(extra_triplets, (str, Path)) else "a list"
+            print(f"{name} {split}: {len(extra)} extra triplets appended from {src}", flush=True)
+        self.triplets = triplets
+        self.noisy = noisy
+        self.ref_idx = torch.tensor([self.index[t["reference"]] for t in triplets], dtype=torch.long)  # (N,)
+        self.tgt_idx = torch.tensor([self.index[t["target"]] if t["target"] is not None else -1
+                                     for t in triplets], dtype=torch.long)                          # (N,)
+
+    def __len__(self):
+        return len(self.images) if self.view == "gallery" else len(self.triplets)
+
+    def _image(self, name):
+        im = load_image(self.paths[name])
+        return to_tensor(im) if self.transform is None else self.transform(im)
+
+    def _text(self, t):
+        return t["text"]
+
+    def __getitem__(self, i):
+        if self.view == "gallery":
+            return i, self._image(self.images[i])
+        t = self.triplets[i]
+        text = self._text(t)
+        if not self.return_images:
+            return int(self.ref_idx[i]), text, int(self.tgt_idx[i]), i
+        if self.split == "train":
+            return self._image(t["reference"]), text, self._image(t["target"]), i
+        return t["reference"], text, t["target"] or "", tuple(t["members"] or ()), i
+
+
+def _read_extra(extra, index, name):
+    """Extra training triplets: a JSON file (or a list) of {reference, target, text|caption}; names must be
+    training images."""
+    rows = json.loads(Path(extra).read_text()) if isinstance(extra, (str, Path)) else extra
+    out = []
+    for r in rows:
+        text = r.get("text", r.get("caption"))
+        if r.get("reference") not in index or r.get("target") not in index or text is None:
+            raise ValueError(f"{name}: extra triplet {r} needs 'reference' and 'target' among the training images "
+                             f"and a 'text' (file: {extra})")
+        out.append(dict(reference=r["reference"], target=r["target"], text=text, captions=[text], members=None,
+                        pairid=None, category=r.get("category")))
+    return out
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download it") from None
+
+
+def _first_dir(candidates, needed):
+    """The first candidate folder holding all `needed` relative files, or None."""
+    return next((d for d in candidates if all((d / f).is_file() for f in needed)), None)
+
+
+def _unique(paths):
+    out = []
+    for p in paths:
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _best_image_root(candidates, rel, sample=50):
+    """The candidate image root where most of a sample of relative image paths exist (a few stats, no listing)."""
+    probe = rel[:sample]
+    hits = [sum((c / r).is_file() for r in probe) for c in candidates]
+    best = max(range(len(candidates)), key=lambda i: (hits[i], -i))
+    return candidates[best] if hits[best] else None
+
+
+class CIRR(_CIRDataset):
+    """CIRR rc2 (and the toy benchmark, written in the same layout).
+
+    root: the folder given by --data-root. Annotations are looked for in <root> and <root>/cirr; images under
+    <annotations>/img_raw, <annotations>, <root>/img_raw, <root> (the first that holds the split's images).
+    triplets: dicts {pairid, reference, target (None on test1), text, captions [text], members (img_set.members,
+    includes the reference), category None}. A caption row's "noisy" key (the toy's ground truth) fills .noisy.
+    """
+
+    def __init__(self, root, split="train", view="triplets", transform=None, skip_missing=False, noise_ratio=0.0,
+                 noise_seed=0, return_images=True, random_text=None, extra_triplets=None):
+        # random_text: no effect for CIRR (one caption per query); extra_triplets: see _read_extra
+        root = Path(root).expanduser()
+        if split not in CIRR_SPLITS:
+            raise ValueError(f"CIRR: split must be one of {CIRR_SPLITS}, got {split!r}")
+        cap, spl = f"captions/cap.rc2.{split}.json", f"image_splits/split.rc2.{split}.json"
+        ann = _first_dir([root, root / "cirr"], [cap, spl])
+        if ann is None:
+            raise FileNotFoundError(
+                f"CIRR: no annotations for split {split!r} under {root}: expected {cap} and {spl} in {root} (CIRR "
+                f"release, toy) or in {root / 'cirr'} (CLIP4Cir's copy). Point --data-root at the dataset folder.")
+        rel = _read_json(ann / spl)  # {name: "./dev/dev-244-0-img0.png"}
+        if not isinstance(rel, dict):
+            raise ValueError(f"{ann / spl}: expected a JSON object {{name: relative path}}")
+        names = list(rel)
+        cands = _unique([ann / "img_raw", ann, root / "img_raw", root])
+        img_root = _best_image_root(cands, [rel[n] for n in names])
+        if img_root is None:
+            eg = rel[names[0]] if names else "?"
+            raise FileNotFoundError(
+                f"CIRR: annotations found in {ann}, but no {split} images: expected e.g. {eg} under one of "
+                + ", ".join(str(c) for c in cands) + ". Point --data-root at the folder holding img_raw/ or dev/.")
+        paths = {n: img_root / os.path.normpath(r) for n, r in rel.items()}
+        print(f"CIRR {split}: {_cirr_layout(root, ann, img_root)}: annotations {ann}, images {img_root}", flush=True)
+
+        triplets, noisy = [], []
+        for r in _read_json(ann / cap):
+            tgt = r.get("target_hard")
+            members = r.get("img_set", {}).get("members")
+            for n in (r["reference"], tgt, *(members or ())):
+                if n is not None and n not in rel:
+                    raise ValueError(f"CIRR: image {n!r} (pair {r.get('pairid')}) of {ann / cap} is not in {ann / spl}")
+            triplets.append(dict(pairid=r.get("pairid"), reference=r["reference"], target=tgt, text=r["caption"],
+                                 captions=[r["caption"]], members=list(members) if members else None, category=None))
+            noisy.append(bool(r.get("noisy", False)))
+        self._setup("CIRR", root, split, view, names, paths, triplets, noisy, transform, skip_missing, noise_ratio,
+                    noise_seed, return_images, random_text, extra_triplets)
+
+
+def _cirr_layout(root, ann, img_root):
+    if ann == root and img_root == root / "img_raw":
+        return "CIRR release layout (img_raw/)"
+    if ann == root / "cirr" and img_root == root:
+        return "CLIP4Cir layout (cirr/ subfolder)"
+    if ann == root and img_root == root:
+        return "flat layout (images beside captions/, as the toy)"
+    return "custom layout"
+
+
+class FashionIQ(_CIRDataset):
+    """FashionIQ, one or several categories in one dataset (per-category evaluation: one dataset per category).
+
+    root: --data-root; annotations in <root> or <root>/fashionIQ_dataset; images in <annotations>/images or
+    <root>/images (flat, or one subfolder per category), .png or .jpg.
+    .images: the union of the categories' split images (split-file order, categories in the given order; shirt and
+    toptee share some images, kept once); .category_images: {category: its own list}, the per-category gallery.
+    triplets: dicts {reference (candidate), target (None on test), text ("c0 and c1"), captions (the raw 2),
+    members None, pairid None, category}.
+    """
+
+    def __init__(self, root, categories=FIQ_CATEGORIES, split="train", view="triplets", transform=None,
+                 skip_missing=False, noise_ratio=0.0, noise_seed=0, return_images=True, random_text=None,
+                 extra_triplets=None):
+        root = Path(root).expanduser()
+        categories = (categories,) if isinstance(categories, str) else tuple(categories)
+        if split not in FIQ_SPLITS:
+            raise ValueError(f"FashionIQ: split must be one of {FIQ_SPLITS}, got {split!r}")
+        bad = [c for c in categories if c not in FIQ_CATEGORIES]
+        if bad or not categories:
+            raise ValueError(f"FashionIQ: categories must be among {FIQ_CATEGORIES}, got {categories}")
+        need = [f for c in categories
+                for f in (f"captions/cap.{c}.{split}.json", f"image_splits/split.{c}.{split}.json")]
+        ann = _first_dir(_unique([root, root / "fashionIQ_dataset", root / "fashioniq"]), need)
+        if ann is None:
+            raise FileNotFoundError(
+                f"FashionIQ: no annotations for split {split!r} under {root}: expected " + ", ".join(need)
+                + f" in {root} (or {root / 'fashionIQ_dataset'}). Point --data-root at the dataset folder.")
+        img_dirs = _unique([ann / "images", root / "images"])
+        img_dir = next((d for d in img_dirs if d.is_dir()), None)
+        if img_dir is None:
+            raise FileNotFoundError(f"FashionIQ: annotations found in {ann}, but no image folder: expected "
+                                    + " or ".join(str(d) for d in img_dirs) + " holding <name>.png or <name>.jpg")
+        found = _scan_images(img_dir)  # {stem: Path}
+
+        images, self.category_images, triplets = [], {}, []
+        seen = set()
+        for c in categories:
+            split_names = _read_json(ann / f"image_splits/split.{c}.{split}.json")
+            in_split = set(split_names)
+            extra = []  # names used by the captions but absent from the category's split file (none in the release)
+            for r in _read_json(ann / f"captions/cap.{c}.{split}.json"):
+                for n in (r["candidate"], r.get("target")):
+                    if n is not None and n not in in_split:
+                        in_split.add(n)
+                        extra.append(n)
+                triplets.append(dict(pairid=None, reference=r["candidate"], target=r.get("target"),
+                                     text=fiq_text(r["captions"]), captions=list(r["captions"]), members=None,
+                                     category=c))
+            if extra:
+                print(f"FashionIQ {c} {split}: {len(extra)} caption images are not in split.{c}.{split}.json; "
+                      f"appended to the gallery, e.g. {extra[:3]}", flush=True)
+            self.category_images[c] = split_names + extra
+            for n in split_names + extra:
+                if n not in seen:
+                    seen.add(n)
+                    images.append(n)
+        # A name without a file gets the path it would have (the copy's usual extension) for the missing report.
+        suffixes = [p.suffix for p in found.values()]
+        usual = max(IMAGE_EXTS, key=suffixes.count) if suffixes else ".png"
+        paths = {n: found.get(n, img_dir / f"{n}{usual}") for n in images}
+        exts = sorted({p.suffix for n, p in paths.items() if n in found})
+        if not any(n in found for n in images):
+            raise FileNotFoundError(f"FashionIQ: annotations found in {ann}, but none of the {split} images is in "
+                                    f"{img_dir}: expected e.g. {img_dir / (images[0] + '.png')} (or .jpg)")
+        print(f"FashionIQ {split} {'+'.join(categories)}: annotations {ann}, images {img_dir} "
+              f"({'/'.join(exts)})", flush=True)
+        self._setup("FashionIQ", root, split, view, images, paths, triplets, [False] * len(triplets), transform,
+                    skip_missing, noise_ratio, noise_seed, return_images, random_text, extra_triplets)
+        if len(self.images) != len(images):  # skip_missing dropped some: keep the per-category lists consistent
+            self.category_images = {c: [n for n in ns if n in self.index] for c, ns in self.category_images.items()}
+
+    def _text(self, t):
+        return fiq_random_text(t["captions"]) if self.random_text else t["text"]
+
+
+def _scan_images(folder):
+    """{stem: Path} of the image files in `folder` and in its immediate subfolders (per-category copies)."""
+    found, subdirs = _scan_one(folder)
+    for d in sorted(subdirs):
+        for stem, p in _scan_one(d)[0].items():
+            found.setdefault(stem, p)
+    return found
+
+
+def _scan_one(folder):
+    """One scandir: ({stem: Path} of image files, preferring IMAGE_EXTS order), [subfolders]."""
+    rank = {e: i for i, e in enumerate(IMAGE_EXTS)}
+    out, subdirs = {}, []
+    with os.scandir(folder) as it:
+        for e in it:
+            stem, ext = os.path.splitext(e.name)
+            ext = ext.lower()
+            if ext in rank:
+                if stem not in out or rank[ext] < rank[out[stem].suffix.lower()]:
+                    out[stem] = Path(e.path)
+            elif e.is_dir():
+                subdirs.append(e.path)
+    return out, subdirs
