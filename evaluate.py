@@ -1,0 +1,395 @@
+"""Evaluation: the official CIRR and FashionIQ protocols, the evaluation CLI, CIRR test-server files.
+
+Protocols (DESIGN.md §5)
+- FashionIQ (val): per category, gallery = that category's val images; Recall@10 / Recall@50 of the target.
+- CIRR (val): gallery = all images of the split; the reference image is removed from each ranking *before* any
+  metric; Recall@1/5/10/50 over the whole gallery; Recall_subset@1/2/3 over the ranking restricted to the query's
+  `img_set.members` minus the reference (the order inside the subset is the order of the full ranking).
+- CIRR (test1): no targets; `write_submission` writes the two JSON files the evaluation server takes.
+
+Ranking is by cosine similarity, computed as chunked matrix products so memory stays O(chunk x gallery). Ties are
+broken by gallery order (a stable sort): an image earlier in the gallery ranks first among equals.
+
+Usage
+    python evaluate.py                                   # best checkpoint of the most recent run in runs/
+    python evaluate.py --checkpoint runs/X/best.pt       # dataset, root, model read from the checkpoint
+    python evaluate.py --clip ViT-B/32 --dataset cirr --data-root DIR   # zero-shot CLIP, sum fusion
+    python evaluate.py --checkpoint runs/X/best.pt --split test1 --submission subs/   # CIRR server files
+"""
+
+import argparse
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import data
+import toy
+from model import CIRModel, build_clip, load_clip, make_transform, tokenize
+
+CHUNK = 1024  # queries scored at once: memory is CHUNK x gallery floats
+
+
+# -----------------------------------------------------------------------------
+# ranking primitives
+
+def _similarities(q, g):
+    """Cosine similarity of a chunk of queries against the whole gallery, in fp32. q (C, D), g (G, D) -> (C, G)."""
+    return F.normalize(q.float(), dim=-1) @ F.normalize(g.float(), dim=-1).T
+
+
+def _rank_of(sims, idx):
+    """0-based rank of column idx[i] in row i of sims under a stable descending sort (ties: lower index first).
+    sims (C, G), idx (C,) -> (C,) long. Counting beats sorting: O(C x G) with no (C, G) index tensor."""
+    s = sims.gather(1, idx[:, None])                                      # (C, 1) score of the item
+    cols = torch.arange(sims.shape[1], device=sims.device)[None]          # (1, G)
+    ahead = (sims > s) | ((sims == s) & (cols < idx[:, None]))            # (C, G) items ranked before it
+    return ahead.sum(1)
+
+
+def _name_index(names):
+    return {n: i for i, n in enumerate(names)}
+
+
+def _lookup(index, names, what):
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise ValueError(f"{len(missing)} {what} not in the gallery, e.g. {missing[:3]}")
+    return torch.tensor([index[n] for n in names], dtype=torch.long)
+
+
+def topk(query_feats, gallery_feats, k, exclude=None, chunk=CHUNK):
+    """Indices of the k most similar gallery items for every query, best first.
+    query_feats (Q, D), gallery_feats (G, D), exclude (Q,) long or None: one gallery index per query to drop
+    (the CIRR reference). Returns (Q, k) long. Ties keep gallery order (stable sort)."""
+    g = gallery_feats.to(query_feats.device)
+    k = min(k, len(g) - (exclude is not None))          # an excluded image never fills up a short list
+    out = []
+    for s in range(0, len(query_feats), chunk):
+        sims = _similarities(query_feats[s:s + chunk], g)                 # (C, G)
+        if exclude is not None:
+            sims.scatter_(1, exclude[s:s + chunk, None].to(sims.device), float("-inf"))
+        out.append(torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k].cpu())
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# the two protocols
+
+def cirr_metrics(query_feats, gallery_feats, gallery_names, reference_names, target_names, members,
+                 chunk=CHUNK):
+    """CIRR recall (percent). query_feats (Q, D), gallery_feats (G, D); names are lists; members[i] is the
+    query's img_set.members (it contains the reference, which is removed here as in the official protocol)."""
+    index = _name_index(gallery_names)
+    ref = _lookup(index, reference_names, "reference images")                 # (Q,)
+    tgt = _lookup(index, target_names, "target images")                       # (Q,)
+    sub = [[index[m] for m in ms if m != r] for ms, r in zip(members, reference_names)]
+    if any(len(s) != len(sub[0]) for s in sub):
+        raise ValueError("every query needs the same number of subset members")
+    sub = torch.tensor(sub, dtype=torch.long)                                 # (Q, 5)
+    if not (sub == tgt[:, None]).any(1).all():
+        raise ValueError("a target image is missing from its query's subset members")
+    g = gallery_feats.to(query_feats.device)
+    ranks, sub_ranks = [], []
+    for s in range(0, len(query_feats), chunk):
+        sims = _similarities(query_feats[s:s + chunk], g)                     # (C, G)
+        r, t, m = (x[s:s + chunk].to(sims.device) for x in (ref, tgt, sub))
+        sims.scatter_(1, r[:, None], float("-inf"))                           # drop the reference
+        ranks.append(_rank_of(sims, t).cpu())
+        # Restricted ranking: the members' scores in gallery-index order keep the stable-sort tie rule.
+        m_sorted, _ = m.sort(dim=1)                                           # (C, 5)
+        pos = (m_sorted == t[:, None]).long().argmax(1)                       # target's column in the subset
+        sub_ranks.append(_rank_of(sims.gather(1, m_sorted), pos).cpu())
+    ranks, sub_ranks = torch.cat(ranks), torch.cat(sub_ranks)
+    out = {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in (1, 5, 10, 50)}
+    out.update({f"Rsubset@{k}": 100.0 * (sub_ranks < k).double().mean().item() for k in (1, 2, 3)})
+    return out
+
+
+def fashioniq_metrics(query_feats, gallery_feats, gallery_names, target_names, chunk=CHUNK):
+    """FashionIQ recall (percent) for one category: rank of the target among the category's val images."""
+    tgt = _lookup(_name_index(gallery_names), target_names, "target images")
+    g = gallery_feats.to(query_feats.device)
+    ranks = torch.cat([_rank_of(_similarities(query_feats[s:s + chunk], g), tgt[s:s + chunk].to(g.device)).cpu()
+                       for s in range(0, len(query_feats), chunk)])
+    return {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in (10, 50)}
+
+
+def format_metrics(m):
+    return " ".join(f"{k} {v:.2f}" for k, v in m.items() if "_" not in k)
+
+
+# -----------------------------------------------------------------------------
+# encoding: the gallery once (both roles from one tower pass), the queries in batches
+
+def _loader(ds, batch_size, workers):
+    return DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def encode_gallery(model, gallery, batch_size, device, workers=2, tokens=False, amp=None, progress=True):
+    """Every gallery image through the image tower once. Returns (f_ref (N, D), f_tar (N, D)) in gallery order:
+    the reference-role and target-role WCB features of each image; or, with tokens=True, the tokens (N, 1+m, D)."""
+    model.eval()
+    out = []
+    for i, images in tqdm(_loader(gallery, batch_size, workers), desc="gallery", leave=False, disable=not progress):
+        with amp or nullcontext():
+            tok = model.image_tokens(images.to(device, non_blocking=True))   # (B, 1+m, D)
+            out.append(tok.half() if tokens else
+                       torch.stack([model.image_features(tok, "ref")[0], model.image_features(tok, "tar")[0]]).float())
+    if tokens:
+        return torch.cat(out)
+    out = torch.cat(out, dim=1)                                               # (2, N, D)
+    return out[0], out[1]
+
+
+@torch.no_grad()
+def encode_queries(model, texts, ref_feats, batch_size, device, amp=None):
+    """q = normalize(f_txt + f_ref) for every query. texts: list of str, ref_feats (Q, D) -> (Q, D)."""
+    model.eval()
+    ctx = model.clip.context_length
+    out = []
+    for s in range(0, len(texts), batch_size):
+        tokens = tokenize(texts[s:s + batch_size], ctx, truncate=True).to(device)
+        with amp or nullcontext():
+            f_txt, _ = model.text_features(tokens)
+        out.append(F.normalize(f_txt.float() + ref_feats[s:s + batch_size].to(device).float(), dim=-1))
+    return torch.cat(out)
+
+
+def eval_sets(dataset, root, split, transform, categories=("dress", "shirt", "toptee"), skip_missing=False):
+    """[(name, gallery dataset, triplets dataset)]: one for CIRR (and the toy), one per FashionIQ category."""
+    if dataset == "fashioniq":
+        return [(c, data.FashionIQ(root, (c,), split, view="gallery", transform=transform, skip_missing=skip_missing),
+                 data.FashionIQ(root, (c,), split, view="triplets", return_images=False, skip_missing=skip_missing))
+                for c in categories]
+    return [("cirr", data.CIRR(root, split, view="gallery", transform=transform, skip_missing=skip_missing),
+             data.CIRR(root, split, view="triplets", return_images=False, skip_missing=skip_missing))]
+
+
+def set_features(model, gallery, trips, batch_size, device, workers=2, amp=None):
+    """Query features (Q, D) and normalised target-role gallery features (N, D) of one evaluation set."""
+    f_ref, f_tar = encode_gallery(model, gallery, batch_size, device, workers, amp=amp)
+    refs = torch.tensor([gallery.index[t["reference"]] for t in trips.triplets])
+    q = encode_queries(model, [t["text"] for t in trips.triplets], f_ref[refs], batch_size, device, amp)
+    return q, F.normalize(f_tar, dim=-1)
+
+
+def evaluate_sets(model, sets, dataset, batch_size, device, workers=2, amp=None):
+    """Validation metrics of the model on eval_sets(...). CIRR: R@K, Rsubset@K, avg = (R@5 + Rsubset@1)/2.
+    FashionIQ: per category '<cat>_R@10', '<cat>_R@50', their means 'R@10', 'R@50', and avg."""
+    out = {}
+    for name, gallery, trips in sets:
+        q, g = set_features(model, gallery, trips, batch_size, device, workers, amp)
+        tr = trips.triplets
+        if dataset == "fashioniq":
+            m = fashioniq_metrics(q, g, gallery.images, [t["target"] for t in tr])
+            out.update({f"{name}_{k}": v for k, v in m.items()})
+        else:
+            out.update(cirr_metrics(q, g, gallery.images, [t["reference"] for t in tr], [t["target"] for t in tr],
+                                    [t["members"] for t in tr]))
+    if dataset == "fashioniq":
+        for k in ("R@10", "R@50"):
+            out[k] = sum(out[f"{n}_{k}"] for n, _, _ in sets) / len(sets)
+        out["avg"] = (out["R@10"] + out["R@50"]) / 2
+    else:
+        out["avg"] = (out["R@5"] + out["Rsubset@1"]) / 2
+    return out
+
+
+def main_score(dataset, metrics):
+    """The number that picks the best checkpoint: CIRR (R@5 + Rsubset@1)/2, FashionIQ (R@10 + R@50)/2."""
+    return metrics["avg"]
+
+
+# -----------------------------------------------------------------------------
+# checkpoints (shared with train.py)
+
+def load_checkpoint(path):
+    """A run's checkpoint (best.pt / last.pt), loaded with weights_only=True. Clear errors, no tracebacks."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: checkpoint {path} not found (train one with `python train.py`, "
+                         f"or pass --checkpoint runs/<run>/best.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}); it may be truncated "
+                         f"or corrupt: use the run's other file (best.pt / last.pt) or retrain") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
+        raise SystemExit(f"error: {path} is not a checkpoint of this project (expected a dict with 'model' and "
+                         f"'args', as train.py writes; for OpenAI CLIP weights use --clip {path})")
+    return ckpt
+
+
+def build_model(ckpt):
+    """CIRModel from a checkpoint: CLIP's architecture is inferred from the weights' shapes (build_clip)."""
+    a = ckpt["args"]
+    clip = build_clip({k[5:]: v for k, v in ckpt["model"].items() if k.startswith("clip.")})
+    model = CIRModel(clip, wcb=not a["no_wcb"], n_maps=a["wcb_maps"], wcb_hidden=a["wcb_hidden"])
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+# -----------------------------------------------------------------------------
+# CIRR test server files
+
+def write_submission(out_dir, pairids, top50, top3, tag="ncl-cir"):
+    """Write the two files CIRR's evaluation server takes: recall (top-50 names per pairid, reference excluded)
+    and recall_subset (top-3 names within the subset). Returns their paths after checking them."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for metric, tops, k in (("recall", top50, 50), ("recall_subset", top3, 3)):
+        sub = {"version": "rc2", "metric": metric}
+        sub.update({str(p): list(t) for p, t in zip(pairids, tops)})
+        path = out_dir / f"{metric}_submission_{tag}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(sub))
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def check_submission(path, pairids, references, metric, k):
+    """Check a server file: version, metric, every pairid present with k distinct names, no query's reference in
+    its own list, under the server's 5 MB limit. Raises ValueError naming the first problem."""
+    path = Path(path)
+    if path.stat().st_size > 5 * 2**20:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, over the server's 5 MB limit")
+    sub = json.loads(path.read_text())
+    if sub.get("version") != "rc2" or sub.get("metric") != metric:
+        raise ValueError(f"{path}: needs version 'rc2' and metric '{metric}'")
+    for p, r in zip(pairids, references):
+        names = sub.get(str(p))
+        if names is None:
+            raise ValueError(f"{path}: pairid {p} missing")
+        if len(names) != k or len(set(names)) != k:
+            raise ValueError(f"{path}: pairid {p} has {len(names)} names ({len(set(names))} distinct), needs {k}")
+        if r in names:
+            raise ValueError(f"{path}: pairid {p} lists its own reference image {r}")
+    if len(sub) != len(pairids) + 2:
+        raise ValueError(f"{path}: {len(sub) - 2} entries for {len(pairids)} queries")
+
+
+def cirr_rankings(q, g, gallery_names, references, members):
+    """Top-50 names (reference removed) and top-3 names within the subset (members minus reference)."""
+    index = _name_index(gallery_names)
+    ref = _lookup(index, references, "reference images")
+    top = topk(q, g, 50, exclude=ref)                                          # (Q, 50)
+    top50 = [[gallery_names[j] for j in row] for row in top.tolist()]
+    # subset members in gallery order, so ties fall as in the full ranking (stable sort)
+    sub = torch.tensor([sorted(index[m] for m in ms if m != r) for ms, r in zip(members, references)])  # (Q, 5)
+    sims = torch.einsum("qd,qkd->qk", F.normalize(q.float(), dim=-1), F.normalize(g.float(), dim=-1)[sub])
+    order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :3]          # (Q, 3)
+    top3 = [[gallery_names[j] for j in row] for row in sub.gather(1, order).tolist()]
+    return top50, top3
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def latest_best(runs="runs"):
+    found = sorted(Path(runs).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"error: no run with a best.pt under {Path(runs).resolve()}; train one with "
+                         f"`python train.py` or pass --checkpoint / --clip")
+    return found[-1]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="a run's best.pt (default: the most recent run's)")
+    p.add_argument("--clip", default=None, help="zero-shot: OpenAI CLIP name or path, sum fusion, no training")
+    p.add_argument("--dataset", default=None, choices=["toy", "cirr", "fashioniq"])
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--categories", nargs="+", default=None)
+    p.add_argument("--split", default="val", help="val, or test1 for CIRR's server files")
+    p.add_argument("--transform", default=None, choices=["clip", "targetpad"])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--skip-missing", action="store_true")
+    p.add_argument("--submission", default=None, help="folder for the CIRR test-server files (with --split test1)")
+    p.add_argument("--show", type=int, default=0, help="write a PNG grid of N queries with their top-5")
+    p.add_argument("--out", default=None, help="metrics JSON file (default next to the checkpoint)")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    if a.clip:
+        if not a.dataset:
+            raise SystemExit("error: --clip needs --dataset (and --data-root for cirr / fashioniq)")
+        clip, _ = load_clip(a.clip, device="cpu")
+        model, run_args, out_dir = CIRModel(clip, wcb=False), {}, Path(".")
+    else:
+        path = Path(a.checkpoint) if a.checkpoint else latest_best()
+        if not a.checkpoint:
+            print(f"evaluating {path} (the most recent run)")
+        ckpt = load_checkpoint(path)
+        run_args, out_dir = ckpt["args"], path.parent
+        if a.dataset and a.dataset != run_args["dataset"]:
+            raise SystemExit(f"error: {path} was trained on {run_args['dataset']}, not {a.dataset}; pass "
+                             f"--dataset {run_args['dataset']} or a {a.dataset} checkpoint")
+        model = build_model(ckpt)
+    dataset = a.dataset or run_args["dataset"]
+    root = a.data_root or run_args.get("data_root") or (str(toy.default_toy_root()) if dataset == "toy" else None)
+    if not root:
+        raise SystemExit(f"error: --dataset {dataset} needs --data-root DIR")
+    categories = a.categories or run_args.get("categories") or ["dress", "shirt", "toptee"]
+    model = model.to(device).eval()
+    transform = make_transform(a.transform or run_args.get("transform") or
+                               ("clip" if dataset == "toy" else "targetpad"), model.clip.image_resolution)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    sets = eval_sets(dataset, root, a.split, transform, categories, a.skip_missing)
+
+    if dataset != "fashioniq" and a.split.startswith("test"):
+        if not a.submission:
+            raise SystemExit(f"error: the {a.split} split has no public targets; pass --submission DIR to write "
+                             f"the CIRR evaluation server's files")
+        _, gallery, trips = sets[0]
+        q, g = set_features(model, gallery, trips, a.batch_size, device, a.workers, amp)
+        tr = trips.triplets
+        refs, pairids = [t["reference"] for t in tr], [t["pairid"] for t in tr]
+        top50, top3 = cirr_rankings(q, g, gallery.images, refs, [t["members"] for t in tr])
+        paths = write_submission(a.submission, pairids, top50, top3)
+        for path, metric, k in zip(paths, ("recall", "recall_subset"), (min(50, len(gallery.images) - 1), 3)):
+            check_submission(path, pairids, refs, metric, k)
+        print(f"wrote and checked {len(pairids)} queries: " + ", ".join(map(str, paths)))
+        return paths
+    if any(t["target"] is None for _, _, trips in sets for t in trips.triplets):
+        raise SystemExit(f"error: the {dataset} {a.split} split has no public targets; evaluate on --split val")
+
+    metrics = evaluate_sets(model, sets, dataset, a.batch_size, device, a.workers, amp)
+    width = max(map(len, metrics))
+    print(f"{dataset} {a.split}" + (f" ({', '.join(categories)})" if dataset == "fashioniq" else ""))
+    for k, v in metrics.items():
+        print(f"  {k:<{width}}  {v:6.2f}")
+    out = Path(a.out) if a.out else out_dir / f"metrics_{dataset}_{a.split}.json"
+    out.write_text(json.dumps(metrics, indent=1))
+    print(f"metrics written to {out}")
+    if a.show:
+        import plots
+        _, gallery, trips = sets[0]
+        q, g = set_features(model, gallery, trips, a.batch_size, device, a.workers, amp)
+        n = min(a.show, len(q))
+        exclude = None if dataset == "fashioniq" else torch.tensor(
+            [gallery.index[t["reference"]] for t in trips.triplets[:n]])
+        top = topk(q[:n], g, 5, exclude=exclude)
+        rows = [(gallery.paths[t["reference"]], t["text"],
+                 [(gallery.paths[gallery.images[j]], gallery.images[j] == t["target"]) for j in row])
+                for t, row in zip(trips.triplets[:n], top.tolist())]
+        path = out.with_name(f"show_{dataset}_{a.split}.png")
+        plots.query_grid(rows, path)
+        print(f"query grid written to {path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError) as e:   # bad input: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -1,0 +1,88 @@
+"""Figures of a run: the NFB's per-sample loss histogram with its fitted GMM, and the recall curves.
+
+A picture says whether the noise filter can work at all: if the clean and noisy pairs' losses do not form two
+modes, no GMM can tell them apart. Files are PNGs written next to the run's log.
+"""
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def loss_histogram(losses, stats, path, epoch=None, noisy=None):
+    """Histogram of the min-max normalised per-sample losses and the two fitted Gaussians (scaled by their
+    mixing weights), as the GMM saw them. losses (n,) may hold NaN (samples not seen this epoch).
+    noisy (n,) bool, optional: ground truth, drawn as two stacked histograms."""
+    x = losses[~losses.isnan()].double()
+    if len(x) == 0 or any(math.isnan(m) for m in stats["means"]):
+        return                                       # nothing seen, or the GMM was not fitted (degenerate)
+    x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-12)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = 60
+    if noisy is not None:
+        nz = noisy[~losses.isnan()]
+        ax.hist([x[~nz].numpy(), x[nz].numpy()], bins=bins, range=(0, 1), density=True, stacked=True,
+                color=["tab:blue", "tab:red"], alpha=0.6, label=["clean (truth)", "noisy (truth)"])
+    else:
+        ax.hist(x.numpy(), bins=bins, range=(0, 1), density=True, color="tab:gray", alpha=0.6, label="losses")
+    grid = torch.linspace(0, 1, 400, dtype=torch.float64)
+    names = ["clean component", "noisy component"]
+    for k in range(2):
+        m, s, w = (float(stats[key][k]) for key in ("means", "stds", "mix"))
+        pdf = w * torch.exp(-0.5 * ((grid - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
+        ax.plot(grid.numpy(), pdf.numpy(), lw=2, label=f"{names[k]} (μ={m:.2f}, σ={s:.2f}, π={w:.2f})")
+    ax.set_xlabel("per-sample InfoNCE loss (min-max normalised)")
+    ax.set_ylabel("density")
+    ax.set_title("NFB: loss distribution and fitted GMM" + (f", after epoch {epoch}" if epoch is not None else ""))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def recall_curves(history, path):
+    """Validation recalls against the epoch, one line per metric. history: the run's JSON-line records."""
+    epochs = [r["epoch"] for r in history]
+    keys = [k for k in history[0]["metrics"] if k.startswith(("R@", "Rsubset@"))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k in keys:
+        ax.plot(epochs, [r["metrics"][k] for r in history], marker="o", label=k)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("recall (%)")
+    ax.set_title("validation recall")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def query_grid(rows, path):
+    """One row per query: the reference image, its modification text, then the top-k retrieved images with the
+    true target framed in green. rows: [(ref_path, text, [(path, is_target), ...])]."""
+    from PIL import Image
+    k = max(len(r[2]) for r in rows)
+    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.8 * (k + 1), 2.0 * len(rows)), squeeze=False)
+    for ax_row, (ref, text, hits) in zip(axes, rows):
+        ax_row[0].imshow(Image.open(ref).convert("RGB"))
+        ax_row[0].set_title("reference", fontsize=7)
+        ax_row[0].set_xlabel(text if len(text) < 60 else text[:57] + "...", fontsize=6)
+        for j, ax in enumerate(ax_row[1:]):
+            if j < len(hits):
+                hit_path, is_target = hits[j]
+                ax.imshow(Image.open(hit_path).convert("RGB"))
+                ax.set_title(f"#{j + 1}" + (" target" if is_target else ""), fontsize=7,
+                             color="green" if is_target else "black")
+                for side in ax.spines.values():
+                    side.set_edgecolor("green" if is_target else "white")
+                    side.set_linewidth(4 if is_target else 0)
+        for ax in ax_row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,524 @@
+"""Training: NCL-CIR (WCB + NFB + soft-label NCE) and SPN's stage 2, on one CPU, one GPU or many (torchrun).
+
+    python train.py                                    # toy benchmark, tiny CLIP from scratch, CPU, minutes
+    python train.py --dataset cirr --data-root DIR     # CIRR, pretrained CLIP (default RN50x4)
+    python train.py --dataset fashioniq --data-root DIR --categories dress shirt toptee
+    torchrun --nproc_per_node 4 train.py --dataset cirr --data-root DIR
+    python train.py --stage 2 --init runs/X/best.pt    # SPN stage 2: static bank of all training targets
+    python train.py --resume runs/X                    # continue a killed run where its last epoch ended
+
+One epoch (DESIGN.md §2 "Schedule"):
+  1. every step: q = normalize(f_txt + f_ref), t = normalize(f_tar); loss = L^soft_NCE(q, t, w) + λ·diversity,
+     with w = 1 (plain InfoNCE) during the warm-up epochs; the per-sample InfoNCE losses are recorded for free;
+  2. NFB: fit a 2-component GMM to the epoch's per-sample losses -> soft labels w for the next epoch
+     (--nfb-losses eval recomputes the losses in an extra no-grad pass in fixed chunks instead);
+  3. validate, log one JSON line, plot, save last.pt atomically (and best.pt on a new best).
+"""
+
+import argparse
+import functools
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import data
+import toy
+import evaluate
+import plots
+from loss import bank_nce, info_nce, soft_nce
+from model import CIRModel, load_clip, make_transform, tokenize
+from nfb import NoiseFilter
+
+# Defaults per dataset; every one can be overridden on the command line (None = take from here).
+DEFAULTS = {
+    "toy": dict(clip="tiny", epochs=7, batch_size=128, lr=1e-3, lr_wcb=1e-3, wd=0.05, tau=0.05, noise=0.3,
+                transform="clip", warmup_epochs=1, lr_warmup=0.05),
+    "cirr": dict(clip="RN50x4", epochs=10, batch_size=128, lr=2e-6, lr_wcb=1e-4, wd=0.05, tau=0.01, noise=0.0,
+                 transform="targetpad", warmup_epochs=1, lr_warmup=0.05),
+    "fashioniq": dict(clip="RN50x4", epochs=10, batch_size=128, lr=2e-6, lr_wcb=1e-4, wd=0.05, tau=0.01, noise=0.0,
+                      transform="targetpad", warmup_epochs=1, lr_warmup=0.05),
+}
+STAGE2 = dict(epochs=3, lr=2e-5, tau=0.02)  # SPN's stage-2 settings for CLIP4Cir
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="toy", choices=list(DEFAULTS))
+    p.add_argument("--data-root", default=None, help="dataset folder (toy: generated there if missing)")
+    p.add_argument("--categories", nargs="+", default=["dress", "shirt", "toptee"], help="FashionIQ categories")
+    p.add_argument("--clip", default=None, help="OpenAI model name, a checkpoint path, or a tiny config")
+    p.add_argument("--encoder", default="both", choices=["both", "text", "image"], help="what of CLIP is fine-tuned")
+    p.add_argument("--transform", default=None, choices=["clip", "targetpad"])
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (split over the processes)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of CLIP's weights")
+    p.add_argument("--lr-wcb", type=float, default=None, help="learning rate of the WCB heads")
+    p.add_argument("--wd", type=float, default=None, help="AdamW weight decay (matrices only)")
+    p.add_argument("--lr-warmup", type=float, default=None, help="fraction of the steps with linear LR warm-up")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--tau", type=float, default=None, help="temperature of the logits q·t/τ")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="autocast (GPU only)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    p.add_argument("--noise", type=float, default=None, help="fraction of training triplets to corrupt")
+    p.add_argument("--skip-missing", action="store_true", help="drop triplets whose images are missing")
+    # the method's switches (each one is an ablation)
+    p.add_argument("--no-wcb", action="store_true", help="no Weight Compensation Block (plain CLIP features)")
+    p.add_argument("--wcb-maps", type=int, default=2, help="K, weight maps per WCB head")
+    p.add_argument("--wcb-hidden", type=int, default=0, help="WCB scorer hidden width (0: linear)")
+    p.add_argument("--div-weight", type=float, default=0.1, help="λ of the WCB diversity penalty")
+    p.add_argument("--no-nfb", action="store_true", help="no Noise-pair Filter Block (plain InfoNCE throughout)")
+    p.add_argument("--warmup-epochs", type=int, default=None, help="epochs of plain InfoNCE before the first GMM")
+    p.add_argument("--gmm", default="sklearn", choices=["sklearn", "torch"])
+    p.add_argument("--nfb-losses", default="train", choices=["train", "eval"],
+                   help="per-sample losses for the GMM: recorded in the training pass, or an extra no-grad pass")
+    # SPN
+    p.add_argument("--stage", type=int, default=1, choices=[1, 2], help="2: SPN static-bank stage")
+    p.add_argument("--init", default=None, help="checkpoint to start from (required by --stage 2)")
+    p.add_argument("--extra-triplets", default=None, help="generated positives (generate.py) added to training")
+    # run
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<time>)")
+    p.add_argument("--resume", default=None, help="run folder or last.pt to continue")
+    p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (debug)")
+    args = p.parse_args(argv)
+    d = dict(DEFAULTS[args.dataset], **(STAGE2 if args.stage == 2 else {}))
+    for k, v in d.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.stage == 2 and not args.init and not args.resume:
+        p.error("--stage 2 needs --init RUN/best.pt (a stage-1 checkpoint)")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# distributed helpers: the same script runs with one process or under torchrun
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return rank, world, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return rank, world, torch.device("cpu")
+
+
+def gather_with_grad(x):
+    """All ranks' rows, in rank order, with gradients flowing back to the rank that made them. x (B, D) -> (W·B, D).
+    Every query then sees every target of the global batch, as in one process with the global batch."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x))
+
+
+def merge_losses(losses):
+    """Per-sample losses (n,), NaN where this rank did not see the sample -> the same full vector on every rank
+    (a sample padded onto two ranks by DistributedSampler gets the mean of its two losses)."""
+    if not dist.is_initialized():
+        return losses
+    seen = (~losses.isnan()).float()
+    total = torch.nan_to_num(losses)
+    dist.all_reduce(total)
+    dist.all_reduce(seen)
+    return torch.where(seen > 0, total / seen.clamp(min=1), float("nan"))
+
+
+# -----------------------------------------------------------------------------
+# one step
+
+def batch_loss(model, batch, w, tau, div_weight, bank=None):
+    """Loss of one batch and the per-sample InfoNCE losses that the NFB fits its GMM to.
+    batch: (tokens, ref, tgt, idx) where ref/tgt are images (B,3,H,W), cached image tokens (B,1+m,D), or, in
+    stage 2, ref = cached reference features (B, D) and tgt = bank rows (B,). w (B,) soft labels or None."""
+    tokens, ref, tgt, idx = batch
+    if bank is not None:                                    # SPN stage 2: every training image is a negative
+        q, _, pen = model(tokens, ref_feats=ref)
+        loss_vec = bank_nce(q, bank, tgt, tau, w=w, reduction="none")
+        with torch.no_grad():
+            plain = loss_vec if w is None else bank_nce(q, bank, tgt, tau, reduction="none")
+    else:
+        kind = "images" if ref.dim() == 4 else "tokens"
+        q, t, pen = model(tokens, **{f"ref_{kind}": ref, f"tgt_{kind}": tgt})
+        t_all = gather_with_grad(t)                                           # (W·B, D)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        pos = torch.arange(len(q), device=q.device) + rank * len(q)           # my targets' rows in t_all
+        if w is None:
+            loss_vec = info_nce(q, t_all, tau, pos=pos, reduction="none")
+            plain = loss_vec.detach()
+        else:
+            loss_vec = soft_nce(q, t_all, w, tau, pos=pos, reduction="none")
+            with torch.no_grad():
+                plain = info_nce(q, t_all, tau, pos=pos, reduction="none")
+    return loss_vec.mean() + div_weight * pen, plain.detach().float()
+
+
+# -----------------------------------------------------------------------------
+# data, model, optimiser
+
+def collate(batch, context_length=77):
+    """(ref, text, tgt, i) items -> tokens (B, L), ref (B, ...), tgt (B, ...), idx (B,). Runs in the workers."""
+    ref, text, tgt, idx = zip(*batch)
+    stack = lambda xs: torch.stack(xs) if torch.is_tensor(xs[0]) else torch.tensor(xs)
+    return tokenize(list(text), context_length, truncate=True), stack(ref), stack(tgt), torch.tensor(idx)
+
+
+def dataset(args, split, view, transform, return_images=True):
+    """The dataset of the run: CIRR (and the toy benchmark, which is written in CIRR's layout) or FashionIQ."""
+    kw = dict(view=view, transform=transform, skip_missing=args.skip_missing)
+    if split == "train" and view == "triplets":
+        kw.update(noise_ratio=args.noise, noise_seed=args.seed, return_images=return_images,
+                  extra_triplets=args.extra_triplets)
+    if args.dataset == "fashioniq":
+        return data.FashionIQ(args.data_root, args.categories, split, **kw)
+    return data.CIRR(args.data_root, split, **kw)
+
+
+def make_loader(ds, args, epoch, rank, world, shuffle=True):
+    """A fresh loader per epoch whose order and worker seeds depend only on (seed, epoch): resumable exactly."""
+    g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=shuffle, seed=args.seed,
+                                                      drop_last=shuffle)
+        sampler.set_epoch(epoch)
+    return DataLoader(ds, batch_size=args.batch_size // world, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=args.workers, collate_fn=functools.partial(collate, context_length=args.context_length), generator=g, drop_last=shuffle,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def param_groups(model, args):
+    """AdamW groups: CLIP at --lr, WCB heads at --lr-wcb; weight decay on matrices only (not norms, biases, α)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = args.lr if name.startswith("clip.") else args.lr_wcb
+        wd = args.wd if p.dim() >= 2 else 0.0
+        groups.setdefault((lr, wd), []).append(p)
+    return [dict(params=ps, lr=lr, weight_decay=wd) for (lr, wd), ps in groups.items()]
+
+
+def freeze(model, args):
+    """--encoder text freezes the image tower, --encoder image the text side; stage 2 freezes the whole image
+    side, WCB image heads included (SPN: the bank must not move)."""
+    text_side = lambda n: not n.startswith(("clip.visual.", "wcb_ref.", "wcb_tar."))
+    for n, p in model.named_parameters():
+        if args.stage == 2:
+            p.requires_grad = text_side(n)
+        elif args.encoder == "text" and n.startswith("clip.visual."):
+            p.requires_grad = False
+        elif args.encoder == "image" and n.startswith("clip.") and text_side(n):
+            p.requires_grad = False
+
+
+def autocast(args, device):
+    if device.type != "cuda" or args.amp == "none":
+        return torch.autocast(device.type, enabled=False), None
+    dtype = torch.float16 if args.amp == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def lr_lambda(total, warm):
+    """Linear warm-up over `warm` steps, then cosine decay to 0 at `total`."""
+    def f(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+    return f
+
+
+# -----------------------------------------------------------------------------
+# frozen-image-side caches: image tokens (--encoder text) and SPN's static bank (--stage 2)
+
+@torch.no_grad()
+def cache_image_tokens(model, gallery, args, device):
+    """Image tokens (N, 1+m, D) of every training image, fp16, computed once: with the image tower frozen they
+    never change, so each epoch costs only the text side and the (cheap) WCB heads."""
+    return evaluate.encode_gallery(model, gallery, args.batch_size, device, args.workers, tokens=True).half()
+
+
+def build_bank(model, gallery, args, device, path):
+    """SPN stage 2: f_ref and the normalised target features b of every unique training image, once, cached to
+    `path` (reused on resume). Returns f_ref (N, D), bank (N, D)."""
+    if path.exists():
+        c = torch.load(path, map_location=device, weights_only=True)
+        return c["ref"], c["bank"]
+    f_ref, f_tar = evaluate.encode_gallery(model, gallery, args.batch_size, device, args.workers)
+    bank = F.normalize(f_tar.float(), dim=-1)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        atomic_save({"ref": f_ref.cpu(), "bank": bank.cpu()}, path)
+    return f_ref.to(device), bank.to(device)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: atomic writes, exact resume
+
+def atomic_save(obj, path):
+    """Write to a temp file in the same folder, then rename: a run killed mid-write leaves the old file intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# the epoch
+
+def train_epoch(args, model, ddp, ds, opt, sched, scaler, amp, nfb, epoch, rank, world, device, cache=None, bank=None):
+    """One pass over the training triplets. Returns the mean loss, the per-sample InfoNCE losses (n,) (NaN where
+    a sample was not seen: drop_last) and the time spent in data loading, forward and backward."""
+    model.train()
+    if args.encoder == "text" or args.stage == 2:
+        model.clip.visual.eval()                        # frozen tower: BatchNorm statistics stay put too
+    loader = make_loader(ds, args, epoch, rank, world)
+    losses = torch.full((len(ds),), float("nan"), device=device)
+    use_w = nfb is not None and nfb.active(epoch)
+    total, steps, t_data, t_fwd, t_bwd = 0.0, 0, 0.0, 0.0, 0.0
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, leave=False, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for tokens, ref, tgt, idx in bar:
+        tokens, ref, tgt = tokens.to(device, non_blocking=True), ref.to(device, non_blocking=True), tgt.to(device)
+        if bank is not None:                            # stage 2: ref = cached f_ref rows, tgt = bank rows
+            ref = cache[ref]
+        elif cache is not None:                         # frozen image tower: cached tokens
+            ref, tgt = cache[ref].float(), cache[tgt].float()
+        w = nfb.weights[idx].to(device) if use_w else None
+        t1 = time.perf_counter()
+        with amp:
+            loss, plain = batch_loss(ddp, (tokens, ref, tgt, idx), w, args.tau, args.div_weight, bank)
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.grad_clip)
+        (scaler.step(opt), scaler.update()) if scaler is not None else opt.step()
+        sched.step()
+        losses[idx.to(device)] = plain
+        total, steps = total + loss.item(), steps + 1
+        t3 = time.perf_counter()
+        t_data, t_fwd, t_bwd, t0 = t_data + t1 - t0, t_fwd + t2 - t1, t_bwd + t3 - t2, t3
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        if args.max_steps and steps >= args.max_steps:
+            break
+    return total / max(1, steps), losses, dict(data=t_data, forward=t_fwd, backward=t_bwd)
+
+
+@torch.no_grad()
+def eval_losses(args, ddp, ds, amp, rank, world, device, cache=None, bank=None):
+    """--nfb-losses eval: per-sample InfoNCE losses of the current model, no grad, the training set in fixed
+    chunks of one batch (the classic noisy-correspondence recipe; costs an extra forward pass per epoch)."""
+    ddp.eval()
+    losses = torch.full((len(ds),), float("nan"), device=device)
+    for tokens, ref, tgt, idx in make_loader(ds, args, 0, rank, world, shuffle=False):
+        tokens, ref, tgt = tokens.to(device), ref.to(device), tgt.to(device)
+        if bank is not None:
+            ref = cache[ref]
+        elif cache is not None:
+            ref, tgt = cache[ref].float(), cache[tgt].float()
+        with amp:
+            _, plain = batch_loss(ddp, (tokens, ref, tgt, idx), None, args.tau, 0.0, bank)
+        losses[idx.to(device)] = plain
+    return losses
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def strict_json(x):
+    """NaN / inf -> null, so that every JSON reader (jq, pandas, JavaScript) takes the log lines."""
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def log(msg, rank=0):
+    if rank == 0:
+        tqdm.write(msg)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = setup_distributed()
+    resume = None
+    if args.resume:
+        path = Path(args.resume) / "last.pt" if Path(args.resume).is_dir() else Path(args.resume)
+        resume = evaluate.load_checkpoint(path)
+        keep = {k: getattr(args, k) for k in ("resume", "workers", "amp")}
+        args = argparse.Namespace(**{**resume["args"], **keep})
+        args.out = str(path.parent)
+    if args.batch_size % world:
+        sys.exit(f"error: --batch-size {args.batch_size} must be divisible by the {world} processes")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    if args.dataset == "toy":   # generated on first use; a toy folder given with --data-root is taken as it is
+        root = Path(args.data_root or toy.default_toy_root())
+        if not args.data_root or not (root / "toy_params.json").is_file():
+            toy.ensure_toy(root)
+        args.data_root = str(root)
+    elif not args.data_root:
+        sys.exit(f"error: --dataset {args.dataset} needs --data-root DIR (the folder with captions/ and image_splits/)")
+    out = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.out = str(out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+        log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+
+    # model: a stage-1 checkpoint (--init, --resume) or CLIP by name / path
+    init = resume or (evaluate.load_checkpoint(args.init) if args.init else None)
+    if init is not None:
+        if init["args"]["dataset"] != args.dataset:
+            sys.exit(f"error: {args.init} was trained on {init['args']['dataset']}, not {args.dataset}; pass "
+                     f"--dataset {init['args']['dataset']} or a {args.dataset} checkpoint")
+        for k in ("clip", "no_wcb", "wcb_maps", "wcb_hidden"):   # the architecture is the checkpoint's
+            setattr(args, k, init["args"][k])
+        model = evaluate.build_model(init)
+    else:
+        clip, _ = load_clip(args.clip, device="cpu")
+        model = CIRModel(clip, wcb=not args.no_wcb, n_maps=args.wcb_maps, wcb_hidden=args.wcb_hidden)
+    model = model.to(device)
+    freeze(model, args)
+    transform = make_transform(args.transform, model.clip.image_resolution)
+    args.context_length = model.clip.context_length
+
+    # data: frozen image side -> triplets as image indices and a cache of tokens (or SPN's bank)
+    frozen_images = args.encoder == "text" or args.stage == 2
+    ds = dataset(args, "train", "triplets", transform, return_images=not frozen_images)
+    cache = bank = None
+    if frozen_images:
+        gallery = dataset(args, "train", "gallery", transform)
+        if list(gallery.images) != list(ds.images):
+            raise RuntimeError("train gallery and triplets disagree on the image list")
+        t = time.perf_counter()
+        if args.stage == 2:
+            cache, bank = build_bank(model, gallery, args, device, out / "bank.pt")
+            log(f"SPN bank: {len(bank)} training images x {bank.shape[1]} dims, "
+                f"{bank.numel() * bank.element_size() / 2**20:.1f} MiB per process (every rank holds it all), "
+                f"{time.perf_counter() - t:.1f} s", rank)
+        else:
+            cache = cache_image_tokens(model, gallery, args, device)
+            log(f"cached image tokens {tuple(cache.shape)} fp16, {cache.numel() * 2 / 2**20:.0f} MiB, "
+                f"{time.perf_counter() - t:.1f} s", rank)
+    eval_sets = evaluate.eval_sets(args.dataset, args.data_root, "val", transform, args.categories, args.skip_missing)
+    log(f"train: {len(ds)} triplets over {len(ds.images)} images, {int(ds.noisy.sum())} noisy", rank)
+
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    opt = torch.optim.AdamW(param_groups(model, args), betas=(0.9, 0.98), eps=1e-6)
+    steps_per_epoch = len(ds) // args.batch_size
+    if args.max_steps:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps)
+    total = max(1, steps_per_epoch * args.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.lr_warmup * total)))
+    amp, scaler = autocast(args, device)
+    nfb = None if args.no_nfb else NoiseFilter(len(ds), args.warmup_epochs, args.gmm,
+                                              noisy_gt=ds.noisy if ds.noisy.any() else None)
+    if init is not None and args.stage == 2 and nfb is not None and "nfb" in init and resume is None:
+        if init["args"]["dataset"] == args.dataset and len(init["nfb"]["weights"]) == len(ds):
+            nfb.load_state_dict(init["nfb"])      # soft labels carry over from stage 1 (DESIGN.md §3)
+            nfb.warmup_epochs = 0
+    start, best, history = 0, -1.0, []
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        if nfb is not None:
+            nfb.load_state_dict(resume["nfb"])
+        set_rng_state(resume["rng"])
+        start, best, history = resume["epoch"] + 1, resume["best"], resume["history"]
+        log(f"resumed {out} after epoch {resume['epoch']}", rank)
+
+    for epoch in range(start, args.epochs):
+        t_epoch = time.perf_counter()
+        loss, losses, times = train_epoch(args, model, ddp, ds, opt, sched, scaler, amp, nfb, epoch, rank, world,
+                                          device, cache, bank)
+        rec = dict(epoch=epoch, loss=loss, lr=sched.get_last_lr()[0], **{f"time_{k}": v for k, v in times.items()})
+        if nfb is not None:
+            t = time.perf_counter()
+            if args.nfb_losses == "eval":
+                losses = eval_losses(args, ddp, ds, amp, rank, world, device, cache, bank)
+            losses = merge_losses(losses)
+            stats = nfb.update(losses.cpu(), epoch)
+            if world > 1:                         # one GMM, the same soft labels on every rank
+                w = nfb.weights.to(device)
+                dist.broadcast(w, 0)
+                nfb.weights = w.cpu()
+            rec.update(time_nfb=time.perf_counter() - t, **{f"nfb_{k}": v for k, v in stats.items()})
+            if rank == 0:
+                plots.loss_histogram(losses.cpu(), stats, out / f"loss_hist_epoch{epoch:03d}.png", epoch,
+                                     noisy=ds.noisy if ds.noisy.any() else None)
+        if rank == 0:
+            metrics = evaluate.evaluate_sets(model, eval_sets, args.dataset, args.batch_size, device, args.workers, amp)
+            score = evaluate.main_score(args.dataset, metrics)
+            rec.update(metrics=metrics, score=score, time_epoch=time.perf_counter() - t_epoch)
+            history.append(rec)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(strict_json(rec)) + "\n")
+            plots.recall_curves(history, out / "recall.png")
+            ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                        scaler=scaler.state_dict() if scaler else None, nfb=nfb.state_dict() if nfb else None,
+                        epoch=epoch, best=max(best, score), history=history, args=vars(args), rng=rng_state())
+            atomic_save(ckpt, out / "last.pt")
+            if score > best:
+                best = score
+                atomic_save(dict(model=model.state_dict(), args=vars(args), epoch=epoch, metrics=metrics,
+                                 nfb=ckpt["nfb"]), out / "best.pt")
+            log(f"epoch {epoch}: loss {loss:.4f} | " + evaluate.format_metrics(metrics)
+                + (f" | NFB noisy {stats['n_noisy']}" if nfb is not None else "")
+                + (f" AUC {stats['auc']:.3f}" if nfb is not None and "auc" in stats else "")
+                + f" | {rec['time_epoch']:.0f} s")
+        if world > 1:
+            dist.barrier()
+    if rank == 0 and history:
+        b = max(history, key=lambda r: r["score"])
+        log(f"\ndone. best epoch {b['epoch']}: " + evaluate.format_metrics(b["metrics"]))
+        log(f"checkpoint {out / 'best.pt'}, log {out / 'log.jsonl'}, plots {out}/*.png")
+    if world > 1:
+        dist.destroy_process_group()
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError) as e:   # bad input: one line, no traceback
+        sys.exit(f"error: {e}")
