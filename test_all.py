@@ -4,7 +4,15 @@ Every test checks real behaviour against an independent truth: OpenAI's CLIP cod
 hand-computed small cases, the real CIRR / FashionIQ annotation files in ../shared/data. No test downloads anything.
 """
 
+from pathlib import Path
+import json
 import math
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -14,6 +22,402 @@ import torch.nn.functional as F
 from loss import bank_nce, info_nce, soft_nce
 from nfb import NoiseFilter, clean_probability, detection_metrics, fit_gmm, minmax
 from wcb import WCB, diversity_penalty
+import evaluate
+import toy
+import train
+from evaluate import check_submission, cirr_metrics, cirr_rankings, fashioniq_metrics, write_submission
+from model import CIRModel, CLIP, tokenize
+import data
+import generate
+from generate import TEMPLATES, generate_triplets
+from model import CIRModel, CLIP
+
+# ====================================================================================================
+# model.py, tokenizer
+# ====================================================================================================
+
+"""Tests of model.py / tokenizer.py against OpenAI's reference code (clip-anytorch). No network."""
+
+import glob
+import hashlib
+import json
+import sys
+import types
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import model as M
+import tokenizer as TK
+
+SHARED = Path(__file__).resolve().parent.parent / "shared"
+
+
+def reference_clip():
+    """OpenAI's `clip` package; its __init__ imports pkg_resources (gone from new setuptools) for a version check."""
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        import packaging.version
+        sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)
+        try:
+            import clip
+        finally:
+            del sys.modules["pkg_resources"]
+    import clip
+    return clip
+
+
+TEXT = dict(context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2, transformer_layers=2)
+SMALL_CLIP = {
+    "vit": dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8, **TEXT),
+    "rn": dict(embed_dim=64, image_resolution=64, vision_layers=(1, 2, 1, 1), vision_width=16, vision_patch_size=None,
+               **TEXT),
+}
+RELEASED = {  # (embed, resolution, vision layers, vision width, patch, text width, text heads, text layers)
+    "RN50": (1024, 224, (3, 4, 6, 3), 64, None, 512, 8, 12),
+    "RN101": (512, 224, (3, 4, 23, 3), 64, None, 512, 8, 12),
+    "RN50x4": (640, 288, (4, 6, 10, 6), 80, None, 640, 10, 12),
+    "RN50x16": (768, 384, (6, 8, 18, 8), 96, None, 768, 12, 12),
+    "RN50x64": (1024, 448, (3, 15, 36, 10), 128, None, 1024, 16, 12),
+    "ViT-B/32": (512, 224, 12, 768, 32, 512, 8, 12),
+    "ViT-B/16": (512, 224, 12, 768, 16, 512, 8, 12),
+    "ViT-L/14": (768, 224, 24, 1024, 14, 768, 12, 12),
+    "ViT-L/14@336px": (768, 336, 24, 1024, 14, 768, 12, 12),
+}
+CAPTIONS = ["a photo of a cat", "make the red circle blue", "Remove the dog and add two people on the beach at sunset",
+            "x"]
+
+
+def _reference_model(kind, seed=0):
+    """Reference CLIP with every weight and BatchNorm statistic randomised (so no zero-init hides a bug)."""
+    torch.manual_seed(seed)
+    ref = reference_clip().model.CLIP(**SMALL_CLIP[kind]).eval()
+    with torch.no_grad():
+        for name, t in ref.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand_like(t) + 0.5)
+            elif t.is_floating_point() and t.dim() > 0:
+                t.copy_(torch.randn_like(t) * 0.1)
+    return ref
+
+
+def _close(a, b, tol=1e-5):
+    return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+# ---------------------------------------------------------------- parity with OpenAI's model
+
+@pytest.mark.parametrize("kind", ["vit", "rn"])
+def test_parity_with_reference(kind):
+    torch.set_num_threads(2)
+    ref = _reference_model(kind)
+    ours = M.build_clip(ref.state_dict())
+    res = SMALL_CLIP[kind]["image_resolution"]
+    images = torch.randn(3, 3, res, res)
+    text = M.tokenize(CAPTIONS)
+    with torch.no_grad():
+        assert _close(ours.encode_image(images), ref.encode_image(images))
+        assert _close(ours.encode_text(text), ref.encode_text(text))
+        for a, b in zip(ours(images, text), ref(images, text)):
+            assert _close(a, b, 1e-4)
+        # token outputs: the global token is exactly the usual feature
+        img_tok = ours.encode_image_tokens(images)
+        m = (res // 8) ** 2 if kind == "vit" else (res // 32) ** 2
+        assert img_tok.shape == (3, 1 + m, 64) and torch.equal(img_tok[:, 0], ours.encode_image(images))
+        x, mask, eot = ours.encode_text_tokens(text)
+        assert torch.equal(eot, text.argmax(-1)) and x.shape == (4, int(eot.max()) + 1, 64)
+        assert torch.equal(x[torch.arange(4), eot], ours.encode_text(text))
+        assert torch.equal(mask, torch.arange(x.shape[1]) <= eot[:, None]) and mask[:, 0].all()
+
+        # every token against the reference's own layers, evaluated at every position
+        t = ref.token_embedding(text) + ref.positional_embedding
+        t = ref.ln_final(ref.transformer(t.permute(1, 0, 2)).permute(1, 0, 2)) @ ref.text_projection   # (B, 77, D)
+        assert _close(x[mask], t[:, :x.shape[1]][mask])
+        v = ref.visual
+        if kind == "vit":
+            p = v.conv1(images).flatten(2).transpose(1, 2)
+            p = torch.cat([v.class_embedding.expand(3, 1, -1), p], 1) + v.positional_embedding
+            p = v.transformer(v.ln_pre(p).permute(1, 0, 2)).permute(1, 0, 2)
+            want = v.ln_post(p) @ v.proj                                                                # (B, 1+m, D)
+        else:
+            f = v.layer4(v.layer3(v.layer2(v.layer1(v.avgpool(v.relu3(v.bn3(v.conv3(v.relu2(v.bn2(v.conv2(
+                v.relu1(v.bn1(v.conv1(images))))))))))))))
+            f = f.flatten(2).permute(2, 0, 1)
+            f = torch.cat([f.mean(0, keepdim=True), f]) + v.attnpool.positional_embedding[:, None]
+            ap = v.attnpool
+            want, _ = F.multi_head_attention_forward(
+                f, f, f, f.shape[-1], ap.num_heads, None, torch.cat([ap.q_proj.bias, ap.k_proj.bias, ap.v_proj.bias]),
+                None, None, False, 0.0, ap.c_proj.weight, ap.c_proj.bias, training=False, need_weights=False,
+                use_separate_proj_weight=True, q_proj_weight=ap.q_proj.weight, k_proj_weight=ap.k_proj.weight,
+                v_proj_weight=ap.v_proj.weight)
+            want = want.transpose(0, 1)                                                                 # (B, 1+hw, D)
+        assert _close(img_tok, want)
+
+
+def test_text_trimming_is_invisible():
+    """Positions after the batch's last EOT are cut; a caption's outputs do not depend on its batch-mates."""
+    ours = M.build_clip(_reference_model("vit").state_dict())
+    text = M.tokenize(CAPTIONS)
+    with torch.no_grad():
+        together = ours.encode_text(text)
+        alone = torch.cat([ours.encode_text(text[i:i + 1]) for i in range(len(text))])
+        x, mask, _ = ours.encode_text_tokens(text[3:4])            # "x": SOT x EOT -> 3 tokens
+    assert _close(together, alone) and x.shape[1] == 3 and mask.all()
+
+
+# ---------------------------------------------------------------- architecture inference
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_infer_config_released_models(name):
+    e, res, vl, vw, patch, tw, th, tl = RELEASED[name]
+    cfg = dict(embed_dim=e, image_resolution=res, vision_layers=vl, vision_width=vw, vision_patch_size=patch,
+               context_length=77, vocab_size=49408, transformer_width=tw, transformer_heads=th, transformer_layers=tl)
+    with torch.device("meta"):                                     # shapes only: no memory, no init time
+        sd = reference_clip().model.CLIP(**cfg).state_dict()
+    sd.update(input_resolution=torch.tensor(res), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    assert M.infer_config(sd) == cfg
+    model = M.build_clip(sd)                                       # builds on meta, like the shapes it got
+    ours = model.state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in sd.items() if k not in M._ARCHIVE_EXTRAS}
+    assert model.image_resolution == res and model.embed_dim == e and model.context_length == 77
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-rn"])
+def test_tiny_configs(name):
+    model, preprocess = M.load_clip(name, device="cpu")
+    cfg = M.TINY_CONFIGS[name]
+    assert M.infer_config(model.state_dict()) == cfg               # a saved tiny model rebuilds the same
+    img = preprocess(Image.new("RGB", (80, 70), (200, 30, 30)))[None]
+    assert img.shape == (1, 3, 64, 64)
+    text = M.tokenize(["make the red circle blue", "remove the triangle"])
+    with torch.no_grad():
+        assert model.encode_image(img).shape == (1, 128) and model.encode_text(text).shape == (2, 128)
+        rebuilt = M.build_clip(model.state_dict())
+        assert torch.equal(rebuilt.encode_text(text), model.encode_text(text))
+    model.train()                                                  # trains from scratch: gradients flow everywhere
+    logits, _ = model(torch.randn(2, 3, 64, 64), text)
+    logits.logsumexp(1).sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    x, mask, _ = model.encode_text_tokens(text)                   # token outputs are differentiable too
+    (x[mask].sum() + model.encode_image_tokens(torch.randn(2, 3, 64, 64)).sum()).backward()
+    if name == "tiny-rn":                                          # OpenAI's init: residual branches start at zero
+        assert all(p.abs().sum() == 0 for n, p in model.visual.named_parameters() if n.endswith("bn3.weight")
+                   and n.startswith("layer"))
+    w = model.transformer.width
+    assert abs(model.text_projection.std().item() - w ** -0.5) < 0.2 * w ** -0.5
+
+
+def test_build_clip_converts_to_fp32_and_copies():
+    ref = _reference_model("vit")
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    model = M.build_clip(sd)
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and not model.training
+    sd32 = ref.state_dict()
+    model = M.build_clip(sd32)
+    with torch.no_grad():
+        model.text_projection.zero_()
+    assert sd32["text_projection"].abs().sum() > 0                 # no memory shared with the caller's tensors
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def _all_captions():
+    caps = []
+    for f in ("cap.rc2.val.json", "cap.rc2.test1.json"):
+        caps += [t["caption"] for t in json.loads((SHARED / "data/cirr/captions" / f).read_text())]
+    for f in sorted(glob.glob(str(SHARED / "data/fashioniq/captions/*.json"))):
+        caps += [c for t in json.loads(Path(f).read_text()) for c in t["captions"]]
+    return sorted(set(caps))
+
+
+def test_tokenizer_matches_reference_on_all_dataset_captions():
+    caps = _all_captions()
+    assert len(caps) > 40000
+    assert torch.equal(TK.tokenize(caps, truncate=True), reference_clip().tokenize(caps, truncate=True))
+
+
+EDGE = ["", " ", "\n\t ", "&amp;amp;", "Tom &amp; Jerry &lt;3 &#39;hi&#39; &nbsp;x", "schÃ¶n", "doesnÃ¢â‚¬â„¢t",
+        "café naïve Ångström", "👍🏽 emoji 🐶🐱 ❤️", "猫がいます 中文字符 한국어", "multiple   spaces\n\nand\r\nnewlines\t\ttabs",
+        "<|startoftext|> hi <|endoftext|>", "<|ENDOFTEXT|>", "İstanbul ǅ ß ﬁ", "don't I'll we've they're", "3.14 1e10",
+        "\u200b zero\u00a0width \u3000 ideographic", "\x1c\x1d\x1e\x1f seps", "ＦＵＬＬＷＩＤＴＨ", "\ufeffbom", "!!!???..,,",
+        "a" * 300, "word " * 80, "👍" * 40]
+
+
+@pytest.mark.parametrize("context_length", [77, 8])
+def test_tokenizer_edge_cases(context_length):
+    clip = reference_clip()
+    for text in EDGE:
+        want = clip.tokenize(text, context_length, truncate=True)
+        got = M.tokenize(text, context_length, truncate=True)
+        assert got.dtype == torch.long and torch.equal(got, want), text
+        try:
+            want = clip.tokenize([text], context_length)
+        except RuntimeError:
+            with pytest.raises(RuntimeError, match="too long"):
+                M.tokenize([text], context_length)
+        else:
+            assert torch.equal(M.tokenize([text], context_length), want)
+    assert M.tokenize([]).shape == (0, 77)
+    long = M.tokenize("word " * 80, truncate=True)[0]
+    assert long[-1] == 49407 and long.argmax() == 76                 # EOT kept as the last token
+
+
+def test_corrupt_or_missing_vocabulary(tmp_path):
+    bad = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+    data = bytearray(TK.VOCAB.read_bytes())
+    data[100] ^= 1
+    bad.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=r"bpe_simple_vocab_16e6\.txt\.gz: corrupt"):
+        TK.load_bpe(bad)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        TK.load_bpe(tmp_path / "missing.txt.gz")
+
+
+# ---------------------------------------------------------------- loading files
+
+def _tiny_reference():
+    ref = _reference_model("vit")
+    return ref, ref.state_dict()
+
+
+def _check_same(model, ref):
+    text, img = M.tokenize(CAPTIONS), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _close(model.encode_text(text), ref.encode_text(text))
+        assert _close(model.encode_image(img), ref.encode_image(img))
+
+
+def test_load_torchscript_archive(tmp_path):
+    """Released checkpoints are traced TorchScript archives with 3 extra attributes in their state dict."""
+    ref, _ = _tiny_reference()
+    for key, val in (("input_resolution", 32), ("context_length", 77), ("vocab_size", 49408)):
+        ref.__dict__.pop(key, None)                                # a plain int attribute in the reference
+        ref.register_buffer(key, torch.tensor(val))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")                            # tracer's notes on the reference's Python checks
+        traced = torch.jit.trace(ref, (torch.randn(1, 3, 32, 32), M.tokenize("a cat")), check_trace=False)
+    path = tmp_path / "ViT-tiny.pt"
+    traced.save(str(path))
+    model, preprocess = M.load_clip(path, device="cpu")
+    _check_same(model, ref)
+    assert preprocess(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+
+
+def test_load_state_dict_files(tmp_path):
+    ref, sd = _tiny_reference()
+    for i, obj in enumerate([sd, {"state_dict": sd}, {"model": sd, "epoch": 3}]):
+        torch.save(obj, tmp_path / f"{i}.pt")
+        model, _ = M.load_clip(str(tmp_path / f"{i}.pt"), device="cpu")
+        _check_same(model, ref)
+
+
+def test_bad_files_and_names(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown CLIP model 'ViT-X/99'.*RN50x64.*ViT-B/32.*tiny-rn"):
+        M.load_clip("ViT-X/99")
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    with pytest.raises(ValueError, match=r"notes\.txt: neither a TorchScript archive nor a state dict"):
+        M.load_clip(txt)
+    other = tmp_path / "other.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, other)
+    with pytest.raises(ValueError, match=r"other\.pt: not a CLIP state dict: missing keys \['text_projection'"):
+        M.load_clip(other)
+    torch.save([1, 2, 3], other)
+    with pytest.raises(ValueError, match=r"other\.pt: holds a list, expected a CLIP state dict"):
+        M.load_clip(other)
+    _, sd = _tiny_reference()
+    del sd["visual.ln_post.weight"], sd["transformer.resblocks.1.mlp.c_fc.bias"]
+    partial = tmp_path / "partial.pt"
+    torch.save(sd, partial)
+    with pytest.raises(ValueError, match=r"partial\.pt: .*2 missing keys .*visual\.ln_post\.weight.*c_fc\.bias"):
+        M.load_clip(partial)
+    with pytest.raises(ValueError, match="unexpected.*extra"):
+        M.build_clip({**_tiny_reference()[1], "extra": torch.zeros(1)})
+
+
+# ---------------------------------------------------------------- download
+
+def _serve(tmp_path, payload, sha=None):
+    """Write payload where a file:// URL names sha (default: its true hash) as its folder, like OpenAI's URLs."""
+    sha = sha or hashlib.sha256(payload).hexdigest()
+    src = tmp_path / "server" / sha / "Tiny-1.pt"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(payload)
+    return src.as_uri()
+
+
+@pytest.fixture
+def count_urlopen(monkeypatch):
+    calls = []
+    real = urllib.request.urlopen
+
+    def counting(url, *a, **k):
+        calls.append(url)
+        return real(url, *a, **k)
+
+    monkeypatch.setattr(urllib.request, "urlopen", counting)
+    return calls
+
+
+def test_download_verifies_and_caches(tmp_path, monkeypatch, count_urlopen):
+    ref, sd = _tiny_reference()
+    torch.save(sd, tmp_path / "sd.pt")
+    monkeypatch.setitem(M.MODEL_URLS, "Tiny/1", _serve(tmp_path, (tmp_path / "sd.pt").read_bytes()))
+    assert "Tiny/1" in M.available_models()
+    model, _ = M.load_clip("Tiny/1", device="cpu", download_root=tmp_path / "cache")
+    _check_same(model, ref)
+    assert (tmp_path / "cache" / "Tiny-1.pt").is_file() and len(count_urlopen) == 1
+    M.load_clip("Tiny/1", device="cpu", download_root=tmp_path / "cache")   # cached and verified: no download
+    assert len(count_urlopen) == 1
+    (tmp_path / "cache" / "Tiny-1.pt").write_bytes(b"corrupted")             # bad cache -> fetched again
+    with pytest.warns(UserWarning, match="cached.*mismatch"):
+        M.load_clip("Tiny/1", device="cpu", download_root=tmp_path / "cache")
+    assert len(count_urlopen) == 2
+
+
+def test_download_hash_mismatch_retries_once_then_fails(tmp_path, monkeypatch, count_urlopen):
+    monkeypatch.setitem(M.MODEL_URLS, "Tiny/1", _serve(tmp_path, b"not the file", sha="0" * 64))
+    with pytest.warns(UserWarning, match="mismatch"), pytest.raises(RuntimeError, match="does not match 0000"):
+        M.load_clip("Tiny/1", device="cpu", download_root=tmp_path / "cache")
+    assert len(count_urlopen) == 2 and not any((tmp_path / "cache").iterdir())
+
+
+def test_download_without_network_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(M.MODEL_URLS, "Tiny/1", (tmp_path / "nowhere" / ("a" * 64) / "Tiny-1.pt").as_uri())
+    with pytest.raises(RuntimeError, match=r"by hand and put it at .*cache.Tiny-1\.pt \(sha256 aaaa"):
+        M.load_clip("Tiny/1", device="cpu", download_root=tmp_path / "cache")
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def test_clip_transform_matches_reference():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (150, 230, 3), dtype=np.uint8))
+    ref = reference_clip().clip._transform(224)
+    for im in (img, img.convert("L"), img.convert("RGBA")):
+        assert torch.equal(M.make_transform("clip", 224)(im), ref(im))
+    with pytest.raises(ValueError, match="targetpad"):
+        M.make_transform("squash")
+
+
+def test_targetpad_transform():
+    wide = Image.new("RGB", (300, 100), (255, 255, 255))                # ratio 3 -> padded to 1.25
+    padded = M.target_pad(wide, 1.25)
+    assert padded.size == (300, 100 + 2 * 70) and padded.getpixel((0, 0)) == (0, 0, 0)
+    assert padded.getpixel((150, 120)) == (255, 255, 255)               # image centred
+    out = M.make_transform("targetpad", 64)(wide)
+    black = (torch.zeros(3) - torch.tensor(M.CLIP_MEAN)) / torch.tensor(M.CLIP_STD)
+    assert out.shape == (3, 64, 64) and torch.allclose(out[:, 0, 32], black, atol=1e-4)   # black border kept
+    assert out[:, 32, 32].gt(1).all()                                    # white centre
+    square = Image.new("RGB", (110, 100), (10, 200, 30))                 # ratio 1.1 < 1.25: untouched
+    assert torch.equal(M.make_transform("targetpad", 64)(square), M.make_transform("clip", 64)(square))
 
 # ====================================================================================================
 # data.py
@@ -37,7 +441,6 @@ from torch.utils.data import DataLoader
 import data
 import toy
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
 CIRR_ANN = SHARED / "data" / "cirr"
 FIQ_ANN = SHARED / "data" / "fashioniq"
 CATS = ("dress", "shirt", "toptee")
@@ -384,7 +787,7 @@ def apply_edit(scene, text):
     return sorted(scene, key=lambda o: toy.TOY_CELLS.index(o["cell"]))
 
 
-SMALL = dict(n_train=120, n_val=40, n_test=40)
+SMALL_TOY = dict(n_train=120, n_val=40, n_test=40)
 
 
 def _files(root):
@@ -393,15 +796,15 @@ def _files(root):
 
 @pytest.fixture(scope="module")
 def toy_set(tmp_path_factory):
-    return toy.make_toy(tmp_path_factory.mktemp("toy_set") / "t", seed=7, noise=0.25, **SMALL)
+    return toy.make_toy(tmp_path_factory.mktemp("toy_set") / "t", seed=7, noise=0.25, **SMALL_TOY)
 
 
 def test_toy_deterministic(toy_set, tmp_path):
-    again = toy.make_toy(tmp_path / "a", seed=7, noise=0.25, **SMALL)
+    again = toy.make_toy(tmp_path / "a", seed=7, noise=0.25, **SMALL_TOY)
     assert _files(again) == _files(toy_set)
-    assert _files(toy.make_toy(tmp_path / "b", seed=8, noise=0.25, **SMALL)) != _files(toy_set)
+    assert _files(toy.make_toy(tmp_path / "b", seed=8, noise=0.25, **SMALL_TOY)) != _files(toy_set)
     # a fresh interpreter with another string-hash seed writes the same bytes (no set-order dependence)
-    code = f"import toy; toy.make_toy({str(tmp_path / 'c')!r}, seed=7, noise=0.25, **{SMALL!r})"
+    code = f"import toy; toy.make_toy({str(tmp_path / 'c')!r}, seed=7, noise=0.25, **{SMALL_TOY!r})"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(toy.__file__).parent,
                    env={**os.environ, "PYTHONHASHSEED": "12345"})
     assert _files(tmp_path / "c") == _files(toy_set)
@@ -427,7 +830,7 @@ def test_toy_structure(toy_set):
     for split in ("train", "val", "test1"):
         rows = json.loads((toy_set / f"captions/cap.rc2.{split}.json").read_text())
         split_file = json.loads((toy_set / f"image_splits/split.rc2.{split}.json").read_text())
-        assert len(rows) == SMALL[{"train": "n_train", "val": "n_val", "test1": "n_test"}[split]]
+        assert len(rows) == SMALL_TOY[{"train": "n_train", "val": "n_val", "test1": "n_test"}[split]]
         queries[split] = {(key(r["reference"]), r["caption"]) for r in rows}
         images[split] = {key(n) for n in split_file}
         for r in rows:
@@ -476,19 +879,19 @@ def test_extra_triplets(toy_set, tmp_path):
 
 def test_ensure_toy(tmp_path, capsys):
     root = tmp_path / "toy"
-    toy.ensure_toy(root, seed=1, **SMALL)
+    toy.ensure_toy(root, seed=1, **SMALL_TOY)
     assert "generating" in capsys.readouterr().out
     stamp = (root / "scenes.json").stat().st_mtime_ns
-    assert toy.ensure_toy(root, seed=1, **SMALL) == root and "generating" not in capsys.readouterr().out
+    assert toy.ensure_toy(root, seed=1, **SMALL_TOY) == root and "generating" not in capsys.readouterr().out
     assert (root / "scenes.json").stat().st_mtime_ns == stamp
-    toy.ensure_toy(root, seed=2, **SMALL)  # other parameters: regenerated in place
+    toy.ensure_toy(root, seed=2, **SMALL_TOY)  # other parameters: regenerated in place
     assert json.loads((root / "toy_params.json").read_text())["seed"] == 2
     assert not list(tmp_path.glob(".toy.tmp-*"))
     other = tmp_path / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError):
-        toy.ensure_toy(other, **SMALL)
+        toy.ensure_toy(other, **SMALL_TOY)
     assert toy.default_toy_root().name == "toy"
 
 # ====================================================================================================
@@ -714,3 +1117,497 @@ def test_wcb_autocast_bf16():
     assert (att[~mask] == 0).all()
     with pytest.raises(ValueError, match="wcb.py"):
         WCB(16, n_maps=1)
+
+# ====================================================================================================
+# evaluate.py, train.py
+# ====================================================================================================
+
+REPO = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------- metrics, hand-made cases
+
+def _onehot(*rows):
+    return torch.tensor(rows, dtype=torch.float)
+
+
+def test_cirr_reference_removed_before_ranking():
+    # the query is closest to its own reference (im0); removing it makes the target (im1) rank first
+    g = _onehot([1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1])
+    q = _onehot([1, 0, 0])
+    names = ["im0", "im1", "im2", "im3"]
+    m = cirr_metrics(q, g, names, ["im0"], ["im1"], [["im0", "im1", "im2", "im3"]])
+    assert m["R@1"] == 100.0 and m["Rsubset@1"] == 100.0
+    # without removal the same target would sit at rank 2: the metric must not see the reference
+    m = cirr_metrics(q, g, names, ["im3"], ["im1"], [["im3", "im1", "im2", "im0"]])
+    assert m["R@1"] == 0.0 and m["R@5"] == 100.0
+
+
+def test_cirr_subset_ranking():
+    # full ranking: im4, im3, im2(target), ...; the subset {ref im0, im2, im1, im5} minus the reference ranks
+    # the target first, since im4 and im3 are outside the subset
+    g = _onehot([0, 0, 0, 1], [0.9, 0.2, 0, 0], [0, 0.7, 0.3, 0], [0, 0.8, 0.2, 0], [0, 1, 0, 0], [0.9, 0.1, 0, 0])
+    q = _onehot([0, 1, 0, 0])
+    names = [f"im{i}" for i in range(6)]
+    m = cirr_metrics(q, g, names, ["im0"], ["im2"], [["im0", "im2", "im1", "im5"]])
+    assert (m["R@1"], m["R@5"], m["Rsubset@1"]) == (0.0, 100.0, 100.0)
+    top50, top3 = cirr_rankings(q, g, names, ["im0"], [["im0", "im2", "im1", "im5"]])
+    assert top50[0][:3] == ["im4", "im3", "im2"] and "im0" not in top50[0]
+    assert top3 == [["im2", "im1", "im5"]]
+
+
+def test_ties_keep_gallery_order():
+    g = _onehot([1, 0], [1, 0], [0, 1])           # im0 and im1 tie
+    q = _onehot([1, 0], [1, 0])
+    names = ["im0", "im1", "im2"]
+    m = fashioniq_metrics(q, g, names, ["im0", "im1"])  # im0 ranks 1st, im1 2nd
+    assert m["R@10"] == 100.0
+    assert evaluate.topk(q, g, 2).tolist() == [[0, 1], [0, 1]]
+    assert cirr_metrics(q[:1], g, names, ["im2"], ["im1"], [["im2", "im1", "im0"]])["R@1"] == 0.0
+    assert cirr_metrics(q[:1], g, names, ["im2"], ["im0"], [["im2", "im1", "im0"]])["R@1"] == 100.0
+
+
+def _loop_metrics(q, g, names, refs, tgts, members):
+    """The protocol written as plainly as possible: sort, drop the reference, find the target."""
+    s = F.normalize(q, dim=-1) @ F.normalize(g, dim=-1).T
+    ranks, sub_ranks = [], []
+    for i in range(len(q)):
+        order = sorted(range(len(names)), key=lambda j: (-s[i, j].item(), j))
+        ranked = [names[j] for j in order if names[j] != refs[i]]
+        ranks.append(ranked.index(tgts[i]))
+        sub_ranks.append([n for n in ranked if n in members[i]].index(tgts[i]))
+    out = {f"R@{k}": 100 * sum(r < k for r in ranks) / len(q) for k in (1, 5, 10, 50)}
+    out.update({f"Rsubset@{k}": 100 * sum(r < k for r in sub_ranks) / len(q) for k in (1, 2, 3)})
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_metrics_against_loop(seed):
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    G, Q, D = 80, 50, 6
+    g, q = torch.randn(G, D), torch.randn(Q, D)
+    g[7] = g[3]                                   # an exact tie
+    names = [f"im{i}" for i in range(G)]
+    refs, tgts, members = [], [], []
+    for _ in range(Q):
+        m = rng.sample(range(G), 6)
+        refs.append(names[m[0]])
+        tgts.append(names[m[rng.randint(1, 5)]])
+        members.append([names[j] for j in m])
+    ours = cirr_metrics(q, g, names, refs, tgts, members, chunk=7)
+    ref = _loop_metrics(q, g, names, refs, tgts, members)
+    assert ours == pytest.approx(ref, abs=1e-9)
+    fiq = fashioniq_metrics(q, g, names, tgts, chunk=9)
+    loop = _loop_metrics(q, g, names, ["none"] * Q, tgts, members)
+    assert fiq == pytest.approx({"R@10": loop["R@10"], "R@50": loop["R@50"]}, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- submission files
+
+def test_submission_files_and_checker(tmp_path):
+    names = [f"test1-{i}" for i in range(60)]
+    torch.manual_seed(0)
+    g, q = torch.randn(60, 8), torch.randn(3, 8)
+    refs = ["test1-0", "test1-1", "test1-2"]
+    members = [[r] + names[10 + 5 * i:15 + 5 * i] for i, r in enumerate(refs)]
+    top50, top3 = cirr_rankings(q, g, names, refs, members)
+    paths = write_submission(tmp_path, [11, 12, 13], top50, top3)
+    for p, metric, k in zip(paths, ("recall", "recall_subset"), (50, 3)):
+        check_submission(p, [11, 12, 13], refs, metric, k)
+        sub = json.loads(p.read_text())
+        assert sub["version"] == "rc2" and sub["metric"] == metric and len(sub["11"]) == k
+    sub = json.loads(paths[0].read_text())
+    assert all(r not in sub[str(p)] for p, r in zip([11, 12, 13], refs))
+    assert set(json.loads(paths[1].read_text())["12"]) <= set(members[1])
+    # the checker catches broken files
+    for breakage, msg in ((lambda s: s.pop("12"), "pairid 12 missing"),
+                          (lambda s: s.__setitem__("11", s["11"][:49]), "needs 50"),
+                          (lambda s: s.__setitem__("11", ["test1-0"] + s["11"][1:]), "own reference"),
+                          (lambda s: s.__setitem__("version", "rc1"), "version")):
+        broken = dict(sub)
+        breakage(broken)
+        paths[0].write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=msg):
+            check_submission(paths[0], [11, 12, 13], refs, "recall", 50)
+
+
+# ----------------------------------------------------------------------------- training end to end
+
+TINY_TOY = dict(n_train=160, n_val=40, n_test=40)
+# a CLIP small enough for a CPU test: 32 px, 4 patches of 16, width 64
+MICRO = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+             context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    return toy.make_toy(tmp_path_factory.mktemp("pipeline") / "toy", seed=3, noise=0.25, image_size=32, **TINY_TOY)
+
+
+@pytest.fixture(scope="module")
+def micro_clip(tmp_path_factory):
+    """A saved micro CLIP state dict, loaded by path like any OpenAI checkpoint."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip") / "micro.pt"
+    torch.save(CLIP(**MICRO).state_dict(), path)
+    return path
+
+
+def _train_args(root, clip, out, *extra):
+    return ["--dataset", "toy", "--data-root", str(root), "--clip", str(clip), "--out", str(out), "--epochs", "2",
+            "--batch-size", "32", "--workers", "0", "--lr", "1e-3", "--lr-wcb", "1e-3", "--noise", "0",
+            "--warmup-epochs", "1", *extra]
+
+
+def test_train_end_to_end_and_evaluate_reproduces(toy_root, micro_clip, tmp_path, capsys):
+    out = train.main(_train_args(toy_root, micro_clip, tmp_path / "run"))
+    for f in ("best.pt", "last.pt", "log.jsonl", "args.json", "recall.png", "loss_hist_epoch000.png"):
+        assert (out / f).is_file(), f
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert {"loss", "lr", "metrics", "score", "nfb_means", "nfb_auc", "time_forward"} <= set(log[0])
+    assert log[1]["nfb_applied"] and 0.0 <= log[1]["nfb_auc"] <= 1.0   # toy's own noise is the ground truth
+    best = max(log, key=lambda r: r["score"])
+    metrics = evaluate.main(["--checkpoint", str(out / "best.pt"), "--workers", "0", "--show", "3"])
+    assert metrics == pytest.approx(best["metrics"], abs=1e-6)
+    assert (out / "show_toy_val.png").is_file() and (out / "metrics_toy_val.json").is_file()
+    # CIRR-format test-server files from the toy's test1 split
+    paths = evaluate.main(["--checkpoint", str(out / "best.pt"), "--split", "test1", "--workers", "0",
+                           "--submission", str(tmp_path / "sub")])
+    assert len(json.loads(paths[0].read_text())) == 2 + 40
+
+
+def test_resume_is_exact(toy_root, micro_clip, tmp_path, monkeypatch):
+    full = train.main(_train_args(toy_root, micro_clip, tmp_path / "full"))
+    # the same run killed during epoch 1's validation: last.pt holds epoch 0 only
+    calls = {"n": 0}
+    real = evaluate.evaluate_sets
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluate, "evaluate_sets", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_train_args(toy_root, micro_clip, tmp_path / "killed"))
+    monkeypatch.setattr(evaluate, "evaluate_sets", real)
+    assert torch.load(tmp_path / "killed/last.pt", weights_only=True)["epoch"] == 0
+    train.main(["--resume", str(tmp_path / "killed"), "--workers", "0"])
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed/last.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["nfb"]["weights"], b["nfb"]["weights"])
+    assert a["history"][-1]["metrics"] == b["history"][-1]["metrics"]
+
+
+def test_text_only_training_uses_cached_tokens_and_freezes_images(toy_root, micro_clip, tmp_path):
+    out = train.main(_train_args(toy_root, micro_clip, tmp_path / "txt", "--encoder", "text", "--epochs", "1"))
+    before = torch.load(micro_clip, weights_only=True)
+    after = torch.load(out / "last.pt", weights_only=True)["model"]
+    for k, v in before.items():
+        if k.startswith("visual."):
+            assert torch.equal(after["clip." + k], v), k
+    assert not torch.equal(after["clip.token_embedding.weight"], before["token_embedding.weight"])
+
+
+# ----------------------------------------------------------------------------- DDP
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, batch, state, out):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = CIRModel(CLIP(**MICRO))
+    model.load_state_dict(state)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    tokens, ref, tgt, idx, w = batch
+    n = len(idx) // world
+    part = slice(rank * n, (rank + 1) * n)
+    loss, plain = train.batch_loss(ddp, (tokens[part], ref[part], tgt[part], idx[part]), w[part], 0.05, 0.1)
+    loss.backward()
+    dist.all_reduce(loss.detach())
+    full = torch.full((len(idx),), float("nan"))
+    full[idx[part]] = plain
+    merged = train.merge_losses(full)
+    if rank == 0:
+        grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        torch.save((loss.item() / world, grads, merged), out)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """Two gloo processes with half the batch each = one process with the whole batch: same loss, same gradients
+    (targets are gathered with gradients), and the per-sample losses merge into the same vector."""
+    import torch.multiprocessing as mp
+    torch.manual_seed(1)
+    model = CIRModel(CLIP(**MICRO))
+    with torch.no_grad():                      # non-zero α so the WCB heads take part in the gradients
+        for head in (model.wcb_txt, model.wcb_ref, model.wcb_tar):
+            head.alpha.fill_(0.5)
+    B = 8
+    batch = (tokenize([f"make the {c} circle blue" for c in "abcdefgh"]), torch.randn(B, 3, 32, 32),
+             torch.randn(B, 3, 32, 32), torch.arange(B), torch.rand(B))
+    loss, plain = train.batch_loss(model, batch[:4], batch[4], 0.05, 0.1)
+    loss.backward()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx, port, out = mp.get_context("spawn"), _free_port(), tmp_path / "rank0.pt"
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, batch, state, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    ddp_loss, grads, merged = torch.load(out, weights_only=True)
+    assert ddp_loss == pytest.approx(loss.item(), rel=1e-5)
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[k], p.grad, rtol=1e-4, atol=1e-6), k
+    assert torch.allclose(merged, plain, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input: one clear line
+
+def _cli(script, *args):
+    r = subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stderr.strip().splitlines()
+
+
+def test_bad_input_gives_one_clear_line(toy_root, micro_clip, tmp_path):
+    code, err = _cli("evaluate.py", "--checkpoint", str(tmp_path / "nope.pt"))
+    assert code != 0 and len(err) == 1 and "nope.pt not found" in err[0]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    code, err = _cli("evaluate.py", "--checkpoint", str(tmp_path / "junk.pt"))
+    assert code != 0 and len(err) == 1 and "junk.pt" in err[0] and "corrupt" in err[0]
+    ckpt = {"model": {}, "args": {"dataset": "toy"}}
+    torch.save(ckpt, tmp_path / "toy.pt")
+    code, err = _cli("evaluate.py", "--checkpoint", str(tmp_path / "toy.pt"), "--dataset", "cirr")
+    assert code != 0 and len(err) == 1 and "trained on toy" in err[0]
+    code, err = _cli("train.py", "--dataset", "cirr", "--data-root", str(tmp_path / "nowhere"), "--clip",
+                     str(micro_clip))
+    assert code != 0 and len(err) == 1 and "nowhere" in err[0] and "captions" in err[0]
+    code, err = _cli("train.py", "--clip", "ViT-Z/1", "--data-root", str(toy_root))
+    assert code != 0 and len(err) == 1 and "unknown CLIP model" in err[0]
+
+
+# ----------------------------------------------------------------------------- SPN stage 2
+
+def test_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, tmp_path):
+    stage1 = train.main(_train_args(toy_root, micro_clip, tmp_path / "s1", "--epochs", "1"))
+    out = train.main(_train_args(toy_root, micro_clip, tmp_path / "s2", "--stage", "2", "--init",
+                                 str(stage1 / "best.pt"), "--epochs", "1", "--lr", "1e-3"))
+    before = torch.load(stage1 / "best.pt", weights_only=True)["model"]
+    after = torch.load(out / "last.pt", weights_only=True)
+    image_side = ("clip.visual.", "wcb_ref.", "wcb_tar.")
+    changed = {k for k in before if not torch.equal(before[k], after["model"][k])}
+    assert changed and all(not k.startswith(image_side) for k in changed)
+    assert any(k.startswith("clip.transformer.") for k in changed)
+    assert after["history"][0]["metrics"]["R@50"] > 0
+    # the cached bank = the normalised target-role feature of every training image, one image at a time
+    bank = torch.load(out / "bank.pt", weights_only=True)
+    model = evaluate.build_model(torch.load(stage1 / "best.pt", weights_only=True)).eval()
+    gallery = train.data.CIRR(toy_root, "train", view="gallery",
+                              transform=train.make_transform("clip", model.clip.image_resolution))
+    assert len(bank["bank"]) == len(gallery.images)
+    with torch.no_grad():
+        for i in (0, 7, len(gallery) - 1):
+            tok = model.image_tokens(gallery[i][1][None])
+            assert torch.allclose(bank["bank"][i], F.normalize(model.image_features(tok, "tar")[0], dim=-1)[0],
+                                  atol=1e-5)
+            assert torch.allclose(bank["ref"][i], model.image_features(tok, "ref")[0][0], atol=1e-5)
+
+# ====================================================================================================
+# SPN: stage 2, generated positives
+# ====================================================================================================
+
+@pytest.fixture(scope="module")
+def tiny_toy(tmp_path_factory):
+    return toy.make_toy(tmp_path_factory.mktemp("toy"), seed=0, n_train=120, n_val=40, n_test=40, image_size=32)
+
+
+def _template_regexes():
+    def one(t):
+        parts = re.split(r"(\{ref\}|\{tgt\})", t)
+        return re.compile("^" + "".join("(?P<ref>.+)" if s == "{ref}" else "(?P<tgt>.+)" if s == "{tgt}"
+                                         else re.escape(s) for s in parts) + "$")
+    return [one(t) for t in TEMPLATES]
+
+
+def _follows_a_template(text, ref_cap, tgt_cap):
+    for rx in _template_regexes():
+        m = rx.match(text)
+        if m and m.groupdict().get("tgt") == tgt_cap and m.groupdict().get("ref", ref_cap) == ref_cap:
+            return True
+    return False
+
+
+def _python_rank(feats, i, j):
+    """1-based rank of j among the images other than i, by cosine similarity (ties: lower index first)."""
+    f = [[float(x) for x in row] for row in feats]
+    norm = lambda v: sum(x * x for x in v) ** 0.5
+    sim = [sum(a * b for a, b in zip(f[i], f[k])) / (norm(f[i]) * norm(f[k])) for k in range(len(f))]
+    order = sorted((k for k in range(len(f)) if k != i), key=lambda k: (-sim[k], k))
+    return order.index(j) + 1
+
+
+def _random_case(n=60, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, d, generator=g) * 3.0  # unnormalised on purpose: the ranking must be by cosine
+    names = [f"im{i}" for i in range(n)]
+    caps = {nm: f"a scene number {i}" for i, nm in enumerate(names)}
+    return feats, names, caps
+
+
+def test_targets_inside_window_and_texts_follow_templates():
+    torch.set_num_threads(1)
+    feats, names, caps = _random_case()
+    lo, hi = 5, 12
+    out = generate_triplets(feats, names, caps, window=(lo, hi), per_image=3, seed=1)
+    assert len(out) == 3 * len(names)
+    pos = {n: i for i, n in enumerate(names)}
+    for k, t in enumerate(out):
+        i, j = pos[t["reference"]], pos[t["target"]]
+        assert i == k // 3 and i != j                        # sources in order; never its own target
+        assert lo <= _python_rank(feats, i, j) <= hi
+        assert _follows_a_template(t["text"], caps[t["reference"]], caps[t["target"]]), t["text"]
+    for i in range(len(names)):                              # per_image targets are distinct
+        assert len({t["target"] for t in out[3 * i:3 * i + 3]}) == 3
+    assert len({t["text"].split(" ")[0] for t in out}) > 1  # several templates used
+
+
+def test_reproducible_by_seed_and_queries_subset():
+    feats, names, caps = _random_case()
+    a = generate_triplets(feats, names, caps, window=(2, 20), seed=3)
+    assert a == generate_triplets(feats, names, caps, window=(2, 20), seed=3)
+    assert a != generate_triplets(feats, names, caps, window=(2, 20), seed=4)
+    sub = generate_triplets(feats, names, caps, window=(2, 20), seed=3, queries=[4, 7])
+    assert [t["reference"] for t in sub] == ["im4", "im7"]
+    for t in sub:
+        assert 2 <= _python_rank(feats, names.index(t["reference"]), names.index(t["target"])) <= 20
+
+
+def test_window_edges_and_bad_input():
+    feats, names, caps = _random_case(n=10)
+    out = generate_triplets(feats, names, caps, window=(1, 1))   # the nearest other image
+    for t in out:
+        i = names.index(t["reference"])
+        assert _python_rank(feats, i, names.index(t["target"])) == 1
+    out = generate_triplets(feats, names, caps, window=(3, 50))  # HI clipped to N - 1 = 9
+    assert all(3 <= _python_rank(feats, names.index(t["reference"]), names.index(t["target"])) <= 9 for t in out)
+    with pytest.raises(ValueError, match="window"):
+        generate_triplets(feats, names, caps, window=(12, 50))
+    with pytest.raises(ValueError, match="per-image"):
+        generate_triplets(feats, names, caps, window=(1, 2), per_image=3)
+    partial = {k: v for k, v in caps.items() if k not in ("im2", "im5")}
+    with pytest.raises(ValueError, match=r"2 of 10 images have no caption.*im2.*im5"):
+        generate_triplets(feats, names, partial)
+
+
+def test_generated_triplets_load_through_dataset(tiny_toy, tmp_path):
+    base = data.CIRR(tiny_toy, "train", return_images=False)
+    caps = json.loads((tiny_toy / "image_captions.json").read_text())
+    feats = torch.randn(len(base.images), 16, generator=torch.Generator().manual_seed(0))
+    out = generate_triplets(feats, base.images, caps, window=(10, 50), per_image=2, seed=0)
+    path = tmp_path / "extra.json"
+    path.write_text(json.dumps(out))
+    ds = data.CIRR(tiny_toy, "train", extra_triplets=path, return_images=False)
+    assert len(ds) == len(base) + len(out) == len(base) + 2 * len(base.images)
+    ref, text, tgt, i = ds[len(base)]
+    assert (ds.images[ref], text, ds.images[tgt]) == (out[0]["reference"], out[0]["text"], out[0]["target"])
+    assert not ds.noisy[len(base):].any()
+
+
+def _micro_clip():
+    torch.manual_seed(0)
+    return CLIP(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+                context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
+
+
+def test_cli_end_to_end_clip_and_checkpoint(tiny_toy, tmp_path, capsys):
+    torch.set_num_threads(1)
+    clip = _micro_clip()
+    torch.save(clip.state_dict(), tmp_path / "micro.pt")
+    common = ["--dataset", "toy", "--data-root", str(tiny_toy), "--window", "3", "8", "--workers", "0",
+              "--batch-size", "64"]
+    out = tmp_path / "extra.json"
+    trips = generate.main(common + ["--clip", str(tmp_path / "micro.pt"), "--out", str(out), "--seed", "5"])
+    assert "wrote" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    base = data.CIRR(tiny_toy, "train", return_images=False)
+    assert rows == trips and len(rows) == len(base.images)
+    assert all(set(r) == {"reference", "target", "text"} and r["reference"] != r["target"] for r in rows)
+    assert len(data.CIRR(tiny_toy, "train", extra_triplets=out, return_images=False)) == len(base) + len(rows)
+    # --references-only: one per training reference; a run checkpoint (WCB target-role features) works as well
+    ckpt = dict(model=CIRModel(clip, wcb=True).state_dict(),
+                args=dict(dataset="toy", no_wcb=False, wcb_maps=2, wcb_hidden=0, transform="clip"))
+    torch.save(ckpt, tmp_path / "best.pt")
+    rows = generate.main(common + ["--checkpoint", str(tmp_path / "best.pt"), "--out", str(out),
+                                   "--references-only", "--per-image", "2"])
+    refs = {t["reference"] for t in base.triplets}
+    assert len(rows) == 2 * len(refs) and {r["reference"] for r in rows} == refs
+
+
+def test_cli_bad_inputs(tiny_toy, tmp_path, capsys):
+    torch.set_num_threads(1)
+    torch.save(_micro_clip().state_dict(), tmp_path / "micro.pt")
+    common = ["--dataset", "toy", "--data-root", str(tiny_toy), "--out", str(tmp_path / "x.json"), "--workers", "0"]
+    with pytest.raises(SystemExit, match="--clip NAME_OR_PATH or --checkpoint"):
+        generate.main(common)
+    with pytest.raises(FileNotFoundError, match="captions file .*nope.json not found"):
+        generate.main(common + ["--clip", str(tmp_path / "micro.pt"), "--captions", str(tmp_path / "nope.json")])
+    caps = json.loads((tiny_toy / "image_captions.json").read_text())
+    drop = ["train-0-1", "train-3-0", "train-7-5", "dev-0-0"]   # 3 training images, 1 val image (not used)
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({k: v for k, v in caps.items() if k not in drop}))
+    args = common + ["--clip", str(tmp_path / "micro.pt"), "--captions", str(partial), "--window", "2", "5"]
+    n_train = len(data.CIRR(tiny_toy, "train", return_images=False).images)
+    with pytest.raises(ValueError, match=f"3 of {n_train} images have no caption.*train-0-1"):
+        generate.main(args)
+    rows = generate.main(args + ["--skip-missing-captions"])
+    assert "have no caption: left out" in capsys.readouterr().out
+    assert not {r["reference"] for r in rows} & set(drop) and not {r["target"] for r in rows} & set(drop)
+
+
+def _fake_fiq(root, cats=("dress", "shirt"), n=12):
+    """A tiny FashionIQ train split: n images and n // 2 triplets per category, random-colour 32 px PNGs."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    (root / "images").mkdir(parents=True)
+    caps = {}
+    for c in cats:
+        names = [f"{c}{i}" for i in range(n)]
+        for nm in names:
+            col = tuple(int(x) for x in torch.randint(0, 256, (3,), generator=g))
+            Image.new("RGB", (32, 32), col).save(root / "images" / f"{nm}.png")
+            caps[nm] = f"a {c} in shade {nm}"
+        rows = [dict(candidate=names[2 * i], target=names[2 * i + 1], captions=["is darker", "has sleeves"])
+                for i in range(n // 2)]
+        for sub, obj in (("captions", rows), ("image_splits", names)):
+            (root / sub).mkdir(exist_ok=True)
+            name = f"cap.{c}.train.json" if sub == "captions" else f"split.{c}.train.json"
+            (root / sub / name).write_text(json.dumps(obj))
+    (root / "caps.json").write_text(json.dumps(caps))
+    return root
+
+
+def test_cli_fashioniq_pairs_within_category(tmp_path):
+    torch.set_num_threads(1)
+    root = _fake_fiq(tmp_path / "fiq")
+    torch.save(_micro_clip().state_dict(), tmp_path / "micro.pt")
+    out = tmp_path / "extra.json"
+    rows = generate.main(["--dataset", "fashioniq", "--data-root", str(root), "--captions", str(root / "caps.json"),
+                          "--categories", "dress", "shirt", "--clip", str(tmp_path / "micro.pt"), "--out", str(out),
+                          "--window", "1", "4", "--workers", "0"])
+    assert len(rows) == 24 and {r["category"] for r in rows} == {"dress", "shirt"}
+    assert all(r["reference"].startswith(r["category"]) and r["target"].startswith(r["category"]) for r in rows)
+    ds = data.FashionIQ(root, ("dress", "shirt"), "train", extra_triplets=out, return_images=False)
+    assert len(ds) == 12 + 24 and ds.triplets[-1]["category"] == "shirt"

@@ -1,0 +1,299 @@
+"""Benchmarks behind the README's speed tables. Each prints a small table; ratios are measured within one run.
+
+    python bench.py clip        our CLIP vs OpenAI's reference code, same random weights (CPU fp32)
+    python bench.py data        toy generation, loader throughput (0 / 2 workers), building the val datasets
+    python bench.py method      GMM fit (scikit-learn vs torch EM), soft NCE vs InfoNCE, bank NCE
+    python bench.py train       a toy training step split into data / forward / backward, the NFB's share of an
+                                epoch (--nfb-losses train vs eval), cached vs uncached image tokens (--encoder text)
+    python bench.py retrieval   ranking a CIRR-sized problem and a 100k gallery
+    python bench.py all         everything (about 10 minutes on 2 cores)
+
+Speed is checked here, never in the tests. Numbers depend on the machine: the README names the one it used.
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import data
+import model as M
+import toy
+
+SHARED = Path(__file__).resolve().parent.parent / "shared"
+
+
+def _time(fn, reps=1):
+    """Mean seconds of fn() over reps calls, after one warm-up call."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t, out
+
+
+def _table(title, header, rows):
+    print(f"\n{title}")
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for r in [header, *rows]:
+        print("  ".join(f"{str(x):>{w}}" for x, w in zip(r, widths)))
+
+
+# -----------------------------------------------------------------------------
+# clip: ours vs OpenAI's reference (issue targets: images <= 1.0, text <= 0.35)
+
+ARCHS = {  # the released hyper-parameters (random init: nothing is downloaded)
+    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+                     context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                     transformer_layers=12),
+    "RN50": dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
+                 vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=512,
+                 transformer_heads=8, transformer_layers=12),
+}
+
+
+def reference_clip():
+    """OpenAI's `clip` package (clip-anytorch); its __init__ imports pkg_resources only for a version check."""
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        import packaging.version
+        sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)
+        try:
+            import clip
+        finally:
+            del sys.modules["pkg_resources"]
+    import clip
+    return clip
+
+
+def bench_clip(args):
+    threads, reps, batch = getattr(args, "threads", 2), max(5, getattr(args, "reps", 5)), getattr(args, "batch", 16)
+    torch.set_num_threads(threads)
+    clip = reference_clip()
+    caps = [t["caption"] for t in json.loads((SHARED / "data/cirr/captions/cap.rc2.val.json").read_text())]
+    text = M.tokenize(random.Random(0).sample(caps, batch))                 # (B, 77)
+    images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    print(f"CLIP forward, CPU fp32, {threads} threads, batch {batch} at 224 px, median of {reps} interleaved runs; "
+          f"text trimmed to {int(text.argmax(-1).max()) + 1} of 77 tokens (other workers may share the CPU)")
+    print(f"{'model':10s} {'part':6s} {'reference s':>12s} {'ours s':>8s} {'ours/ref':>9s} {'max |diff|':>11s}")
+    for name, cfg in ARCHS.items():
+        torch.manual_seed(0)
+        ref = clip.model.CLIP(**cfg).eval()
+        ours = M.build_clip(ref.state_dict())
+        for part, ref_fn, our_fn, x in [("images", ref.encode_image, ours.encode_image, images),
+                                        ("text", ref.encode_text, ours.encode_text, text)]:
+            t_ref, t_ours = [], []
+            with torch.no_grad():
+                ref_fn(x), our_fn(x)                                       # warm-up
+                for _ in range(reps):
+                    t, a = _timed(ref_fn, x)
+                    t_ref.append(t)
+                    t, b = _timed(our_fn, x)
+                    t_ours.append(t)
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), f"{name} {part}: outputs differ"
+            r, o = statistics.median(t_ref), statistics.median(t_ours)
+            print(f"{name:10s} {part:6s} {r:12.4f} {o:8.4f} {o / r:9.3f} {(a - b).abs().max().item():11.2e}")
+
+
+# -----------------------------------------------------------------------------
+# data: toy generation, loader throughput, building the real val datasets
+
+def _placeholders(root, rels, png):
+    for rel in rels:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.link(png, p)
+
+
+def bench_data(args):
+    torch.set_num_threads(1)
+    batch, batches = 128, 20
+    tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    rows = []
+    try:
+        t = time.perf_counter()
+        root = toy.make_toy(tmp / "toy")                                  # the default sizes
+        n_img = sum(1 for _ in root.rglob("*.png"))
+        rows.append((f"toy generation (default sizes, {n_img:,} images)", f"{time.perf_counter() - t:.1f} s"))
+        ds = data.CIRR(root, "train", transform=M.make_transform("clip", toy.TOY_IMAGE_SIZE))
+        for workers in (0, 2):
+            it = iter(DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                 generator=torch.Generator().manual_seed(0)))
+            next(it)                                                       # workers started: not counted
+            t, n = time.perf_counter(), 0
+            for _ in range(batches):
+                ref, _, tgt, _ = next(it)
+                n += len(ref) + len(tgt)
+            dt = time.perf_counter() - t
+            rows.append((f"toy train loader, {workers} workers, batch {batch}", f"{n / dt:,.0f} images/s"))
+            del it
+        png = tmp / "tiny.png"
+        Image.new("RGB", (4, 4)).save(png)
+        cirr = tmp / "cirr"
+        shutil.copytree(SHARED / "data/cirr", cirr)
+        rel = json.loads((cirr / "image_splits/split.rc2.val.json").read_text()).values()
+        _placeholders(cirr / "img_raw", rel, png)
+        for view in ("triplets", "gallery"):
+            t = time.perf_counter()
+            n = len(data.CIRR(cirr, "val", view=view))
+            rows.append((f"build CIRR val {view} ({n:,} items)", f"{(time.perf_counter() - t) * 1e3:.0f} ms"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _table("data (1 thread for the main process)", ("what", "result"), rows)
+
+
+# -----------------------------------------------------------------------------
+# method: the NFB's GMM and the losses
+
+def bench_method(args):
+    from loss import bank_nce, info_nce, soft_nce
+    from nfb import fit_gmm, minmax
+    rows = []
+    for n in (30_000, 1_000_000):
+        g = torch.Generator().manual_seed(0)
+        noisy = torch.rand(n, generator=g) < 0.3
+        losses = torch.where(noisy, 3 + torch.randn(n, generator=g), (torch.randn(n, generator=g) * 0.6).abs())
+        x = minmax(losses)
+        reps = 3 if n < 100_000 else 1
+        ts, tt = _time(lambda: fit_gmm(x, "sklearn"), reps), _time(lambda: fit_gmm(x, "torch"), reps)
+        dw = (fit_gmm(x, "sklearn")["clean"] - fit_gmm(x, "torch")["clean"]).abs().max().item()
+        rows.append((f"{n:,}", f"{ts:.3f}", f"{tt:.3f}", f"{tt / ts:.2f}", f"{dw:.1e}"))
+    _table("NFB: 2-component GMM fit on min-max normalised losses (30% noisy)",
+           ("losses", "sklearn s", "torch EM s", "torch/sklearn", "max |Δw|"), rows)
+    rows = []
+    for B in (256, 1024):
+        q = F.normalize(torch.randn(B, 640), dim=-1).requires_grad_()
+        t = F.normalize(torch.randn(B, 640), dim=-1).requires_grad_()
+        w = torch.rand(B)
+        ti = _time(lambda: info_nce(q, t, 0.01).backward(), 10)
+        tsft = _time(lambda: soft_nce(q, t, w, 0.01).backward(), 10)
+        rows.append((B, f"{ti * 1e3:.2f}", f"{tsft * 1e3:.2f}", f"{tsft / ti:.2f}"))
+    _table("losses, forward + backward, in-batch, D = 640", ("B", "InfoNCE ms", "soft NCE ms", "soft/InfoNCE"), rows)
+    q = F.normalize(torch.randn(256, 640), dim=-1).requires_grad_()
+    bank = F.normalize(torch.randn(30_000, 640), dim=-1)
+    idx, w = torch.randint(0, 30_000, (256,)), torch.rand(256)
+    th = _time(lambda: bank_nce(q, bank, idx, 0.02).backward(), 3)
+    tsb = _time(lambda: bank_nce(q, bank, idx, 0.02, w=w).backward(), 3)
+    _table("SPN stage 2: bank NCE, B = 256 over a 30k x 640 bank", ("labels", "ms"),
+           [("hard", f"{th * 1e3:.1f}"), ("soft", f"{tsb * 1e3:.1f}")])
+
+
+# -----------------------------------------------------------------------------
+# train: where a toy step's time goes, the NFB's overhead, cached image tokens
+
+def bench_train(args):
+    import evaluate
+    import train
+    from nfb import NoiseFilter
+    steps = args.steps
+    a = train.get_args(["--out", tempfile.mkdtemp(prefix="bench_train_"), "--max-steps", str(steps)])
+    a.data_root = str(toy.ensure_toy(toy.default_toy_root()))
+    clip, _ = M.load_clip(a.clip, device="cpu")
+    model = M.CIRModel(clip)
+    a.context_length = clip.context_length
+    transform = M.make_transform(a.transform, clip.image_resolution)
+    ds = train.dataset(a, "train", "triplets", transform)
+    n_steps = len(ds) // a.batch_size
+    opt = torch.optim.AdamW(train.param_groups(model, a))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    amp = torch.autocast("cpu", enabled=False)
+    nfb = NoiseFilter(len(ds), 0, a.gmm, noisy_gt=ds.noisy)
+    train.train_epoch(a, model, model, ds, opt, sched, None, amp, nfb, 0, 0, 1, torch.device("cpu"))  # warm-up
+    t = time.perf_counter()
+    _, losses, times = train.train_epoch(a, model, model, ds, opt, sched, None, amp, nfb, 1, 0, 1, torch.device("cpu"))
+    step = (time.perf_counter() - t) / steps
+    full = torch.randn(len(ds)).abs()                     # an epoch's worth of per-sample losses
+    t_fit = _time(lambda: nfb.update(full, 1), 3)
+    n_eval = min(len(ds), 10 * a.batch_size)
+    sub = torch.utils.data.Subset(ds, range(n_eval))
+    sub.images = ds.images
+    t = time.perf_counter()
+    train.eval_losses(a, model, sub, amp, 0, 1, torch.device("cpu"))
+    t_eval = (time.perf_counter() - t) * len(ds) / n_eval
+    gallery = data.CIRR(a.data_root, "val", view="gallery", transform=transform)
+    val = evaluate.eval_sets("toy", a.data_root, "val", transform)
+    t_val = _time(lambda: evaluate.evaluate_sets(model, val, "toy", a.batch_size, torch.device("cpu"), a.workers))
+    epoch = step * n_steps + t_val
+    rows = [(k, f"{v / steps:.3f}", f"{100 * v / steps / step:.0f}%") for k, v in times.items()]
+    _table(f"toy training step (batch {a.batch_size}, tiny CLIP, {torch.get_num_threads()} threads, "
+           f"mean of {steps} steps)", ("part", "s/step", "share"), rows + [("total", f"{step:.3f}", "100%")])
+    _table(f"NFB overhead per epoch ({n_steps} steps + validation = {epoch:.0f} s; {len(gallery)}-image gallery)",
+           ("--nfb-losses", "NFB s", "share of epoch"),
+           [("train (losses recorded in the step; GMM fit only)", f"{t_fit:.3f}", f"{100 * t_fit / epoch:.2f}%"),
+            ("eval (extra no-grad pass + GMM fit)", f"{t_eval + t_fit:.1f}", f"{100 * (t_eval + t_fit) / epoch:.1f}%")])
+    # --encoder text: frozen image tower, tokens cached once vs recomputed (no grad) every step
+    a.encoder = "text"
+    train.freeze(model, a)
+    ds_idx = train.dataset(a, "train", "triplets", transform, return_images=False)
+    t = time.perf_counter()
+    cache = train.cache_image_tokens(model, data.CIRR(a.data_root, "train", view="gallery", transform=transform),
+                                     a, torch.device("cpu"))
+    t_cache = time.perf_counter() - t
+    opt = torch.optim.AdamW(train.param_groups(model, a))
+    timings = {}
+    for name, dset, c in (("uncached (frozen tower, no grad)", ds, None), ("cached tokens", ds_idx, cache)):
+        train.train_epoch(a, model, model, dset, opt, sched, None, amp, None, 0, 0, 1, torch.device("cpu"), c)
+        t = time.perf_counter()
+        train.train_epoch(a, model, model, dset, opt, sched, None, amp, None, 1, 0, 1, torch.device("cpu"), c)
+        timings[name] = (time.perf_counter() - t) / steps
+    base = timings["uncached (frozen tower, no grad)"]
+    _table(f"--encoder text, s/step (cache built once in {t_cache:.1f} s for {len(cache):,} images)",
+           ("image side", "s/step", "speed-up"), [(k, f"{v:.3f}", f"{base / v:.1f}x") for k, v in timings.items()])
+
+
+# -----------------------------------------------------------------------------
+# retrieval: chunked ranking
+
+def bench_retrieval(args):
+    """CIRR's val problem (4,181 queries x 2,297 images, with reference removal and subsets) and a 100k gallery."""
+    import evaluate
+    rows = []
+    for Q, G in ((4181, 2297), (4181, 100_000)):
+        g = torch.Generator().manual_seed(0)
+        q, gal = torch.randn(Q, 640, generator=g), torch.randn(G, 640, generator=g)
+        names = [f"im{i}" for i in range(G)]
+        subsets = [torch.randperm(G, generator=g)[:6].tolist() for _ in range(Q)]   # reference, target, 4 more
+        refs, tgts = [names[s[0]] for s in subsets], [names[s[1]] for s in subsets]
+        members = [[names[i] for i in s] for s in subsets]
+        t = _time(lambda: evaluate.cirr_metrics(q, gal, names, refs, tgts, members))
+        rows.append((f"{Q:,} x {G:,}", f"{t:.2f}", f"{Q * G / t / 1e6:.0f}"))
+    _table("retrieval: CIRR protocol (reference removed, subsets), D = 640, fp32, chunks of 1024 queries",
+           ("queries x gallery", "s", "M pairs/s"), rows)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", default="all", choices=["clip", "data", "method", "train", "retrieval", "all"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5, help="clip: interleaved repetitions (median)")
+    p.add_argument("--batch", type=int, default=16, help="clip: batch size")
+    p.add_argument("--steps", type=int, default=8, help="train: steps timed")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {a.threads} threads")
+    for name in (["clip", "data", "method", "train", "retrieval"] if a.what == "all" else [a.what]):
+        globals()[f"bench_{name}"](a)
+        torch.set_num_threads(a.threads)
