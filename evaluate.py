@@ -180,12 +180,15 @@ def set_features(model, gallery, trips, batch_size, device, workers=2, amp=None)
     return q, F.normalize(f_tar, dim=-1)
 
 
-def evaluate_sets(model, sets, dataset, batch_size, device, workers=2, amp=None):
+def evaluate_sets(model, sets, dataset, batch_size, device, workers=2, amp=None, feats=None):
     """Validation metrics of the model on eval_sets(...). CIRR: R@K, Rsubset@K, avg = (R@5 + Rsubset@1)/2.
-    FashionIQ: per category '<cat>_R@10', '<cat>_R@50', their means 'R@10', 'R@50', and avg."""
+    FashionIQ: per category '<cat>_R@10', '<cat>_R@50', their means 'R@10', 'R@50', and avg.
+    feats: an optional dict that receives each set's (query, gallery) features, for reuse."""
     out = {}
     for name, gallery, trips in sets:
         q, g = set_features(model, gallery, trips, batch_size, device, workers, amp)
+        if feats is not None:
+            feats[name] = (q, g)
         tr = trips.triplets
         if dataset == "fashioniq":
             m = fashioniq_metrics(q, g, gallery.images, [t["target"] for t in tr])
@@ -363,7 +366,8 @@ def main(argv=None):
     if any(t["target"] is None for _, _, trips in sets for t in trips.triplets):
         raise SystemExit(f"error: the {dataset} {a.split} split has no public targets; evaluate on --split val")
 
-    metrics = evaluate_sets(model, sets, dataset, a.batch_size, device, a.workers, amp)
+    feats = {}
+    metrics = evaluate_sets(model, sets, dataset, a.batch_size, device, a.workers, amp, feats)
     width = max(map(len, metrics))
     print(f"{dataset} {a.split}" + (f" ({', '.join(categories)})" if dataset == "fashioniq" else ""))
     for k, v in metrics.items():
@@ -373,8 +377,8 @@ def main(argv=None):
     print(f"metrics written to {out}")
     if a.show:
         import plots
-        _, gallery, trips = sets[0]
-        q, g = set_features(model, gallery, trips, a.batch_size, device, a.workers, amp)
+        name, gallery, trips = sets[0]
+        q, g = feats[name]
         n = min(a.show, len(q))
         exclude = None if dataset == "fashioniq" else torch.tensor(
             [gallery.index[t["reference"]] for t in trips.triplets[:n]])

@@ -111,7 +111,7 @@ def main(argv=None):
     if not (a.clip or a.checkpoint):
         raise SystemExit("error: image similarities need a model: pass --clip NAME_OR_PATH or --checkpoint "
                          "RUN/best.pt (for the toy, a trained checkpoint: a random tiny CLIP ranks at random)")
-    root = a.data_root or (str(toy.ensure_toy()) if a.dataset == "toy" else None)
+    root = str(toy.toy_root(a.data_root)) if a.dataset == "toy" else a.data_root
     if not root:
         raise SystemExit(f"error: --dataset {a.dataset} needs --data-root DIR")
     if not a.captions and a.dataset != "toy":

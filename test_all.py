@@ -1425,6 +1425,22 @@ def test_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, tmp_path):
                                   atol=1e-5)
             assert torch.allclose(bank["ref"][i], model.image_features(tok, "ref")[0][0], atol=1e-5)
 
+
+# ----------------------------------------------------------------------------- the study driver
+
+def test_study_grid_resumes_and_reports(toy_root, tmp_path):
+    import study
+    argv = ["--noise", "0", "--methods", "infonce", "ncl+spn", "--seeds", "0", "--epochs", "1", "--workers", "0",
+            "--data-root", str(toy_root), "--out", str(tmp_path / "st")]
+    study.main(argv)
+    rows = [json.loads(l) for l in (tmp_path / "st/results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["noise"], r["seed"]) for r in rows] == [("infonce", 0.0, 0), ("ncl+spn", 0.0, 0)]
+    assert (tmp_path / "st/ncl-n0-s0/best.pt").is_file()            # ncl+spn trained its stage-1 cell first
+    table = (tmp_path / "st/results.md").read_text()
+    assert "| 0% | infonce | 1 |" in table and (tmp_path / "st/r1_vs_noise.png").is_file()
+    study.main(argv)                                                 # finished cells are not trained again
+    assert len((tmp_path / "st/results.jsonl").read_text().splitlines()) == 2
+
 # ====================================================================================================
 # SPN: stage 2, generated positives
 # ====================================================================================================

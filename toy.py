@@ -265,3 +265,12 @@ def ensure_toy(root=None, seed=0, n_train=TOY_N_TRAIN, n_val=TOY_N_VAL, n_test=T
     os.replace(tmp, root)
     print(f"toy benchmark: done in {time.perf_counter() - t:.1f} s", flush=True)
     return root
+
+
+def toy_root(root=None):
+    """The toy folder a command works on: the default one (data/toy) is generated or refreshed by ensure_toy; a
+    folder the user names is taken as it is when it already holds a toy set (its own sizes), else generated."""
+    if root is None:
+        return ensure_toy()
+    root = Path(root)
+    return root if (root / "toy_params.json").is_file() else ensure_toy(root)

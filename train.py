@@ -49,7 +49,11 @@ DEFAULTS = {
     "fashioniq": dict(clip="RN50x4", epochs=10, batch_size=128, lr=2e-6, lr_wcb=1e-4, wd=0.05, tau=0.01, noise=0.0,
                       transform="targetpad", warmup_epochs=1, lr_warmup=0.05),
 }
-STAGE2 = dict(epochs=3, lr=2e-5, tau=0.02)  # SPN's stage-2 settings for CLIP4Cir
+STAGE2 = {  # SPN stage 2: SPN's settings for CLIP4Cir on real data; the toy's CLIP is trained from scratch
+    "toy": dict(epochs=3, lr=1e-4, lr_wcb=1e-4),
+    "cirr": dict(epochs=3, lr=2e-5, tau=0.02),
+    "fashioniq": dict(epochs=3, lr=2e-5, tau=0.02),
+}
 
 
 def get_args(argv=None):
@@ -92,7 +96,7 @@ def get_args(argv=None):
     p.add_argument("--resume", default=None, help="run folder or last.pt to continue")
     p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (debug)")
     args = p.parse_args(argv)
-    d = dict(DEFAULTS[args.dataset], **(STAGE2 if args.stage == 2 else {}))
+    d = dict(DEFAULTS[args.dataset], **(STAGE2[args.dataset] if args.stage == 2 else {}))
     for k, v in d.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -386,11 +390,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    if args.dataset == "toy":   # generated on first use; a toy folder given with --data-root is taken as it is
-        root = Path(args.data_root or toy.default_toy_root())
-        if not args.data_root or not (root / "toy_params.json").is_file():
-            toy.ensure_toy(root)
-        args.data_root = str(root)
+    if args.dataset == "toy":
+        args.data_root = str(toy.toy_root(args.data_root))
     elif not args.data_root:
         sys.exit(f"error: --dataset {args.dataset} needs --data-root DIR (the folder with captions/ and image_splits/)")
     out = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")

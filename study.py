@@ -1,0 +1,148 @@
+"""The noise-robustness study on the toy benchmark: injected noise x method x seed, one training run per cell.
+
+    python study.py                          # the full grid: noise 0/.2/.5/.8 x 5 methods x 3 seeds (hours on CPU)
+    python study.py --noise 0 0.4 --methods ncl ncl+spn ncl+pos ncl+pos+spn --seeds 0    # SPN's table
+    python study.py --report runs/study      # only the table and the plot from the finished cells
+
+Methods (each is train.py with some flags):
+    infonce       CLIP sum baseline: --no-wcb --no-nfb
+    wcb           + Weight Compensation Block: --no-nfb
+    nfb           + Noise-pair Filter Block: --no-wcb
+    ncl           full NCL-CIR (WCB + NFB)
+    ncl+spn       ncl, then SPN stage 2 (static bank of all training images) from its best checkpoint
+    ncl+pos       ncl trained with SPN's generated positives (generate.py, similarity from the `ncl` run of the
+                  same noise and seed, the toy's exact captions)
+    ncl+pos+spn   ncl+pos, then SPN stage 2
+
+Every cell's metrics are the validation metrics of its *last* epoch (no checkpoint selection on the reported
+split), appended to <out>/results.jsonl as soon as the cell ends: a killed study resumes where it stopped.
+The report is a markdown table (mean ± std over seeds) and a PNG of R@1 against the noise ratio.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import generate  # noqa: E402
+import toy  # noqa: E402
+import train  # noqa: E402
+
+METHODS = {"infonce": ["--no-wcb", "--no-nfb"], "wcb": ["--no-nfb"], "nfb": ["--no-wcb"], "ncl": [],
+           "ncl+spn": [], "ncl+pos": [], "ncl+pos+spn": []}
+METRICS = ("R@1", "R@5", "R@10", "Rsubset@1")
+DETECTION = ("nfb_auc", "nfb_precision", "nfb_recall")
+
+
+def cell_name(method, noise, seed):
+    return f"{method.replace('+', '_')}-n{noise:g}-s{seed}"
+
+
+def run_cell(method, noise, seed, args, out):
+    """Train one cell (first the cells it builds on, if missing) and return its last-epoch log record."""
+    common = ["--dataset", "toy", "--data-root", str(args.data_root), "--noise", str(noise), "--seed", str(seed),
+              "--workers", str(args.workers)]
+    run = out / cell_name(method, noise, seed)
+    if method.endswith("+spn"):                               # SPN stage 2 on top of the stage-1 cell
+        base = out / cell_name(method[:-4], noise, seed)
+        if not (base / "best.pt").is_file():
+            run_cell(method[:-4], noise, seed, args, out)
+        extra = ["--extra-triplets", str(base / "positives.json")] if "+pos" in method else []
+        argv = common + ["--stage", "2", "--init", str(base / "best.pt"), *extra]
+    elif method == "ncl+pos":                                 # positives ranked by the plain ncl cell's model
+        src = out / cell_name("ncl", noise, seed)
+        if not (src / "best.pt").is_file():
+            run_cell("ncl", noise, seed, args, out)
+        run.mkdir(parents=True, exist_ok=True)
+        generate.main(["--dataset", "toy", "--data-root", str(args.data_root), "--checkpoint", str(src / "best.pt"),
+                       "--out", str(run / "positives.json"), "--seed", str(seed), "--workers", str(args.workers)])
+        argv = common + ["--epochs", str(args.epochs), "--extra-triplets", str(run / "positives.json")]
+    else:
+        argv = common + ["--epochs", str(args.epochs)] + METHODS[method]
+    epochs = train.get_args(argv).epochs
+    log = run / "log.jsonl"
+    if not log.is_file() or len(log.read_text().splitlines()) < epochs:     # new, or killed: (re)start / resume
+        resume = ["--resume", str(run)] if (run / "last.pt").is_file() else []
+        train.main(argv + ["--out", str(run)] + resume)
+    return json.loads(log.read_text().splitlines()[-1])
+
+
+def report(out):
+    """Markdown table (mean ± std over seeds) and R@1-vs-noise plot from <out>/results.jsonl."""
+    rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["method"], r["noise"]), []).append(r)
+    fmt = lambda xs: "—" if not xs else (f"{statistics.mean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}"
+                                                                          if len(xs) > 1 else ""))
+    lines = ["| noise | method | seeds | " + " | ".join(METRICS) + " | NFB AUC | NFB precision | NFB recall |",
+             "|---|---|---|" + "---|" * (len(METRICS) + 3)]
+    for (method, noise), rs in sorted(cells.items(), key=lambda kv: (kv[0][1], list(METHODS).index(kv[0][0]))):
+        vals = [fmt([r["metrics"][m] for r in rs]) for m in METRICS]
+        # AUC in [0, 1]; precision and recall of the w < 0.5 decision in percent
+        det = [fmt([r[k] * (1 if k == "nfb_auc" else 100) for r in rs if r.get(k) is not None]) for k in DETECTION]
+        lines.append(f"| {noise:.0%} | {method} | {len(rs)} | " + " | ".join(vals + det) + " |")
+    table = "\n".join(lines)
+    (out / "results.md").write_text(table + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in METHODS:
+        pts = sorted((n, [r["metrics"]["R@1"] for r in rs]) for (m, n), rs in cells.items() if m == method)
+        if pts:
+            xs = [100 * n for n, _ in pts]
+            ms = [statistics.mean(v) for _, v in pts]
+            sd = [statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts]
+            ax.errorbar(xs, ms, yerr=sd, marker="o", capsize=3, label=method)
+    ax.set_xlabel("injected noise (% of training triplets)")
+    ax.set_ylabel("R@1 (toy val, last epoch)")
+    ax.set_title("noise robustness on the toy benchmark")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "r1_vs_noise.png", dpi=110)
+    plt.close(fig)
+    print(table)
+    print(f"\nwritten: {out / 'results.md'}, {out / 'r1_vs_noise.png'}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.5, 0.8])
+    p.add_argument("--methods", nargs="+", default=["infonce", "wcb", "nfb", "ncl", "ncl+spn"], choices=list(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=train.DEFAULTS["toy"]["epochs"], help="stage-1 epochs per cell")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--data-root", default=None, help="toy benchmark folder (default: data/toy, generated if missing)")
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--report", default=None, metavar="DIR", help="only print the table and plot of a finished study")
+    a = p.parse_args(argv)
+    if a.report:
+        return report(Path(a.report))
+    a.data_root = toy.toy_root(a.data_root)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if (out / "results.jsonl").is_file():
+        done = {(r["method"], r["noise"], r["seed"]) for r in map(json.loads, (out / "results.jsonl").open())}
+    grid = [(m, n, s) for n in a.noise for m in a.methods for s in a.seeds]
+    t0 = time.perf_counter()
+    for i, (method, noise, seed) in enumerate(grid, 1):
+        if (method, noise, seed) in done:
+            continue
+        print(f"\n=== study cell {i}/{len(grid)}: {method}, noise {noise:.0%}, seed {seed} "
+              f"({(time.perf_counter() - t0) / 60:.0f} min so far) ===", flush=True)
+        rec = run_cell(method, noise, seed, a, out)
+        keep = {k: rec[k] for k in DETECTION if k in rec}
+        line = dict(method=method, noise=noise, seed=seed, metrics=rec["metrics"], epoch=rec["epoch"], **keep)
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(train.strict_json(line)) + "\n")
+    report(out)
+
+
+if __name__ == "__main__":
+    main()
