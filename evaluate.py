@@ -52,6 +52,13 @@ def _rank_of(sims, idx):
     return ahead.sum(1)
 
 
+def _check_finite(*feats):
+    """NaN compares false with everything, so NaN features would rank every target first: refuse them."""
+    if not all(torch.isfinite(f).all() for f in feats):
+        raise ValueError("non-finite (NaN/inf) features: the model diverged; lower the learning rate or use "
+                         "--amp none / fp32")
+
+
 def _name_index(names):
     return {n: i for i, n in enumerate(names)}
 
@@ -85,6 +92,7 @@ def cirr_metrics(query_feats, gallery_feats, gallery_names, reference_names, tar
                  chunk=CHUNK):
     """CIRR recall (percent). query_feats (Q, D), gallery_feats (G, D); names are lists; members[i] is the
     query's img_set.members (it contains the reference, which is removed here as in the official protocol)."""
+    _check_finite(query_feats, gallery_feats)
     index = _name_index(gallery_names)
     ref = _lookup(index, reference_names, "reference images")                 # (Q,)
     tgt = _lookup(index, target_names, "target images")                       # (Q,)
@@ -113,11 +121,21 @@ def cirr_metrics(query_feats, gallery_feats, gallery_names, reference_names, tar
 
 def fashioniq_metrics(query_feats, gallery_feats, gallery_names, target_names, chunk=CHUNK):
     """FashionIQ recall (percent) for one category: rank of the target among the category's val images."""
+    _check_finite(query_feats, gallery_feats)
     tgt = _lookup(_name_index(gallery_names), target_names, "target images")
     g = gallery_feats.to(query_feats.device)
     ranks = torch.cat([_rank_of(_similarities(query_feats[s:s + chunk], g), tgt[s:s + chunk].to(g.device)).cpu()
                        for s in range(0, len(query_feats), chunk)])
     return {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in (10, 50)}
+
+
+def autocast(amp, device):
+    """--amp on this device -> (autocast context, GradScaler or None). GPU: bf16 where supported, else fp16 with a
+    gradient scaler; CPU or --amp none: full precision."""
+    if device.type != "cuda" or amp == "none":
+        return nullcontext(), None
+    dtype = torch.float16 if amp == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
+    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
 
 def format_metrics(m):
@@ -213,12 +231,12 @@ def main_score(dataset, metrics):
 # -----------------------------------------------------------------------------
 # checkpoints (shared with train.py)
 
-def load_checkpoint(path):
+def load_checkpoint(path, flag="--checkpoint"):
     """A run's checkpoint (best.pt / last.pt), loaded with weights_only=True. Clear errors, no tracebacks."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"error: checkpoint {path} not found (train one with `python train.py`, "
-                         f"or pass --checkpoint runs/<run>/best.pt)")
+                         f"then pass {flag} runs/<run>/{'last' if flag == '--resume' else 'best'}.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -287,10 +305,11 @@ def cirr_rankings(q, g, gallery_names, references, members):
     top = topk(q, g, 50, exclude=ref)                                          # (Q, 50)
     top50 = [[gallery_names[j] for j in row] for row in top.tolist()]
     # subset members in gallery order, so ties fall as in the full ranking (stable sort)
-    sub = torch.tensor([sorted(index[m] for m in ms if m != r) for ms, r in zip(members, references)])  # (Q, 5)
+    sub = torch.tensor([sorted(index[m] for m in ms if m != r) for ms, r in zip(members, references)],
+                       device=q.device)                                                       # (Q, 5)
     sims = torch.einsum("qd,qkd->qk", F.normalize(q.float(), dim=-1), F.normalize(g.float(), dim=-1)[sub])
     order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :3]          # (Q, 3)
-    top3 = [[gallery_names[j] for j in row] for row in sub.gather(1, order).tolist()]
+    top3 = [[gallery_names[j] for j in row] for row in sub.gather(1, order).cpu().tolist()]
     return top50, top3
 
 
@@ -346,7 +365,7 @@ def main(argv=None):
     model = model.to(device).eval()
     transform = make_transform(a.transform or run_args.get("transform") or
                                ("clip" if dataset == "toy" else "targetpad"), model.clip.image_resolution)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    amp, _ = autocast(run_args.get("amp", "auto"), device)    # the run's precision: metrics match its log
     sets = eval_sets(dataset, root, a.split, transform, categories, a.skip_missing)
 
     if dataset != "fashioniq" and a.split.startswith("test"):

@@ -2,7 +2,8 @@
 
 Each source image (every unique training image, or with --references-only the training references) is paired with
 a target drawn at random from a window of its image-similarity ranking: rank 1 is the most similar *other* image
-(cosine of CLIP image features, the source itself excluded, ties by gallery order), and the window LO..HI
+(cosine of CLIP image features, or of a trained run's target-role WCB features with --checkpoint; the source
+itself excluded, ties by gallery order), and the window LO..HI
 (inclusive) skips near-duplicates and unrelated images alike. The modification text comes from the two images'
 captions through a small set of templates chosen at random. SPN captions the images with an MLLM; here the
 captions are an input file {image name: caption}, so any captioner can produce it (the toy benchmark ships exact

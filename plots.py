@@ -17,14 +17,15 @@ def loss_histogram(losses, stats, path, epoch=None, noisy=None):
     """Histogram of the min-max normalised per-sample losses and the two fitted Gaussians (scaled by their
     mixing weights), as the GMM saw them. losses (n,) may hold NaN (samples not seen this epoch).
     noisy (n,) bool, optional: ground truth, drawn as two stacked histograms."""
-    x = losses[~losses.isnan()].double()
+    seen = torch.isfinite(losses)                   # NaN: not seen this epoch (as the NFB itself skips them)
+    x = losses[seen].double()
     if len(x) == 0 or any(math.isnan(m) for m in stats["means"]):
         return                                       # nothing seen, or the GMM was not fitted (degenerate)
     x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-12)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = 60
     if noisy is not None:
-        nz = noisy[~losses.isnan()]
+        nz = noisy[seen]
         ax.hist([x[~nz].numpy(), x[nz].numpy()], bins=bins, range=(0, 1), density=True, stacked=True,
                 color=["tab:blue", "tab:red"], alpha=0.6, label=["clean (truth)", "noisy (truth)"])
     else:
@@ -68,13 +69,15 @@ def query_grid(rows, path):
     k = max(len(r[2]) for r in rows)
     fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.8 * (k + 1), 2.0 * len(rows)), squeeze=False)
     for ax_row, (ref, text, hits) in zip(axes, rows):
-        ax_row[0].imshow(Image.open(ref).convert("RGB"))
+        with Image.open(ref) as im:
+            ax_row[0].imshow(im.convert("RGB"))
         ax_row[0].set_title("reference", fontsize=7)
         ax_row[0].set_xlabel(text if len(text) < 60 else text[:57] + "...", fontsize=6)
         for j, ax in enumerate(ax_row[1:]):
             if j < len(hits):
                 hit_path, is_target = hits[j]
-                ax.imshow(Image.open(hit_path).convert("RGB"))
+                with Image.open(hit_path) as im:
+                    ax.imshow(im.convert("RGB"))
                 ax.set_title(f"#{j + 1}" + (" target" if is_target else ""), fontsize=7,
                              color="green" if is_target else "black")
                 for side in ax.spines.values():

@@ -14,8 +14,9 @@ Methods (each is train.py with some flags):
                   same noise and seed, the toy's exact captions)
     ncl+pos+spn   ncl+pos, then SPN stage 2
 
-Every cell's metrics are the validation metrics of its *last* epoch (no checkpoint selection on the reported
-split), appended to <out>/results.jsonl as soon as the cell ends: a killed study resumes where it stopped.
+Every cell's metrics are the validation metrics of its *last* epoch (stage-1 cells: no checkpoint selection on
+the reported split; stage 2 and the positives' similarities start from the stage-1 cell's best.pt, chosen on val as
+SPN does), appended to <out>/results.jsonl as soon as the cell ends: a killed study resumes where it stopped.
 The report is a markdown table (mean ± std over seeds) and a PNG of R@1 against the noise ratio.
 """
 
@@ -60,8 +61,10 @@ def run_cell(method, noise, seed, args, out):
         if not (src / "best.pt").is_file():
             run_cell("ncl", noise, seed, args, out)
         run.mkdir(parents=True, exist_ok=True)
-        generate.main(["--dataset", "toy", "--data-root", str(args.data_root), "--checkpoint", str(src / "best.pt"),
-                       "--out", str(run / "positives.json"), "--seed", str(seed), "--workers", str(args.workers)])
+        if not (run / "positives.json").is_file():       # a finished cell keeps the file it was trained on
+            generate.main(["--dataset", "toy", "--data-root", str(args.data_root), "--checkpoint",
+                           str(src / "best.pt"), "--out", str(run / "positives.json"), "--seed", str(seed),
+                           "--workers", str(args.workers)])
         argv = common + ["--epochs", str(args.epochs), "--extra-triplets", str(run / "positives.json")]
     else:
         argv = common + ["--epochs", str(args.epochs)] + METHODS[method]
@@ -145,4 +148,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")

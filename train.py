@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (all_gather with gradients)
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -49,6 +50,7 @@ DEFAULTS = {
     "fashioniq": dict(clip="RN50x4", epochs=10, batch_size=128, lr=2e-6, lr_wcb=1e-4, wd=0.05, tau=0.01, noise=0.0,
                       transform="targetpad", warmup_epochs=1, lr_warmup=0.05),
 }
+RUN = dict(amp="auto", workers=2)  # not tied to a dataset; on --resume the run's own values unless given again
 STAGE2 = {  # SPN stage 2: SPN's settings for CLIP4Cir on real data; the toy's CLIP is trained from scratch
     "toy": dict(epochs=3, lr=1e-4, lr_wcb=1e-4),
     "cirr": dict(epochs=3, lr=2e-5, tau=0.02),
@@ -72,8 +74,8 @@ def get_args(argv=None):
     p.add_argument("--lr-warmup", type=float, default=None, help="fraction of the steps with linear LR warm-up")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--tau", type=float, default=None, help="temperature of the logits q·t/τ")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="autocast (GPU only)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    p.add_argument("--amp", default=None, choices=["auto", "bf16", "fp16", "none"], help="autocast, GPU only (auto)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (2)")
     p.add_argument("--noise", type=float, default=None, help="fraction of training triplets to corrupt")
     p.add_argument("--skip-missing", action="store_true", help="drop triplets whose images are missing")
     # the method's switches (each one is an ablation)
@@ -96,12 +98,16 @@ def get_args(argv=None):
     p.add_argument("--resume", default=None, help="run folder or last.pt to continue")
     p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (debug)")
     args = p.parse_args(argv)
-    d = dict(DEFAULTS[args.dataset], **(STAGE2[args.dataset] if args.stage == 2 else {}))
+    if args.resume:     # the run's own settings are used; main() merges --amp / --workers when given again
+        return args
+    d = dict(DEFAULTS[args.dataset], **RUN, **(STAGE2[args.dataset] if args.stage == 2 else {}))
     for k, v in d.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     if args.stage == 2 and not args.init and not args.resume:
         p.error("--stage 2 needs --init RUN/best.pt (a stage-1 checkpoint)")
+    if args.batch_size < 2:
+        p.error(f"--batch-size {args.batch_size}: contrastive training needs at least 2 pairs per batch")
     return args
 
 
@@ -221,19 +227,11 @@ def freeze(model, args):
     text_side = lambda n: not n.startswith(("clip.visual.", "wcb_ref.", "wcb_tar."))
     for n, p in model.named_parameters():
         if args.stage == 2:
-            p.requires_grad = text_side(n)
+            p.requires_grad = p.requires_grad and text_side(n)     # CLIP's unused logit_scale stays frozen
         elif args.encoder == "text" and n.startswith("clip.visual."):
             p.requires_grad = False
         elif args.encoder == "image" and n.startswith("clip.") and text_side(n):
             p.requires_grad = False
-
-
-def autocast(args, device):
-    if device.type != "cuda" or args.amp == "none":
-        return torch.autocast(device.type, enabled=False), None
-    dtype = torch.float16 if args.amp == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler
 
 
 def lr_lambda(total, warm):
@@ -252,20 +250,20 @@ def lr_lambda(total, warm):
 def cache_image_tokens(model, gallery, args, device):
     """Image tokens (N, 1+m, D) of every training image, fp16, computed once: with the image tower frozen they
     never change, so each epoch costs only the text side and the (cheap) WCB heads."""
-    return evaluate.encode_gallery(model, gallery, args.batch_size, device, args.workers, tokens=True).half()
+    return evaluate.encode_gallery(model, gallery, args.batch_size, device, args.workers, tokens=True).half().cpu()
 
 
-def build_bank(model, gallery, args, device, path):
+def build_bank(model, gallery, args, device, path, reuse=False):
     """SPN stage 2: f_ref and the normalised target features b of every unique training image, once, cached to
-    `path` (reused on resume). Returns f_ref (N, D), bank (N, D)."""
-    if path.exists():
-        c = torch.load(path, map_location=device, weights_only=True)
-        return c["ref"], c["bank"]
+    `path` and reused when the run resumes. Returns f_ref (N, D), bank (N, D)."""
+    if reuse and path.exists():
+        c = torch.load(path, map_location="cpu", weights_only=True)
+        return c["ref"], c["bank"].to(device)
     f_ref, f_tar = evaluate.encode_gallery(model, gallery, args.batch_size, device, args.workers)
     bank = F.normalize(f_tar.float(), dim=-1)
     if not dist.is_initialized() or dist.get_rank() == 0:
         atomic_save({"ref": f_ref.cpu(), "bank": bank.cpu()}, path)
-    return f_ref.to(device), bank.to(device)
+    return f_ref.cpu(), bank.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -283,7 +281,7 @@ def rng_state():
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s):
@@ -291,12 +289,23 @@ def set_rng_state(s):
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
     n = s["numpy"]
     np.random.set_state((n[0], n[1].numpy(), *n[2:]))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])        # this process's GPU (the machine may have another count)
 
 
 # -----------------------------------------------------------------------------
 # the epoch
+
+def to_device(batch, device, cache=None, bank=None):
+    """A loader batch on the device. With a frozen image side the loader gives image indices: their rows of the
+    CPU-side cache (image tokens, or SPN's f_ref) are gathered first, so the cache never has to fit on the GPU."""
+    tokens, ref, tgt, idx = batch
+    if bank is not None:                                # stage 2: ref = f_ref rows, tgt = bank row indices
+        ref = cache[ref]
+    elif cache is not None:                             # frozen tower: cached fp16 tokens
+        ref, tgt = cache[ref].float(), cache[tgt].float()
+    nb = device.type == "cuda"
+    return tokens.to(device, non_blocking=nb), ref.to(device, non_blocking=nb), tgt.to(device, non_blocking=nb), idx
 
 def train_epoch(args, model, ddp, ds, opt, sched, scaler, amp, nfb, epoch, rank, world, device, cache=None, bank=None):
     """One pass over the training triplets. Returns the mean loss, the per-sample InfoNCE losses (n,) (NaN where
@@ -310,12 +319,8 @@ def train_epoch(args, model, ddp, ds, opt, sched, scaler, amp, nfb, epoch, rank,
     total, steps, t_data, t_fwd, t_bwd = 0.0, 0, 0.0, 0.0, 0.0
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
-    for tokens, ref, tgt, idx in bar:
-        tokens, ref, tgt = tokens.to(device, non_blocking=True), ref.to(device, non_blocking=True), tgt.to(device)
-        if bank is not None:                            # stage 2: ref = cached f_ref rows, tgt = bank rows
-            ref = cache[ref]
-        elif cache is not None:                         # frozen image tower: cached tokens
-            ref, tgt = cache[ref].float(), cache[tgt].float()
+    for batch in bar:
+        tokens, ref, tgt, idx = to_device(batch, device, cache, bank)
         w = nfb.weights[idx].to(device) if use_w else None
         t1 = time.perf_counter()
         with amp:
@@ -331,10 +336,14 @@ def train_epoch(args, model, ddp, ds, opt, sched, scaler, amp, nfb, epoch, rank,
         (scaler.step(opt), scaler.update()) if scaler is not None else opt.step()
         sched.step()
         losses[idx.to(device)] = plain
-        total, steps = total + loss.item(), steps + 1
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"epoch {epoch}, step {steps}: the loss is {value}; the run diverged "
+                                     f"(lower --lr, or try --amp none). last.pt still holds the previous epoch")
+        total, steps = total + value, steps + 1
         t3 = time.perf_counter()
         t_data, t_fwd, t_bwd, t0 = t_data + t1 - t0, t_fwd + t2 - t1, t_bwd + t3 - t2, t3
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{value:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         if args.max_steps and steps >= args.max_steps:
             break
     return total / max(1, steps), losses, dict(data=t_data, forward=t_fwd, backward=t_bwd)
@@ -346,12 +355,8 @@ def eval_losses(args, ddp, ds, amp, rank, world, device, cache=None, bank=None):
     chunks of one batch (the classic noisy-correspondence recipe; costs an extra forward pass per epoch)."""
     ddp.eval()
     losses = torch.full((len(ds),), float("nan"), device=device)
-    for tokens, ref, tgt, idx in make_loader(ds, args, 0, rank, world, shuffle=False):
-        tokens, ref, tgt = tokens.to(device), ref.to(device), tgt.to(device)
-        if bank is not None:
-            ref = cache[ref]
-        elif cache is not None:
-            ref, tgt = cache[ref].float(), cache[tgt].float()
+    for batch in make_loader(ds, args, 0, rank, world, shuffle=False):
+        tokens, ref, tgt, idx = to_device(batch, device, cache, bank)
         with amp:
             _, plain = batch_loss(ddp, (tokens, ref, tgt, idx), None, args.tau, 0.0, bank)
         losses[idx.to(device)] = plain
@@ -381,33 +386,33 @@ def main(argv=None):
     resume = None
     if args.resume:
         path = Path(args.resume) / "last.pt" if Path(args.resume).is_dir() else Path(args.resume)
-        resume = evaluate.load_checkpoint(path)
-        keep = {k: getattr(args, k) for k in ("resume", "workers", "amp")}
-        args = argparse.Namespace(**{**resume["args"], **keep})
-        args.out = str(path.parent)
+        resume = evaluate.load_checkpoint(path, "--resume")
+        given = {k: getattr(args, k) for k in ("amp", "workers") if getattr(args, k) is not None}
+        args = argparse.Namespace(**{**resume["args"], **given, "resume": args.resume, "out": str(path.parent)})
     if args.batch_size % world:
         sys.exit(f"error: --batch-size {args.batch_size} must be divisible by the {world} processes")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    if args.dataset == "toy":
+    if args.dataset == "toy":                   # generated once, by rank 0, while the others wait
+        if rank == 0:
+            args.data_root = str(toy.toy_root(args.data_root))
+        if world > 1:
+            dist.barrier()
         args.data_root = str(toy.toy_root(args.data_root))
     elif not args.data_root:
         sys.exit(f"error: --dataset {args.dataset} needs --data-root DIR (the folder with captions/ and image_splits/)")
     out = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.out = str(out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-        log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
 
     # model: a stage-1 checkpoint (--init, --resume) or CLIP by name / path
-    init = resume or (evaluate.load_checkpoint(args.init) if args.init else None)
+    init = resume or (evaluate.load_checkpoint(args.init, "--init") if args.init else None)
     if init is not None:
         if init["args"]["dataset"] != args.dataset:
             sys.exit(f"error: {args.init} was trained on {init['args']['dataset']}, not {args.dataset}; pass "
                      f"--dataset {init['args']['dataset']} or a {args.dataset} checkpoint")
-        for k in ("clip", "no_wcb", "wcb_maps", "wcb_hidden"):   # the architecture is the checkpoint's
+        # architecture and image pipeline are the checkpoint's (SPN's bank must be the stage-1 model's features)
+        for k in ("clip", "no_wcb", "wcb_maps", "wcb_hidden", "transform", "categories"):
             setattr(args, k, init["args"][k])
         model = evaluate.build_model(init)
     else:
@@ -417,6 +422,10 @@ def main(argv=None):
     freeze(model, args)
     transform = make_transform(args.transform, model.clip.image_resolution)
     args.context_length = model.clip.context_length
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+        log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
 
     # data: frozen image side -> triplets as image indices and a cache of tokens (or SPN's bank)
     frozen_images = args.encoder == "text" or args.stage == 2
@@ -428,7 +437,7 @@ def main(argv=None):
             raise RuntimeError("train gallery and triplets disagree on the image list")
         t = time.perf_counter()
         if args.stage == 2:
-            cache, bank = build_bank(model, gallery, args, device, out / "bank.pt")
+            cache, bank = build_bank(model, gallery, args, device, out / "bank.pt", reuse=resume is not None)
             log(f"SPN bank: {len(bank)} training images x {bank.shape[1]} dims, "
                 f"{bank.numel() * bank.element_size() / 2**20:.1f} MiB per process (every rank holds it all), "
                 f"{time.perf_counter() - t:.1f} s", rank)
@@ -449,13 +458,19 @@ def main(argv=None):
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
     total = max(1, steps_per_epoch * args.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.lr_warmup * total)))
-    amp, scaler = autocast(args, device)
+    amp, scaler = evaluate.autocast(args.amp, device)
     nfb = None if args.no_nfb else NoiseFilter(len(ds), args.warmup_epochs, args.gmm,
                                               noisy_gt=ds.noisy if ds.noisy.any() else None)
-    if init is not None and args.stage == 2 and nfb is not None and "nfb" in init and resume is None:
-        if init["args"]["dataset"] == args.dataset and len(init["nfb"]["weights"]) == len(ds):
-            nfb.load_state_dict(init["nfb"])      # soft labels carry over from stage 1 (DESIGN.md §3)
+    if args.stage == 2 and nfb is not None and resume is None:
+        # soft labels carry over from stage 1 (DESIGN.md §3) when they describe the same training triplets
+        same = [k for k in ("noise", "seed", "skip_missing", "extra_triplets") if init["args"][k] != getattr(args, k)]
+        if init.get("nfb") and not same and len(init["nfb"]["weights"]) == len(ds):
+            nfb.weights = init["nfb"]["weights"].float()
             nfb.warmup_epochs = 0
+            log(f"NFB: soft labels of {args.init} carried over ({int((nfb.weights < 0.5).sum())} pairs flagged)", rank)
+        else:
+            why = "it has no NFB" if not init.get("nfb") else f"its triplets differ ({', '.join(same) or 'count'})"
+            log(f"NFB: stage-1 soft labels not carried over: {why}; warm-up of {args.warmup_epochs} epoch(s)", rank)
     start, best, history = 0, -1.0, []
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
@@ -466,6 +481,8 @@ def main(argv=None):
             nfb.load_state_dict(resume["nfb"])
         set_rng_state(resume["rng"])
         start, best, history = resume["epoch"] + 1, resume["best"], resume["history"]
+        if rank == 0:   # the log as of the checkpoint: an epoch logged after it will be trained (and logged) again
+            (out / "log.jsonl").write_text("".join(json.dumps(strict_json(r)) + "\n" for r in history))
         log(f"resumed {out} after epoch {resume['epoch']}", rank)
 
     for epoch in range(start, args.epochs):
@@ -492,17 +509,19 @@ def main(argv=None):
             score = evaluate.main_score(args.dataset, metrics)
             rec.update(metrics=metrics, score=score, time_epoch=time.perf_counter() - t_epoch)
             history.append(rec)
+            plots.recall_curves(history, out / "recall.png")
+            # best.pt, then last.pt, then the log line: a kill between two writes never leaves a log or a last.pt
+            # that claims more than the files before it hold
+            if score > best:
+                atomic_save(dict(model=model.state_dict(), args=vars(args), epoch=epoch, metrics=metrics,
+                                 nfb=nfb.state_dict() if nfb else None), out / "best.pt")
+                best = score
+            atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                             scaler=scaler.state_dict() if scaler else None, nfb=nfb.state_dict() if nfb else None,
+                             epoch=epoch, best=best, history=history, args=vars(args), rng=rng_state()),
+                        out / "last.pt")
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(strict_json(rec)) + "\n")
-            plots.recall_curves(history, out / "recall.png")
-            ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        scaler=scaler.state_dict() if scaler else None, nfb=nfb.state_dict() if nfb else None,
-                        epoch=epoch, best=max(best, score), history=history, args=vars(args), rng=rng_state())
-            atomic_save(ckpt, out / "last.pt")
-            if score > best:
-                best = score
-                atomic_save(dict(model=model.state_dict(), args=vars(args), epoch=epoch, metrics=metrics,
-                                 nfb=ckpt["nfb"]), out / "best.pt")
             log(f"epoch {epoch}: loss {loss:.4f} | " + evaluate.format_metrics(metrics)
                 + (f" | NFB noisy {stats['n_noisy']}" if nfb is not None else "")
                 + (f" AUC {stats['auc']:.3f}" if nfb is not None and "auc" in stats else "")
@@ -521,5 +540,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError) as e:   # bad input: one line, no traceback
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:   # one line, no traceback
         sys.exit(f"error: {e}")
