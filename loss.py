@@ -34,22 +34,32 @@ def _reduce(loss, reduction):
     raise ValueError(f"loss.py: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def _nce(logits, pos, w, reduction):
-    """Cross-entropy of each row of logits (B, M) against target pos (B,) with weight w (B,) on it and
-    (1 - w)/(M - 1) on every other column; w None = hard labels. No dense (B, M) target is built."""
+def _log_probs(logits, pos):
+    """log p(positive) (B,) and the sum of log p over the other M - 1 targets (B,), from one log-softmax."""
     B, M = logits.shape
     if pos.shape != (B,):
         raise ValueError(f"loss.py: positive indices must have shape ({B},), got {tuple(pos.shape)}")
-    if w is None:
-        return _reduce(F.cross_entropy(logits, pos, reduction="none"), reduction)
-    if w.shape != (B,):
-        raise ValueError(f"loss.py: soft labels w must have shape ({B},), got {tuple(w.shape)}")
-    w = w.detach().to(logits.device, torch.float32)     # labels, not a parameter
     logp = logits.log_softmax(dim=1)                      # (B, M)
     lp_pos = logp.gather(1, pos[:, None]).squeeze(1)      # (B,)  log p(positive)
-    lp_rest = logp.sum(1) - lp_pos                        # (B,)  sum of log p over the other M - 1 targets
-    loss = -w * lp_pos - (1 - w) / max(M - 1, 1) * lp_rest
-    return _reduce(loss, reduction)
+    return lp_pos, logp.sum(1) - lp_pos                   # (B,), (B,)
+
+
+def _soft(lp_pos, lp_rest, w, M):
+    """-w·log p(positive) - (1 - w)/(M - 1)·Σ_other log p: the soft target without building it densely."""
+    if w.shape != lp_pos.shape:
+        raise ValueError(f"loss.py: soft labels w must have shape {tuple(lp_pos.shape)}, got {tuple(w.shape)}")
+    w = w.detach().to(lp_pos.device, torch.float32)     # labels, not a parameter
+    return -w * lp_pos - (1 - w) / max(M - 1, 1) * lp_rest
+
+
+def _nce(logits, pos, w, reduction):
+    """Cross-entropy of each row of logits (B, M) against target pos (B,) with weight w (B,) on it and
+    (1 - w)/(M - 1) on every other column; w None = hard labels."""
+    if w is None:
+        if pos.shape != (logits.shape[0],):
+            raise ValueError(f"loss.py: positive indices must have shape ({logits.shape[0]},), got {tuple(pos.shape)}")
+        return _reduce(F.cross_entropy(logits, pos, reduction="none"), reduction)
+    return _reduce(_soft(*_log_probs(logits, pos), w, logits.shape[1]), reduction)
 
 
 def _default_pos(q, t, pos):
@@ -71,6 +81,15 @@ def soft_nce(q, t, w, tau, pos=None, reduction="mean"):
     """Soft-label NCE L^soft_NCE: target w_i on t[pos_i], (1 - w_i)/(M - 1) on every other row of t.
     w (B,) clean probabilities from nfb.py; w = 1 gives exactly info_nce."""
     return _nce(_logits(q, t, tau), _default_pos(q, t, pos), w, reduction)
+
+
+def soft_and_plain_nce(q, t, w, tau, pos=None):
+    """Per-sample soft NCE (to train on) and plain InfoNCE (for the noise filter's GMM) from one matrix product
+    and one log-softmax: InfoNCE is -log p(positive), a term soft NCE computes anyway. -> (soft (B,), plain (B,)
+    detached). With t a static bank and pos its rows, the soft part equals bank_nce(..., w=w, reduction="none")."""
+    logits = _logits(q, t, tau)
+    lp_pos, lp_rest = _log_probs(logits, _default_pos(q, t, pos).to(q.device))
+    return _soft(lp_pos, lp_rest, w, logits.shape[1]), -lp_pos.detach()
 
 
 def bank_nce(q, bank, target_idx, tau, w=None, reduction="mean"):

@@ -48,7 +48,9 @@ class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation CLIP was trained with (exact GELU changes the outputs)."""
 
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+        if torch.is_grad_enabled():                        # autograd keeps sigmoid's output: no in-place here
+            return x * torch.sigmoid(1.702 * x)
+        return torch.sigmoid(1.702 * x).mul_(x)            # inference: one (B, L, 4W) temporary less, same bits
 
 
 def _heads(x, n):

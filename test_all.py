@@ -1118,6 +1118,20 @@ def test_wcb_autocast_bf16():
     with pytest.raises(ValueError, match="wcb.py"):
         WCB(16, n_maps=1)
 
+
+def test_soft_and_plain_nce_share_one_softmax():
+    from loss import soft_and_plain_nce
+    q, t = _qt(B=6, M=9)
+    w, pos = torch.rand(6), torch.tensor([0, 3, 8, 2, 2, 5])
+    soft, plain = soft_and_plain_nce(q, t, w, 0.05, pos=pos)
+    assert torch.allclose(soft, soft_nce(q, t, w, 0.05, pos=pos, reduction="none"), atol=1e-6)
+    assert torch.allclose(plain, info_nce(q, t, 0.05, pos=pos, reduction="none"), atol=1e-6)
+    assert torch.allclose(soft, bank_nce(q, t, pos, 0.05, w=w, reduction="none"), atol=1e-6)
+    assert not plain.requires_grad
+    g1 = torch.autograd.grad(soft.sum(), (q, t))
+    g2 = torch.autograd.grad(soft_nce(q, t, w, 0.05, pos=pos, reduction="sum"), (q, t))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+
 # ====================================================================================================
 # evaluate.py, train.py
 # ====================================================================================================

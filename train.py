@@ -37,7 +37,7 @@ import data
 import toy
 import evaluate
 import plots
-from loss import bank_nce, info_nce, soft_nce
+from loss import bank_nce, info_nce, soft_and_plain_nce
 from model import CIRModel, load_clip, make_transform, tokenize
 from nfb import NoiseFilter
 
@@ -156,22 +156,19 @@ def batch_loss(model, batch, w, tau, div_weight, bank=None):
     tokens, ref, tgt, idx = batch
     if bank is not None:                                    # SPN stage 2: every training image is a negative
         q, _, pen = model(tokens, ref_feats=ref)
-        loss_vec = bank_nce(q, bank, tgt, tau, w=w, reduction="none")
-        with torch.no_grad():
-            plain = loss_vec if w is None else bank_nce(q, bank, tgt, tau, reduction="none")
+        t_all, pos = bank, tgt                                              # (N, D), (B,) bank rows
     else:
         kind = "images" if ref.dim() == 4 else "tokens"
         q, t, pen = model(tokens, **{f"ref_{kind}": ref, f"tgt_{kind}": tgt})
-        t_all = gather_with_grad(t)                                           # (W·B, D)
+        t_all = gather_with_grad(t)                                         # (W·B, D)
         rank = dist.get_rank() if dist.is_initialized() else 0
-        pos = torch.arange(len(q), device=q.device) + rank * len(q)           # my targets' rows in t_all
-        if w is None:
-            loss_vec = info_nce(q, t_all, tau, pos=pos, reduction="none")
-            plain = loss_vec.detach()
-        else:
-            loss_vec = soft_nce(q, t_all, w, tau, pos=pos, reduction="none")
-            with torch.no_grad():
-                plain = info_nce(q, t_all, tau, pos=pos, reduction="none")
+        pos = torch.arange(len(q), device=q.device) + rank * len(q)         # my targets' rows in t_all
+    if w is None:                                           # plain InfoNCE, over the batch or over the bank
+        loss_vec = (bank_nce(q, bank, pos, tau, reduction="none") if bank is not None else
+                    info_nce(q, t_all, tau, pos=pos, reduction="none"))
+        plain = loss_vec.detach()
+    else:                                                   # L^soft_NCE, and InfoNCE for the GMM from the same logits
+        loss_vec, plain = soft_and_plain_nce(q, t_all, w, tau, pos=pos)
     return loss_vec.mean() + div_weight * pen, plain.detach().float()
 
 
