@@ -54,24 +54,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import model as M
+from bench import reference_clip  # OpenAI's clip package, imported around its pkg_resources check
 import tokenizer as TK
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"
-
-
-def reference_clip():
-    """OpenAI's `clip` package; its __init__ imports pkg_resources (gone from new setuptools) for a version check."""
-    try:
-        import pkg_resources  # noqa: F401
-    except ImportError:
-        import packaging.version
-        sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)
-        try:
-            import clip
-        finally:
-            del sys.modules["pkg_resources"]
-    import clip
-    return clip
 
 
 TEXT = dict(context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2, transformer_layers=2)
