@@ -5,57 +5,46 @@ hand-computed small cases, the real CIRR / FashionIQ annotation files in ../shar
 """
 
 from pathlib import Path
+import glob
+import hashlib
 import json
 import math
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
-import sys
-import warnings
-
-import pytest
-import torch
-import torch.nn.functional as F
-
-from loss import bank_nce, info_nce, soft_nce
-from nfb import NoiseFilter, clean_probability, detection_metrics, fit_gmm, minmax
-from wcb import WCB, diversity_penalty
-import evaluate
-import toy
-import train
-from evaluate import check_submission, cirr_metrics, cirr_rankings, fashioniq_metrics, write_submission
-from model import CIRModel, CLIP, tokenize
-import data
-import generate
-from generate import TEMPLATES, generate_triplets
-from model import CIRModel, CLIP
-
-# ====================================================================================================
-# model.py, tokenizer
-# ====================================================================================================
-
-"""Tests of model.py / tokenizer.py against OpenAI's reference code (clip-anytorch). No network."""
-
-import glob
-import hashlib
-import json
 import sys
 import types
 import urllib.request
 import warnings
-from pathlib import Path
 
+from PIL import Image
+from torch.utils.data import DataLoader
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import model as M
 from bench import reference_clip  # OpenAI's clip package, imported around its pkg_resources check
 import tokenizer as TK
+import data
+import toy
+from loss import bank_nce, info_nce, soft_nce
+from nfb import NoiseFilter, clean_probability, detection_metrics, fit_gmm, minmax
+from wcb import WCB, diversity_penalty
+import evaluate
+import train
+from evaluate import check_submission, cirr_metrics, cirr_rankings, fashioniq_metrics, write_submission
+from model import CIRModel, CLIP, tokenize
+import generate
+from generate import TEMPLATES, generate_triplets
+
+# ====================================================================================================
+# model.py, tokenizer
+# ====================================================================================================
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"
 
@@ -408,24 +397,6 @@ def test_targetpad_transform():
 # ====================================================================================================
 # data.py
 # ====================================================================================================
-
-"""Tests of data.py: the real CIRR / FashionIQ annotation files (with placeholder images), layout variants, missing
-and corrupt images, noise injection, and the toy benchmark generator."""
-import json
-import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader
-
-import data
-import toy
 
 CIRR_ANN = SHARED / "data" / "cirr"
 FIQ_ANN = SHARED / "data" / "fashioniq"
