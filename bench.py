@@ -6,6 +6,8 @@
     python bench.py train       a toy training step split into data / forward / backward, the NFB's share of an
                                 epoch (--nfb-losses train vs eval), cached vs uncached image tokens (--encoder text)
     python bench.py retrieval   ranking a CIRR-sized problem and a 100k gallery
+    python bench.py memory      peak memory and FLOPs of a real-data training step (RN50x4, ViT-B/32), traced with
+                                fake tensors on the CPU: the GPU recipe's memory estimate
     python bench.py all         everything (about 10 minutes on 2 cores)
 
 Speed is checked here, never in the tests. Numbers depend on the machine: the README names the one it used.
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader
 import data
 import model as M
 import toy
+from cir import CIRModel
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"
 
@@ -212,7 +215,7 @@ def bench_train(args):
     a = train.get_args(["--out", tempfile.mkdtemp(prefix="bench_train_"), "--max-steps", str(steps)])
     a.data_root = str(toy.ensure_toy(toy.default_toy_root()))
     clip, _ = M.load_clip(a.clip, device="cpu")
-    model = M.CIRModel(clip)
+    model = CIRModel(clip)
     a.context_length = clip.context_length
     transform = M.make_transform(a.transform, clip.image_resolution)
     ds = train.dataset(a, "train", "triplets", transform)
@@ -284,16 +287,89 @@ def bench_retrieval(args):
            ("queries x gallery", "s", "M pairs/s"), rows)
 
 
+# -----------------------------------------------------------------------------
+# GPU memory and compute of a real-data training step, estimated without a GPU
+
+ARCH = {  # constructor kwargs of released CLIPs (OpenAI's hyper-parameters), so no checkpoint is needed here
+    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+                     context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                     transformer_layers=12),
+    "RN50x4": dict(embed_dim=640, image_resolution=288, vision_layers=(4, 6, 10, 6), vision_width=80,
+                   vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=640,
+                   transformer_heads=10, transformer_layers=12),
+}
+
+
+def bench_memory(args):
+    """Peak memory and FLOPs of one training step (forward, backward, AdamW) on real-data architectures, traced
+    with fake tensors: every allocation is accounted, nothing is computed, so it runs on a CPU in a minute.
+    Text runs over all 77 positions (the upper bound; real batches stop at their last EOT). Not counted: the CUDA
+    context, cuDNN / cuBLAS workspaces and allocator fragmentation, so a GPU's real peak is somewhat higher."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def text_trunk_all_positions(self, text):   # int(eot.max()) is data-dependent: fake tensors have no data
+        return self.transformer(self.token_embedding(text) + self.positional_embedding), text.argmax(dim=-1)
+
+    saved, M.CLIP._text_trunk = M.CLIP._text_trunk, text_trunk_all_positions
+    B, rows = args.gpu_batch, []
+    try:
+        for name in args.models:
+            for encoder in ("both", "text"):
+                with FakeTensorMode():
+                    model = CIRModel(M.CLIP(**ARCH[name]))
+                    # MemTracker hooks every parameter, so none is frozen here; with --encoder text the image tower
+                    # gets no gradient (cached tokens skip it) and AdamW keeps no state for it, as in training
+                    model.clip.logit_scale.requires_grad_(True)
+                    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=True)
+                    res = ARCH[name]["image_resolution"]
+                    tokens = torch.randint(1, 49407, (B, 77))
+                    if encoder == "both":
+                        imgs = dict(ref_images=torch.randn(B, 3, res, res), tgt_images=torch.randn(B, 3, res, res))
+                    else:   # --encoder text: image tokens come from the cache, fp16 -> the model's dtype
+                        m = (res // 32) ** 2 if ARCH[name]["vision_patch_size"] is None else \
+                            (res // ARCH[name]["vision_patch_size"]) ** 2
+                        d = ARCH[name]["embed_dim"]
+                        imgs = dict(ref_tokens=torch.randn(B, 1 + m, d), tgt_tokens=torch.randn(B, 1 + m, d))
+
+                    def step(bf16):
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                            q, t, pen = model(tokens, **imgs)
+                            loss = (q @ t.t()).float().logsumexp(dim=1).mean() + pen
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad()
+                    peaks = []
+                    for bf16 in (False, True):
+                        tracker = MemTracker()
+                        tracker.track_external(model, opt)
+                        with tracker:
+                            step(bf16)                 # the first step creates AdamW's state
+                            tracker.reset_mod_stats()
+                            step(bf16)
+                        peaks.append(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / 2**30)
+                    with FlopCounterMode(display=False) as fc:
+                        step(False)
+                rows.append((name, encoder, f"{peaks[0]:.1f}", f"{peaks[1]:.1f}", f"{fc.get_total_flops() / 1e12:.1f}"))
+    finally:
+        M.CLIP._text_trunk = saved
+    _table(f"one training step, global batch {B} on one GPU, traced with fake tensors (estimate; see bench_memory)",
+           ("CLIP", "--encoder", "peak GiB fp32", "peak GiB bf16 autocast", "TFLOP / step"), rows)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="all", choices=["clip", "data", "method", "train", "retrieval", "all"])
+    p.add_argument("what", nargs="?", default="all", choices=["clip", "data", "method", "train", "retrieval", "memory", "all"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5, help="clip: interleaved repetitions (median)")
     p.add_argument("--batch", type=int, default=16, help="clip: batch size")
     p.add_argument("--steps", type=int, default=8, help="train: steps timed")
+    p.add_argument("--models", nargs="+", default=["RN50x4", "ViT-B/32"], choices=list(ARCH), help="memory: CLIPs")
+    p.add_argument("--gpu-batch", type=int, default=128, help="memory: batch of the traced step")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {a.threads} threads")
-    for name in (["clip", "data", "method", "train", "retrieval"] if a.what == "all" else [a.what]):
+    for name in (["clip", "data", "method", "train", "retrieval", "memory"] if a.what == "all" else [a.what]):
         globals()[f"bench_{name}"](a)
         torch.set_num_threads(a.threads)

@@ -35,13 +35,23 @@ FIQ_CATEGORIES = ("dress", "shirt", "toptee")
 # -----------------------------------------------------------------------------
 # images on disk
 
+def error_line(e):
+    """The message of a bad-input error for the command line. An error raised in a DataLoader worker comes back with
+    the worker's whole traceback as its message: its last line is the original message."""
+    msg = str(e).strip()
+    if "Original Traceback" not in msg:
+        return msg
+    last = msg.splitlines()[-1]                      # "OSError: cannot read image ..."
+    return last.split(": ", 1)[1] if last.startswith(type(e).__name__ + ": ") else last
+
+
 def load_image(path):
     """PIL RGB image; a missing or corrupt file raises one error naming its path."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")  # convert() forces the decode here, so a truncated file fails now
     except Exception as e:  # PIL raises several types (OSError, SyntaxError, ValueError, DecompressionBombError)
-        raise RuntimeError(f"cannot read image {path}: {type(e).__name__}: {e}. Replace the file, or delete it and "
+        raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}. Replace the file, or delete it and "
                            f"build the dataset with skip_missing=True (--skip-missing)") from e
 
 

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 import data
 import toy
-from model import CIRModel, build_clip, load_clip, make_transform, tokenize
+from cir import CIRModel
+from model import build_clip, load_clip, make_transform, tokenize
 
 CHUNK = 1024  # queries scored at once: memory is CHUNK x gallery floats
 
@@ -414,5 +415,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError) as e:   # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    except (OSError, ValueError) as e:   # bad input: one line, no traceback
+        sys.exit(f"error: {data.error_line(e)}")

@@ -24,7 +24,8 @@ import torch
 import data
 import evaluate
 import toy
-from model import CIRModel, load_clip, make_transform
+from cir import CIRModel
+from model import load_clip, make_transform
 
 TEMPLATES = ("{tgt} instead of {ref}", "Unlike {ref}, I want {tgt}", "{tgt}", "change {ref} to {tgt}",
              "{tgt}, not {ref}")
@@ -166,5 +167,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    except (OSError, ValueError) as e:   # bad input: one line, no traceback
+        sys.exit(f"error: {data.error_line(e)}")

@@ -31,6 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import data  # noqa: E402
 import generate  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
@@ -49,13 +50,14 @@ def run_cell(method, noise, seed, args, out):
     """Train one cell (first the cells it builds on, if missing) and return its last-epoch log record."""
     common = ["--dataset", "toy", "--data-root", str(args.data_root), "--noise", str(noise), "--seed", str(seed),
               "--workers", str(args.workers)]
+    stage1 = common + ["--clip", args.clip, "--epochs", str(args.epochs)]
     run = out / cell_name(method, noise, seed)
     if method.endswith("+spn"):                               # SPN stage 2 on top of the stage-1 cell
         base = out / cell_name(method[:-4], noise, seed)
         if not (base / "best.pt").is_file():
             run_cell(method[:-4], noise, seed, args, out)
         extra = ["--extra-triplets", str(base / "positives.json")] if "+pos" in method else []
-        argv = common + ["--stage", "2", "--init", str(base / "best.pt"), *extra]
+        argv = common + ["--stage", "2", "--init", str(base / "best.pt"), "--epochs", str(args.stage2_epochs), *extra]
     elif method == "ncl+pos":                                 # positives ranked by the plain ncl cell's model
         src = out / cell_name("ncl", noise, seed)
         if not (src / "best.pt").is_file():
@@ -65,9 +67,9 @@ def run_cell(method, noise, seed, args, out):
             generate.main(["--dataset", "toy", "--data-root", str(args.data_root), "--checkpoint",
                            str(src / "best.pt"), "--out", str(run / "positives.json"), "--seed", str(seed),
                            "--workers", str(args.workers)])
-        argv = common + ["--epochs", str(args.epochs), "--extra-triplets", str(run / "positives.json")]
+        argv = stage1 + ["--extra-triplets", str(run / "positives.json")]
     else:
-        argv = common + ["--epochs", str(args.epochs)] + METHODS[method]
+        argv = stage1 + METHODS[method]
     epochs = train.get_args(argv).epochs
     log = run / "log.jsonl"
     if not log.is_file() or len(log.read_text().splitlines()) < epochs:     # new, or killed: (re)start / resume
@@ -118,8 +120,11 @@ def main(argv=None):
     p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.5, 0.8])
     p.add_argument("--methods", nargs="+", default=["infonce", "wcb", "nfb", "ncl", "ncl+spn"], choices=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=train.DEFAULTS["toy"]["epochs"], help="stage-1 epochs per cell")
-    p.add_argument("--workers", type=int, default=2)
+    # the study's budget (60 runs in about an hour on 2 CPU cores), not train.py's toy defaults (tiny, 7 epochs)
+    p.add_argument("--clip", default="tiny-s", help="CLIP config of the stage-1 cells")
+    p.add_argument("--epochs", type=int, default=3, help="stage-1 epochs per cell (the first is NFB's warm-up)")
+    p.add_argument("--stage2-epochs", type=int, default=1, help="SPN stage-2 epochs per cell")
+    p.add_argument("--workers", type=int, default=0, help="loader processes (0: fastest on 2 cores)")
     p.add_argument("--data-root", default=None, help="toy benchmark folder (default: data/toy, generated if missing)")
     p.add_argument("--out", default="runs/study")
     p.add_argument("--report", default=None, metavar="DIR", help="only print the table and plot of a finished study")
@@ -129,6 +134,11 @@ def main(argv=None):
     a.data_root = toy.toy_root(a.data_root)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    settings = dict(clip=a.clip, epochs=a.epochs, stage2_epochs=a.stage2_epochs)
+    if (out / "study.json").is_file() and json.loads((out / "study.json").read_text()) != settings:
+        raise ValueError(f"{out} holds a study run with {(out / 'study.json').read_text().strip()}, not {settings}; "
+                         "pass another --out or the same settings")
+    (out / "study.json").write_text(json.dumps(settings) + "\n")
     done = set()
     if (out / "results.jsonl").is_file():
         done = {(r["method"], r["noise"], r["seed"]) for r in map(json.loads, (out / "results.jsonl").open())}
@@ -139,9 +149,11 @@ def main(argv=None):
             continue
         print(f"\n=== study cell {i}/{len(grid)}: {method}, noise {noise:.0%}, seed {seed} "
               f"({(time.perf_counter() - t0) / 60:.0f} min so far) ===", flush=True)
+        t_cell = time.perf_counter()
         rec = run_cell(method, noise, seed, a, out)
         keep = {k: rec[k] for k in DETECTION if k in rec}
-        line = dict(method=method, noise=noise, seed=seed, metrics=rec["metrics"], epoch=rec["epoch"], **keep)
+        line = dict(method=method, noise=noise, seed=seed, metrics=rec["metrics"], epoch=rec["epoch"], **keep,
+                    minutes=round((time.perf_counter() - t_cell) / 60, 2))
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(train.strict_json(line)) + "\n")
     report(out)
@@ -150,5 +162,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    except (OSError, ValueError) as e:   # bad input: one line, no traceback
+        raise SystemExit(f"error: {data.error_line(e)}")

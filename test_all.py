@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import types
 import urllib.request
 import warnings
 
@@ -36,9 +35,11 @@ from loss import bank_nce, info_nce, soft_nce
 from nfb import NoiseFilter, clean_probability, detection_metrics, fit_gmm, minmax
 from wcb import WCB, diversity_penalty
 import evaluate
+import runtime
 import train
 from evaluate import check_submission, cirr_metrics, cirr_rankings, fashioniq_metrics, write_submission
-from model import CIRModel, CLIP, tokenize
+from cir import CIRModel
+from model import CLIP, tokenize
 import generate
 from generate import TEMPLATES, generate_triplets
 
@@ -249,7 +250,7 @@ def test_corrupt_or_missing_vocabulary(tmp_path):
     data = bytearray(TK.VOCAB.read_bytes())
     data[100] ^= 1
     bad.write_bytes(bytes(data))
-    with pytest.raises(RuntimeError, match=r"bpe_simple_vocab_16e6\.txt\.gz: corrupt"):
+    with pytest.raises(OSError, match=r"bpe_simple_vocab_16e6\.txt\.gz: corrupt"):
         TK.load_bpe(bad)
     with pytest.raises(FileNotFoundError, match="not found"):
         TK.load_bpe(tmp_path / "missing.txt.gz")
@@ -359,14 +360,14 @@ def test_download_verifies_and_caches(tmp_path, monkeypatch, count_urlopen):
 
 def test_download_hash_mismatch_retries_once_then_fails(tmp_path, monkeypatch, count_urlopen):
     monkeypatch.setitem(M.MODEL_URLS, "Tiny/1", _serve(tmp_path, b"not the file", sha="0" * 64))
-    with pytest.warns(UserWarning, match="mismatch"), pytest.raises(RuntimeError, match="does not match 0000"):
+    with pytest.warns(UserWarning, match="mismatch"), pytest.raises(OSError, match="does not match 0000"):
         M.load_clip("Tiny/1", device="cpu", download_root=tmp_path / "cache")
     assert len(count_urlopen) == 2 and not any((tmp_path / "cache").iterdir())
 
 
 def test_download_without_network_says_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setitem(M.MODEL_URLS, "Tiny/1", (tmp_path / "nowhere" / ("a" * 64) / "Tiny-1.pt").as_uri())
-    with pytest.raises(RuntimeError, match=r"by hand and put it at .*cache.Tiny-1\.pt \(sha256 aaaa"):
+    with pytest.raises(ConnectionError, match=r"by hand and put it at .*cache.Tiny-1\.pt \(sha256 aaaa"):
         M.load_clip("Tiny/1", device="cpu", download_root=tmp_path / "cache")
 
 
@@ -641,7 +642,7 @@ def test_corrupt_image_names_path(tmp_path):
     p.unlink()  # a hard link: replace it, do not write through it
     p.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     ds[2]
-    with pytest.raises(RuntimeError, match=re.escape(str(p))):
+    with pytest.raises(OSError, match=re.escape(str(p))):
         ds[3]
 
 
@@ -1309,7 +1310,7 @@ def _ddp_worker(rank, world, port, batch, state, out):
     dist.all_reduce(loss.detach())
     full = torch.full((len(idx),), float("nan"))
     full[idx[part]] = plain
-    merged = train.merge_losses(full)
+    merged = runtime.merge_losses(full)
     if rank == 0:
         grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
         torch.save((loss.item() / world, grads, merged), out)
@@ -1368,6 +1369,18 @@ def test_bad_input_gives_one_clear_line(toy_root, micro_clip, tmp_path):
     assert code != 0 and len(err) == 1 and "nowhere" in err[0] and "captions" in err[0]
     code, err = _cli("train.py", "--clip", "ViT-Z/1", "--data-root", str(toy_root))
     assert code != 0 and len(err) == 1 and "unknown CLIP model" in err[0]
+
+
+def test_corrupt_image_in_a_loader_worker_gives_one_line(toy_root, micro_clip, tmp_path):
+    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+    split = json.loads((root / "image_splits" / "split.rc2.train.json").read_text())
+    bad = root / next(iter(split.values()))
+    bad.write_bytes(bad.read_bytes()[:40])                        # a truncated PNG
+    code, err = _cli("train.py", "--data-root", str(root), "--clip", str(micro_clip), "--workers", "1",
+                     "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "run"))
+    err = [line for line in err if line.strip() and "%|" not in line]    # progress bars and their clearing
+    assert code != 0 and len(err) == 1, err
+    assert err[0].startswith(f"error: cannot read image {bad}") and "--skip-missing" in err[0], err
 
 
 # ----------------------------------------------------------------------------- SPN stage 2

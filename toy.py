@@ -134,7 +134,7 @@ def _make_groups(rng, n_groups, group_size, max_objects, used):
                 groups.append((base, edits))
                 break
         else:
-            raise RuntimeError("make_toy: ran out of distinct scenes; ask for fewer triplets or allow more objects")
+            raise ValueError("make_toy: ran out of distinct scenes; ask for fewer triplets or allow more objects")
     return groups
 
 

@@ -19,7 +19,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -28,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401  (all_gather with gradients)
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -38,8 +36,11 @@ import toy
 import evaluate
 import plots
 from loss import bank_nce, info_nce, soft_and_plain_nce
-from model import CIRModel, load_clip, make_transform, tokenize
+from cir import CIRModel
+from model import load_clip, make_transform, tokenize
 from nfb import NoiseFilter
+from runtime import atomic_save, gather_with_grad, log, merge_losses, rng_state, set_rng_state, setup_distributed, \
+    strict_json
 
 # Defaults per dataset; every one can be overridden on the command line (None = take from here).
 DEFAULTS = {
@@ -109,41 +110,6 @@ def get_args(argv=None):
     if args.batch_size < 2:
         p.error(f"--batch-size {args.batch_size}: contrastive training needs at least 2 pairs per batch")
     return args
-
-
-# -----------------------------------------------------------------------------
-# distributed helpers: the same script runs with one process or under torchrun
-
-def setup_distributed():
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        return rank, world, torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return rank, world, torch.device("cpu")
-
-
-def gather_with_grad(x):
-    """All ranks' rows, in rank order, with gradients flowing back to the rank that made them. x (B, D) -> (W·B, D).
-    Every query then sees every target of the global batch, as in one process with the global batch."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x))
-
-
-def merge_losses(losses):
-    """Per-sample losses (n,), NaN where this rank did not see the sample -> the same full vector on every rank
-    (a sample padded onto two ranks by DistributedSampler gets the mean of its two losses)."""
-    if not dist.is_initialized():
-        return losses
-    seen = (~losses.isnan()).float()
-    total = torch.nan_to_num(losses)
-    dist.all_reduce(total)
-    dist.all_reduce(seen)
-    return torch.where(seen > 0, total / seen.clamp(min=1), float("nan"))
 
 
 # -----------------------------------------------------------------------------
@@ -264,33 +230,6 @@ def build_bank(model, gallery, args, device, path, reuse=False):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: atomic writes, exact resume
-
-def atomic_save(obj, path):
-    """Write to a temp file in the same folder, then rename: a run killed mid-write leaves the old file intact."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-    n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])        # this process's GPU (the machine may have another count)
-
-
-# -----------------------------------------------------------------------------
 # the epoch
 
 def to_device(batch, device, cache=None, bank=None):
@@ -362,20 +301,6 @@ def eval_losses(args, ddp, ds, amp, rank, world, device, cache=None, bank=None):
 
 # -----------------------------------------------------------------------------
 # main
-
-def strict_json(x):
-    """NaN / inf -> null, so that every JSON reader (jq, pandas, JavaScript) takes the log lines."""
-    if isinstance(x, dict):
-        return {k: strict_json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [strict_json(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
-def log(msg, rank=0):
-    if rank == 0:
-        tqdm.write(msg)
-
 
 def main(argv=None):
     args = get_args(argv)
@@ -537,5 +462,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:   # one line, no traceback
-        sys.exit(f"error: {e}")
+    except (OSError, ValueError, FloatingPointError) as e:   # bad input: one line, no traceback
+        sys.exit(f"error: {data.error_line(e)}")
