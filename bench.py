@@ -65,35 +65,40 @@ def _table(title, header, rows):
 
 
 # -----------------------------------------------------------------------------
-# clip: ours vs OpenAI's reference (issue targets: images <= 1.0, text <= 0.35)
+# clip: ours vs OpenAI's reference (targets: ours / reference <= 1.0 for images, <= 0.35 for text)
 
+_TEXT_B = dict(context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
 ARCHS = {  # the released hyper-parameters (random init: nothing is downloaded)
     "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-                     context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-                     transformer_layers=12),
+                     **_TEXT_B),
     "RN50": dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
-                 vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=512,
-                 transformer_heads=8, transformer_layers=12),
+                 vision_patch_size=None, **_TEXT_B),
+    "RN50x4": dict(embed_dim=640, image_resolution=288, vision_layers=(4, 6, 10, 6), vision_width=80,
+                   vision_patch_size=None, **dict(_TEXT_B, transformer_width=640, transformer_heads=10)),
 }
 
 
 def reference_clip():
-    """OpenAI's `clip` package (clip-anytorch); its __init__ imports pkg_resources only for a version check."""
-    try:
-        import pkg_resources  # noqa: F401
-    except ImportError:
-        import packaging.version
-        sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)
+    """OpenAI's `clip` package (clip-anytorch). Its __init__ imports pkg_resources only for a version check, and
+    recent setuptools no longer ships pkg_resources: a stand-in is put in place for that import only."""
+    shim = "pkg_resources" not in sys.modules
+    if shim:
         try:
-            import clip
-        finally:
+            import pkg_resources  # noqa: F401
+            shim = False
+        except ImportError:
+            import packaging.version
+            sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)
+    try:
+        import clip
+    finally:
+        if shim:
             del sys.modules["pkg_resources"]
-    import clip
     return clip
 
 
 def bench_clip(args):
-    threads, reps, batch = getattr(args, "threads", 2), max(5, getattr(args, "reps", 5)), getattr(args, "batch", 16)
+    threads, reps, batch = args.threads, args.reps, args.batch
     torch.set_num_threads(threads)
     clip = reference_clip()
     caps = [t["caption"] for t in json.loads((SHARED / "data/cirr/captions/cap.rc2.val.json").read_text())]
@@ -102,7 +107,7 @@ def bench_clip(args):
     print(f"CLIP forward, CPU fp32, {threads} threads, batch {batch} at 224 px, median of {reps} interleaved runs; "
           f"text trimmed to {int(text.argmax(-1).max()) + 1} of 77 tokens (other workers may share the CPU)")
     print(f"{'model':10s} {'part':6s} {'reference s':>12s} {'ours s':>8s} {'ours/ref':>9s} {'max |diff|':>11s}")
-    for name, cfg in ARCHS.items():
+    for name, cfg in ((n, ARCHS[n]) for n in ("ViT-B/32", "RN50")):
         torch.manual_seed(0)
         ref = clip.model.CLIP(**cfg).eval()
         ours = M.build_clip(ref.state_dict())
@@ -218,7 +223,7 @@ def bench_train(args):
     model = CIRModel(clip)
     a.context_length = clip.context_length
     transform = M.make_transform(a.transform, clip.image_resolution)
-    ds = train.dataset(a, "train", "triplets", transform)
+    ds = train.make_dataset(a, "train", "triplets", transform)
     n_steps = len(ds) // a.batch_size
     opt = torch.optim.AdamW(train.param_groups(model, a))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -250,7 +255,7 @@ def bench_train(args):
     # --encoder text: frozen image tower, tokens cached once vs recomputed (no grad) every step
     a.encoder = "text"
     train.freeze(model, a)
-    ds_idx = train.dataset(a, "train", "triplets", transform, return_images=False)
+    ds_idx = train.make_dataset(a, "train", "triplets", transform, return_images=False)
     t = time.perf_counter()
     cache = train.cache_image_tokens(model, data.CIRR(a.data_root, "train", view="gallery", transform=transform),
                                      a, torch.device("cpu"))
@@ -290,82 +295,77 @@ def bench_retrieval(args):
 # -----------------------------------------------------------------------------
 # GPU memory and compute of a real-data training step, estimated without a GPU
 
-ARCH = {  # constructor kwargs of released CLIPs (OpenAI's hyper-parameters), so no checkpoint is needed here
-    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-                     context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-                     transformer_layers=12),
-    "RN50x4": dict(embed_dim=640, image_resolution=288, vision_layers=(4, 6, 10, 6), vision_width=80,
-                   vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=640,
-                   transformer_heads=10, transformer_layers=12),
-}
-
-
-def bench_memory(args):
-    """Peak memory and FLOPs of one training step (forward, backward, AdamW) on real-data architectures, traced
-    with fake tensors: every allocation is accounted, nothing is computed, so it runs on a CPU in a minute.
-    Text runs over all 77 positions (the upper bound; real batches stop at their last EOT). Not counted: the CUDA
-    context, cuDNN / cuBLAS workspaces and allocator fragmentation, so a GPU's real peak is somewhat higher."""
+def _traced_step(cfg, encoder, batch, bf16):
+    """Peak bytes of the second of two training steps (the first creates AdamW's state) and the FLOPs of one, for a
+    CIRModel on CLIP(**cfg), traced with fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
 
+    with FakeTensorMode():
+        model = CIRModel(M.CLIP(**cfg))
+        # MemTracker hooks every parameter, so none is frozen here; with --encoder text the image tower gets no
+        # gradient (cached tokens skip it) and AdamW keeps no state for it, as in training
+        model.clip.logit_scale.requires_grad_(True)
+        opt = torch.optim.AdamW(model.parameters(), foreach=True)
+        res, patch = cfg["image_resolution"], cfg["vision_patch_size"] or 32     # ModifiedResNet: stride 32
+        tokens = torch.randint(1, 49407, (batch, 77))
+        if encoder == "both":
+            images = dict(ref_images=torch.randn(batch, 3, res, res), tgt_images=torch.randn(batch, 3, res, res))
+        else:                               # --encoder text: image tokens (B, 1+m, D) from the cache
+            shape = (batch, 1 + (res // patch) ** 2, cfg["embed_dim"])
+            images = dict(ref_tokens=torch.randn(shape), tgt_tokens=torch.randn(shape))
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                q, t, pen = model(tokens, **images)
+                loss = (q @ t.t()).float().logsumexp(dim=1).mean() + pen
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        tracker = MemTracker()
+        tracker.track_external(model, opt)
+        with tracker:
+            step()
+            tracker.reset_mod_stats()
+            step()
+        with FlopCounterMode(display=False) as flops:
+            step()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"], flops.get_total_flops()
+
+
+def bench_memory(args):
+    """Peak memory and FLOPs of one training step (forward, backward, AdamW) on real-data architectures, traced
+    with fake tensors: every allocation is accounted, nothing is computed, so it runs on a CPU in minutes.
+    Text runs over all 77 positions (the upper bound; real batches stop at their last EOT). Not counted: the CUDA
+    context, cuDNN / cuBLAS workspaces and allocator fragmentation, so a GPU's real peak is somewhat higher."""
     def text_trunk_all_positions(self, text):   # int(eot.max()) is data-dependent: fake tensors have no data
         return self.transformer(self.token_embedding(text) + self.positional_embedding), text.argmax(dim=-1)
 
     saved, M.CLIP._text_trunk = M.CLIP._text_trunk, text_trunk_all_positions
-    B, rows = args.gpu_batch, []
+    rows = []
     try:
         for name in args.models:
             for encoder in ("both", "text"):
-                with FakeTensorMode():
-                    model = CIRModel(M.CLIP(**ARCH[name]))
-                    # MemTracker hooks every parameter, so none is frozen here; with --encoder text the image tower
-                    # gets no gradient (cached tokens skip it) and AdamW keeps no state for it, as in training
-                    model.clip.logit_scale.requires_grad_(True)
-                    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=True)
-                    res = ARCH[name]["image_resolution"]
-                    tokens = torch.randint(1, 49407, (B, 77))
-                    if encoder == "both":
-                        imgs = dict(ref_images=torch.randn(B, 3, res, res), tgt_images=torch.randn(B, 3, res, res))
-                    else:   # --encoder text: image tokens come from the cache, fp16 -> the model's dtype
-                        m = (res // 32) ** 2 if ARCH[name]["vision_patch_size"] is None else \
-                            (res // ARCH[name]["vision_patch_size"]) ** 2
-                        d = ARCH[name]["embed_dim"]
-                        imgs = dict(ref_tokens=torch.randn(B, 1 + m, d), tgt_tokens=torch.randn(B, 1 + m, d))
-
-                    def step(bf16):
-                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                            q, t, pen = model(tokens, **imgs)
-                            loss = (q @ t.t()).float().logsumexp(dim=1).mean() + pen
-                        loss.backward()
-                        opt.step()
-                        opt.zero_grad()
-                    peaks = []
-                    for bf16 in (False, True):
-                        tracker = MemTracker()
-                        tracker.track_external(model, opt)
-                        with tracker:
-                            step(bf16)                 # the first step creates AdamW's state
-                            tracker.reset_mod_stats()
-                            step(bf16)
-                        peaks.append(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / 2**30)
-                    with FlopCounterMode(display=False) as fc:
-                        step(False)
-                rows.append((name, encoder, f"{peaks[0]:.1f}", f"{peaks[1]:.1f}", f"{fc.get_total_flops() / 1e12:.1f}"))
+                fp32, flops = _traced_step(ARCHS[name], encoder, args.gpu_batch, bf16=False)
+                bf16, _ = _traced_step(ARCHS[name], encoder, args.gpu_batch, bf16=True)
+                rows.append((name, encoder, f"{fp32 / 2**30:.1f}", f"{bf16 / 2**30:.1f}", f"{flops / 1e12:.1f}"))
     finally:
         M.CLIP._text_trunk = saved
-    _table(f"one training step, global batch {B} on one GPU, traced with fake tensors (estimate; see bench_memory)",
-           ("CLIP", "--encoder", "peak GiB fp32", "peak GiB bf16 autocast", "TFLOP / step"), rows)
+    _table(f"one training step, batch {args.gpu_batch} on one GPU, traced with fake tensors (an estimate: "
+           "see bench_memory)", ("CLIP", "--encoder", "peak GiB fp32", "peak GiB bf16 autocast", "TFLOP / step"), rows)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="all", choices=["clip", "data", "method", "train", "retrieval", "memory", "all"])
+    p.add_argument("what", nargs="?", default="all",
+                   choices=["clip", "data", "method", "train", "retrieval", "memory", "all"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5, help="clip: interleaved repetitions (median)")
     p.add_argument("--batch", type=int, default=16, help="clip: batch size")
     p.add_argument("--steps", type=int, default=8, help="train: steps timed")
-    p.add_argument("--models", nargs="+", default=["RN50x4", "ViT-B/32"], choices=list(ARCH), help="memory: CLIPs")
+    p.add_argument("--models", nargs="+", default=["RN50x4", "ViT-B/32"], choices=list(ARCHS), help="memory: CLIPs")
     p.add_argument("--gpu-batch", type=int, default=128, help="memory: batch of the traced step")
     a = p.parse_args()
     torch.set_num_threads(a.threads)

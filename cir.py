@@ -1,5 +1,6 @@
-"""The composed-retrieval model of NCL-CIR (DESIGN.md §2 "Query and target"): CLIP (model.py) with three WCB heads
-(wcb.py), q = normalize(f_txt + f_ref) for a query and t = normalize(f_tar) for a candidate target.
+"""The composed-retrieval model of NCL-CIR: CLIP (model.py) with three WCB heads (wcb.py),
+q = normalize(f_txt + f_ref) for a query and t = normalize(f_tar) for a candidate target (README: "What follows the
+paper", row "query / target").
 """
 
 import torch

@@ -1,5 +1,5 @@
 """Data: CIRR and FashionIQ read from their official on-disk layouts, synthetic label noise, and the bundled toy
-benchmark (design brief §4-§6).
+benchmark (README: "Data").
 
 - CIRR rc2: <root>/captions/cap.rc2.{train,val,test1}.json, <root>/image_splits/split.rc2.{split}.json
   ({name: "./dev/dev-244-0-img0.png"}, relative to the image root). Recognised variants: the CIRR release
@@ -35,16 +35,6 @@ FIQ_CATEGORIES = ("dress", "shirt", "toptee")
 # -----------------------------------------------------------------------------
 # images on disk
 
-def error_line(e):
-    """The message of a bad-input error for the command line. An error raised in a DataLoader worker comes back with
-    the worker's whole traceback as its message: its last line is the original message."""
-    msg = str(e).strip()
-    if "Original Traceback" not in msg:
-        return msg
-    last = msg.splitlines()[-1]                      # "OSError: cannot read image ..."
-    return last.split(": ", 1)[1] if last.startswith(type(e).__name__ + ": ") else last
-
-
 def load_image(path):
     """PIL RGB image; a missing or corrupt file raises one error naming its path."""
     try:
@@ -52,7 +42,7 @@ def load_image(path):
             return im.convert("RGB")  # convert() forces the decode here, so a truncated file fails now
     except Exception as e:  # PIL raises several types (OSError, SyntaxError, ValueError, DecompressionBombError)
         raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}. Replace the file, or delete it and "
-                           f"build the dataset with skip_missing=True (--skip-missing)") from e
+                      f"build the dataset with skip_missing=True (--skip-missing)") from e
 
 
 def _listdir(folder):
@@ -152,7 +142,7 @@ class _CIRDataset(Dataset):
     text: FashionIQ training split randomises the caption combination (random_text=None means split == "train").
     """
 
-    def _setup(self, name, root, split, view, images, paths, triplets, stored_noisy, transform, skip_missing,
+    def _setup(self, name, root, split, view, images, paths, triplets, stored_noisy, *, transform, skip_missing,
                noise_ratio, noise_seed, return_images, random_text, extra_triplets):
         if view not in ("triplets", "gallery"):
             raise ValueError(f"{name}: view must be 'triplets' or 'gallery', got {view!r}")
@@ -316,8 +306,9 @@ class CIRR(_CIRDataset):
             triplets.append(dict(pairid=r.get("pairid"), reference=r["reference"], target=tgt, text=r["caption"],
                                  captions=[r["caption"]], members=list(members) if members else None, category=None))
             noisy.append(bool(r.get("noisy", False)))
-        self._setup("CIRR", root, split, view, names, paths, triplets, noisy, transform, skip_missing, noise_ratio,
-                    noise_seed, return_images, random_text, extra_triplets)
+        self._setup("CIRR", root, split, view, names, paths, triplets, noisy, transform=transform,
+                    skip_missing=skip_missing, noise_ratio=noise_ratio, noise_seed=noise_seed,
+                    return_images=return_images, random_text=random_text, extra_triplets=extra_triplets)
 
 
 def _cirr_layout(root, ann, img_root):
@@ -397,8 +388,9 @@ class FashionIQ(_CIRDataset):
                                     f"{img_dir}: expected e.g. {img_dir / (images[0] + '.png')} (or .jpg)")
         print(f"FashionIQ {split} {'+'.join(categories)}: annotations {ann}, images {img_dir} "
               f"({'/'.join(exts)})", flush=True)
-        self._setup("FashionIQ", root, split, view, images, paths, triplets, [False] * len(triplets), transform,
-                    skip_missing, noise_ratio, noise_seed, return_images, random_text, extra_triplets)
+        self._setup("FashionIQ", root, split, view, images, paths, triplets, [False] * len(triplets),
+                    transform=transform, skip_missing=skip_missing, noise_ratio=noise_ratio, noise_seed=noise_seed,
+                    return_images=return_images, random_text=random_text, extra_triplets=extra_triplets)
         if len(self.images) != len(images):  # skip_missing dropped some: keep the per-category lists consistent
             self.category_images = {c: [n for n in ns if n in self.index] for c, ns in self.category_images.items()}
 

@@ -1,6 +1,6 @@
 """Evaluation: the official CIRR and FashionIQ protocols, the evaluation CLI, CIRR test-server files.
 
-Protocols (DESIGN.md §5)
+Protocols (the datasets' official ones)
 - FashionIQ (val): per category, gallery = that category's val images; Recall@10 / Recall@50 of the target.
 - CIRR (val): gallery = all images of the split; the reference image is removed from each ranking *before* any
   metric; Recall@1/5/10/50 over the whole gallery; Recall_subset@1/2/3 over the ranking restricted to the query's
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
+import runtime
 import toy
 from cir import CIRModel
 from model import build_clip, load_clip, make_transform, tokenize
@@ -151,12 +152,12 @@ def _loader(ds, batch_size, workers):
 
 
 @torch.no_grad()
-def encode_gallery(model, gallery, batch_size, device, workers=2, tokens=False, amp=None, progress=True):
+def encode_gallery(model, gallery, batch_size, device, workers=2, tokens=False, amp=None):
     """Every gallery image through the image tower once. Returns (f_ref (N, D), f_tar (N, D)) in gallery order:
     the reference-role and target-role WCB features of each image; or, with tokens=True, the tokens (N, 1+m, D)."""
     model.eval()
     out = []
-    for i, images in tqdm(_loader(gallery, batch_size, workers), desc="gallery", leave=False, disable=not progress):
+    for i, images in tqdm(_loader(gallery, batch_size, workers), desc="gallery", leave=False):
         with amp or nullcontext():
             tok = model.image_tokens(images.to(device, non_blocking=True))   # (B, 1+m, D)
             out.append(tok.half() if tokens else
@@ -222,11 +223,6 @@ def evaluate_sets(model, sets, dataset, batch_size, device, workers=2, amp=None,
     else:
         out["avg"] = (out["R@5"] + out["Rsubset@1"]) / 2
     return out
-
-
-def main_score(dataset, metrics):
-    """The number that picks the best checkpoint: CIRR (R@5 + Rsubset@1)/2, FashionIQ (R@10 + R@50)/2."""
-    return metrics["avg"]
 
 
 # -----------------------------------------------------------------------------
@@ -416,4 +412,4 @@ if __name__ == "__main__":
     try:
         main()
     except (OSError, ValueError) as e:   # bad input: one line, no traceback
-        sys.exit(f"error: {data.error_line(e)}")
+        sys.exit(f"error: {runtime.error_line(e)}")

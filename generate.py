@@ -1,14 +1,14 @@
-"""SPN's "more positives" (Feng, Zhang, Nie, ACM MM 2024; design brief §3): new training triplets made from images.
+"""SPN's "more positives" (Feng, Zhang, Nie, ACM MM 2024): new training triplets made from images.
 
 Each source image (every unique training image, or with --references-only the training references) is paired with
 a target drawn at random from a window of its image-similarity ranking: rank 1 is the most similar *other* image
 (cosine of CLIP image features, or of a trained run's target-role WCB features with --checkpoint; the source
-itself excluded, ties by gallery order), and the window LO..HI
-(inclusive) skips near-duplicates and unrelated images alike. The modification text comes from the two images'
-captions through a small set of templates chosen at random. SPN captions the images with an MLLM; here the
-captions are an input file {image name: caption}, so any captioner can produce it (the toy benchmark ships exact
-ones in image_captions.json). FashionIQ pairs images within each category. The output is what
-`train.py --extra-triplets FILE` reads: a JSON list of {reference, target, text} (+ category for FashionIQ).
+itself excluded, ties by gallery order), and the window LO..HI (inclusive) skips near-duplicates and unrelated
+images alike. The modification text comes from the two images' captions through a small set of templates chosen
+at random. SPN captions the images with an MLLM; here the captions are an input file {image name: caption}, so
+any captioner can produce it (the toy benchmark ships exact ones in image_captions.json). FashionIQ pairs images
+within each category. The output is what `train.py --extra-triplets FILE` reads: a JSON list of
+{reference, target, text} (+ category for FashionIQ).
 
     python generate.py --dataset toy --checkpoint runs/X/best.pt --out extra.json
     python generate.py --dataset cirr --data-root DIR --captions caps.json --clip ViT-B/32 --out extra.json
@@ -23,6 +23,7 @@ import torch
 
 import data
 import evaluate
+import runtime
 import toy
 from cir import CIRModel
 from model import load_clip, make_transform
@@ -168,4 +169,4 @@ if __name__ == "__main__":
     try:
         main()
     except (OSError, ValueError) as e:   # bad input: one line, no traceback
-        sys.exit(f"error: {data.error_line(e)}")
+        sys.exit(f"error: {runtime.error_line(e)}")

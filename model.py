@@ -1,4 +1,4 @@
-"""CLIP from scratch (Radford et al., 2021), the backbone of NCL-CIR (DESIGN.md §1, §2 "Tokens").
+"""CLIP from scratch (Radford et al., 2021), the backbone of NCL-CIR.
 
 Reads top to bottom (the BPE tokenizer is in tokenizer.py; `tokenize` is re-exported here):
   1. the towers     ViT and ModifiedResNet image encoders, causal text transformer (QuickGELU, fp32 LayerNorm);
@@ -31,6 +31,7 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from tokenizer import tokenize  # noqa: F401  (re-exported: model.tokenize)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The towers
@@ -149,7 +150,8 @@ class Bottleneck(nn.Module):
 
 class AttentionPool2d(nn.Module):
     """Attention pooling: the mean feature (token 0) attends over all positions. Evaluated with every position as
-    a query too, it gives one output token per position (the image tokens of DESIGN.md §2)."""
+    a query too, it gives one output token per position (the image tokens `I = {I^cls, I^1..I^m}` that the WCB
+    re-weights)."""
 
     def __init__(self, spacial_dim, embed_dim, num_heads, output_dim):
         super().__init__()
@@ -385,15 +387,15 @@ def _download(url, root):
                         bar.update(len(chunk))
         except (urllib.error.URLError, OSError) as e:
             part.unlink(missing_ok=True)
-            raise ConnectionError(f"could not download {url} ({e}). Without network, download it by hand and put it at "
-                               f"{target} (sha256 {sha}), or pass the file's path instead of the name") from None
+            raise ConnectionError(f"could not download {url} ({e}). Without network, download it by hand and put it "
+                                  f"at {target} (sha256 {sha}), or pass the file's path instead of the name") from None
         if _sha256(part) == sha:
             part.replace(target)
             return target
         warnings.warn(f"{target.name}: SHA-256 mismatch after download {attempt + 1} of 2")
     part.unlink(missing_ok=True)
     raise OSError(f"{url}: the downloaded file's SHA-256 does not match {sha} (twice); check the network/proxy, "
-                       f"or download it by hand to {target}")
+                  f"or download it by hand to {target}")
 
 
 def _read_state_dict(path):

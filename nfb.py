@@ -83,7 +83,8 @@ def _em_sklearn(x, means, var, weights, max_iter, tol, reg_covar):
     # init_params="random_from_data": the cheapest built-in start; it is overwritten by the three *_init
     gmm = GaussianMixture(2, tol=tol, reg_covar=reg_covar, max_iter=max_iter, init_params="random_from_data",
                           random_state=0, weights_init=weights.cpu().numpy(),
-                          means_init=means.cpu().numpy()[:, None], precisions_init=(1 / var).cpu().numpy()[:, None, None])
+                          means_init=means.cpu().numpy()[:, None],
+                          precisions_init=(1 / var).cpu().numpy()[:, None, None])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # 10 iterations is the recipe, not a failure
         gmm.fit(X)

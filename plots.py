@@ -1,4 +1,5 @@
-"""Figures of a run: the NFB's per-sample loss histogram with its fitted GMM, and the recall curves.
+"""Figures of a run: the NFB's per-sample loss histogram with its fitted GMM, the recall curves, and the query
+grid of `evaluate.py --show`.
 
 A picture says whether the noise filter can work at all: if the clean and noisy pairs' losses do not form two
 modes, no GMM can tell them apart. Files are PNGs written next to the run's log.

@@ -5,19 +5,21 @@
                all ranks, so every rank fits the same GMM)
   checkpoints  atomic_save (temp file + rename), rng_state / set_rng_state (exact resume: torch, Python,
                NumPy and CUDA generators)
-  logs         strict_json (NaN -> null in the JSON lines), log (rank 0 only, above the progress bars)
+  logs         strict_json (NaN -> null in the JSON lines), log (rank 0 only, above the progress bars),
+               error_line (a bad-input error as the one line the command line prints)
 """
 
 import math
 import os
 import random
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401  (all_gather with gradients)
 from tqdm import tqdm
+
 
 # -----------------------------------------------------------------------------
 # distributed helpers: the same script runs with one process or under torchrun
@@ -26,20 +28,42 @@ def setup_distributed():
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    # rank 0 validates (and builds plots, checkpoints) while the others wait at a barrier: a long validation must
+    # not hit the default collective timeout
+    timeout = timedelta(hours=1)
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout)
         return rank, world, torch.device("cuda", local)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return rank, world, torch.device("cpu")
 
 
+class _AllGather(torch.autograd.Function):
+    """Forward: every rank's (B, D) rows concatenated in rank order. Backward: every rank's loss depends on every
+    row, so a row's gradient is the sum over ranks of the gradients it received (all_reduce), and each rank keeps
+    the slice of its own rows. DDP then averages the parameter gradients, as for any other loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)                                          # (W·B, D)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]      # (B, D)
+
+
 def gather_with_grad(x):
-    """All ranks' rows, in rank order, with gradients flowing back to the rank that made them. x (B, D) -> (W·B, D).
-    Every query then sees every target of the global batch, as in one process with the global batch."""
+    """All ranks' rows, in rank order, with gradients flowing back to the rank that made them. x (B, D) -> (W·B, D),
+    every rank's B equal (drop_last). Every query then sees every target of the global batch, as in one process
+    with the global batch."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x))
+    return _AllGather.apply(x)
 
 
 def merge_losses(losses):
@@ -52,6 +76,7 @@ def merge_losses(losses):
     dist.all_reduce(total)
     dist.all_reduce(seen)
     return torch.where(seen > 0, total / seen.clamp(min=1), float("nan"))
+
 
 # -----------------------------------------------------------------------------
 # checkpoints: atomic writes, exact resume
@@ -79,6 +104,10 @@ def set_rng_state(s):
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])        # this process's GPU (the machine may have another count)
 
+
+# -----------------------------------------------------------------------------
+# logs
+
 def strict_json(x):
     """NaN / inf -> null, so that every JSON reader (jq, pandas, JavaScript) takes the log lines."""
     if isinstance(x, dict):
@@ -91,3 +120,13 @@ def strict_json(x):
 def log(msg, rank=0):
     if rank == 0:
         tqdm.write(msg)
+
+
+def error_line(e):
+    """The message of a bad-input error for the command line. An error raised in a DataLoader worker comes back with
+    the worker's whole traceback as its message: its last line is the original message."""
+    msg = str(e).strip()
+    if "Original Traceback" not in msg:
+        return msg
+    last = msg.splitlines()[-1]                      # "OSError: cannot read image ..."
+    return last.split(": ", 1)[1] if last.startswith(type(e).__name__ + ": ") else last

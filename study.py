@@ -31,8 +31,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import data  # noqa: E402
 import generate  # noqa: E402
+import runtime  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
 
@@ -78,14 +78,19 @@ def run_cell(method, noise, seed, args, out):
     return json.loads(log.read_text().splitlines()[-1])
 
 
+def fmt(xs):
+    """'mean ± std' over the seeds (sample std), '—' for none."""
+    if not xs:
+        return "—"
+    return f"{statistics.mean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
+
+
 def report(out):
     """Markdown table (mean ± std over seeds) and R@1-vs-noise plot from <out>/results.jsonl."""
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     cells = {}
     for r in rows:
         cells.setdefault((r["method"], r["noise"]), []).append(r)
-    fmt = lambda xs: "—" if not xs else (f"{statistics.mean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}"
-                                                                          if len(xs) > 1 else ""))
     lines = ["| noise | method | seeds | " + " | ".join(METRICS) + " | NFB AUC | NFB precision | NFB recall |",
              "|---|---|---|" + "---|" * (len(METRICS) + 3)]
     for (method, noise), rs in sorted(cells.items(), key=lambda kv: (kv[0][1], list(METHODS).index(kv[0][0]))):
@@ -105,14 +110,17 @@ def report(out):
             ax.errorbar(xs, ms, yerr=sd, marker="o", capsize=3, label=method)
     ax.set_xlabel("injected noise (% of training triplets)")
     ax.set_ylabel("R@1 (toy val, last epoch)")
-    ax.set_title("noise robustness on the toy benchmark")
+    settings = json.loads((out / "study.json").read_text()) if (out / "study.json").is_file() else {}
+    ax.set_title("noise robustness on the toy benchmark" + (f"\n{settings}" if settings else ""), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "r1_vs_noise.png", dpi=110)
     plt.close(fig)
     print(table)
-    print(f"\nwritten: {out / 'results.md'}, {out / 'r1_vs_noise.png'}")
+    minutes = sum(r.get("minutes", 0) for r in rows)
+    print(f"\n{len(rows)} cells, {minutes:.0f} min of training in all; written: {out / 'results.md'}, "
+          f"{out / 'r1_vs_noise.png'}")
 
 
 def main(argv=None):
@@ -155,7 +163,7 @@ def main(argv=None):
         line = dict(method=method, noise=noise, seed=seed, metrics=rec["metrics"], epoch=rec["epoch"], **keep,
                     minutes=round((time.perf_counter() - t_cell) / 60, 2))
         with open(out / "results.jsonl", "a") as f:
-            f.write(json.dumps(train.strict_json(line)) + "\n")
+            f.write(json.dumps(runtime.strict_json(line)) + "\n")
     report(out)
 
 
@@ -163,4 +171,4 @@ if __name__ == "__main__":
     try:
         main()
     except (OSError, ValueError) as e:   # bad input: one line, no traceback
-        raise SystemExit(f"error: {data.error_line(e)}")
+        raise SystemExit(f"error: {runtime.error_line(e)}")

@@ -1347,6 +1347,25 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert torch.allclose(merged, plain, rtol=1e-5)
 
 
+def test_torchrun_two_processes_train_end_to_end(toy_root, micro_clip, tmp_path):
+    """train.py under torchrun (gloo on CPU): DistributedSampler, the NFB's merged losses and broadcast soft labels,
+    rank 0 alone writing."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "train.py", "--data-root", str(toy_root), "--clip", str(micro_clip), "--batch-size", "32",
+           "--workers", "0", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([*cmd, "--epochs", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [rec["epoch"] for rec in log] == [0, 1]
+    assert log[0]["nfb_n_seen"] == 160 - 160 % 32                    # both ranks' losses reached the GMM
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    w = ckpt["nfb"]["weights"]
+    assert len(w) == 160 and torch.isfinite(w).all() and (w < 1).any()   # soft labels installed after the warm-up
+    assert "Traceback" not in r.stderr
+
+
 # ----------------------------------------------------------------------------- bad input: one clear line
 
 def _cli(script, *args):
@@ -1399,8 +1418,8 @@ def test_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, tmp_path):
     # the cached bank = the normalised target-role feature of every training image, one image at a time
     bank = torch.load(out / "bank.pt", weights_only=True)
     model = evaluate.build_model(torch.load(stage1 / "best.pt", weights_only=True)).eval()
-    gallery = train.data.CIRR(toy_root, "train", view="gallery",
-                              transform=train.make_transform("clip", model.clip.image_resolution))
+    gallery = data.CIRR(toy_root, "train", view="gallery",
+                        transform=M.make_transform("clip", model.clip.image_resolution))
     assert len(bank["bank"]) == len(gallery.images)
     with torch.no_grad():
         for i in (0, 7, len(gallery) - 1):
@@ -1424,6 +1443,8 @@ def test_study_grid_resumes_and_reports(toy_root, tmp_path):
     assert "| 0% | infonce | 1 |" in table and (tmp_path / "st/r1_vs_noise.png").is_file()
     study.main(argv)                                                 # finished cells are not trained again
     assert len((tmp_path / "st/results.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="not .*'epochs': 2"):       # other settings never mix into one table
+        study.main([*argv, "--epochs", "2"])
 
 # ====================================================================================================
 # SPN: stage 2, generated positives

@@ -43,7 +43,7 @@ def load_bpe(path=VOCAB):
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != VOCAB_SHA256:
         raise OSError(f"{path}: corrupt BPE vocabulary (sha256 {hashlib.sha256(data).hexdigest()}, expected "
-                           f"{VOCAB_SHA256}); restore the file from OpenAI's CLIP repository")
+                      f"{VOCAB_SHA256}); restore the file from OpenAI's CLIP repository")
     lines = gzip.decompress(data).decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]   # header line, 48894 merges
     merges = [tuple(line.split()) for line in lines]
     chars = list(_byte_chars().values())

@@ -1,8 +1,8 @@
-"""The toy benchmark (design brief §6): a CSS-style composed-retrieval set of coloured shapes, generated from a seed
-and written in CIRR's exact layout, so that the same CIRR loader, metrics and training loop run on it with a tiny
-CLIP trained from scratch on a CPU. Its grammar is in make_toy's docstring; its own label noise keeps the ground
-truth ("noisy" in the training captions) so the noise filter's detection can be scored; image_captions.json
-(name -> exact scene caption) feeds SPN's positive generation (generate.py) without a captioner.
+"""The toy benchmark: a CSS-style composed-retrieval set of coloured shapes, generated from a seed and written in
+CIRR's exact layout, so that the same CIRR loader, metrics and training loop run on it with a tiny CLIP trained from
+scratch on a CPU. Its grammar is in make_toy's docstring; its own label noise keeps the ground truth ("noisy" in the
+training captions) so the noise filter's detection can be scored; image_captions.json (name -> exact scene
+caption) feeds SPN's positive generation (generate.py) without a captioner.
 """
 import json
 import math

@@ -7,7 +7,7 @@
     python train.py --stage 2 --init runs/X/best.pt    # SPN stage 2: static bank of all training targets
     python train.py --resume runs/X                    # continue a killed run where its last epoch ended
 
-One epoch (DESIGN.md §2 "Schedule"):
+One epoch (README: "What follows the paper", row "schedule"):
   1. every step: q = normalize(f_txt + f_ref), t = normalize(f_tar); loss = L^soft_NCE(q, t, w) + λ·diversity,
      with w = 1 (plain InfoNCE) during the warm-up epochs; the per-sample InfoNCE losses are recorded for free;
   2. NFB: fit a 2-component GMM to the epoch's per-sample losses -> soft labels w for the next epoch
@@ -32,15 +32,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-import toy
 import evaluate
 import plots
-from loss import bank_nce, info_nce, soft_and_plain_nce
+import toy
 from cir import CIRModel
+from loss import bank_nce, info_nce, soft_and_plain_nce
 from model import load_clip, make_transform, tokenize
 from nfb import NoiseFilter
-from runtime import atomic_save, gather_with_grad, log, merge_losses, rng_state, set_rng_state, setup_distributed, \
-    strict_json
+from runtime import (atomic_save, error_line, gather_with_grad, log, merge_losses, rng_state, set_rng_state,
+                     setup_distributed, strict_json)
 
 # Defaults per dataset; every one can be overridden on the command line (None = take from here).
 DEFAULTS = {
@@ -105,7 +105,7 @@ def get_args(argv=None):
     for k, v in d.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    if args.stage == 2 and not args.init and not args.resume:
+    if args.stage == 2 and not args.init:
         p.error("--stage 2 needs --init RUN/best.pt (a stage-1 checkpoint)")
     if args.batch_size < 2:
         p.error(f"--batch-size {args.batch_size}: contrastive training needs at least 2 pairs per batch")
@@ -144,11 +144,13 @@ def batch_loss(model, batch, w, tau, div_weight, bank=None):
 def collate(batch, context_length=77):
     """(ref, text, tgt, i) items -> tokens (B, L), ref (B, ...), tgt (B, ...), idx (B,). Runs in the workers."""
     ref, text, tgt, idx = zip(*batch)
-    stack = lambda xs: torch.stack(xs) if torch.is_tensor(xs[0]) else torch.tensor(xs)
+
+    def stack(xs):                                  # images or tokens (tensors), or image indices (ints)
+        return torch.stack(xs) if torch.is_tensor(xs[0]) else torch.tensor(xs)
     return tokenize(list(text), context_length, truncate=True), stack(ref), stack(tgt), torch.tensor(idx)
 
 
-def dataset(args, split, view, transform, return_images=True):
+def make_dataset(args, split, view, transform, return_images=True):
     """The dataset of the run: CIRR (and the toy benchmark, which is written in CIRR's layout) or FashionIQ."""
     kw = dict(view=view, transform=transform, skip_missing=args.skip_missing)
     if split == "train" and view == "triplets":
@@ -167,8 +169,9 @@ def make_loader(ds, args, epoch, rank, world, shuffle=True):
         sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=shuffle, seed=args.seed,
                                                       drop_last=shuffle)
         sampler.set_epoch(epoch)
+    collate_fn = functools.partial(collate, context_length=args.context_length)
     return DataLoader(ds, batch_size=args.batch_size // world, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=args.workers, collate_fn=functools.partial(collate, context_length=args.context_length), generator=g, drop_last=shuffle,
+                      num_workers=args.workers, collate_fn=collate_fn, generator=g, drop_last=shuffle,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
@@ -243,6 +246,7 @@ def to_device(batch, device, cache=None, bank=None):
     nb = device.type == "cuda"
     return tokens.to(device, non_blocking=nb), ref.to(device, non_blocking=nb), tgt.to(device, non_blocking=nb), idx
 
+
 def train_epoch(args, model, ddp, ds, opt, sched, scaler, amp, nfb, epoch, rank, world, device, cache=None, bank=None):
     """One pass over the training triplets. Returns the mean loss, the per-sample InfoNCE losses (n,) (NaN where
     a sample was not seen: drop_last) and the time spent in data loading, forward and backward."""
@@ -269,7 +273,11 @@ def train_epoch(args, model, ddp, ds, opt, sched, scaler, amp, nfb, epoch, rank,
         else:
             loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.grad_clip)
-        (scaler.step(opt), scaler.update()) if scaler is not None else opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         sched.step()
         losses[idx.to(device)] = plain
         value = loss.item()
@@ -300,6 +308,107 @@ def eval_losses(args, ddp, ds, amp, rank, world, device, cache=None, bank=None):
 
 
 # -----------------------------------------------------------------------------
+# run setup: model, frozen image side, soft labels, resume
+
+def init_model(args, init):
+    """A stage-1 checkpoint (--init, --resume: its architecture and image pipeline win, since SPN's bank must be
+    the stage-1 model's features) or CLIP by name / path with fresh WCB heads."""
+    if init is None:
+        clip, _ = load_clip(args.clip, device="cpu")
+        return CIRModel(clip, wcb=not args.no_wcb, n_maps=args.wcb_maps, wcb_hidden=args.wcb_hidden)
+    if init["args"]["dataset"] != args.dataset:
+        sys.exit(f"error: {args.init} was trained on {init['args']['dataset']}, not {args.dataset}; pass "
+                 f"--dataset {init['args']['dataset']} or a {args.dataset} checkpoint")
+    for k in ("clip", "no_wcb", "wcb_maps", "wcb_hidden", "transform", "categories"):
+        setattr(args, k, init["args"][k])
+    return evaluate.build_model(init)
+
+
+def frozen_image_side(model, ds, transform, args, device, out, resume, rank):
+    """With a frozen image side the loader gives image indices, and these caches give their rows: image tokens of
+    every training image (--encoder text), or SPN's f_ref and bank (--stage 2). Returns cache, bank."""
+    gallery = make_dataset(args, "train", "gallery", transform)
+    if list(gallery.images) != list(ds.images):
+        raise RuntimeError("train gallery and triplets disagree on the image list")
+    t = time.perf_counter()
+    if args.stage == 2:
+        cache, bank = build_bank(model, gallery, args, device, out / "bank.pt", reuse=resume is not None)
+        log(f"SPN bank: {len(bank)} training images x {bank.shape[1]} dims, "
+            f"{bank.numel() * bank.element_size() / 2**20:.1f} MiB per process (every rank holds it all), "
+            f"{time.perf_counter() - t:.1f} s", rank)
+        return cache, bank
+    cache = cache_image_tokens(model, gallery, args, device)
+    log(f"cached image tokens {tuple(cache.shape)} fp16, {cache.numel() * 2 / 2**20:.0f} MiB, "
+        f"{time.perf_counter() - t:.1f} s", rank)
+    return cache, None
+
+
+def carry_over_soft_labels(nfb, init, ds, args, rank):
+    """Stage 2 starts from stage 1's soft labels (README: "SPN") when they describe the same training triplets;
+    otherwise the NFB warms up again."""
+    same = [k for k in ("noise", "seed", "skip_missing", "extra_triplets") if init["args"][k] != getattr(args, k)]
+    if init.get("nfb") and not same and len(init["nfb"]["weights"]) == len(ds):
+        nfb.weights = init["nfb"]["weights"].float()
+        nfb.warmup_epochs = 0
+        log(f"NFB: soft labels of {args.init} carried over ({int((nfb.weights < 0.5).sum())} pairs flagged)", rank)
+    else:
+        why = "it has no NFB" if not init.get("nfb") else f"its triplets differ ({', '.join(same) or 'count'})"
+        log(f"NFB: stage-1 soft labels not carried over: {why}; warm-up of {args.warmup_epochs} epoch(s)", rank)
+
+
+def restore(resume, opt, sched, scaler, nfb, out, rank):
+    """Everything of last.pt back in place; returns the next epoch, the best score and the log history."""
+    opt.load_state_dict(resume["optimizer"])
+    sched.load_state_dict(resume["scheduler"])
+    if scaler is not None and resume.get("scaler"):
+        scaler.load_state_dict(resume["scaler"])
+    if nfb is not None:
+        nfb.load_state_dict(resume["nfb"])
+    set_rng_state(resume["rng"])
+    if rank == 0:   # the log as of the checkpoint: an epoch logged after it will be trained (and logged) again
+        (out / "log.jsonl").write_text("".join(json.dumps(strict_json(r)) + "\n" for r in resume["history"]))
+    log(f"resumed {out} after epoch {resume['epoch']}", rank)
+    return resume["epoch"] + 1, resume["best"], resume["history"]
+
+
+# -----------------------------------------------------------------------------
+# after each epoch: the NFB's refit, the checkpoints
+
+def refit_noise_filter(args, nfb, losses, epoch, ddp, ds, amp, rank, world, device, cache, bank, out):
+    """NFB: the epoch's per-sample losses (of all ranks) -> a GMM -> the next epoch's soft labels, the same on
+    every rank. Returns the log fields (nfb_*) and draws the loss histogram."""
+    t = time.perf_counter()
+    if args.nfb_losses == "eval":
+        losses = eval_losses(args, ddp, ds, amp, rank, world, device, cache, bank)
+    losses = merge_losses(losses)
+    stats = nfb.update(losses.cpu(), epoch)
+    if world > 1:                                   # one GMM, the same soft labels on every rank
+        w = nfb.weights.to(device)
+        dist.broadcast(w, 0)
+        nfb.weights = w.cpu()
+    if rank == 0:
+        plots.loss_histogram(losses.cpu(), stats, out / f"loss_hist_epoch{epoch:03d}.png", epoch,
+                             noisy=ds.noisy if ds.noisy.any() else None)
+    return dict(time_nfb=time.perf_counter() - t, **{f"nfb_{k}": v for k, v in stats.items()})
+
+
+def save_epoch(out, rec, history, best, model, opt, sched, scaler, nfb, args):
+    """best.pt (on a new best), then last.pt, then the log line: a kill between two writes never leaves a log or
+    a last.pt that claims more than the files before it hold. Returns the best score so far."""
+    epoch, metrics = rec["epoch"], rec["metrics"]
+    if rec["score"] > best:
+        atomic_save(dict(model=model.state_dict(), args=vars(args), epoch=epoch, metrics=metrics,
+                         nfb=nfb.state_dict() if nfb else None), out / "best.pt")
+        best = rec["score"]
+    atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                     scaler=scaler.state_dict() if scaler else None, nfb=nfb.state_dict() if nfb else None,
+                     epoch=epoch, best=best, history=history, args=vars(args), rng=rng_state()), out / "last.pt")
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(strict_json(rec)) + "\n")
+    return best
+
+
+# -----------------------------------------------------------------------------
 # main
 
 def main(argv=None):
@@ -327,20 +436,8 @@ def main(argv=None):
     out = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.out = str(out)
 
-    # model: a stage-1 checkpoint (--init, --resume) or CLIP by name / path
     init = resume or (evaluate.load_checkpoint(args.init, "--init") if args.init else None)
-    if init is not None:
-        if init["args"]["dataset"] != args.dataset:
-            sys.exit(f"error: {args.init} was trained on {init['args']['dataset']}, not {args.dataset}; pass "
-                     f"--dataset {init['args']['dataset']} or a {args.dataset} checkpoint")
-        # architecture and image pipeline are the checkpoint's (SPN's bank must be the stage-1 model's features)
-        for k in ("clip", "no_wcb", "wcb_maps", "wcb_hidden", "transform", "categories"):
-            setattr(args, k, init["args"][k])
-        model = evaluate.build_model(init)
-    else:
-        clip, _ = load_clip(args.clip, device="cpu")
-        model = CIRModel(clip, wcb=not args.no_wcb, n_maps=args.wcb_maps, wcb_hidden=args.wcb_hidden)
-    model = model.to(device)
+    model = init_model(args, init).to(device)
     freeze(model, args)
     transform = make_transform(args.transform, model.clip.image_resolution)
     args.context_length = model.clip.context_length
@@ -349,24 +446,10 @@ def main(argv=None):
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
         log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
 
-    # data: frozen image side -> triplets as image indices and a cache of tokens (or SPN's bank)
     frozen_images = args.encoder == "text" or args.stage == 2
-    ds = dataset(args, "train", "triplets", transform, return_images=not frozen_images)
-    cache = bank = None
-    if frozen_images:
-        gallery = dataset(args, "train", "gallery", transform)
-        if list(gallery.images) != list(ds.images):
-            raise RuntimeError("train gallery and triplets disagree on the image list")
-        t = time.perf_counter()
-        if args.stage == 2:
-            cache, bank = build_bank(model, gallery, args, device, out / "bank.pt", reuse=resume is not None)
-            log(f"SPN bank: {len(bank)} training images x {bank.shape[1]} dims, "
-                f"{bank.numel() * bank.element_size() / 2**20:.1f} MiB per process (every rank holds it all), "
-                f"{time.perf_counter() - t:.1f} s", rank)
-        else:
-            cache = cache_image_tokens(model, gallery, args, device)
-            log(f"cached image tokens {tuple(cache.shape)} fp16, {cache.numel() * 2 / 2**20:.0f} MiB, "
-                f"{time.perf_counter() - t:.1f} s", rank)
+    ds = make_dataset(args, "train", "triplets", transform, return_images=not frozen_images)
+    cache, bank = frozen_image_side(model, ds, transform, args, device, out, resume, rank) if frozen_images else \
+        (None, None)
     eval_sets = evaluate.eval_sets(args.dataset, args.data_root, "val", transform, args.categories, args.skip_missing)
     log(f"train: {len(ds)} triplets over {len(ds.images)} images, {int(ds.noisy.sum())} noisy", rank)
 
@@ -382,30 +465,12 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.lr_warmup * total)))
     amp, scaler = evaluate.autocast(args.amp, device)
     nfb = None if args.no_nfb else NoiseFilter(len(ds), args.warmup_epochs, args.gmm,
-                                              noisy_gt=ds.noisy if ds.noisy.any() else None)
+                                               noisy_gt=ds.noisy if ds.noisy.any() else None)
     if args.stage == 2 and nfb is not None and resume is None:
-        # soft labels carry over from stage 1 (DESIGN.md §3) when they describe the same training triplets
-        same = [k for k in ("noise", "seed", "skip_missing", "extra_triplets") if init["args"][k] != getattr(args, k)]
-        if init.get("nfb") and not same and len(init["nfb"]["weights"]) == len(ds):
-            nfb.weights = init["nfb"]["weights"].float()
-            nfb.warmup_epochs = 0
-            log(f"NFB: soft labels of {args.init} carried over ({int((nfb.weights < 0.5).sum())} pairs flagged)", rank)
-        else:
-            why = "it has no NFB" if not init.get("nfb") else f"its triplets differ ({', '.join(same) or 'count'})"
-            log(f"NFB: stage-1 soft labels not carried over: {why}; warm-up of {args.warmup_epochs} epoch(s)", rank)
+        carry_over_soft_labels(nfb, init, ds, args, rank)
     start, best, history = 0, -1.0, []
     if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        if nfb is not None:
-            nfb.load_state_dict(resume["nfb"])
-        set_rng_state(resume["rng"])
-        start, best, history = resume["epoch"] + 1, resume["best"], resume["history"]
-        if rank == 0:   # the log as of the checkpoint: an epoch logged after it will be trained (and logged) again
-            (out / "log.jsonl").write_text("".join(json.dumps(strict_json(r)) + "\n" for r in history))
-        log(f"resumed {out} after epoch {resume['epoch']}", rank)
+        start, best, history = restore(resume, opt, sched, scaler, nfb, out, rank)
 
     for epoch in range(start, args.epochs):
         t_epoch = time.perf_counter()
@@ -413,40 +478,18 @@ def main(argv=None):
                                           device, cache, bank)
         rec = dict(epoch=epoch, loss=loss, lr=sched.get_last_lr()[0], **{f"time_{k}": v for k, v in times.items()})
         if nfb is not None:
-            t = time.perf_counter()
-            if args.nfb_losses == "eval":
-                losses = eval_losses(args, ddp, ds, amp, rank, world, device, cache, bank)
-            losses = merge_losses(losses)
-            stats = nfb.update(losses.cpu(), epoch)
-            if world > 1:                         # one GMM, the same soft labels on every rank
-                w = nfb.weights.to(device)
-                dist.broadcast(w, 0)
-                nfb.weights = w.cpu()
-            rec.update(time_nfb=time.perf_counter() - t, **{f"nfb_{k}": v for k, v in stats.items()})
-            if rank == 0:
-                plots.loss_histogram(losses.cpu(), stats, out / f"loss_hist_epoch{epoch:03d}.png", epoch,
-                                     noisy=ds.noisy if ds.noisy.any() else None)
+            rec.update(refit_noise_filter(args, nfb, losses, epoch, ddp, ds, amp, rank, world, device, cache, bank,
+                                          out))
         if rank == 0:
             metrics = evaluate.evaluate_sets(model, eval_sets, args.dataset, args.batch_size, device, args.workers, amp)
-            score = evaluate.main_score(args.dataset, metrics)
-            rec.update(metrics=metrics, score=score, time_epoch=time.perf_counter() - t_epoch)
+            # metrics["avg"] picks the best checkpoint: CIRR (R@5 + Rsubset@1)/2, FashionIQ (R@10 + R@50)/2
+            rec.update(metrics=metrics, score=metrics["avg"], time_epoch=time.perf_counter() - t_epoch)
             history.append(rec)
             plots.recall_curves(history, out / "recall.png")
-            # best.pt, then last.pt, then the log line: a kill between two writes never leaves a log or a last.pt
-            # that claims more than the files before it hold
-            if score > best:
-                atomic_save(dict(model=model.state_dict(), args=vars(args), epoch=epoch, metrics=metrics,
-                                 nfb=nfb.state_dict() if nfb else None), out / "best.pt")
-                best = score
-            atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                             scaler=scaler.state_dict() if scaler else None, nfb=nfb.state_dict() if nfb else None,
-                             epoch=epoch, best=best, history=history, args=vars(args), rng=rng_state()),
-                        out / "last.pt")
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(strict_json(rec)) + "\n")
+            best = save_epoch(out, rec, history, best, model, opt, sched, scaler, nfb, args)
             log(f"epoch {epoch}: loss {loss:.4f} | " + evaluate.format_metrics(metrics)
-                + (f" | NFB noisy {stats['n_noisy']}" if nfb is not None else "")
-                + (f" AUC {stats['auc']:.3f}" if nfb is not None and "auc" in stats else "")
+                + (f" | NFB noisy {rec['nfb_n_noisy']}" if nfb is not None else "")
+                + (f" AUC {rec['nfb_auc']:.3f}" if rec.get("nfb_auc") is not None else "")
                 + f" | {rec['time_epoch']:.0f} s")
         if world > 1:
             dist.barrier()
@@ -463,4 +506,4 @@ if __name__ == "__main__":
     try:
         main()
     except (OSError, ValueError, FloatingPointError) as e:   # bad input: one line, no traceback
-        sys.exit(f"error: {data.error_line(e)}")
+        sys.exit(f"error: {error_line(e)}")

@@ -4,12 +4,13 @@ The paper re-weights the CLIP tokens of each input with weight maps, to down-wei
     T*_mod = T_mod ⊗ Att_mod      (modification text: sot, words, eot)
     I*_ref = I_ref ⊗ Att_ref      (reference image: cls + patches)
     I*_tar = I_tar ⊗ Att_tar      (target image:    cls + patches)
-and asks for "diverse weight maps". It gives no formula for Att, so this is our choice (DESIGN.md §2):
+and asks for "diverse weight maps". It gives no formula for Att, so this is our choice (README: "What follows the
+paper"):
     A_k = softmax_over_tokens(score_k(X))    K >= 2 maps, padding gets exactly zero weight
     penalty = ||Â Âᵀ - I||²_F,  Â_k = A_k / ||A_k||_2   (structured self-attention regulariser, Lin et al. 2017)
     Att = mean_k A_k,  X* = X ⊗ Att,  f = g + α · Σ_n X*_n
 with g the global token (cls / eot) and α a learned scalar initialised to 0: at step 0 the block is the identity
-on g, so the composed model starts as exactly CLIP. model.py creates three instances (text, reference, target).
+on g, so the composed model starts as exactly CLIP. cir.CIRModel creates three (text, reference, target).
 """
 
 import torch
