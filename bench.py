@@ -214,6 +214,7 @@ def bench_method(args):
 
 def bench_train(args):
     import evaluate
+    import spn
     import train
     from nfb import NoiseFilter
     steps = args.steps
@@ -257,8 +258,8 @@ def bench_train(args):
     train.freeze(model, a)
     ds_idx = train.make_dataset(a, "train", "triplets", transform, return_images=False)
     t = time.perf_counter()
-    cache = train.cache_image_tokens(model, data.CIRR(a.data_root, "train", view="gallery", transform=transform),
-                                     a, torch.device("cpu"))
+    cache = spn.cache_image_tokens(model, data.CIRR(a.data_root, "train", view="gallery", transform=transform),
+                                   a, torch.device("cpu"))
     t_cache = time.perf_counter() - t
     opt = torch.optim.AdamW(train.param_groups(model, a))
     timings = {}

@@ -4,7 +4,7 @@
     python train.py --dataset cirr --data-root DIR     # CIRR, pretrained CLIP (default RN50x4)
     python train.py --dataset fashioniq --data-root DIR --categories dress shirt toptee
     torchrun --nproc_per_node 4 train.py --dataset cirr --data-root DIR
-    python train.py --stage 2 --init runs/X/best.pt    # SPN stage 2: static bank of all training targets
+    python train.py --stage 2 --init runs/X/best.pt    # SPN stage 2 (spn.py): static bank of all training targets
     python train.py --resume runs/X                    # continue a killed run where its last epoch ended
 
 One epoch (README: "What follows the paper", row "schedule"):
@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
 import evaluate
 import plots
+import spn
 import toy
 from cir import CIRModel
 from loss import bank_nce, info_nce, soft_and_plain_nce
@@ -210,29 +210,6 @@ def lr_lambda(total, warm):
 
 
 # -----------------------------------------------------------------------------
-# frozen-image-side caches: image tokens (--encoder text) and SPN's static bank (--stage 2)
-
-@torch.no_grad()
-def cache_image_tokens(model, gallery, args, device):
-    """Image tokens (N, 1+m, D) of every training image, fp16, computed once: with the image tower frozen they
-    never change, so each epoch costs only the text side and the (cheap) WCB heads."""
-    return evaluate.encode_gallery(model, gallery, args.batch_size, device, args.workers, tokens=True).half().cpu()
-
-
-def build_bank(model, gallery, args, device, path, reuse=False):
-    """SPN stage 2: f_ref and the normalised target features b of every unique training image, once, cached to
-    `path` and reused when the run resumes. Returns f_ref (N, D), bank (N, D)."""
-    if reuse and path.exists():
-        c = torch.load(path, map_location="cpu", weights_only=True)
-        return c["ref"], c["bank"].to(device)
-    f_ref, f_tar = evaluate.encode_gallery(model, gallery, args.batch_size, device, args.workers)
-    bank = F.normalize(f_tar.float(), dim=-1)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        atomic_save({"ref": f_ref.cpu(), "bank": bank.cpu()}, path)
-    return f_ref.cpu(), bank.to(device)
-
-
-# -----------------------------------------------------------------------------
 # the epoch
 
 def to_device(batch, device, cache=None, bank=None):
@@ -308,7 +285,7 @@ def eval_losses(args, ddp, ds, amp, rank, world, device, cache=None, bank=None):
 
 
 # -----------------------------------------------------------------------------
-# run setup: model, frozen image side, soft labels, resume
+# run setup: model, resume
 
 def init_model(args, init):
     """A stage-1 checkpoint (--init, --resume: its architecture and image pipeline win, since SPN's bank must be
@@ -322,38 +299,6 @@ def init_model(args, init):
     for k in ("clip", "no_wcb", "wcb_maps", "wcb_hidden", "transform", "categories"):
         setattr(args, k, init["args"][k])
     return evaluate.build_model(init)
-
-
-def frozen_image_side(model, ds, transform, args, device, out, resume, rank):
-    """With a frozen image side the loader gives image indices, and these caches give their rows: image tokens of
-    every training image (--encoder text), or SPN's f_ref and bank (--stage 2). Returns cache, bank."""
-    gallery = make_dataset(args, "train", "gallery", transform)
-    if list(gallery.images) != list(ds.images):
-        raise RuntimeError("train gallery and triplets disagree on the image list")
-    t = time.perf_counter()
-    if args.stage == 2:
-        cache, bank = build_bank(model, gallery, args, device, out / "bank.pt", reuse=resume is not None)
-        log(f"SPN bank: {len(bank)} training images x {bank.shape[1]} dims, "
-            f"{bank.numel() * bank.element_size() / 2**20:.1f} MiB per process (every rank holds it all), "
-            f"{time.perf_counter() - t:.1f} s", rank)
-        return cache, bank
-    cache = cache_image_tokens(model, gallery, args, device)
-    log(f"cached image tokens {tuple(cache.shape)} fp16, {cache.numel() * 2 / 2**20:.0f} MiB, "
-        f"{time.perf_counter() - t:.1f} s", rank)
-    return cache, None
-
-
-def carry_over_soft_labels(nfb, init, ds, args, rank):
-    """Stage 2 starts from stage 1's soft labels (README: "SPN") when they describe the same training triplets;
-    otherwise the NFB warms up again."""
-    same = [k for k in ("noise", "seed", "skip_missing", "extra_triplets") if init["args"][k] != getattr(args, k)]
-    if init.get("nfb") and not same and len(init["nfb"]["weights"]) == len(ds):
-        nfb.weights = init["nfb"]["weights"].float()
-        nfb.warmup_epochs = 0
-        log(f"NFB: soft labels of {args.init} carried over ({int((nfb.weights < 0.5).sum())} pairs flagged)", rank)
-    else:
-        why = "it has no NFB" if not init.get("nfb") else f"its triplets differ ({', '.join(same) or 'count'})"
-        log(f"NFB: stage-1 soft labels not carried over: {why}; warm-up of {args.warmup_epochs} epoch(s)", rank)
 
 
 def restore(resume, opt, sched, scaler, nfb, out, rank):
@@ -448,8 +393,10 @@ def main(argv=None):
 
     frozen_images = args.encoder == "text" or args.stage == 2
     ds = make_dataset(args, "train", "triplets", transform, return_images=not frozen_images)
-    cache, bank = frozen_image_side(model, ds, transform, args, device, out, resume, rank) if frozen_images else \
-        (None, None)
+    cache = bank = None
+    if frozen_images:
+        gallery = make_dataset(args, "train", "gallery", transform)
+        cache, bank = spn.frozen_image_side(model, gallery, ds, args, device, out, resume, rank)
     eval_sets = evaluate.eval_sets(args.dataset, args.data_root, "val", transform, args.categories, args.skip_missing)
     log(f"train: {len(ds)} triplets over {len(ds.images)} images, {int(ds.noisy.sum())} noisy", rank)
 
@@ -467,7 +414,7 @@ def main(argv=None):
     nfb = None if args.no_nfb else NoiseFilter(len(ds), args.warmup_epochs, args.gmm,
                                                noisy_gt=ds.noisy if ds.noisy.any() else None)
     if args.stage == 2 and nfb is not None and resume is None:
-        carry_over_soft_labels(nfb, init, ds, args, rank)
+        spn.carry_over_soft_labels(nfb, init, ds, args, rank)
     start, best, history = 0, -1.0, []
     if resume is not None:
         start, best, history = restore(resume, opt, sched, scaler, nfb, out, rank)
