@@ -5,7 +5,7 @@
     python bench.py method      GMM fit (scikit-learn vs torch EM), soft NCE vs InfoNCE, bank NCE
     python bench.py train       a toy training step split into data / forward / backward, the NFB's share of an
                                 epoch (--nfb-losses train vs eval), cached vs uncached image tokens (--encoder text)
-    python bench.py retrieval   ranking a CIRR-sized problem and a 100k gallery
+    python bench.py retrieval   ranking CIRR's val queries against galleries of 2,297 to 100k images
     python bench.py memory      peak memory and FLOPs of a real-data training step (RN50x4, ViT-B/32), traced with
                                 fake tensors on the CPU: the GPU recipe's memory estimate
     python bench.py all         everything (about 10 minutes on 2 cores)
@@ -277,10 +277,13 @@ def bench_train(args):
 # retrieval: chunked ranking
 
 def bench_retrieval(args):
-    """CIRR's val problem (4,181 queries x 2,297 images, with reference removal and subsets) and a 100k gallery."""
+    """CIRR's val queries (4,181, with reference removal and subsets) against galleries from CIRR val's 2,297
+    images to 100k: the time should grow linearly with the gallery (chunked matrix products, O(chunk x gallery)
+    memory)."""
     import evaluate
-    rows = []
-    for Q, G in ((4181, 2297), (4181, 100_000)):
+    rows, base = [], None
+    Q = 4181
+    for G in (2297, 10_000, 30_000, 100_000):
         g = torch.Generator().manual_seed(0)
         q, gal = torch.randn(Q, 640, generator=g), torch.randn(G, 640, generator=g)
         names = [f"im{i}" for i in range(G)]
@@ -288,9 +291,11 @@ def bench_retrieval(args):
         refs, tgts = [names[s[0]] for s in subsets], [names[s[1]] for s in subsets]
         members = [[names[i] for i in s] for s in subsets]
         t = _time(lambda: evaluate.cirr_metrics(q, gal, names, refs, tgts, members))
-        rows.append((f"{Q:,} x {G:,}", f"{t:.2f}", f"{Q * G / t / 1e6:.0f}"))
+        base = base or (t, G)
+        rows.append((f"{Q:,} x {G:,}", f"{t:.2f}", f"{Q * G / t / 1e6:.0f}", f"{G / base[1]:.1f}x",
+                     f"{t / base[0]:.1f}x"))
     _table("retrieval: CIRR protocol (reference removed, subsets), D = 640, fp32, chunks of 1024 queries",
-           ("queries x gallery", "s", "M pairs/s"), rows)
+           ("queries x gallery", "s", "M pairs/s", "gallery", "time"), rows)
 
 
 # -----------------------------------------------------------------------------

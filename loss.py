@@ -5,7 +5,7 @@
 - soft_nce: L^soft_NCE of NCL-CIR (Gao et al., ICASSP 2025). The noise-pair filter (nfb.py) gives each pair a
   clean probability w_i; the target distribution puts w_i on the paired target and (1 - w_i)/(M - 1) on each
   other target, so a pair flagged noisy (w -> 0) no longer pulls its query towards its (wrong) target.
-  w = 1 is exactly InfoNCE.
+  w = 1 is exactly InfoNCE. The paper does not give the form; soft="weight" (w_i · InfoNCE_i) is the ablation.
 - bank_nce: SPN's stage 2 "more negatives" (Feng et al., ACM MM 2024): NCE of each query over a static bank of
   the target features of every training image; the soft labels of the NFB carry over (spread over the bank).
 
@@ -44,22 +44,31 @@ def _log_probs(logits, pos):
     return lp_pos, logp.sum(1) - lp_pos                   # (B,), (B,)
 
 
-def _soft(lp_pos, lp_rest, w, M):
-    """-w·log p(positive) - (1 - w)/(M - 1)·Σ_other log p: the soft target without building it densely."""
+SOFT_LABELS = ("spread", "weight")
+
+
+def _soft(lp_pos, lp_rest, w, M, soft="spread"):
+    """The soft target without building it densely. spread: -w·log p(positive) - (1 - w)/(M - 1)·Σ_other log p
+    (the label mass a noisy pair loses goes to the other targets); weight: -w·log p(positive) (a flagged pair
+    simply counts less, nothing pushes it elsewhere)."""
     if w.shape != lp_pos.shape:
         raise ValueError(f"loss.py: soft labels w must have shape {tuple(lp_pos.shape)}, got {tuple(w.shape)}")
+    if soft not in SOFT_LABELS:
+        raise ValueError(f"loss.py: soft must be one of {SOFT_LABELS}, got {soft!r}")
     w = w.detach().to(lp_pos.device, torch.float32)     # labels, not a parameter
+    if soft == "weight":
+        return -w * lp_pos
     return -w * lp_pos - (1 - w) / max(M - 1, 1) * lp_rest
 
 
-def _nce(logits, pos, w, reduction):
+def _nce(logits, pos, w, reduction, soft="spread"):
     """Cross-entropy of each row of logits (B, M) against target pos (B,) with weight w (B,) on it and
-    (1 - w)/(M - 1) on every other column; w None = hard labels."""
+    (1 - w)/(M - 1) on every other column (soft="spread"); w None = hard labels."""
     if w is None:
         if pos.shape != (logits.shape[0],):
             raise ValueError(f"loss.py: positive indices must have shape ({logits.shape[0]},), got {tuple(pos.shape)}")
         return _reduce(F.cross_entropy(logits, pos, reduction="none"), reduction)
-    return _reduce(_soft(*_log_probs(logits, pos), w, logits.shape[1]), reduction)
+    return _reduce(_soft(*_log_probs(logits, pos), w, logits.shape[1], soft), reduction)
 
 
 def _default_pos(q, t, pos):
@@ -77,23 +86,23 @@ def info_nce(q, t, tau, pos=None, reduction="mean"):
     return _nce(_logits(q, t, tau), _default_pos(q, t, pos), None, reduction)
 
 
-def soft_nce(q, t, w, tau, pos=None, reduction="mean"):
-    """Soft-label NCE L^soft_NCE: target w_i on t[pos_i], (1 - w_i)/(M - 1) on every other row of t.
-    w (B,) clean probabilities from nfb.py; w = 1 gives exactly info_nce."""
-    return _nce(_logits(q, t, tau), _default_pos(q, t, pos), w, reduction)
+def soft_nce(q, t, w, tau, pos=None, reduction="mean", soft="spread"):
+    """Soft-label NCE L^soft_NCE: target w_i on t[pos_i], (1 - w_i)/(M - 1) on every other row of t (soft="weight":
+    w_i·InfoNCE_i instead). w (B,) clean probabilities from nfb.py; w = 1 gives exactly info_nce."""
+    return _nce(_logits(q, t, tau), _default_pos(q, t, pos), w, reduction, soft)
 
 
-def soft_and_plain_nce(q, t, w, tau, pos=None):
+def soft_and_plain_nce(q, t, w, tau, pos=None, soft="spread"):
     """Per-sample soft NCE (to train on) and plain InfoNCE (for the noise filter's GMM) from one matrix product
     and one log-softmax: InfoNCE is -log p(positive), a term soft NCE computes anyway. -> (soft (B,), plain (B,)
     detached). With t a static bank and pos its rows, the soft part equals bank_nce(..., w=w, reduction="none")."""
     logits = _logits(q, t, tau)
     lp_pos, lp_rest = _log_probs(logits, _default_pos(q, t, pos).to(q.device))
-    return _soft(lp_pos, lp_rest, w, logits.shape[1]), -lp_pos.detach()
+    return _soft(lp_pos, lp_rest, w, logits.shape[1], soft), -lp_pos.detach()
 
 
-def bank_nce(q, bank, target_idx, tau, w=None, reduction="mean"):
+def bank_nce(q, bank, target_idx, tau, w=None, reduction="mean", soft="spread"):
     """SPN stage-2 NCE over a static bank. q (B, D), bank (M, D) L2-normalised target features of all training
     images, target_idx (B,) row of each query's target in the bank, w (B,) optional soft labels (the rest,
     1 - w_i, spread over the other M - 1 bank rows). Logits are (B, M): chunk the batch if M is huge."""
-    return _nce(_logits(q, bank, tau), target_idx.to(q.device), w, reduction)
+    return _nce(_logits(q, bank, tau), target_idx.to(q.device), w, reduction, soft)

@@ -13,6 +13,7 @@ Methods (each is train.py with some flags):
     ncl+pos       ncl trained with SPN's generated positives (generate.py, similarity from the `ncl` run of the
                   same noise and seed, the toy's exact captions)
     ncl+pos+spn   ncl+pos, then SPN stage 2
+    ncl-weight    ncl with --soft-label weight (w_i · InfoNCE_i instead of spreading 1 - w_i over the other targets)
 
 Every cell's metrics are the validation metrics of its *last* epoch (stage-1 cells: no checkpoint selection on
 the reported split; stage 2 and the positives' similarities start from the stage-1 cell's best.pt, chosen on val as
@@ -37,7 +38,7 @@ import toy  # noqa: E402
 import train  # noqa: E402
 
 METHODS = {"infonce": ["--no-wcb", "--no-nfb"], "wcb": ["--no-nfb"], "nfb": ["--no-wcb"], "ncl": [],
-           "ncl+spn": [], "ncl+pos": [], "ncl+pos+spn": []}
+           "ncl+spn": [], "ncl+pos": [], "ncl+pos+spn": [], "ncl-weight": ["--soft-label", "weight"]}
 METRICS = ("R@1", "R@5", "R@10", "Rsubset@1")
 DETECTION = ("nfb_auc", "nfb_precision", "nfb_recall")
 
@@ -85,6 +86,38 @@ def fmt(xs):
     return f"{statistics.mean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
 
 
+EDITS = ("color", "size", "shape", "add", "remove", "move")
+
+
+def flags_by_edit(out, rows):
+    """Which pairs the NFB flags (w < 0.5 after the last epoch), by edit type: % of the *clean* pairs of each edit,
+    and % of the injected noisy pairs (recall), mean over seeds, for every cell with a noise filter. A filter that
+    flags clean pairs of some edits far more than others is taking hard edits for noise."""
+    import torch
+    import data
+    cells = {}
+    for r in rows:
+        run = out / cell_name(r["method"], r["noise"], r["seed"])
+        if r["method"] not in ("nfb", "ncl", "ncl-weight") or not (run / "last.pt").is_file():
+            continue
+        a = json.loads((run / "args.json").read_text())
+        w = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["nfb"]["weights"]
+        ds = data.CIRR(a["data_root"], "train", noise_ratio=a["noise"], noise_seed=a["seed"])
+        edits = [toy.edit_type(t["text"]) for t in ds.triplets]
+        flagged, noisy = (w < 0.5).tolist(), ds.noisy.tolist()
+        pct = {e: 100 * statistics.mean([f for f, k, n in zip(flagged, edits, noisy) if k == e and not n] or [0])
+               for e in EDITS}
+        pct["noisy"] = 100 * statistics.mean([f for f, n in zip(flagged, noisy) if n]) if any(noisy) else None
+        cells.setdefault((r["method"], r["noise"]), []).append(pct)
+    if not cells:
+        return ""
+    lines = ["| noise | method | " + " | ".join(EDITS) + " | injected noisy |", "|---|---|" + "---|" * 7]
+    for (method, noise), ps in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        vals = [fmt([p[k] for p in ps if p[k] is not None]) for k in (*EDITS, "noisy")]
+        lines.append(f"| {noise:.0%} | {method} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def report(out):
     """Markdown table (mean ± std over seeds) and R@1-vs-noise plot from <out>/results.jsonl."""
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
@@ -99,6 +132,10 @@ def report(out):
         det = [fmt([r[k] * (1 if k == "nfb_auc" else 100) for r in rs if r.get(k) is not None]) for k in DETECTION]
         lines.append(f"| {noise:.0%} | {method} | {len(rs)} | " + " | ".join(vals + det) + " |")
     table = "\n".join(lines)
+    edits = flags_by_edit(out, rows)
+    if edits:
+        table += "\n\n% of pairs the NFB flags (w < 0.5) after the last epoch: clean pairs by edit type, and the " \
+                 "injected noisy pairs\n\n" + edits
     (out / "results.md").write_text(table + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in METHODS:

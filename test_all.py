@@ -31,7 +31,7 @@ from bench import reference_clip  # OpenAI's clip package, imported around its p
 import tokenizer as TK
 import data
 import toy
-from loss import bank_nce, info_nce, soft_nce
+from loss import bank_nce, info_nce, soft_and_plain_nce, soft_nce
 from nfb import NoiseFilter, clean_probability, detection_metrics, fit_gmm, minmax
 from wcb import WCB, diversity_penalty
 import evaluate
@@ -895,6 +895,20 @@ def test_soft_nce_matches_dense_target_and_w0_is_uniform_over_others():
     assert torch.allclose(soft_nce(q, t, torch.zeros(B), tau, pos=pos, reduction="none"), -other, atol=1e-5)
 
 
+def test_soft_label_weight_is_w_times_cross_entropy_everywhere():
+    tau, B, M = 0.1, 6, 10
+    q, t = _qt(B, M)
+    pos = torch.tensor([3, 0, 9, 1, 5, 5])
+    w = torch.rand(B, generator=torch.Generator().manual_seed(2))
+    ref = w * F.cross_entropy(q @ t.T / tau, pos, reduction="none")
+    assert torch.allclose(soft_nce(q, t, w, tau, pos=pos, reduction="none", soft="weight"), ref, atol=1e-5)
+    assert torch.allclose(bank_nce(q, t, pos, tau, w=w, reduction="none", soft="weight"), ref, atol=1e-5)
+    soft, plain = soft_and_plain_nce(q, t, w, tau, pos=pos, soft="weight")
+    assert torch.allclose(soft, ref, atol=1e-5) and torch.allclose(plain, ref / w, atol=1e-4)
+    with pytest.raises(ValueError, match="soft must be one of"):
+        soft_nce(q, t, w, tau, pos=pos, soft="drop")
+
+
 def test_bank_nce_hand_computed():
     # q0 = (1, 0), q1 = (0, 1); bank rows (1, 0), (0, 1), (-1, 0); tau = 0.5
     # logits: q0 -> [2, 0, -2], q1 -> [0, 2, 0]; targets 0 and 1
@@ -1427,6 +1441,27 @@ def test_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, tmp_path):
             assert torch.allclose(bank["bank"][i], F.normalize(model.image_features(tok, "tar")[0], dim=-1)[0],
                                   atol=1e-5)
             assert torch.allclose(bank["ref"][i], model.image_features(tok, "ref")[0][0], atol=1e-5)
+
+
+def test_toy_edit_type_matches_the_scene_change(toy_root):
+    scenes = json.loads((toy_root / "scenes.json").read_text())
+    key = lambda o: (o["shape"], o["color"], o["size"], o["cell"])
+
+    def change(ref, tgt):                           # independent truth: what differs between the two scenes
+        a, b = {key(o) for o in scenes[ref]}, {key(o) for o in scenes[tgt]}
+        if len(b) != len(a):
+            return "add" if len(b) > len(a) else "remove"
+        (old,), (new,) = a - b, b - a
+        return {0: "shape", 1: "color", 2: "size", 3: "move"}[next(i for i in range(4) if old[i] != new[i])]
+    seen = set()
+    for split in ("train", "val"):
+        for r in json.loads((toy_root / "captions" / f"cap.rc2.{split}.json").read_text()):
+            tgt = r.get("target_clean", r["target_hard"])
+            assert toy.edit_type(r["caption"]) == change(r["reference"], tgt), r
+            seen.add(toy.edit_type(r["caption"]))
+    assert seen == {"add", "remove", "move", "color", "size", "shape"}
+    with pytest.raises(ValueError, match="not a toy modification text"):
+        toy.edit_type("make it nicer")
 
 
 # ----------------------------------------------------------------------------- the study driver

@@ -84,6 +84,24 @@ def _random_edit(rng, scene, max_objects):
     return text, _replace(scene, obj, (shape, color, size, c))
 
 
+def edit_type(text):
+    """The kind of edit a toy modification text asks for: 'color', 'size', 'shape', 'add', 'remove' or 'move' (the
+    grammar in make_toy's docstring). Used to break the noise filter's decisions down by edit."""
+    first = text.split()[0]
+    simple = {"add": "add", "put": "add", "remove": "remove", "take": "remove", "move": "move", "shift": "move",
+              "paint": "color", "turn": "shape", "enlarge": "size", "shrink": "size"}
+    if first in simple:
+        return simple[first]
+    words = text.split()                             # "make the <ref> bigger | <colour> | a <shape>"
+    if words[-1] in ("bigger", "smaller"):
+        return "size"
+    if words[-1] in TOY_SHAPES and words[-2] == "a":
+        return "shape"
+    if words[-1] in TOY_COLORS:
+        return "color"
+    raise ValueError(f"not a toy modification text: {text!r}")
+
+
 def _random_scene(rng, max_objects):
     cells = sorted(rng.sample(range(len(TOY_CELLS)), rng.randint(1, max_objects)))
     return tuple((rng.choice(TOY_SHAPES), rng.choice(list(TOY_COLORS)), rng.choice(TOY_SIZES), c) for c in cells)

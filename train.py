@@ -36,7 +36,7 @@ import plots
 import spn
 import toy
 from cir import CIRModel
-from loss import bank_nce, info_nce, soft_and_plain_nce
+from loss import SOFT_LABELS, bank_nce, info_nce, soft_and_plain_nce
 from model import load_clip, make_transform, tokenize
 from nfb import NoiseFilter
 from runtime import (atomic_save, error_line, gather_with_grad, log, merge_losses, rng_state, set_rng_state,
@@ -87,6 +87,8 @@ def get_args(argv=None):
     p.add_argument("--no-nfb", action="store_true", help="no Noise-pair Filter Block (plain InfoNCE throughout)")
     p.add_argument("--warmup-epochs", type=int, default=None, help="epochs of plain InfoNCE before the first GMM")
     p.add_argument("--gmm", default="sklearn", choices=["sklearn", "torch"])
+    p.add_argument("--soft-label", default="spread", choices=list(SOFT_LABELS),
+                   help="L^soft_NCE: spread (1 - w) over the other targets, or weight the pair's InfoNCE by w")
     p.add_argument("--nfb-losses", default="train", choices=["train", "eval"],
                    help="per-sample losses for the GMM: recorded in the training pass, or an extra no-grad pass")
     # SPN
@@ -115,7 +117,7 @@ def get_args(argv=None):
 # -----------------------------------------------------------------------------
 # one step
 
-def batch_loss(model, batch, w, tau, div_weight, bank=None):
+def batch_loss(model, batch, w, tau, div_weight, bank=None, soft="spread"):
     """Loss of one batch and the per-sample InfoNCE losses that the NFB fits its GMM to.
     batch: (tokens, ref, tgt, idx) where ref/tgt are images (B,3,H,W), cached image tokens (B,1+m,D), or, in
     stage 2, ref = cached reference features (B, D) and tgt = bank rows (B,). w (B,) soft labels or None."""
@@ -134,7 +136,7 @@ def batch_loss(model, batch, w, tau, div_weight, bank=None):
                     info_nce(q, t_all, tau, pos=pos, reduction="none"))
         plain = loss_vec.detach()
     else:                                                   # L^soft_NCE, and InfoNCE for the GMM from the same logits
-        loss_vec, plain = soft_and_plain_nce(q, t_all, w, tau, pos=pos)
+        loss_vec, plain = soft_and_plain_nce(q, t_all, w, tau, pos=pos, soft=soft)
     return loss_vec.mean() + div_weight * pen, plain.detach().float()
 
 
@@ -241,7 +243,8 @@ def train_epoch(args, model, ddp, ds, opt, sched, scaler, amp, nfb, epoch, rank,
         w = nfb.weights[idx].to(device) if use_w else None
         t1 = time.perf_counter()
         with amp:
-            loss, plain = batch_loss(ddp, (tokens, ref, tgt, idx), w, args.tau, args.div_weight, bank)
+            loss, plain = batch_loss(ddp, (tokens, ref, tgt, idx), w, args.tau, args.div_weight, bank,
+                                     args.soft_label)
         t2 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -364,7 +367,9 @@ def main(argv=None):
         path = Path(args.resume) / "last.pt" if Path(args.resume).is_dir() else Path(args.resume)
         resume = evaluate.load_checkpoint(path, "--resume")
         given = {k: getattr(args, k) for k in ("amp", "workers") if getattr(args, k) is not None}
-        args = argparse.Namespace(**{**resume["args"], **given, "resume": args.resume, "out": str(path.parent)})
+        base = vars(get_args(["--dataset", resume["args"]["dataset"]]))     # flags newer than the run: defaults
+        args = argparse.Namespace(**{**base, **resume["args"], **given, "resume": args.resume,
+                                     "out": str(path.parent)})
     if args.batch_size % world:
         sys.exit(f"error: --batch-size {args.batch_size} must be divisible by the {world} processes")
     torch.manual_seed(args.seed)
