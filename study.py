@@ -1,8 +1,13 @@
 """The noise-robustness study on the toy benchmark: injected noise x method x seed, one training run per cell.
 
-    python study.py                          # the full grid: noise 0/.2/.5/.8 x 5 methods x 3 seeds (hours on CPU)
+    python study.py                          # the grid: noise 0/.2/.5/.8 x 5 methods x 3 seeds, 60 runs
+    python study.py --methods ncl-weight     # add a method to the same grid (same folder, same settings)
     python study.py --noise 0 0.4 --methods ncl ncl+spn ncl+pos ncl+pos+spn --seeds 0    # SPN's table
-    python study.py --report runs/study      # only the table and the plot from the finished cells
+    python study.py --report runs/study      # only the tables and the plot from the finished cells
+
+The study's budget is its own (flags below): the `tiny-s` CLIP (a ViT of width 128 instead of `tiny`'s 192) for 3
+epochs, SPN stage 2 for 1, so that a stage-1 run takes about 1.4 min and the 60 runs of the grid 70-80 min on
+2 CPU cores; `--clip tiny --epochs 7 --stage2-epochs 3` is train.py's own toy setting (5 min a run).
 
 Methods (each is train.py with some flags):
     infonce       CLIP sum baseline: --no-wcb --no-nfb
@@ -31,7 +36,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
+import data  # noqa: E402
 import generate  # noqa: E402
 import runtime  # noqa: E402
 import toy  # noqa: E402
@@ -79,11 +86,11 @@ def run_cell(method, noise, seed, args, out):
     return json.loads(log.read_text().splitlines()[-1])
 
 
-def fmt(xs):
+def fmt(xs, digits=1):
     """'mean ± std' over the seeds (sample std), '—' for none."""
     if not xs:
         return "—"
-    return f"{statistics.mean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
+    return f"{statistics.mean(xs):.{digits}f}" + (f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else "")
 
 
 EDITS = ("color", "size", "shape", "add", "remove", "move")
@@ -93,8 +100,6 @@ def flags_by_edit(out, rows):
     """Which pairs the NFB flags (w < 0.5 after the last epoch), by edit type: % of the *clean* pairs of each edit,
     and % of the injected noisy pairs (recall), mean over seeds, for every cell with a noise filter. A filter that
     flags clean pairs of some edits far more than others is taking hard edits for noise."""
-    import torch
-    import data
     cells = {}
     for r in rows:
         run = out / cell_name(r["method"], r["noise"], r["seed"])
@@ -120,7 +125,7 @@ def flags_by_edit(out, rows):
 
 def report(out):
     """Markdown table (mean ± std over seeds) and R@1-vs-noise plot from <out>/results.jsonl."""
-    rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     cells = {}
     for r in rows:
         cells.setdefault((r["method"], r["noise"]), []).append(r)
@@ -129,7 +134,8 @@ def report(out):
     for (method, noise), rs in sorted(cells.items(), key=lambda kv: (kv[0][1], list(METHODS).index(kv[0][0]))):
         vals = [fmt([r["metrics"][m] for r in rs]) for m in METRICS]
         # AUC in [0, 1]; precision and recall of the w < 0.5 decision in percent
-        det = [fmt([r[k] * (1 if k == "nfb_auc" else 100) for r in rs if r.get(k) is not None]) for k in DETECTION]
+        det = [fmt([r[k] * (1 if k == "nfb_auc" else 100) for r in rs if r.get(k) is not None], 3 if k == "nfb_auc"
+                   else 1) for k in DETECTION]
         lines.append(f"| {noise:.0%} | {method} | {len(rs)} | " + " | ".join(vals + det) + " |")
     table = "\n".join(lines)
     edits = flags_by_edit(out, rows)
@@ -165,7 +171,7 @@ def main(argv=None):
     p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.5, 0.8])
     p.add_argument("--methods", nargs="+", default=["infonce", "wcb", "nfb", "ncl", "ncl+spn"], choices=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    # the study's budget (60 runs in about an hour on 2 CPU cores), not train.py's toy defaults (tiny, 7 epochs)
+    # the study's budget (60 runs in 70-80 min on 2 CPU cores), not train.py's toy defaults (tiny, 7 epochs)
     p.add_argument("--clip", default="tiny-s", help="CLIP config of the stage-1 cells")
     p.add_argument("--epochs", type=int, default=3, help="stage-1 epochs per cell (the first is NFB's warm-up)")
     p.add_argument("--stage2-epochs", type=int, default=1, help="SPN stage-2 epochs per cell")
