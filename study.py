@@ -6,7 +6,7 @@
     python study.py --report runs/study      # only the tables and the plot from the finished cells
 
 The study's budget is its own (flags below): the `tiny-s` CLIP (a ViT of width 128 instead of `tiny`'s 192) for 3
-epochs, SPN stage 2 for 1, so that a stage-1 run takes about 1.4 min and the 60 runs of the grid 70-80 min on
+epochs, SPN stage 2 for 1, so that a stage-1 run takes about 1.4 min and the 60 runs of the grid about 80 min on
 2 CPU cores; `--clip tiny --epochs 7 --stage2-epochs 3` is train.py's own toy setting (5 min a run).
 
 Methods (each is train.py with some flags):
@@ -161,9 +161,9 @@ def report(out):
     fig.savefig(out / "r1_vs_noise.png", dpi=110)
     plt.close(fig)
     print(table)
-    minutes = sum(r.get("minutes", 0) for r in rows)
-    print(f"\n{len(rows)} cells, {minutes:.0f} min of training in all; written: {out / 'results.md'}, "
-          f"{out / 'r1_vs_noise.png'}")
+    timed = [r["minutes"] for r in rows if "minutes" in r]
+    took = f", {sum(timed):.0f} min of training for the {len(timed)} timed ones" if timed else ""
+    print(f"\n{len(rows)} cells{took}; written: {out / 'results.md'}, {out / 'r1_vs_noise.png'}")
 
 
 def main(argv=None):
@@ -171,7 +171,7 @@ def main(argv=None):
     p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.5, 0.8])
     p.add_argument("--methods", nargs="+", default=["infonce", "wcb", "nfb", "ncl", "ncl+spn"], choices=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    # the study's budget (60 runs in 70-80 min on 2 CPU cores), not train.py's toy defaults (tiny, 7 epochs)
+    # the study's budget (60 runs in about 80 min on 2 CPU cores), not train.py's toy defaults (tiny, 7 epochs)
     p.add_argument("--clip", default="tiny-s", help="CLIP config of the stage-1 cells")
     p.add_argument("--epochs", type=int, default=3, help="stage-1 epochs per cell (the first is NFB's warm-up)")
     p.add_argument("--stage2-epochs", type=int, default=1, help="SPN stage-2 epochs per cell")
