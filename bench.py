@@ -14,6 +14,7 @@ Speed is checked here, never in the tests. Numbers depend on the machine: the RE
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -302,8 +303,9 @@ def bench_retrieval(args):
 # GPU memory and compute of a real-data training step, estimated without a GPU
 
 def _traced_step(cfg, encoder, batch, bf16):
-    """Peak bytes of the second of two training steps (the first creates AdamW's state) and the FLOPs of one, for a
-    CIRModel on CLIP(**cfg), traced with fake tensors."""
+    """Peak bytes of the second of two training steps (the first creates AdamW's state), and the FLOPs of that step
+    (counted in the fp32 call only: autocast changes dtypes, not FLOPs), for a CIRModel on CLIP(**cfg), traced with
+    fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
@@ -332,12 +334,12 @@ def _traced_step(cfg, encoder, batch, bf16):
 
         tracker = MemTracker()
         tracker.track_external(model, opt)
+        flops = FlopCounterMode(display=False)
         with tracker:
             step()
             tracker.reset_mod_stats()
-            step()
-        with FlopCounterMode(display=False) as flops:
-            step()
+            with flops if not bf16 else contextlib.nullcontext():
+                step()
     return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"], flops.get_total_flops()
 
 

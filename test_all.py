@@ -1480,6 +1480,14 @@ def test_study_grid_resumes_and_reports(toy_root, tmp_path):
     assert len((tmp_path / "st/results.jsonl").read_text().splitlines()) == 2
     with pytest.raises(ValueError, match="not .*'epochs': 2"):       # other settings never mix into one table
         study.main([*argv, "--epochs", "2"])
+    # the ncl cell exists already (ncl+spn's stage 1): recording it trains nothing, and the report gains the NFB's
+    # flags by edit type, the clean pairs' percentages computed from that cell's soft labels
+    study.main([*argv[:2], "--methods", "ncl", *argv[5:]])
+    w = torch.load(tmp_path / "st/ncl-n0-s0/last.pt", weights_only=True)["nfb"]["weights"]
+    ds = data.CIRR(toy_root, "train", noise_ratio=0.0, noise_seed=0)
+    move = [bool(f) for f, t, n in zip(w < 0.5, ds.triplets, ds.noisy) if toy.edit_type(t["text"]) == "move" and not n]
+    row = [line for line in (tmp_path / "st/results.md").read_text().splitlines() if line.startswith("| 0% | ncl |")][-1]
+    assert row.split(" | ")[7] == f"{100 * sum(move) / len(move):.1f}"
 
 # ====================================================================================================
 # SPN: stage 2, generated positives

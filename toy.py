@@ -87,12 +87,12 @@ def _random_edit(rng, scene, max_objects):
 def edit_type(text):
     """The kind of edit a toy modification text asks for: 'color', 'size', 'shape', 'add', 'remove' or 'move' (the
     grammar in make_toy's docstring). Used to break the noise filter's decisions down by edit."""
-    first = text.split()[0]
+    words = text.split()
     simple = {"add": "add", "put": "add", "remove": "remove", "take": "remove", "move": "move", "shift": "move",
               "paint": "color", "turn": "shape", "enlarge": "size", "shrink": "size"}
-    if first in simple:
-        return simple[first]
-    words = text.split()                             # "make the <ref> bigger | <colour> | a <shape>"
+    if words[0] in simple:
+        return simple[words[0]]
+    # "make the <ref> bigger | <colour> | a <shape>"
     if words[-1] in ("bigger", "smaller"):
         return "size"
     if words[-1] in TOY_SHAPES and words[-2] == "a":
