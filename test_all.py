@@ -1485,8 +1485,10 @@ def test_study_grid_resumes_and_reports(toy_root, tmp_path):
     study.main([*argv[:2], "--methods", "ncl", *argv[5:]])
     w = torch.load(tmp_path / "st/ncl-n0-s0/last.pt", weights_only=True)["nfb"]["weights"]
     ds = data.CIRR(toy_root, "train", noise_ratio=0.0, noise_seed=0)
-    move = [bool(f) for f, t, n in zip(w < 0.5, ds.triplets, ds.noisy) if toy.edit_type(t["text"]) == "move" and not n]
-    row = [line for line in (tmp_path / "st/results.md").read_text().splitlines() if line.startswith("| 0% | ncl |")][-1]
+    move = [bool(f) for f, t, n in zip(w < 0.5, ds.triplets, ds.noisy)
+            if toy.edit_type(t["text"]) == "move" and not n]
+    rows = (tmp_path / "st/results.md").read_text().splitlines()
+    row = [line for line in rows if line.startswith("| 0% | ncl |")][-1]                # the edit-type table's row
     assert row.split(" | ")[7] == f"{100 * sum(move) / len(move):.1f}"
 
 # ====================================================================================================
