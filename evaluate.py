@@ -32,7 +32,7 @@ import data
 import runtime
 import toy
 from cir import CIRModel
-from model import build_clip, load_clip, make_transform, tokenize
+from model import build_clip, load_clip, make_transform, normalize_pixels, tokenize
 
 CHUNK = 1024  # queries scored at once: memory is CHUNK x gallery floats
 
@@ -157,7 +157,10 @@ def encode_gallery(model, gallery, batch_size, device, workers=2, tokens=False, 
     the reference-role and target-role WCB features of each image; or, with tokens=True, the tokens (N, 1+m, D)."""
     model.eval()
     out = []
-    for i, images in tqdm(_loader(gallery, batch_size, workers), desc="gallery", leave=False):
+    pixels = getattr(gallery, "pixels", None)          # decoded once (data.decode_images): no file opened here
+    batches = (_loader(gallery, batch_size, workers) if pixels is None else
+               ((None, normalize_pixels(pixels[s:s + batch_size])) for s in range(0, len(pixels), batch_size)))
+    for _, images in tqdm(batches, desc="gallery", leave=False):
         with amp or nullcontext():
             tok = model.image_tokens(images.to(device, non_blocking=True))   # (B, 1+m, D)
             out.append(tok.half() if tokens else

@@ -465,12 +465,19 @@ def target_pad(image, target_ratio=1.25):
     return TF.pad(image, [pw, ph, pw, ph], fill=0)
 
 
-def make_transform(name="clip", size=224, target_ratio=1.25):
-    """'clip' | 'targetpad' -> callable(PIL.Image) -> (3, size, size) normalised tensor (picklable, for workers)."""
-    steps = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), _to_rgb, T.ToTensor(),
-             T.Normalize(CLIP_MEAN, CLIP_STD)]
+def make_transform(name="clip", size=224, target_ratio=1.25, pixels=False):
+    """'clip' | 'targetpad' -> callable(PIL.Image) -> (3, size, size) normalised tensor (picklable, for workers).
+    pixels=True stops before the float conversion: (3, size, size) uint8, what a decoded-image cache stores;
+    normalize_pixels then gives exactly the float tensor of the full transform."""
+    if name not in ("clip", "targetpad"):
+        raise ValueError(f"unknown transform {name!r}; choose 'clip' or 'targetpad'")
+    steps = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), _to_rgb]
     if name == "targetpad":
         steps.insert(0, partial(target_pad, target_ratio=target_ratio))
-    elif name != "clip":
-        raise ValueError(f"unknown transform {name!r}; choose 'clip' or 'targetpad'")
+    steps += [T.PILToTensor()] if pixels else [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
     return T.Compose(steps)
+
+
+def normalize_pixels(x):
+    """uint8 images (B, 3, H, W) -> float (B, 3, H, W), the same arithmetic as ToTensor + Normalize (bit-equal)."""
+    return TF.normalize(x.float().div(255), CLIP_MEAN, CLIP_STD)

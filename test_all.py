@@ -395,6 +395,17 @@ def test_targetpad_transform():
     square = Image.new("RGB", (110, 100), (10, 200, 30))                 # ratio 1.1 < 1.25: untouched
     assert torch.equal(M.make_transform("targetpad", 64)(square), M.make_transform("clip", 64)(square))
 
+
+@pytest.mark.parametrize("name", ["clip", "targetpad"])
+def test_decoded_pixels_give_the_transform_exactly(name):
+    """The decoded-image cache stores uint8 rows; normalize_pixels must give the full transform's float tensor."""
+    rng = np.random.default_rng(1)
+    for size in ((64, 64), (150, 90)):
+        img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+        px = M.make_transform(name, 48, pixels=True)(img)
+        assert px.dtype == torch.uint8 and px.shape == (3, 48, 48)
+        assert torch.equal(M.normalize_pixels(px[None])[0], M.make_transform(name, 48)(img))
+
 # ====================================================================================================
 # data.py
 # ====================================================================================================
