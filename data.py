@@ -12,14 +12,16 @@ benchmark (README: "Data").
 - Missing images are found once, when a dataset is built (one directory listing per folder, no image opened):
   an error by default, or with skip_missing=True the affected triplets (and gallery images) are dropped, with a
   printed count. A corrupt image fails when read, naming its path.
-- inject_noise: replace the target of exactly round(p*N) training triplets by another random training image;
-  the flags (.noisy) are the ground truth against which the noise filter's detection is scored.
+- inject_noise: corrupt round(p*N) training triplets (Noise(ratio, kind, seed)): the field's "shuffle" protocol,
+  a random wrong target, a wrong text, or a near-miss target from the query's own subset; the flags (.noisy) are
+  the ground truth against which the noise filter's detection is scored.
 - The toy benchmark (toy.py) is written in CIRR's layout, so the CIRR class reads it unchanged.
 """
 import json
 import os
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -88,30 +90,90 @@ def decode_images(gallery, workers=0, batch_size=256):
 # -----------------------------------------------------------------------------
 # synthetic label noise
 
-def inject_noise(triplets, images, p, seed):
-    """Corrupt exactly round(p * N) of N triplets, chosen with `seed`: each chosen triplet's target is replaced by
-    a random other image of `images` (never the original target, nor the reference). Returns (new_triplets,
-    noisy (N,) bool). The input is not modified; p = 0 returns the same triplet objects and all-False flags."""
+NOISE_KINDS = ("shuffle", "target", "text", "partial")
+
+
+class Noise(NamedTuple):
+    """Injected training noise: `ratio` of the triplets corrupted the `kind` way, chosen with `seed`."""
+    ratio: float
+    kind: str = "shuffle"
+    seed: int = 0
+
+
+def check_noise(noise, has_subsets=True, what="--noise"):
+    """A clear error for a noise setting that cannot work, before any data is read."""
+    if not 0.0 <= noise.ratio <= 1.0:
+        raise ValueError(f"{what} {noise.ratio}: the fraction of corrupted training triplets must be in [0, 1]")
+    if noise.kind not in NOISE_KINDS:
+        raise ValueError(f"--noise-kind {noise.kind!r}: choose one of {', '.join(NOISE_KINDS)}")
+    if noise.kind == "partial" and not has_subsets:
+        raise ValueError("--noise-kind partial draws the wrong target from the query's own subset, and this dataset "
+                         "has none (CIRR and the toy do); choose --noise-kind shuffle, target or text")
+
+
+def inject_noise(triplets, images, noise):
+    """Corrupt round(ratio * N) of N training triplets, chosen with noise.seed. Returns (new_triplets, noisy (N,)
+    bool); the input is not modified, and ratio 0 returns the same triplet objects and all-False flags.
+
+      shuffle  the field's protocol (TME, CVPR 2025): the chosen triplets are split into three equal parts; within
+               the first the reference images are permuted among them, within the second the modification texts,
+               within the third the target images. A triplet the permutation leaves unchanged (a fixed point, or
+               an equal value: CIRR's references repeat) counts as clean, so at most round(ratio * N) are noisy.
+      target   each chosen triplet gets a random other image of `images` as target (never its target or reference)
+      text     each chosen triplet gets the modification text of a random other triplet (a different text)
+      partial  a near miss: the target is replaced by another image of the triplet's own subset ("members": CIRR's
+               img_set, the toy's group), never its reference or target; triplets without such an image are not
+               chosen
+    """
+    check_noise(noise)
     n = len(triplets)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"noise ratio must be in [0, 1], got {p}")
-    k = round(p * n)
     noisy = torch.zeros(n, dtype=torch.bool)
     new = list(triplets)
+    rng = random.Random(noise.seed)
+    pool = list(range(n))
+    if noise.kind == "partial":
+        pool = [i for i, t in enumerate(triplets) if _near_misses(t)]
+        if not pool and noise.ratio > 0:
+            raise ValueError("--noise-kind partial needs subsets (img_set members) with a third image")
+    k = min(round(noise.ratio * n), len(pool))
     if k == 0:
         return new, noisy
-    if len(set(images)) < 3:
-        raise ValueError("inject_noise needs at least 3 distinct images to draw wrong targets from")
-    rng = random.Random(seed)
-    for i in sorted(rng.sample(range(n), k)):
-        t = triplets[i]
-        while True:  # rejection sampling: at most 2 of >= 3 images are excluded, so this ends quickly
-            cand = images[rng.randrange(len(images))]
-            if cand != t["target"] and cand != t["reference"]:
-                break
-        new[i] = {**t, "target": cand}
-        noisy[i] = True
+    chosen = rng.sample(pool, k)
+    if noise.kind == "shuffle":
+        parts = [chosen[j::3] for j in range(3)]           # three equal parts (sizes differ by at most one)
+        for part, fields in zip(parts, (("reference",), ("text", "captions"), ("target",))):
+            perm = part[:]
+            rng.shuffle(perm)
+            for i, j in zip(part, perm):
+                new[i] = {**triplets[i], **{f: triplets[j][f] for f in fields}}
+    else:
+        if noise.kind in ("target", "text") and len(set(images)) < 3:
+            raise ValueError("inject_noise needs at least 3 distinct images")
+        for i in sorted(chosen):
+            new[i] = {**triplets[i], **_corrupt(triplets[i], noise.kind, triplets, images, rng)}
+    for i in chosen:
+        noisy[i] = any(new[i].get(f) != triplets[i].get(f) for f in ("reference", "text", "target"))
     return new, noisy
+
+
+def _near_misses(t):
+    return [m for m in (t.get("members") or ()) if m not in (t["reference"], t["target"])]
+
+
+def _corrupt(t, kind, triplets, images, rng):
+    """The replaced fields of one triplet under a per-triplet noise kind (rejection sampling ends quickly)."""
+    if kind == "partial":
+        return {"target": rng.choice(_near_misses(t))}
+    if kind == "text":
+        for _ in range(1000):
+            o = triplets[rng.randrange(len(triplets))]
+            if o["text"] != t["text"]:
+                return {"text": o["text"], "captions": o["captions"]}
+        return {}                                           # every text is the same: nothing to corrupt
+    while True:
+        cand = images[rng.randrange(len(images))]
+        if cand != t["target"] and cand != t["reference"]:
+            return {"target": cand}
 
 
 # -----------------------------------------------------------------------------
@@ -155,7 +217,7 @@ class _CIRDataset(Dataset):
     """
 
     def _setup(self, name, root, split, view, images, paths, triplets, stored_noisy, *, transform, skip_missing,
-               noise_ratio, noise_seed, return_images, random_text, extra_triplets):
+               noise, return_images, random_text, extra_triplets):
         if view not in ("triplets", "gallery"):
             raise ValueError(f"{name}: view must be 'triplets' or 'gallery', got {view!r}")
         self.split, self.view, self.transform = split, view, transform
@@ -189,12 +251,13 @@ class _CIRDataset(Dataset):
 
         # Injected noise (training only), on top of any noise the data set stores itself (the toy's "noisy" key).
         noisy = torch.tensor(stored_noisy, dtype=torch.bool)
-        if noise_ratio:
+        if noise is not None and noise.ratio:
             if not train:
-                raise ValueError(f"{name}: noise_ratio is for the training split, not {split!r}")
-            triplets, injected = inject_noise(triplets, images, noise_ratio, noise_seed)
-            print(f"{name} {split}: injected noise: {int(injected.sum())} of {len(triplets)} targets replaced "
-                  f"(ratio {noise_ratio}, seed {noise_seed})", flush=True)
+                raise ValueError(f"{name}: injected noise is for the training split, not {split!r}")
+            check_noise(noise, has_subsets=any(t["members"] for t in triplets))
+            triplets, injected = inject_noise(triplets, images, noise)
+            print(f"{name} {split}: injected {noise.kind} noise: {int(injected.sum())} of {len(triplets)} triplets "
+                  f"corrupted (ratio {noise.ratio}, seed {noise.seed})", flush=True)
             noisy = noisy | injected
         if extra_triplets is not None:  # generated positives (SPN), appended after the noise: never corrupted
             extra = _read_extra(extra_triplets, self.index, name)
@@ -282,8 +345,8 @@ class CIRR(_CIRDataset):
     includes the reference), category None}. A caption row's "noisy" key (the toy's ground truth) fills .noisy.
     """
 
-    def __init__(self, root, split="train", view="triplets", transform=None, skip_missing=False, noise_ratio=0.0,
-                 noise_seed=0, return_images=True, random_text=None, extra_triplets=None):
+    def __init__(self, root, split="train", view="triplets", transform=None, skip_missing=False, noise=None,
+                 return_images=True, random_text=None, extra_triplets=None):
         # random_text: no effect for CIRR (one caption per query); extra_triplets: see _read_extra
         root = Path(root).expanduser()
         if split not in CIRR_SPLITS:
@@ -319,7 +382,7 @@ class CIRR(_CIRDataset):
                                  captions=[r["caption"]], members=list(members) if members else None, category=None))
             noisy.append(bool(r.get("noisy", False)))
         self._setup("CIRR", root, split, view, names, paths, triplets, noisy, transform=transform,
-                    skip_missing=skip_missing, noise_ratio=noise_ratio, noise_seed=noise_seed,
+                    skip_missing=skip_missing, noise=noise,
                     return_images=return_images, random_text=random_text, extra_triplets=extra_triplets)
 
 
@@ -345,7 +408,7 @@ class FashionIQ(_CIRDataset):
     """
 
     def __init__(self, root, categories=FIQ_CATEGORIES, split="train", view="triplets", transform=None,
-                 skip_missing=False, noise_ratio=0.0, noise_seed=0, return_images=True, random_text=None,
+                 skip_missing=False, noise=None, return_images=True, random_text=None,
                  extra_triplets=None):
         root = Path(root).expanduser()
         categories = (categories,) if isinstance(categories, str) else tuple(categories)
@@ -401,7 +464,7 @@ class FashionIQ(_CIRDataset):
         print(f"FashionIQ {split} {'+'.join(categories)}: annotations {ann}, images {img_dir} "
               f"({'/'.join(exts)})", flush=True)
         self._setup("FashionIQ", root, split, view, images, paths, triplets, [False] * len(triplets),
-                    transform=transform, skip_missing=skip_missing, noise_ratio=noise_ratio, noise_seed=noise_seed,
+                    transform=transform, skip_missing=skip_missing, noise=noise,
                     return_images=return_images, random_text=random_text, extra_triplets=extra_triplets)
         if len(self.images) != len(images):  # skip_missing dropped some: keep the per-category lists consistent
             self.category_images = {c: [n for n in ns if n in self.index] for c, ns in self.category_images.items()}

@@ -17,7 +17,6 @@ Usage
     python evaluate.py --checkpoint runs/X/best.pt --split test1 --submission subs/   # CIRR server files
 """
 
-import argparse
 import json
 import sys
 from contextlib import nullcontext
@@ -325,7 +324,7 @@ def latest_best(runs="runs"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runtime.ArgumentParser(__doc__)
     p.add_argument("--checkpoint", default=None, help="a run's best.pt (default: the most recent run's)")
     p.add_argument("--clip", default=None, help="zero-shot: OpenAI CLIP name or path, sum fusion, no training")
     p.add_argument("--dataset", default=None, choices=["toy", "cirr", "fashioniq"])

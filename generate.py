@@ -13,7 +13,6 @@ within each category. The output is what `train.py --extra-triplets FILE` reads:
     python generate.py --dataset toy --checkpoint runs/X/best.pt --out extra.json
     python generate.py --dataset cirr --data-root DIR --captions caps.json --clip ViT-B/32 --out extra.json
 """
-import argparse
 import json
 import random
 import sys
@@ -92,7 +91,7 @@ def read_captions(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runtime.ArgumentParser(__doc__)
     p.add_argument("--dataset", default="toy", choices=["toy", "cirr", "fashioniq"])
     p.add_argument("--data-root", default=None, help="dataset folder (toy: the default toy set if omitted)")
     p.add_argument("--captions", default=None, help="JSON {image name: caption} (toy: <root>/image_captions.json)")

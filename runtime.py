@@ -6,9 +6,11 @@
   checkpoints  atomic_save (temp file + rename), rng_state / set_rng_state (exact resume: torch, Python,
                NumPy and CUDA generators)
   logs         strict_json (NaN -> null in the JSON lines), log (rank 0 only, above the progress bars),
-               error_line (a bad-input error as the one line the command line prints)
+               error_line (a bad-input error as the one line the command line prints), ArgumentParser (bad
+               flags in one line)
 """
 
+import argparse
 import math
 import os
 import random
@@ -120,6 +122,16 @@ def strict_json(x):
 def log(msg, rank=0):
     if rank == 0:
         tqdm.write(msg)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line, `error: <flag and fix>`, instead of the usage block."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
 
 
 def error_line(e):

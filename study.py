@@ -26,7 +26,6 @@ SPN does), appended to <out>/results.jsonl as soon as the cell ends: a killed st
 The report is a markdown table (mean ± std over seeds) and a PNG of R@1 against the noise ratio.
 """
 
-import argparse
 import json
 import statistics
 import time
@@ -107,7 +106,7 @@ def flags_by_edit(out, rows):
             continue
         a = json.loads((run / "args.json").read_text())
         w = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["nfb"]["weights"]
-        ds = data.CIRR(a["data_root"], "train", noise_ratio=a["noise"], noise_seed=a["seed"])
+        ds = data.CIRR(a["data_root"], "train", noise=data.Noise(a["noise"], a.get("noise_kind", "target"), a["seed"]))
         edits = [toy.edit_type(t["text"]) for t in ds.triplets]
         flagged, noisy = (w < 0.5).tolist(), ds.noisy.tolist()
         pct = {e: 100 * statistics.mean([f for f, k, n in zip(flagged, edits, noisy) if k == e and not n] or [0])
@@ -167,7 +166,7 @@ def report(out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runtime.ArgumentParser(__doc__)
     p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.5, 0.8])
     p.add_argument("--methods", nargs="+", default=["infonce", "wcb", "nfb", "ncl", "ncl+spn"], choices=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -494,7 +494,7 @@ def test_cirr_val_real_counts(cirr_root, capsys):
             assert trip.paths[n].is_file()
     assert not trip.noisy.any() and trip.noisy.shape == (4181,)
     with pytest.raises(ValueError, match="training split"):
-        data.CIRR(cirr_root, "val", noise_ratio=0.1)
+        data.CIRR(cirr_root, "val", noise=data.Noise(0.1))
     ref, text, tgt, i = trip[7]
     t = trip.triplets[7]
     assert (trip.images[ref], text, trip.images[tgt], i) == (t["reference"], t["text"], t["target"], 7)
@@ -529,24 +529,30 @@ def test_cirr_layout_variants(tmp_path, capsys, ann_sub, img_sub, label):
     assert len(ds) == 2297 and all(p.is_file() for p in ds.paths.values())
 
 
-def test_cirr_train_split_nested_folders(tmp_path):
-    """cap.rc2.train.json is not in the shared copy: a train split in the val format with CIRR's nested train/<k>/."""
-    rows = json.loads((CIRR_ANN / "captions/cap.rc2.val.json").read_text())[:300]
+def make_cirr_train(tmp, n_rows=300):
+    """cap.rc2.train.json is not in the shared copy: a train split made of real val rows (their img_set members
+    included), with CIRR's nested train/<k>/ folders. Returns the rows."""
+    rows = json.loads((CIRR_ANN / "captions/cap.rc2.val.json").read_text())[:n_rows]
     names = sorted({n for r in rows for n in (r["reference"], r["target_hard"], *r["img_set"]["members"])})
     split = {n: f"./train/{k % 7}/{n}.png" for k, n in enumerate(names)}
-    (tmp_path / "captions").mkdir()
-    (tmp_path / "image_splits").mkdir()
-    (tmp_path / "captions/cap.rc2.train.json").write_text(json.dumps(rows))
-    (tmp_path / "image_splits/split.rc2.train.json").write_text(json.dumps(split))
-    png = _tiny_png(tmp_path)
+    (tmp / "captions").mkdir(parents=True)
+    (tmp / "image_splits").mkdir()
+    (tmp / "captions/cap.rc2.train.json").write_text(json.dumps(rows))
+    (tmp / "image_splits/split.rc2.train.json").write_text(json.dumps(split))
+    png = _tiny_png(tmp)
     for n, rel in split.items():
-        _link(png, tmp_path / "img_raw" / rel)
+        _link(png, tmp / "img_raw" / rel)
+    return rows
+
+
+def test_cirr_train_split_nested_folders(tmp_path):
+    rows = make_cirr_train(tmp_path)
     ds = data.CIRR(tmp_path, "train", transform=lambda im: torch.zeros(3, 8, 8))
     ref, text, tgt, i = ds[11]
     assert ref.shape == tgt.shape == (3, 8, 8) and text == rows[11]["caption"] and i == 11
     batch = next(iter(DataLoader(ds, batch_size=5)))
     assert batch[0].shape == (5, 3, 8, 8) and list(batch[3]) == [0, 1, 2, 3, 4]
-    noisy = data.CIRR(tmp_path, "train", noise_ratio=0.3, noise_seed=5, return_images=False)
+    noisy = data.CIRR(tmp_path, "train", noise=data.Noise(0.3, "target", 5), return_images=False)
     assert int(noisy.noisy.sum()) == 90
     for t, t0, f in zip(noisy.triplets, ds.triplets, noisy.noisy):
         assert (t["target"] != t0["target"]) == bool(f)
@@ -607,7 +613,7 @@ def test_fashioniq_train_items(tmp_path):
     ds = data.FashionIQ(root, "dress", "train")
     ref, text, tgt, i = ds[3]
     assert ref.shape == tgt.shape == (3, 4, 4) and isinstance(text, str) and i == 3
-    n = data.FashionIQ(root, "dress", "train", noise_ratio=0.2, noise_seed=1, return_images=False)
+    n = data.FashionIQ(root, "dress", "train", noise=data.Noise(0.2, "target", 1), return_images=False)
     assert int(n.noisy.sum()) == round(0.2 * 5985)
 
 
@@ -685,20 +691,81 @@ def test_inject_noise():
     trips = _trips()
     images = [f"i{k}" for k in range(50)]
     for p in (0.1, 0.25, 0.5, 0.8, 1.0):
-        new, flags = data.inject_noise(trips, images, p, seed=3)
+        new, flags = data.inject_noise(trips, images, data.Noise(p, "target", 3))
         assert int(flags.sum()) == round(p * 200) and flags.dtype == torch.bool
         for t, t0, f in zip(new, trips, flags):
             assert (t["target"] != t0["target"]) == bool(f) and t["reference"] == t0["reference"]
             if f:
                 assert t["target"] in images and t["target"] != t0["reference"]
-        new2, flags2 = data.inject_noise(trips, images, p, seed=3)
+        new2, flags2 = data.inject_noise(trips, images, data.Noise(p, "target", 3))
         assert new2 == new and torch.equal(flags, flags2)
-    assert data.inject_noise(trips, images, 0.5, seed=4)[0] != data.inject_noise(trips, images, 0.5, seed=3)[0]
+    assert (data.inject_noise(trips, images, data.Noise(0.5, "target", 4))[0]
+            != data.inject_noise(trips, images, data.Noise(0.5, "target", 3))[0])
     assert trips == _trips()  # input untouched
-    same, flags = data.inject_noise(trips, images, 0.0, seed=1)
+    same, flags = data.inject_noise(trips, images, data.Noise(0.0, "shuffle", 1))
     assert all(a is b for a, b in zip(same, trips)) and len(same) == 200 and not flags.any()
-    with pytest.raises(ValueError):
-        data.inject_noise(trips, images, 1.5, 0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        data.inject_noise(trips, images, data.Noise(1.5))
+
+
+def _changed(new, old):
+    return [tuple(f for f in ("reference", "text", "target") if a[f] != b[f]) for a, b in zip(new, old)]
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.8, 1.0])
+def test_shuffle_noise_permutes_three_fields_in_three_parts(tmp_path, p):
+    """TME's protocol on real CIRR rows: the chosen triplets in three equal parts, references / texts / targets
+    permuted within a part. Every field keeps its multiset; a triplet changes in at most one field; a triplet whose
+    value the permutation left equal (CIRR references repeat) is clean."""
+    make_cirr_train(tmp_path, 600)
+    ds = data.CIRR(tmp_path, "train", return_images=False)
+    noisy = data.CIRR(tmp_path, "train", noise=data.Noise(p, "shuffle", 7), return_images=False)
+    old, new = ds.triplets, noisy.triplets
+    for f in ("reference", "text", "target"):
+        assert sorted(t[f] for t in new) == sorted(t[f] for t in old)
+    changed = _changed(new, old)
+    assert all(len(c) <= 1 for c in changed)
+    assert [bool(c) for c in changed] == noisy.noisy.tolist()
+    k = round(p * 600)
+    per_field = {f: sum(c == (f,) for c in changed) for f in ("reference", "text", "target")}
+    assert all(v <= -(-k // 3) for v in per_field.values())           # one third of the chosen at most
+    assert k - 30 <= int(noisy.noisy.sum()) <= k                    # fixed points and equal values are few
+    assert all(t["captions"] == [t["text"]] for t in new)           # the text moves with its caption
+    again = data.CIRR(tmp_path, "train", noise=data.Noise(p, "shuffle", 7), return_images=False)
+    assert again.triplets == new and torch.equal(again.noisy, noisy.noisy)
+
+
+def test_partial_text_and_target_noise(tmp_path):
+    make_cirr_train(tmp_path, 300)
+    ds = data.CIRR(tmp_path, "train", return_images=False)
+    partial = data.CIRR(tmp_path, "train", noise=data.Noise(0.4, "partial", 1), return_images=False)
+    assert int(partial.noisy.sum()) == 120
+    for t, t0, f in zip(partial.triplets, ds.triplets, partial.noisy):
+        assert _changed([t], [t0])[0] == (("target",) if f else ())
+        if f:        # a near miss: another image of the query's own subset, never its reference
+            assert t["target"] in t0["members"] and t["target"] != t0["reference"]
+    text = data.CIRR(tmp_path, "train", noise=data.Noise(0.4, "text", 1), return_images=False)
+    assert int(text.noisy.sum()) == 120
+    texts = {t["text"] for t in ds.triplets}
+    for t, t0, f in zip(text.triplets, ds.triplets, text.noisy):
+        assert _changed([t], [t0])[0] == (("text",) if f else ()) and t["text"] in texts
+    target = data.CIRR(tmp_path, "train", noise=data.Noise(0.4, "target", 1), return_images=False)
+    assert all(_changed([t], [t0])[0] == (("target",) if f else ())
+               for t, t0, f in zip(target.triplets, ds.triplets, target.noisy))
+
+
+def test_fashioniq_noise_kinds(tmp_path):
+    """FashionIQ: shuffle moves the caption pair as one text; it has no subsets, so partial is refused."""
+    root = make_fiq(tmp_path, "train", ("dress",))
+    ds = data.FashionIQ(root, "dress", "train", return_images=False)
+    n = data.FashionIQ(root, "dress", "train", noise=data.Noise(0.3, "shuffle", 0), return_images=False)
+    pairs = {tuple(t["captions"]): t["text"] for t in ds.triplets}
+    assert all(pairs[tuple(t["captions"])] == t["text"] for t in n.triplets)
+    assert 0 < int(n.noisy.sum()) <= round(0.3 * len(ds))
+    with pytest.raises(ValueError, match="partial.*has none"):
+        data.FashionIQ(root, "dress", "train", noise=data.Noise(0.3, "partial", 0), return_images=False)
+    with pytest.raises(ValueError, match="noise-kind"):
+        data.check_noise(data.Noise(0.3, "swap"))
 
 
 # -----------------------------------------------------------------------------
@@ -828,8 +895,8 @@ def test_toy_noise_and_cirr_loader(toy_set, capsys):
     assert ds.noisy.tolist() == flags and len(ds) == 120 and len(ds.images) == 24 * 6
     ref, text, tgt, i = ds[0]
     assert ref.shape == (3, 64, 64) and text == rows[0]["caption"]
-    both = data.CIRR(toy_set, "train", noise_ratio=0.5, noise_seed=2, return_images=False)
-    _, injected = data.inject_noise(ds.triplets, ds.images, 0.5, 2)
+    both = data.CIRR(toy_set, "train", noise=data.Noise(0.5, "shuffle", 2), return_images=False)
+    _, injected = data.inject_noise(ds.triplets, ds.images, data.Noise(0.5, "shuffle", 2))
     assert torch.equal(both.noisy, ds.noisy | injected)
     val = data.CIRR(toy_set, "val", return_images=False)
     assert len(val) == 40 and len(val.images) == 8 * 6 and all(t["target"] in t["members"] for t in val.triplets)
@@ -839,7 +906,7 @@ def test_toy_noise_and_cirr_loader(toy_set, capsys):
 def test_extra_triplets(toy_set, tmp_path):
     extra = [dict(reference="train-0-1", target="train-1-2", text="a large red circle instead of a square")]
     (tmp_path / "extra.json").write_text(json.dumps(extra))
-    ds = data.CIRR(toy_set, "train", noise_ratio=0.5, extra_triplets=tmp_path / "extra.json", return_images=False)
+    ds = data.CIRR(toy_set, "train", noise=data.Noise(0.5), extra_triplets=tmp_path / "extra.json", return_images=False)
     assert len(ds) == 121 and ds.triplets[-1]["text"] == extra[0]["text"] and not ds.noisy[-1]
     assert ds[120] == (ds.index["train-0-1"], extra[0]["text"], ds.index["train-1-2"], 120)
     with pytest.raises(ValueError, match="training images"):
@@ -1413,6 +1480,24 @@ def test_bad_input_gives_one_clear_line(toy_root, micro_clip, tmp_path):
     assert code != 0 and len(err) == 1 and "nowhere" in err[0] and "captions" in err[0]
     code, err = _cli("train.py", "--clip", "ViT-Z/1", "--data-root", str(toy_root))
     assert code != 0 and len(err) == 1 and "unknown CLIP model" in err[0]
+    for flags, expect in ((["--noise", "1.5"], "--noise 1.5"), (["--noise-kind", "swap"], "--noise-kind 'swap'"),
+                          (["--dataset", "fashioniq", "--noise", "0.2", "--noise-kind", "partial"], "partial"),
+                          (["--dataset", "cirr", "--oracle"], "--oracle")):
+        code, err = _cli("train.py", *flags, "--data-root", str(tmp_path / "nowhere"))
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+
+
+def test_oracle_order_sees_only_clean_triplets_as_often_as_a_noisy_epoch():
+    class DS:
+        noisy = torch.tensor([i % 3 == 0 for i in range(30)])         # 10 noisy, 20 clean
+
+        def __len__(self):
+            return 30
+    order = train.oracle_order(DS(), torch.Generator().manual_seed(0), 0, 1)
+    counts = torch.bincount(torch.tensor(order), minlength=30)
+    assert len(order) == 30 and counts[DS.noisy].sum() == 0 and set(counts[~DS.noisy].tolist()) == {1, 2}
+    shards = [train.oracle_order(DS(), torch.Generator().manual_seed(0), r, 2) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == sorted(order) and len(shards[0]) == len(shards[1]) == 15
 
 
 def test_corrupt_image_in_a_loader_worker_gives_one_line(toy_root, micro_clip, tmp_path):
@@ -1495,7 +1580,7 @@ def test_study_grid_resumes_and_reports(toy_root, tmp_path):
     # flags by edit type, the clean pairs' percentages computed from that cell's soft labels
     study.main([*argv[:2], "--methods", "ncl", *argv[5:]])
     w = torch.load(tmp_path / "st/ncl-n0-s0/last.pt", weights_only=True)["nfb"]["weights"]
-    ds = data.CIRR(toy_root, "train", noise_ratio=0.0, noise_seed=0)
+    ds = data.CIRR(toy_root, "train")
     move = [bool(f) for f, t, n in zip(w < 0.5, ds.triplets, ds.noisy)
             if toy.edit_type(t["text"]) == "move" and not n]
     rows = (tmp_path / "st/results.md").read_text().splitlines()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from data import inject_noise
+from data import Noise, inject_noise
 
 TOY_SHAPES = ("circle", "square", "triangle")
 TOY_COLORS = {"red": (220, 50, 50), "green": (50, 185, 70), "blue": (60, 95, 240), "yellow": (235, 215, 40),
@@ -224,7 +224,7 @@ def make_toy(root, seed=0, n_train=TOY_N_TRAIN, n_val=TOY_N_VAL, n_test=TOY_N_TE
                 pairid += 1
         if split == "train":
             trip = [dict(reference=r["reference"], target=r["target_hard"]) for r in rows]
-            new, flags = inject_noise(trip, list(split_file), noise, seed + 1_000_003)
+            new, flags = inject_noise(trip, list(split_file), Noise(noise, "target", seed + 1_000_003))
             for r, t, f in zip(rows, new, flags.tolist()):
                 if f:
                     r["target_clean"] = r["target_hard"]

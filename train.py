@@ -39,8 +39,8 @@ from cir import CIRModel
 from loss import SOFT_LABELS, bank_nce, info_nce, soft_and_plain_nce
 from model import load_clip, make_transform, normalize_pixels, tokenize
 from nfb import NoiseFilter
-from runtime import (atomic_save, error_line, gather_with_grad, log, merge_losses, rng_state, set_rng_state,
-                     setup_distributed, strict_json)
+from runtime import (ArgumentParser, atomic_save, error_line, gather_with_grad, log, merge_losses, rng_state,
+                     set_rng_state, setup_distributed, strict_json)
 
 # Defaults per dataset; every one can be overridden on the command line (None = take from here).
 DEFAULTS = {
@@ -60,7 +60,7 @@ STAGE2 = {  # SPN stage 2: SPN's settings for CLIP4Cir on real data; the toy's C
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--dataset", default="toy", choices=list(DEFAULTS))
     p.add_argument("--data-root", default=None, help="dataset folder (toy: generated there if missing)")
     p.add_argument("--categories", nargs="+", default=["dress", "shirt", "toptee"], help="FashionIQ categories")
@@ -80,6 +80,10 @@ def get_args(argv=None):
     p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
                    help="decode every image once into RAM as uint8 at the model's resolution (toy: on)")
     p.add_argument("--noise", type=float, default=None, help="fraction of training triplets to corrupt")
+    p.add_argument("--noise-kind", default="shuffle", help="how: " + ", ".join(data.NOISE_KINDS)
+                   + " (shuffle: the field's protocol; see data.inject_noise)")
+    p.add_argument("--oracle", action="store_true",
+                   help="the ceiling: train only on the triplets known to be clean, for the same number of steps")
     p.add_argument("--skip-missing", action="store_true", help="drop triplets whose images are missing")
     # the method's switches (each one is an ablation)
     p.add_argument("--no-wcb", action="store_true", help="no Weight Compensation Block (plain CLIP features)")
@@ -113,7 +117,18 @@ def get_args(argv=None):
         p.error("--stage 2 needs --init RUN/best.pt (a stage-1 checkpoint)")
     if args.batch_size < 2:
         p.error(f"--batch-size {args.batch_size}: contrastive training needs at least 2 pairs per batch")
+    try:
+        data.check_noise(noise_of(args), has_subsets=args.dataset in ("cirr", "toy"))
+    except ValueError as e:
+        p.error(str(e))
+    if args.oracle and not args.noise and args.dataset != "toy":
+        p.error("--oracle trains on the triplets known to be clean, and without injected noise (--noise > 0) "
+                f"nothing about {args.dataset}'s triplets is known; add --noise")
     return args
+
+
+def noise_of(args):
+    return data.Noise(args.noise, args.noise_kind, args.seed)
 
 
 # -----------------------------------------------------------------------------
@@ -159,7 +174,7 @@ def make_dataset(args, split, view, transform, return_images=True):
     """The dataset of the run: CIRR (and the toy benchmark, which is written in CIRR's layout) or FashionIQ."""
     kw = dict(view=view, transform=transform, skip_missing=args.skip_missing)
     if split == "train" and view == "triplets":
-        kw.update(noise_ratio=args.noise, noise_seed=args.seed, return_images=return_images,
+        kw.update(noise=noise_of(args), return_images=return_images,
                   extra_triplets=args.extra_triplets)
     if args.dataset == "fashioniq":
         return data.FashionIQ(args.data_root, args.categories, split, **kw)
@@ -170,7 +185,9 @@ def make_loader(ds, args, epoch, rank, world, shuffle=True):
     """A fresh loader per epoch whose order and worker seeds depend only on (seed, epoch): resumable exactly."""
     g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
     sampler = None
-    if world > 1:
+    if shuffle and args.oracle:
+        sampler = oracle_order(ds, g, rank, world)
+    elif world > 1:
         sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=shuffle, seed=args.seed,
                                                       drop_last=shuffle)
         sampler.set_epoch(epoch)
@@ -181,6 +198,18 @@ def make_loader(ds, args, epoch, rank, world, shuffle=True):
     return DataLoader(ds, batch_size=args.batch_size // world, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=workers, collate_fn=collate_fn, generator=g, drop_last=shuffle,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def oracle_order(ds, g, rank, world):
+    """--oracle, the ceiling of a noisy run: only the triplets known to be clean, and as many samples per epoch as
+    the noisy run has (so the same number of optimizer steps): permutations of the clean set, concatenated, then
+    this rank's share."""
+    clean = (~ds.noisy).nonzero().squeeze(1)                             # (n_clean,)
+    if len(clean) < 2:
+        raise ValueError(f"--oracle: only {len(clean)} clean training triplets; lower --noise")
+    reps = -(-len(ds) // len(clean))
+    order = torch.cat([clean[torch.randperm(len(clean), generator=g)] for _ in range(reps)])[:len(ds)]
+    return order[rank::world][:len(ds) // world].tolist()
 
 
 def param_groups(model, args):
