@@ -115,10 +115,12 @@ def inject_noise(triplets, images, noise):
     """Corrupt round(ratio * N) of N training triplets, chosen with noise.seed. Returns (new_triplets, noisy (N,)
     bool); the input is not modified, and ratio 0 returns the same triplet objects and all-False flags.
 
-      shuffle  the field's protocol (TME, CVPR 2025): the chosen triplets are split into three equal parts; within
-               the first the reference images are permuted among them, within the second the modification texts,
-               within the third the target images. A triplet the permutation leaves unchanged (a fixed point, or
-               an equal value: CIRR's references repeat) counts as clean, so at most round(ratio * N) are noisy.
+      shuffle  the field's protocol (TME, CVPR 2025; ConeSep, HABIT and INTENT use the same): the chosen triplets,
+               in the random order they were drawn, are cut into three equal parts; within the first the reference
+               images are shuffled among them, within the second the modification texts (FashionIQ: the caption
+               pair as one), within the third the target images. A triplet the shuffle leaves unchanged (a fixed
+               point, or an equal value: references repeat) counts as clean, so at most round(ratio * N) are
+               noisy. TME keeps no flags; here they are the ground truth the noise filter is scored against.
       target   each chosen triplet gets a random other image of `images` as target (never its target or reference)
       text     each chosen triplet gets the modification text of a random other triplet (a different text)
       partial  a near miss: the target is replaced by another image of the triplet's own subset ("members": CIRR's
@@ -140,7 +142,8 @@ def inject_noise(triplets, images, noise):
         return new, noisy
     chosen = rng.sample(pool, k)
     if noise.kind == "shuffle":
-        parts = [chosen[j::3] for j in range(3)]           # three equal parts (sizes differ by at most one)
+        cut = [0, k // 3, 2 * k // 3, k]                    # TME's cuts: the last third takes the remainder
+        parts = [chosen[cut[j]:cut[j + 1]] for j in range(3)]
         for part, fields in zip(parts, (("reference",), ("text", "captions"), ("target",))):
             perm = part[:]
             rng.shuffle(perm)

@@ -101,6 +101,26 @@ def soft_and_plain_nce(q, t, w, tau, pos=None, soft="spread"):
     return _soft(lp_pos, lp_rest, w, logits.shape[1], soft), -lp_pos.detach()
 
 
+@torch.no_grad()
+def gallery_nce(q, gallery, tgt, tau, exclude=None, chunk=1024):
+    """Per-sample NCE of every query over a whole gallery, without gradients (the NFB's --nfb-losses gallery):
+    l_i = -log softmax_j(q_i g_j / tau)[tgt_i], j over the gallery minus the query's own reference image
+    (exclude, as CIRR's protocol; kept when it is the target). Within a batch a near-miss target (an image of the
+    query's own subset) hardly ever meets the true one; over the gallery it does.
+    q (Q, D), gallery (G, D) L2-normalised, tgt (Q,) and exclude (Q,) gallery rows -> (Q,) fp32."""
+    out = []
+    for s in range(0, len(q), chunk):
+        logits = _logits(q[s:s + chunk], gallery, tau)                   # (C, G)
+        t = tgt[s:s + chunk].to(logits.device)
+        if exclude is not None:
+            x = exclude[s:s + chunk].to(logits.device)
+            x = torch.where(x == t, -1, x)                               # a self-pair keeps its target
+            rows = (x >= 0).nonzero().squeeze(1)
+            logits[rows, x[rows]] = float("-inf")
+        out.append(-logits.log_softmax(1).gather(1, t[:, None]).squeeze(1))
+    return torch.cat(out)
+
+
 def bank_nce(q, bank, target_idx, tau, w=None, reduction="mean", soft="spread"):
     """SPN stage-2 NCE over a static bank. q (B, D), bank (M, D) L2-normalised target features of all training
     images, target_idx (B,) row of each query's target in the bank, w (B,) optional soft labels (the rest,

@@ -115,6 +115,21 @@ def fit_gmm(x, backend="sklearn", max_iter=MAX_ITER, tol=TOL, reg_covar=REG_COVA
                 clean=resp[:, order[0]].float(), n_iter=n_iter, converged=converged)
 
 
+def separation(x, fit):
+    """Is there a second mode at all? x (N,) the normalised losses the GMM was fitted to. Returns Ashman's D of the
+    two components, sqrt(2)|mu1 - mu0| / sqrt(s0^2 + s1^2) (> 2: clearly apart; a skewed single mode cut in two
+    gives less), and the BIC gain of two components over one (> 0: two fit better, counting their 3 extra
+    parameters)."""
+    x = x.detach().reshape(-1).double().cpu()
+    m, sd, pi = fit["means"], fit["stds"], fit["weights"]
+    d = math.sqrt(2) * abs(m[1] - m[0]).item() / math.sqrt((sd ** 2).sum().item())
+    logn = lambda mu, var: -0.5 * (math.log(2 * math.pi) + var.log() + (x[:, None] - mu) ** 2 / var)
+    ll2 = (logn(m, sd ** 2) + pi.log()).logsumexp(1).sum().item()
+    ll1 = logn(x.mean()[None], x.var(unbiased=False)[None] + REG_COVAR).sum().item()
+    bic_gain = (-2 * ll1 + 2 * math.log(len(x))) - (-2 * ll2 + 5 * math.log(len(x)))
+    return d, bic_gain
+
+
 def clean_probability(losses, backend="sklearn"):
     """Soft labels of the NFB. losses (N,) per-sample losses -> w (N,) float32 on losses' device,
     w_i = p(clean | loss_i); w = 1 (and a warning) on degenerate input."""
@@ -139,10 +154,12 @@ class NoiseFilter:
     statistics, and, when epoch + 1 is past the warm-up, installs the soft labels used in epoch + 1.
     Losses that are NaN (pair not seen this epoch, e.g. drop_last) keep their previous weight."""
 
-    def __init__(self, n, warmup_epochs=1, backend="sklearn", noisy_gt=None):
+    def __init__(self, n, warmup_epochs=1, backend="sklearn", noisy_gt=None, ema=0.0, gate=0.0):
         if backend not in ("sklearn", "torch"):
             raise ValueError(f"nfb.py: backend must be 'sklearn' or 'torch', got {backend!r}")
         self.n, self.warmup_epochs, self.backend = n, warmup_epochs, backend
+        self.ema, self.gate = ema, gate
+        self.avg = None                                                  # (n,) EMA of the normalised losses
         self.weights = torch.ones(n)                                     # (n,) soft labels, 1 before any fit
         self.noisy_gt = None if noisy_gt is None else torch.as_tensor(noisy_gt).bool().reshape(-1).cpu()
         if self.noisy_gt is not None and self.noisy_gt.numel() != n:
@@ -160,9 +177,17 @@ class NoiseFilter:
             raise ValueError(f"nfb.py: got {losses.numel()} losses for {self.n} training pairs")
         seen = torch.isfinite(losses)                                    # (n,)
         fin = losses[seen].float()                                       # (n_seen,)
-        fit = fit_gmm(minmax(fin), self.backend)
+        x = minmax(fin)
+        if self.ema:                                                     # losses averaged over the epochs
+            avg = x.clone() if self.avg is None else self.avg.to(x)[seen.cpu()] * self.ema + (1 - self.ema) * x
+            self.avg = torch.full((self.n,), math.nan, dtype=torch.float64) if self.avg is None else self.avg
+            self.avg[seen.cpu()] = avg.cpu()
+            x = avg
+        fit = fit_gmm(x, self.backend)
+        d, bic = separation(x, fit) if math.isfinite(fit["means"][0]) else (math.nan, math.nan)
+        gated = self.gate > 0 and not d >= self.gate                     # one mode: nothing is noise
         w = self.weights.to(losses.device, copy=True)
-        w[seen] = fit["clean"]
+        w[seen] = 1.0 if gated else fit["clean"]
         applied = self.active(epoch + 1)
         if applied:
             self.weights = w
@@ -171,19 +196,27 @@ class NoiseFilter:
                      loss_min=float(fin.min()) if fin.numel() else math.nan,
                      loss_max=float(fin.max()) if fin.numel() else math.nan,
                      stds=fit["stds"].tolist(), mix=fit["weights"].tolist(), n_iter=fit["n_iter"],
-                     n_noisy=int((w < 0.5).sum()), mean_w=float(w.float().mean()))
+                     n_noisy=int((w < 0.5).sum()), mean_w=float(w.float().mean()), ashman_d=d, bic_gain=bic,
+                     gated=gated)
         if self.noisy_gt is not None:
             stats.update(detection_metrics(w, self.noisy_gt))
+            # the loss itself as a noise score, whatever the GMM and the gate make of it
+            stats["loss_auc"] = detection_metrics(1 - x.float(), self.noisy_gt[seen.cpu()])["auc"]
         self.history.append(stats)
         return stats
 
+    def draw(self, generator):
+        """--soft-label sample: keep pair i with probability w_i for one epoch -> (n,) bool."""
+        return torch.rand(self.n, generator=generator) < self.weights.cpu()
+
     def state_dict(self):
         """Plain tensors and python types only: torch.load(weights_only=True) reads it back."""
-        return dict(n=self.n, warmup_epochs=self.warmup_epochs, backend=self.backend,
-                    weights=self.weights.cpu(), noisy_gt=self.noisy_gt, history=list(self.history))
+        return dict(n=self.n, warmup_epochs=self.warmup_epochs, backend=self.backend, ema=self.ema, gate=self.gate,
+                    avg=self.avg, weights=self.weights.cpu(), noisy_gt=self.noisy_gt, history=list(self.history))
 
     def load_state_dict(self, sd):
         if sd["n"] != self.n:
             raise ValueError(f"nfb.py: checkpoint has a noise filter for {sd['n']} pairs, this run has {self.n}")
         self.warmup_epochs, self.backend = sd["warmup_epochs"], sd["backend"]
         self.weights, self.noisy_gt, self.history = sd["weights"].float(), sd["noisy_gt"], list(sd["history"])
+        self.avg = sd.get("avg")

@@ -1,29 +1,31 @@
-"""The noise-robustness study on the toy benchmark: injected noise x method x seed, one training run per cell.
+"""The noise-robustness study on the toy benchmark: noise x method x seed, one training run per cell.
 
-    python study.py                          # the grid: noise 0/.2/.5/.8 x 5 methods x 3 seeds, 60 runs
-    python study.py --methods ncl-weight     # add a method to the same grid (same folder, same settings)
-    python study.py --noise 0 0.4 --methods ncl ncl+spn ncl+pos ncl+pos+spn --seeds 0    # SPN's table
-    python study.py --report runs/study      # only the tables and the plot from the finished cells
+    python study.py                          # the grid (README: "The noise study"), about an hour on 2 cores
+    python study.py --report runs/study      # only the tables and plots, from the finished cells
+    python study.py --noise 0 0.4 --methods ncl ncl+spn ncl+pos ncl+pos+spn --seeds 0     # SPN on the toy
 
-The study's budget is its own (flags below): the `tiny-s` CLIP (a ViT of width 128 instead of `tiny`'s 192) for 3
-epochs, SPN stage 2 for 1, so that a stage-1 run takes about 1.4 min and the 60 runs of the grid about 80 min on
-2 CPU cores; `--clip tiny --epochs 7 --stage2-epochs 3` is train.py's own toy setting (5 min a run).
+Noise settings: a number is that fraction of training triplets corrupted with the field's shuffle protocol (TME,
+CVPR 2025: references, texts or targets permuted among the chosen triplets); `kind:ratio` picks another kind of
+data.inject_noise, e.g. `partial:0.4` (40% near-miss targets from the query's own group).
 
-Methods (each is train.py with some flags):
-    infonce       CLIP sum baseline: --no-wcb --no-nfb
-    wcb           + Weight Compensation Block: --no-nfb
-    nfb           + Noise-pair Filter Block: --no-wcb
-    ncl           full NCL-CIR (WCB + NFB)
+Methods (each is train.py with some flags; README: "What follows the paper"):
+    infonce       CLIP4Cir's sum baseline: no WCB, no NFB
+    wcb           the control: NCL-CIR without its noise filter (--no-nfb)
+    ncl           NCL-CIR with this project's default noise filter
+    oracle        the ceiling: the control trained on the clean triplets only, for the same number of steps
+    ncl-*         ablations: one NFB choice changed (ABLATIONS)
     ncl+spn       ncl, then SPN stage 2 (static bank of all training images) from its best checkpoint
-    ncl+pos       ncl trained with SPN's generated positives (generate.py, similarity from the `ncl` run of the
-                  same noise and seed, the toy's exact captions)
+    ncl+pos       ncl trained with SPN's generated positives (similarities of the `ncl` cell's model)
     ncl+pos+spn   ncl+pos, then SPN stage 2
-    ncl-weight    ncl with --soft-label weight (w_i · InfoNCE_i instead of spreading 1 - w_i over the other targets)
 
-Every cell's metrics are the validation metrics of its *last* epoch (stage-1 cells: no checkpoint selection on
-the reported split; stage 2 and the positives' similarities start from the stage-1 cell's best.pt, chosen on val as
-SPN does), appended to <out>/results.jsonl as soon as the cell ends: a killed study resumes where it stopped.
-The report is a markdown table (mean ± std over seeds) and a PNG of R@1 against the noise ratio.
+The grid: the core methods at every noise setting, the ablations at ABLATION_NOISE (README says why), 3 seeds.
+The seed sets the injected noise, the initialisation and the data order. The oracle at 0% noise is the control
+itself (nothing to remove), so it is not trained again.
+
+Every cell's metrics are the validation metrics of its *last* epoch (no checkpoint selection on the reported
+split; stage 2 and the positives start from the stage-1 cell's best.pt, chosen on val as SPN does), appended to
+<out>/results.jsonl as soon as the cell ends, with its R@1 per epoch and the pairs its noise filter flags (by edit
+type): a killed study resumes where it stopped. The report is markdown tables (mean ± std over seeds) and plots.
 """
 
 import json
@@ -43,37 +45,61 @@ import runtime  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
 
-METHODS = {"infonce": ["--no-wcb", "--no-nfb"], "wcb": ["--no-nfb"], "nfb": ["--no-wcb"], "ncl": [],
-           "ncl+spn": [], "ncl+pos": [], "ncl+pos+spn": [], "ncl-weight": ["--soft-label", "weight"]}
+NFB_OFF = ["--no-nfb"]
+METHODS = {"infonce": ["--no-wcb", *NFB_OFF], "wcb": NFB_OFF, "ncl": [], "oracle": [*NFB_OFF, "--oracle"],
+           # ablations: one choice of the noise filter back to an alternative (README: "What follows the paper")
+           "ncl-spread": ["--soft-label", "spread"], "ncl-weight": ["--soft-label", "weight"],
+           "ncl-nogate": ["--nfb-gate", "0"], "ncl-batchloss": ["--nfb-losses", "train"],
+           "ncl-noema": ["--nfb-ema", "0"],
+           "ncl+spn": [], "ncl+pos": [], "ncl+pos+spn": []}
+CORE = ["infonce", "wcb", "ncl", "oracle"]
+ABLATIONS = ["ncl-spread", "ncl-weight", "ncl-nogate", "ncl-batchloss", "ncl-noema"]
+ABLATION_NOISE = ["0", "0.5", "partial:0.4"]
+NOISE = ["0", "0.2", "0.5", "0.8", "partial:0.4"]
 METRICS = ("R@1", "R@5", "R@10", "Rsubset@1")
-DETECTION = ("nfb_auc", "nfb_precision", "nfb_recall")
+EDITS = ("color", "size", "shape", "add", "remove", "move")
 
 
-def cell_name(method, noise, seed):
-    return f"{method.replace('+', '_')}-n{noise:g}-s{seed}"
+def parse_noise(s):
+    """'0.2' -> ('shuffle', 0.2); 'partial:0.4' -> ('partial', 0.4)."""
+    kind, _, ratio = s.rpartition(":")
+    kind = kind or "shuffle"
+    data.check_noise(data.Noise(float(ratio), kind))
+    return kind, float(ratio)
 
 
-def run_cell(method, noise, seed, args, out):
-    """Train one cell (first the cells it builds on, if missing) and return its last-epoch log record."""
-    common = ["--dataset", "toy", "--data-root", str(args.data_root), "--noise", str(noise), "--seed", str(seed),
-              "--workers", str(args.workers)]
-    stage1 = common + ["--clip", args.clip, "--epochs", str(args.epochs)]
-    run = out / cell_name(method, noise, seed)
+def noise_label(kind, ratio):
+    return f"{ratio:.0%}" + ("" if kind == "shuffle" else f" {kind}")
+
+
+def cell_name(method, kind, ratio, seed):
+    return f"{method.replace('+', '_')}-{'' if kind == 'shuffle' else kind}n{ratio:g}-s{seed}"
+
+
+# -----------------------------------------------------------------------------
+# one cell
+
+def run_cell(method, kind, ratio, seed, a, out):
+    """Train one cell (first the cells it builds on, if missing) and return its log records, one per epoch."""
+    common = ["--dataset", "toy", "--data-root", str(a.data_root), "--noise", str(ratio), "--noise-kind", kind,
+              "--seed", str(seed), "--workers", str(a.workers)]
+    stage1 = common + ["--clip", a.clip, "--epochs", str(a.epochs), "--batch-size", str(a.batch_size)]
+    run = out / cell_name(method, kind, ratio, seed)
     if method.endswith("+spn"):                               # SPN stage 2 on top of the stage-1 cell
-        base = out / cell_name(method[:-4], noise, seed)
+        base = out / cell_name(method[:-4], kind, ratio, seed)
         if not (base / "best.pt").is_file():
-            run_cell(method[:-4], noise, seed, args, out)
+            run_cell(method[:-4], kind, ratio, seed, a, out)
         extra = ["--extra-triplets", str(base / "positives.json")] if "+pos" in method else []
-        argv = common + ["--stage", "2", "--init", str(base / "best.pt"), "--epochs", str(args.stage2_epochs), *extra]
+        argv = common + ["--stage", "2", "--init", str(base / "best.pt"), "--epochs", str(a.stage2_epochs), *extra]
     elif method == "ncl+pos":                                 # positives ranked by the plain ncl cell's model
-        src = out / cell_name("ncl", noise, seed)
+        src = out / cell_name("ncl", kind, ratio, seed)
         if not (src / "best.pt").is_file():
-            run_cell("ncl", noise, seed, args, out)
+            run_cell("ncl", kind, ratio, seed, a, out)
         run.mkdir(parents=True, exist_ok=True)
         if not (run / "positives.json").is_file():       # a finished cell keeps the file it was trained on
-            generate.main(["--dataset", "toy", "--data-root", str(args.data_root), "--checkpoint",
+            generate.main(["--dataset", "toy", "--data-root", str(a.data_root), "--checkpoint",
                            str(src / "best.pt"), "--out", str(run / "positives.json"), "--seed", str(seed),
-                           "--workers", str(args.workers)])
+                           "--workers", str(a.workers)])
         argv = stage1 + ["--extra-triplets", str(run / "positives.json")]
     else:
         argv = stage1 + METHODS[method]
@@ -82,127 +108,208 @@ def run_cell(method, noise, seed, args, out):
     if not log.is_file() or len(log.read_text().splitlines()) < epochs:     # new, or killed: (re)start / resume
         resume = ["--resume", str(run)] if (run / "last.pt").is_file() else []
         train.main(argv + ["--out", str(run)] + resume)
-    return json.loads(log.read_text().splitlines()[-1])
+    return [json.loads(line) for line in log.read_text().splitlines()]
 
+
+def flags(run):
+    """Which training pairs the cell's noise filter flags (w < 0.5 after the last epoch): % of the clean pairs,
+    % of the clean pairs of each edit type, % of the injected noisy pairs. None without a noise filter."""
+    if not (run / "last.pt").is_file():
+        return None
+    nfb = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["nfb"]
+    if nfb is None:
+        return None
+    a = json.loads((run / "args.json").read_text())
+    noise = data.Noise(a["noise"], a.get("noise_kind", "target"), a["seed"])
+    ds = data.CIRR(a["data_root"], "train", noise=noise, return_images=False)
+    flagged, noisy = (nfb["weights"] < 0.5)[:len(ds)], ds.noisy
+    edits = [toy.edit_type(t["text"]) for t in ds.triplets]
+    pct = lambda sel: 100 * flagged[sel].float().mean().item() if sel.any() else None
+    out = dict(clean=pct(~noisy), noisy=pct(noisy))
+    out.update({e: pct(~noisy & torch.tensor([k == e for k in edits])) for e in EDITS})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the report
 
 def fmt(xs, digits=1):
     """'mean ± std' over the seeds (sample std), '—' for none."""
+    xs = [x for x in xs if x is not None]
     if not xs:
         return "—"
     return f"{statistics.mean(xs):.{digits}f}" + (f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else "")
 
 
-EDITS = ("color", "size", "shape", "add", "remove", "move")
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else None
 
 
-def flags_by_edit(out, rows):
-    """Which pairs the NFB flags (w < 0.5 after the last epoch), by edit type: % of the *clean* pairs of each edit,
-    and % of the injected noisy pairs (recall), mean over seeds, for every cell with a noise filter. A filter that
-    flags clean pairs of some edits far more than others is taking hard edits for noise."""
+def _cells(rows):
+    """{(method, kind, ratio): [rows of its seeds]}; the oracle at 0% noise is the control's cell."""
     cells = {}
     for r in rows:
-        run = out / cell_name(r["method"], r["noise"], r["seed"])
-        if r["method"] not in ("nfb", "ncl", "ncl-weight") or not (run / "last.pt").is_file():
+        cells.setdefault((r["method"], r["kind"], r["ratio"]), []).append(r)
+    for (m, k, ratio), rs in list(cells.items()):
+        if m == "wcb" and ratio == 0 and ("oracle", k, 0) not in cells:
+            cells[("oracle", k, 0)] = rs
+    return cells
+
+
+def _order(key):
+    method, kind, ratio = key
+    return kind != "shuffle", ratio, list(METHODS).index(method)
+
+
+def tables(cells):
+    lines = ["| noise | method | seeds | " + " | ".join(METRICS) + " | NFB AUC | clean flagged % | noisy flagged % |",
+             "|---|---|---|" + "---|" * (len(METRICS) + 3)]
+    for key in sorted(cells, key=_order):
+        rs = cells[key]
+        vals = [fmt([r["metrics"][m] for r in rs]) for m in METRICS]
+        det = [fmt([r.get("nfb_auc") for r in rs], 3), fmt([(r.get("flags") or {}).get("clean") for r in rs]),
+               fmt([(r.get("flags") or {}).get("noisy") for r in rs])]
+        lines.append(f"| {noise_label(*key[1:])} | {key[0]} | {len(rs)} | " + " | ".join(vals + det) + " |")
+    out = ["\n".join(lines)]
+    # read against the control and the ceiling: the share of the control -> oracle gap each method closes
+    gap = ["| noise | control (wcb) | oracle | ncl | gap closed by ncl | ablations: gap closed |", "|---|---|---|---|---|---|"]
+    for kind, ratio in sorted({k[1:] for k in cells}, key=lambda kr: (kr[0] != "shuffle", kr[1])):
+        r1 = {m: mean([r["metrics"]["R@1"] for r in cells.get((m, kind, ratio), [])]) for m in METHODS}
+        c, o = r1["wcb"], r1["oracle"]
+        if c is None or o is None or r1["ncl"] is None:
             continue
-        a = json.loads((run / "args.json").read_text())
-        w = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["nfb"]["weights"]
-        ds = data.CIRR(a["data_root"], "train", noise=data.Noise(a["noise"], a.get("noise_kind", "target"), a["seed"]))
-        edits = [toy.edit_type(t["text"]) for t in ds.triplets]
-        flagged, noisy = (w < 0.5).tolist(), ds.noisy.tolist()
-        pct = {e: 100 * statistics.mean([f for f, k, n in zip(flagged, edits, noisy) if k == e and not n] or [0])
-               for e in EDITS}
-        pct["noisy"] = 100 * statistics.mean([f for f, n in zip(flagged, noisy) if n]) if any(noisy) else None
-        cells.setdefault((r["method"], r["noise"]), []).append(pct)
-    if not cells:
-        return ""
-    lines = ["| noise | method | " + " | ".join(EDITS) + " | injected noisy |", "|---|---|" + "---|" * 7]
-    for (method, noise), ps in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        vals = [fmt([p[k] for p in ps if p[k] is not None]) for k in (*EDITS, "noisy")]
-        lines.append(f"| {noise:.0%} | {method} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
+        closed = lambda m: (f"{100 * (r1[m] - c) / (o - c):.0f}%" if o - c > 1 else f"{r1[m] - c:+.1f} R@1")
+        abl = ", ".join(f"{m} {closed(m)}" for m in ABLATIONS if r1[m] is not None)
+        gap.append(f"| {noise_label(kind, ratio)} | {c:.1f} | {o:.1f} | {r1['ncl']:.1f} | {closed('ncl')} | {abl} |")
+    out.append("R@1 read against the control and the ceiling (gap closed = (method - control) / (oracle - control);"
+               " where the oracle is within 1 point of the control, the difference in R@1 instead)\n\n" + "\n".join(gap))
+    edit = ["| noise | method | " + " | ".join(EDITS) + " | all clean | injected noisy |", "|---|---|" + "---|" * 8]
+    for key in sorted(cells, key=_order):
+        fs = [r["flags"] for r in cells[key] if r.get("flags")]
+        if fs:
+            vals = [fmt([f[e] for f in fs]) for e in (*EDITS, "clean", "noisy")]
+            edit.append(f"| {noise_label(*key[1:])} | {key[0]} | " + " | ".join(vals) + " |")
+    if len(edit) > 2:
+        out.append("% of training pairs the noise filter flags (w < 0.5) after the last epoch: the clean pairs by "
+                   "edit type, all clean pairs, the injected noisy pairs\n\n" + "\n".join(edit))
+    return "\n\n".join(out)
+
+
+def plots(cells, out, title):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    for i, method in enumerate(m for m in METHODS if any(k[0] == m for k in cells)):
+        pts = sorted((r, [c["metrics"]["R@1"] for c in rs]) for (m, k, r), rs in cells.items()
+                     if m == method and k == "shuffle")
+        part = [[c["metrics"]["R@1"] for c in rs] for (m, k, r), rs in cells.items() if m == method and k == "partial"]
+        style = dict(marker="o", capsize=3, color=f"C{i}", ls="--" if method in ABLATIONS else "-")
+        if pts:
+            ax.errorbar([100 * r for r, _ in pts], [statistics.mean(v) for _, v in pts],
+                        yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts], label=method, **style)
+        if part:
+            ax.errorbar([103 + i], [statistics.mean(part[0])], marker="s", color=f"C{i}", capsize=3,
+                        yerr=[statistics.stdev(part[0]) if len(part[0]) > 1 else 0])
+    ax.set_xlabel("shuffle noise (% of training triplets); squares at the right: 40% partial (near-miss) noise")
+    ax.set_ylabel("R@1, toy val, last epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax = axes[1]
+    for i, method in enumerate(METHODS):
+        rs = cells.get((method, "shuffle", 0.5))
+        if not rs or method not in ("infonce", "wcb", "ncl", "oracle"):
+            continue
+        curves = [r["curve"] for r in rs]
+        n = min(map(len, curves))
+        ax.plot(range(1, n + 1), [statistics.mean(c[e] for c in curves) for e in range(n)], marker="o",
+                color=f"C{i}", label=method)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("R@1, toy val (mean of the seeds)")
+    ax.set_title("50% shuffle noise, per epoch", fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "study.png", dpi=110)
+    plt.close(fig)
 
 
 def report(out):
-    """Markdown table (mean ± std over seeds) and R@1-vs-noise plot from <out>/results.jsonl."""
+    """Markdown tables and the plot from <out>/results.jsonl."""
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    cells = {}
-    for r in rows:
-        cells.setdefault((r["method"], r["noise"]), []).append(r)
-    lines = ["| noise | method | seeds | " + " | ".join(METRICS) + " | NFB AUC | NFB precision | NFB recall |",
-             "|---|---|---|" + "---|" * (len(METRICS) + 3)]
-    for (method, noise), rs in sorted(cells.items(), key=lambda kv: (kv[0][1], list(METHODS).index(kv[0][0]))):
-        vals = [fmt([r["metrics"][m] for r in rs]) for m in METRICS]
-        # AUC in [0, 1]; precision and recall of the w < 0.5 decision in percent
-        det = [fmt([r[k] * (1 if k == "nfb_auc" else 100) for r in rs if r.get(k) is not None], 3 if k == "nfb_auc"
-                   else 1) for k in DETECTION]
-        lines.append(f"| {noise:.0%} | {method} | {len(rs)} | " + " | ".join(vals + det) + " |")
-    table = "\n".join(lines)
-    edits = flags_by_edit(out, rows)
-    if edits:
-        table += "\n\n% of pairs the NFB flags (w < 0.5) after the last epoch: clean pairs by edit type, and the " \
-                 "injected noisy pairs\n\n" + edits
-    (out / "results.md").write_text(table + "\n")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
-        pts = sorted((n, [r["metrics"]["R@1"] for r in rs]) for (m, n), rs in cells.items() if m == method)
-        if pts:
-            xs = [100 * n for n, _ in pts]
-            ms = [statistics.mean(v) for _, v in pts]
-            sd = [statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts]
-            ax.errorbar(xs, ms, yerr=sd, marker="o", capsize=3, label=method)
-    ax.set_xlabel("injected noise (% of training triplets)")
-    ax.set_ylabel("R@1 (toy val, last epoch)")
+    cells = _cells(rows)
+    text = tables(cells)
+    (out / "results.md").write_text(text + "\n")
     settings = json.loads((out / "study.json").read_text()) if (out / "study.json").is_file() else {}
-    ax.set_title("noise robustness on the toy benchmark" + (f"\n{settings}" if settings else ""), fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "r1_vs_noise.png", dpi=110)
-    plt.close(fig)
-    print(table)
-    timed = [r["minutes"] for r in rows if "minutes" in r]
-    took = f", {sum(timed):.0f} min of training for the {len(timed)} timed ones" if timed else ""
-    print(f"\n{len(rows)} cells{took}; written: {out / 'results.md'}, {out / 'r1_vs_noise.png'}")
+    plots(cells, out, f"noise robustness on the toy benchmark, {settings}")
+    print(text)
+    minutes = sum(r.get("minutes", 0) for r in rows)
+    print(f"\n{len(rows)} cells, {minutes:.0f} min of training; written: {out / 'results.md'}, {out / 'study.png'}")
+
+
+# -----------------------------------------------------------------------------
+# the grid
+
+def grid(a):
+    """[(method, kind, ratio, seed)] in the order they run: every method of a noise setting before the next."""
+    cells = []
+    for setting in a.noise:
+        kind, ratio = parse_noise(setting)
+        for method in a.methods:
+            if method in ABLATIONS and a.ablation_noise is not None and setting not in a.ablation_noise:
+                continue
+            if method == "oracle" and ratio == 0:
+                continue                                  # the control itself: nothing is known to be noisy
+            cells += [(method, kind, ratio, seed) for seed in a.seeds]
+    return cells
 
 
 def main(argv=None):
     p = runtime.ArgumentParser(__doc__)
-    p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.5, 0.8])
-    p.add_argument("--methods", nargs="+", default=["infonce", "wcb", "nfb", "ncl", "ncl+spn"], choices=list(METHODS))
+    p.add_argument("--noise", nargs="+", default=NOISE, help="noise settings: 0.2 (shuffle) or kind:ratio")
+    p.add_argument("--methods", nargs="+", default=CORE + ABLATIONS, choices=list(METHODS))
+    p.add_argument("--ablation-noise", nargs="*", default=ABLATION_NOISE,
+                   help="the noise settings of the ablations (none given: all of --noise)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    # the study's budget (60 runs in about 80 min on 2 CPU cores), not train.py's toy defaults (tiny, 7 epochs)
+    # the study's budget, not train.py's toy defaults
     p.add_argument("--clip", default="tiny-s", help="CLIP config of the stage-1 cells")
-    p.add_argument("--epochs", type=int, default=3, help="stage-1 epochs per cell (the first is NFB's warm-up)")
+    p.add_argument("--epochs", type=int, default=4, help="stage-1 epochs per cell (the first is the NFB's warm-up)")
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--stage2-epochs", type=int, default=1, help="SPN stage-2 epochs per cell")
     p.add_argument("--workers", type=int, default=0, help="loader processes (0: fastest on 2 cores)")
     p.add_argument("--data-root", default=None, help="toy benchmark folder (default: data/toy, generated if missing)")
     p.add_argument("--out", default="runs/study")
-    p.add_argument("--report", default=None, metavar="DIR", help="only print the table and plot of a finished study")
+    p.add_argument("--report", default=None, metavar="DIR", help="only the tables and plots of a finished study")
     a = p.parse_args(argv)
     if a.report:
         return report(Path(a.report))
+    cells = grid(a)                                     # bad noise settings fail here, before any training
+    if a.ablation_noise == []:
+        a.ablation_noise = None
     a.data_root = toy.toy_root(a.data_root)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = dict(clip=a.clip, epochs=a.epochs, stage2_epochs=a.stage2_epochs)
+    settings = dict(clip=a.clip, epochs=a.epochs, batch_size=a.batch_size, stage2_epochs=a.stage2_epochs)
     if (out / "study.json").is_file() and json.loads((out / "study.json").read_text()) != settings:
         raise ValueError(f"{out} holds a study run with {(out / 'study.json').read_text().strip()}, not {settings}; "
                          "pass another --out or the same settings")
     (out / "study.json").write_text(json.dumps(settings) + "\n")
     done = set()
     if (out / "results.jsonl").is_file():
-        done = {(r["method"], r["noise"], r["seed"]) for r in map(json.loads, (out / "results.jsonl").open())}
-    grid = [(m, n, s) for n in a.noise for m in a.methods for s in a.seeds]
+        done = {(r["method"], r["kind"], r["ratio"], r["seed"]) for r in map(json.loads, (out / "results.jsonl").open())}
     t0 = time.perf_counter()
-    for i, (method, noise, seed) in enumerate(grid, 1):
-        if (method, noise, seed) in done:
+    for i, (method, kind, ratio, seed) in enumerate(cells, 1):
+        if (method, kind, ratio, seed) in done:
             continue
-        print(f"\n=== study cell {i}/{len(grid)}: {method}, noise {noise:.0%}, seed {seed} "
+        print(f"\n=== study cell {i}/{len(cells)}: {method}, {noise_label(kind, ratio)} noise, seed {seed} "
               f"({(time.perf_counter() - t0) / 60:.0f} min so far) ===", flush=True)
         t_cell = time.perf_counter()
-        rec = run_cell(method, noise, seed, a, out)
-        keep = {k: rec[k] for k in DETECTION if k in rec}
-        line = dict(method=method, noise=noise, seed=seed, metrics=rec["metrics"], epoch=rec["epoch"], **keep,
+        history = run_cell(method, kind, ratio, seed, a, out)
+        last = history[-1]
+        line = dict(method=method, kind=kind, ratio=ratio, seed=seed, metrics=last["metrics"], epoch=last["epoch"],
+                    curve=[r["metrics"]["R@1"] for r in history], nfb_auc=last.get("nfb_auc"),
+                    flags=flags(out / cell_name(method, kind, ratio, seed)),
                     minutes=round((time.perf_counter() - t_cell) / 60, 2))
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(runtime.strict_json(line)) + "\n")

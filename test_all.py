@@ -1487,16 +1487,12 @@ def test_bad_input_gives_one_clear_line(toy_root, micro_clip, tmp_path):
         assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
 
 
-def test_oracle_order_sees_only_clean_triplets_as_often_as_a_noisy_epoch():
-    class DS:
-        noisy = torch.tensor([i % 3 == 0 for i in range(30)])         # 10 noisy, 20 clean
-
-        def __len__(self):
-            return 30
-    order = train.oracle_order(DS(), torch.Generator().manual_seed(0), 0, 1)
+def test_epoch_order_sees_only_kept_triplets_as_often_as_a_full_epoch():
+    keep = torch.tensor([i % 3 != 0 for i in range(30)])               # 20 kept (--oracle: the clean ones)
+    order = train.epoch_order(keep, torch.Generator().manual_seed(0), 0, 1)
     counts = torch.bincount(torch.tensor(order), minlength=30)
-    assert len(order) == 30 and counts[DS.noisy].sum() == 0 and set(counts[~DS.noisy].tolist()) == {1, 2}
-    shards = [train.oracle_order(DS(), torch.Generator().manual_seed(0), r, 2) for r in (0, 1)]
+    assert len(order) == 30 and counts[~keep].sum() == 0 and set(counts[keep].tolist()) == {1, 2}
+    shards = [train.epoch_order(keep, torch.Generator().manual_seed(0), r, 2) for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == sorted(order) and len(shards[0]) == len(shards[1]) == 15
 
 
@@ -1564,21 +1560,28 @@ def test_toy_edit_type_matches_the_scene_change(toy_root):
 
 def test_study_grid_resumes_and_reports(toy_root, tmp_path):
     import study
-    argv = ["--noise", "0", "--methods", "infonce", "ncl+spn", "--seeds", "0", "--epochs", "1", "--workers", "0",
-            "--data-root", str(toy_root), "--out", str(tmp_path / "st")]
+    argv = ["--noise", "0", "partial:0.4", "--methods", "infonce", "oracle", "ncl+spn", "--seeds", "0", "--epochs",
+            "1", "--workers", "0", "--data-root", str(toy_root), "--out", str(tmp_path / "st")]
     study.main(argv)
-    rows = [json.loads(l) for l in (tmp_path / "st/results.jsonl").read_text().splitlines()]
-    assert [(r["method"], r["noise"], r["seed"]) for r in rows] == [("infonce", 0.0, 0), ("ncl+spn", 0.0, 0)]
+    rows = [json.loads(line) for line in (tmp_path / "st/results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["kind"], r["ratio"]) for r in rows] == [          # no oracle at 0%: the control is it
+        ("infonce", "shuffle", 0.0), ("ncl+spn", "shuffle", 0.0), ("infonce", "partial", 0.4),
+        ("oracle", "partial", 0.4), ("ncl+spn", "partial", 0.4)]
     assert (tmp_path / "st/ncl-n0-s0/best.pt").is_file()            # ncl+spn trained its stage-1 cell first
+    oracle = json.loads((tmp_path / "st/oracle-partialn0.4-s0/args.json").read_text())
+    assert oracle["oracle"] and oracle["no_nfb"] and oracle["noise_kind"] == "partial"
     table = (tmp_path / "st/results.md").read_text()
-    assert "| 0% | infonce | 1 |" in table and (tmp_path / "st/r1_vs_noise.png").is_file()
+    assert "| 0% | infonce | 1 |" in table and "| 40% partial | oracle | 1 |" in table
+    assert (tmp_path / "st/study.png").is_file()
     study.main(argv)                                                 # finished cells are not trained again
-    assert len((tmp_path / "st/results.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "st/results.jsonl").read_text().splitlines()) == 5
     with pytest.raises(ValueError, match="not .*'epochs': 2"):       # other settings never mix into one table
         study.main([*argv, "--epochs", "2"])
+    with pytest.raises(ValueError, match="noise-kind 'swap'"):
+        study.main([*argv, "--noise", "swap:0.2"])
     # the ncl cell exists already (ncl+spn's stage 1): recording it trains nothing, and the report gains the NFB's
     # flags by edit type, the clean pairs' percentages computed from that cell's soft labels
-    study.main([*argv[:2], "--methods", "ncl", *argv[5:]])
+    study.main([*argv[:3], "--methods", "ncl", *argv[7:]])
     w = torch.load(tmp_path / "st/ncl-n0-s0/last.pt", weights_only=True)["nfb"]["weights"]
     ds = data.CIRR(toy_root, "train")
     move = [bool(f) for f, t, n in zip(w < 0.5, ds.triplets, ds.noisy)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -36,7 +37,7 @@ import plots
 import spn
 import toy
 from cir import CIRModel
-from loss import SOFT_LABELS, bank_nce, info_nce, soft_and_plain_nce
+from loss import SOFT_LABELS, bank_nce, gallery_nce, info_nce, soft_and_plain_nce
 from model import load_clip, make_transform, normalize_pixels, tokenize
 from nfb import NoiseFilter
 from runtime import (ArgumentParser, atomic_save, error_line, gather_with_grad, log, merge_losses, rng_state,
@@ -93,10 +94,14 @@ def get_args(argv=None):
     p.add_argument("--no-nfb", action="store_true", help="no Noise-pair Filter Block (plain InfoNCE throughout)")
     p.add_argument("--warmup-epochs", type=int, default=None, help="epochs of plain InfoNCE before the first GMM")
     p.add_argument("--gmm", default="sklearn", choices=["sklearn", "torch"])
-    p.add_argument("--soft-label", default="spread", choices=list(SOFT_LABELS),
+    p.add_argument("--soft-label", default="spread", choices=[*SOFT_LABELS, "sample"],
                    help="L^soft_NCE: spread (1 - w) over the other targets, or weight the pair's InfoNCE by w")
-    p.add_argument("--nfb-losses", default="train", choices=["train", "eval"],
-                   help="per-sample losses for the GMM: recorded in the training pass, or an extra no-grad pass")
+    p.add_argument("--nfb-losses", default="train", choices=["train", "eval", "gallery"],
+                   help="per-sample losses for the GMM: recorded in the training pass, or an extra no-grad pass "
+                   "(eval: in-batch; gallery: over every training image)")
+    p.add_argument("--nfb-ema", type=float, default=0.0, help="weight of the earlier epochs' losses (0: none)")
+    p.add_argument("--nfb-gate", type=float, default=0.0,
+                   help="Ashman's D below which the losses count as one mode and every w = 1 (0: never)")
     # SPN
     p.add_argument("--stage", type=int, default=1, choices=[1, 2], help="2: SPN static-bank stage")
     p.add_argument("--init", default=None, help="checkpoint to start from (required by --stage 2)")
@@ -181,12 +186,13 @@ def make_dataset(args, split, view, transform, return_images=True):
     return data.CIRR(args.data_root, split, **kw)
 
 
-def make_loader(ds, args, epoch, rank, world, shuffle=True):
-    """A fresh loader per epoch whose order and worker seeds depend only on (seed, epoch): resumable exactly."""
+def make_loader(ds, args, epoch, rank, world, shuffle=True, keep=None):
+    """A fresh loader per epoch whose order and worker seeds depend only on (seed, epoch): resumable exactly.
+    keep (n,) bool: the epoch cycles over these triplets only (epoch_order)."""
     g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
     sampler = None
-    if shuffle and args.oracle:
-        sampler = oracle_order(ds, g, rank, world)
+    if shuffle and keep is not None:
+        sampler = epoch_order(keep, g, rank, world)
     elif world > 1:
         sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=shuffle, seed=args.seed,
                                                       drop_last=shuffle)
@@ -200,16 +206,17 @@ def make_loader(ds, args, epoch, rank, world, shuffle=True):
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
-def oracle_order(ds, g, rank, world):
-    """--oracle, the ceiling of a noisy run: only the triplets known to be clean, and as many samples per epoch as
-    the noisy run has (so the same number of optimizer steps): permutations of the clean set, concatenated, then
-    this rank's share."""
-    clean = (~ds.noisy).nonzero().squeeze(1)                             # (n_clean,)
-    if len(clean) < 2:
-        raise ValueError(f"--oracle: only {len(clean)} clean training triplets; lower --noise")
-    reps = -(-len(ds) // len(clean))
-    order = torch.cat([clean[torch.randperm(len(clean), generator=g)] for _ in range(reps)])[:len(ds)]
-    return order[rank::world][:len(ds) // world].tolist()
+def epoch_order(keep, g, rank, world):
+    """An epoch over the kept triplets only, with as many samples as a full epoch (so the same number of optimizer
+    steps): permutations of the kept set, concatenated, then this rank's share. keep (n,) bool: --oracle keeps the
+    triplets known to be clean (the ceiling of a noisy run); --soft-label sample keeps pair i with probability w_i."""
+    kept = keep.nonzero().squeeze(1)                                     # (n_kept,)
+    if len(kept) < 2:
+        raise ValueError(f"only {len(kept)} training triplets kept (--oracle: clean ones); lower --noise")
+    n = len(keep)
+    reps = -(-n // len(kept))
+    order = torch.cat([kept[torch.randperm(len(kept), generator=g)] for _ in range(reps)])[:n]
+    return order[rank::world][:n // world].tolist()
 
 
 def param_groups(model, args):
@@ -271,9 +278,15 @@ def train_epoch(args, model, ddp, ds, opt, sched, scaler, amp, nfb, epoch, rank,
     model.train()
     if args.encoder == "text" or args.stage == 2:
         model.clip.visual.eval()                        # frozen tower: BatchNorm statistics stay put too
-    loader = make_loader(ds, args, epoch, rank, world)
-    losses = torch.full((len(ds),), float("nan"), device=device)
     use_w = nfb is not None and nfb.active(epoch)
+    keep = None
+    if args.oracle:
+        keep = ~ds.noisy
+    elif use_w and args.soft_label == "sample":     # the soft labels choose the epoch's pairs instead of weights
+        keep = nfb.draw(torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        use_w = False
+    loader = make_loader(ds, args, epoch, rank, world, keep=keep)
+    losses = torch.full((len(ds),), float("nan"), device=device)
     total, steps, t_data, t_fwd, t_bwd = 0.0, 0, 0.0, 0.0, 0.0
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -310,6 +323,16 @@ def train_epoch(args, model, ddp, ds, opt, sched, scaler, amp, nfb, epoch, rank,
         if args.max_steps and steps >= args.max_steps:
             break
     return total / max(1, steps), losses, dict(data=t_data, forward=t_fwd, backward=t_bwd)
+
+
+@torch.no_grad()
+def gallery_losses(args, model, ds, amp, device):
+    """--nfb-losses gallery: every training query ranked over every training image (reference excluded), no grad:
+    l_i = -log softmax over the training gallery of the labelled target (loss.gallery_nce)."""
+    f_ref, f_tar = evaluate.encode_gallery(model, ds.gallery, args.batch_size, device, args.workers)
+    texts = [t["text"] for t in ds.triplets]
+    q = evaluate.encode_queries(model, texts, f_ref[ds.ref_idx], args.batch_size, device)   # (n, D)
+    return gallery_nce(q, F.normalize(f_tar.float(), dim=-1), ds.tgt_idx, args.tau, exclude=ds.ref_idx)
 
 
 @torch.no_grad()
@@ -376,6 +399,8 @@ def refit_noise_filter(args, nfb, losses, epoch, ddp, ds, amp, rank, world, devi
     t = time.perf_counter()
     if args.nfb_losses == "eval":
         losses = eval_losses(args, ddp, ds, amp, rank, world, device, cache, bank)
+    elif args.nfb_losses == "gallery":
+        losses = gallery_losses(args, ddp.module if world > 1 else ddp, ds, amp, device)
     losses = merge_losses(losses)
     stats = nfb.update(losses.cpu(), epoch)
     if world > 1:                                   # one GMM, the same soft labels on every rank
@@ -452,7 +477,8 @@ def main(argv=None):
         gallery = make_dataset(args, "train", "gallery", transform)
         cache, bank = spn.frozen_image_side(model, gallery, ds, args, device, out, resume, rank)
     elif args.cache_images:
-        cache = cached_images(make_dataset(args, "train", "gallery", pixels), args, rank)
+        ds.gallery = make_dataset(args, "train", "gallery", pixels)
+        cache = ds.gallery.pixels = cached_images(ds.gallery, args, rank)
     eval_sets = evaluate.eval_sets(args.dataset, args.data_root, "val", pixels or transform, args.categories,
                                    args.skip_missing)
     if args.cache_images:
@@ -472,7 +498,8 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.lr_warmup * total)))
     amp, scaler = evaluate.autocast(args.amp, device)
     nfb = None if args.no_nfb else NoiseFilter(len(ds), args.warmup_epochs, args.gmm,
-                                               noisy_gt=ds.noisy if ds.noisy.any() else None)
+                                               noisy_gt=ds.noisy if ds.noisy.any() else None, ema=args.nfb_ema,
+                                               gate=args.nfb_gate)
     if args.stage == 2 and nfb is not None and resume is None:
         spn.carry_over_soft_labels(nfb, init, ds, args, rank)
     start, best, history = 0, -1.0, []
