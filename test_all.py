@@ -618,6 +618,169 @@ def test_fashioniq_train_items(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# Shoes: the real annotation files, placeholder JPEGs where the Attribute Discovery archive puts them
+
+SHOES_ANN = SHARED / "data" / "shoes"
+
+
+def _shoes_rows():
+    return json.loads((SHOES_ANN / "relative_captions_shoes.json").read_text())
+
+
+def _shoes_names(split):
+    return (SHOES_ANN / data.SHOES_SPLIT_FILES[split]).read_text().split()
+
+
+def _pair(r):
+    return r["ReferenceImageName"], r["ImageName"]
+
+
+def make_shoes(tmp, splits=("train", "test"), top="", ann_sub="", flat=False, drop=(), rows=None,
+               names=None):
+    """A Shoes root under tmp: annotations in tmp/ann_sub (the real files, or `rows` / `names`
+    {split: [name]} written in their format), one tiny JPEG hard-linked under every image name of
+    `splits` but `drop`: tmp/top/womens_<category>/<0|1>/<name> as the archive unpacks, or flat."""
+    ann = tmp / ann_sub
+    ann.mkdir(parents=True, exist_ok=True)
+    rows = _shoes_rows() if rows is None else rows
+    names = names or {s: _shoes_names(s) for s in data.SHOES_SPLITS}
+    (ann / "relative_captions_shoes.json").write_text(json.dumps(rows))
+    for s, f in data.SHOES_SPLIT_FILES.items():
+        (ann / f).write_text("\n".join(names[s]) + "\n")
+    jpg = _tiny_png(tmp, ".jpg")
+    for s in splits:
+        for n in set(names[s]) - set(drop):
+            category = n.removeprefix("img_").rsplit("_", 1)[0]         # womens_<category>
+            sub = "" if flat else f"{category}/{int(n[:-4].rsplit('_', 1)[1]) % 2}"
+            _link(jpg, tmp / top / sub / n)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def shoes_root(tmp_path_factory):
+    return make_shoes(tmp_path_factory.mktemp("shoes"))
+
+
+def test_shoes_real_counts(shoes_root, capsys):
+    """8,990 train and 1,761 test triplets (both images in the split: a plain filter of the real file
+    here), 27 self-pairs (26 + 1), no exact repeat in the release, every name a file."""
+    rows = _shoes_rows()
+    keys = [(r["ReferenceImageName"], r["ImageName"], r["RelativeCaption"]) for r in rows]
+    assert len(rows) == 10751 and len(set(keys)) == 10751
+    assert not set(_shoes_names("train")) & set(_shoes_names("test"))
+    for split, n_trip, n_img, n_self in (("train", 8990, 10000, 26), ("test", 1761, 4658, 1)):
+        names = _shoes_names(split)
+        in_split = set(names)
+        both = [(i, r) for i, r in enumerate(rows) if set(_pair(r)) <= in_split]
+        trip = data.Shoes(shoes_root, split, return_images=False)
+        gal = data.Shoes(shoes_root, split, view="gallery")
+        out = capsys.readouterr().out
+        assert "Attribute Discovery layout (womens_<category>/<0|1>/)" in out
+        assert f"{n_trip} triplets ({n_self} with reference = target) over {n_img} images" in out
+        assert len(both) == len(trip) == n_trip and len(names) == len(gal) == n_img
+        assert gal.images == trip.images == names
+        assert [(t["pairid"], t["reference"], t["target"], t["text"]) for t in trip.triplets] == [
+            (i, *_pair(r), r["RelativeCaption"].strip()) for i, r in both]
+        assert trip.n_self_pairs == n_self == sum(a == b for a, b in (_pair(r) for _, r in both))
+        for n, p in gal.paths.items():   # found by name, in its category's womens_<category>/<0|1>/
+            assert p.name == n and p.is_file() and n.startswith("img_" + p.parent.parent.name + "_")
+        assert all(t["members"] is None and t["category"] is None for t in trip.triplets)
+    t = trip.triplets[0]
+    assert data.Shoes(shoes_root, "test")[0] == (t["reference"], t["text"], t["target"], (), 0)
+    ref, text, tgt, i = data.Shoes(shoes_root, "train")[3]
+    assert ref.shape == tgt.shape == (3, 4, 4) and isinstance(text, str) and i == 3
+    assert gal[2][1].shape == (3, 4, 4)
+
+
+def test_shoes_repeated_rows_kept_once(tmp_path, capsys):
+    rows = _shoes_rows()
+    test = set(_shoes_names("test"))
+    first = next(i for i, r in enumerate(rows) if r["ImageName"] in test)
+    root = make_shoes(tmp_path, ("test",), rows=rows + [rows[first], rows[0], rows[first]])
+    ds = data.Shoes(root, "test", return_images=False)
+    out = capsys.readouterr().out
+    assert len(ds) == 1761 and "3 repeated rows of relative_captions_shoes.json kept once" in out
+    pairids = [t["pairid"] for t in ds.triplets]
+    assert pairids.count(first) == 1 and max(pairids) < len(rows)     # the first copy is kept
+
+
+@pytest.mark.parametrize("top,ann_sub,flat,label", [
+    ("", "", False, "Attribute Discovery layout (womens_<category>/<0|1>/)"),
+    ("attributedata", "dataset", False, "Attribute Discovery layout under attributedata/ (womens_"),
+    ("images", "", True, "flat layout (images in images/)"),
+    ("", "dataset", True, "flat layout (images in the root)")])
+def test_shoes_layout_variants(tmp_path, capsys, monkeypatch, top, ann_sub, flat, label):
+    """The archive with and without a top folder such as attributedata/, flat copies, annotations
+    in the root or in dataset/. Images are found by one listing per folder: no stat per image."""
+    root = make_shoes(tmp_path, ("test",), top, ann_sub, flat)
+    stats, real_stat = [], os.stat
+    monkeypatch.setattr(os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
+    gal = data.Shoes(root, "test", view="gallery")
+    monkeypatch.undo()
+    out = capsys.readouterr().out
+    assert label in out and f"annotations {tmp_path / ann_sub}".rstrip("/") in out
+    assert len(out.splitlines()) == 1 and len(stats) < 10, stats
+    assert len(gal) == 4658 and all(p.is_file() and p.name == n for n, p in gal.paths.items())
+
+
+def test_shoes_missing_images(tmp_path, capsys):
+    test = set(_shoes_names("test"))
+    rows = [r for r in _shoes_rows() if r["ImageName"] in test]
+    used = {n for r in rows for n in _pair(r)}
+    unused = next(n for n in _shoes_names("test") if n not in used)
+    gone = {rows[0]["ReferenceImageName"], rows[9]["ImageName"], unused}
+    root = make_shoes(tmp_path, ("test",), drop=gone)
+    with pytest.raises(FileNotFoundError) as e:
+        data.Shoes(root, "test")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "3 of 4658 images named in" in msg
+    assert "eval_im_names.txt" in msg and all(n in msg for n in gone) and "--skip-missing" in msg
+    capsys.readouterr()
+    ds = data.Shoes(root, "test", skip_missing=True, return_images=False)
+    out = capsys.readouterr().out
+    expect = [_pair(r) for r in rows if not set(_pair(r)) & gone]
+    assert [(t["reference"], t["target"]) for t in ds.triplets] == expect
+    assert f"{1761 - len(expect)} of 1761 triplets dropped" in out and "3 missing images dropped" in out
+    gal = data.Shoes(root, "test", view="gallery", skip_missing=True)
+    assert len(gal) == 4655 and not gone & set(gal.images) and gal.images == ds.images
+    # no image at all: a wrong root, whatever skip_missing says
+    bare = make_shoes(tmp_path / "bare", ())
+    with pytest.raises(FileNotFoundError, match="none of the 4658 images of eval_im_names.txt"):
+        data.Shoes(bare, "test", skip_missing=True)
+
+
+def test_shoes_bad_root_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        data.Shoes(tmp_path / "nowhere", "test")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "relative_captions_shoes.json" in msg and "--data-root" in msg
+    root = make_shoes(tmp_path / "r", ())
+    (root / "eval_im_names.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"eval_im_names.txt not found.*beside"):
+        data.Shoes(root, "test")
+    with pytest.raises(ValueError, match="no val split.*test"):
+        data.Shoes(root, "val")
+    (root / "relative_captions_shoes.json").write_text('{"ImageName": "a.jpg"}')
+    with pytest.raises(ValueError, match="relative_captions_shoes.json: expected a JSON list"):
+        data.Shoes(root, "train")
+
+
+def test_shoes_noise_kinds_and_partial_refused(shoes_root):
+    """--noise works on Shoes; it has no subsets, so --noise-kind partial is refused."""
+    ds = data.Shoes(shoes_root, "train", return_images=False)
+    n = data.Shoes(shoes_root, "train", noise=data.Noise(0.3, "shuffle", 0), return_images=False)
+    for f in ("reference", "text", "target"):
+        assert sorted(t[f] for t in n.triplets) == sorted(t[f] for t in ds.triplets)
+    assert [bool(c) for c in _changed(n.triplets, ds.triplets)] == n.noisy.tolist()
+    assert 0.9 * round(0.3 * 8990) < int(n.noisy.sum()) <= round(0.3 * 8990)
+    target = data.Shoes(shoes_root, "train", noise=data.Noise(0.2, "target", 1),
+                        return_images=False)
+    assert int(target.noisy.sum()) == round(0.2 * 8990)
+    with pytest.raises(ValueError, match="partial.*has none"):
+        data.Shoes(shoes_root, "train", noise=data.Noise(0.3, "partial", 0), return_images=False)
+
+
+# -----------------------------------------------------------------------------
 # missing, corrupt, wrong root
 
 def test_missing_images_error_and_skip(tmp_path, capsys):
