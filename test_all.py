@@ -780,6 +780,63 @@ def test_shoes_noise_kinds_and_partial_refused(shoes_root):
         data.Shoes(shoes_root, "train", noise=data.Noise(0.3, "partial", 0), return_images=False)
 
 
+def test_shoes_metrics_hand_made():
+    g = _onehot([1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1])
+    names = ["im0", "im1", "im2", "im3"]
+    # q0: nearest to its reference im0; removing it puts the target im1 first
+    # q1: a self-pair (reference = target = im1): a miss at every K, even with 4 images and K = 50
+    # q2: im3 first, then im1 and im2 tie at 0 and gallery order puts the target im2 third
+    q = _onehot([1, 0, 0], [1, 0, 0], [0, 0, 1])
+    m = evaluate.shoes_metrics(q, g, names, ["im0", "im1", "im0"], ["im1", "im1", "im2"])
+    assert m == pytest.approx({"R@1": 100 / 3, "R@10": 200 / 3, "R@50": 200 / 3})
+    # with im0 kept in the ranking (another reference), q0's target is second
+    assert evaluate.shoes_metrics(q[:1], g, names, ["im3"], ["im1"])["R@1"] == 0.0
+
+
+def _shoes_loop(q, g, names, refs, tgts):
+    """The protocol as plainly as possible: sort (ties by gallery order), drop the reference, look
+    for the target in the top K; a self-pair's target went with its reference."""
+    s = (F.normalize(q, dim=-1) @ F.normalize(g, dim=-1).T).numpy()
+    index = {n: j for j, n in enumerate(names)}
+    hits = {1: 0, 10: 0, 50: 0}
+    for i in range(len(q)):
+        order = np.argsort(-s[i], kind="stable")
+        ranked = order[order != index[refs[i]]]
+        for k in hits:
+            hits[k] += index[tgts[i]] in ranked[:k]
+    return {f"R@{k}": 100 * h / len(q) for k, h in hits.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shoes_metrics_against_loop(seed):
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    G, Q, D = 90, 70, 6
+    g, q = torch.randn(G, D), torch.randn(Q, D)
+    g[7] = g[3]                                                       # an exact tie
+    names = [f"im{i}" for i in range(G)]
+    refs = [rng.choice(names) for _ in range(Q)]
+    tgts = [r if i % 9 == 0 else rng.choice(names) for i, r in enumerate(refs)]  # self-pairs
+    ours = evaluate.shoes_metrics(q, g, names, refs, tgts, chunk=8)
+    assert ours == pytest.approx(_shoes_loop(q, g, names, refs, tgts), abs=1e-9)
+
+
+def test_shoes_metrics_real_test_split_against_loop():
+    """The real test split: 1,761 queries (one self-pair) over the 4,658 eval images, random
+    features with half of the queries near their target."""
+    torch.manual_seed(0)
+    names = _shoes_names("test")
+    index = {n: j for j, n in enumerate(names)}
+    rows = [r for r in _shoes_rows() if r["ImageName"] in index]
+    refs, tgts = [r["ReferenceImageName"] for r in rows], [r["ImageName"] for r in rows]
+    g, q = torch.randn(len(names), 4), torch.randn(len(rows), 4)
+    half = len(rows) // 2
+    q[:half] = g[[index[t] for t in tgts[:half]]] + 0.3 * q[:half]
+    ours = evaluate.shoes_metrics(q, g, names, refs, tgts)
+    assert ours == pytest.approx(_shoes_loop(q, g, names, refs, tgts), abs=1e-9)
+    assert ours["R@50"] > 30
+
+
 # -----------------------------------------------------------------------------
 # missing, corrupt, wrong root
 
