@@ -749,7 +749,7 @@ def test_shoes_missing_images(tmp_path, capsys):
         data.Shoes(bare, "test", skip_missing=True)
 
 
-def test_shoes_bad_root_one_line(tmp_path):
+def test_shoes_bad_root_one_line(tmp_path, micro_clip):
     with pytest.raises(FileNotFoundError) as e:
         data.Shoes(tmp_path / "nowhere", "test")
     msg = str(e.value)
@@ -763,10 +763,16 @@ def test_shoes_bad_root_one_line(tmp_path):
     (root / "relative_captions_shoes.json").write_text('{"ImageName": "a.jpg"}')
     with pytest.raises(ValueError, match="relative_captions_shoes.json: expected a JSON list"):
         data.Shoes(root, "train")
+    with pytest.raises(FileNotFoundError) as e:     # train.py prints it as one line (error_line)
+        train.main(["--dataset", "shoes", "--data-root", str(tmp_path / "nowhere"),
+                    "--clip", str(micro_clip)])
+    assert len(runtime.error_line(e.value).splitlines()) == 1
+    assert "relative_captions_shoes.json" in str(e.value)
 
 
-def test_shoes_noise_kinds_and_partial_refused(shoes_root):
-    """--noise works on Shoes; it has no subsets, so --noise-kind partial is refused."""
+def test_shoes_noise_kinds_and_partial_refused(shoes_root, tmp_path, capsys):
+    """--noise works on Shoes; it has no subsets, so --noise-kind partial is one clear line before
+    anything loads."""
     ds = data.Shoes(shoes_root, "train", return_images=False)
     n = data.Shoes(shoes_root, "train", noise=data.Noise(0.3, "shuffle", 0), return_images=False)
     for f in ("reference", "text", "target"):
@@ -778,6 +784,13 @@ def test_shoes_noise_kinds_and_partial_refused(shoes_root):
     assert int(target.noisy.sum()) == round(0.2 * 8990)
     with pytest.raises(ValueError, match="partial.*has none"):
         data.Shoes(shoes_root, "train", noise=data.Noise(0.3, "partial", 0), return_images=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:            # train.get_args: before any data or model
+        train.get_args(["--dataset", "shoes", "--noise", "0.2", "--noise-kind", "partial",
+                        "--data-root", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: --noise-kind partial"), err
 
 
 def test_shoes_metrics_hand_made():
@@ -835,6 +848,57 @@ def test_shoes_metrics_real_test_split_against_loop():
     ours = evaluate.shoes_metrics(q, g, names, refs, tgts)
     assert ours == pytest.approx(_shoes_loop(q, g, names, refs, tgts), abs=1e-9)
     assert ours["R@50"] > 30
+
+
+def _mini_shoes(tmp, n_train=48, n_test=30, n_unused=20):
+    """A small Shoes root of real rows: the first train and test triplets and the test self-pair;
+    split files of their images and a few unused eval images."""
+    rows = _shoes_rows()
+    names = {s: set(_shoes_names(s)) for s in data.SHOES_SPLITS}
+    pick = {s: [r for r in rows if set(_pair(r)) <= names[s]] for s in names}
+    selfpair = [r for r in pick["test"] if r["ReferenceImageName"] == r["ImageName"]]
+    pick = {"train": pick["train"][:n_train], "test": pick["test"][:n_test] + selfpair}
+    used = {s: list(dict.fromkeys(n for r in pick[s] for n in _pair(r))) for s in pick}
+    used["test"] += [n for n in _shoes_names("test") if n not in used["test"]][:n_unused]
+    return make_shoes(tmp, rows=pick["train"] + pick["test"], names=used)
+
+
+@pytest.mark.filterwarnings("ignore:nfb.py")   # identical placeholder images: equal losses, no GMM
+def test_shoes_train_end_to_end(micro_clip, tmp_path, capsys):
+    """train.py --dataset shoes for two steps with injected noise: validation on the test split,
+    best.pt by the mean of R@1/10/50; evaluate.py reproduces the logged metrics; zero-shot CLIP
+    evaluates; generate.py pairs Shoes training images."""
+    root = _mini_shoes(tmp_path / "shoes")
+    out = train.main(["--dataset", "shoes", "--data-root", str(root), "--clip", str(micro_clip),
+                      "--out", str(tmp_path / "run"), "--epochs", "1", "--max-steps", "2",
+                      "--batch-size", "8", "--workers", "0", "--lr", "1e-3", "--lr-wcb", "1e-3",
+                      "--noise", "0.2"])
+    printed = capsys.readouterr().out
+    assert "Shoes test: Attribute Discovery layout" in printed
+    assert "shuffle noise: 8 of 48" in printed
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    m = log[0]["metrics"]
+    assert set(m) == {"R@1", "R@10", "R@50", "avg"} and log[0]["score"] == m["avg"]
+    assert m["avg"] == pytest.approx((m["R@1"] + m["R@10"] + m["R@50"]) / 3)
+    assert m["R@50"] <= 100 * 30 / 31 + 1e-9              # the self-pair is one query, always a miss
+    assert torch.load(out / "best.pt", weights_only=True)["args"]["dataset"] == "shoes"
+    # the same batch size as training: the placeholder images tie, and ties follow the last bits
+    again = evaluate.main(["--checkpoint", str(out / "best.pt"), "--workers", "0",
+                           "--batch-size", "8"])
+    assert again == pytest.approx(m, abs=1e-6) and (out / "metrics_shoes_test.json").is_file()
+    zero = evaluate.main(["--clip", str(micro_clip), "--dataset", "shoes", "--data-root", str(root),
+                          "--workers", "0", "--out", str(tmp_path / "zs.json")])
+    assert set(zero) == set(m) and (tmp_path / "zs.json").is_file()
+    with pytest.raises(ValueError, match="no val split"):
+        evaluate.main(["--checkpoint", str(out / "best.pt"), "--split", "val", "--workers", "0"])
+    train_names = (root / "train_im_names.txt").read_text().split()
+    caps = tmp_path / "caps.json"
+    caps.write_text(json.dumps({n: f"a shoe {i}" for i, n in enumerate(train_names)}))
+    made = generate.main(["--dataset", "shoes", "--data-root", str(root), "--captions", str(caps),
+                          "--clip", str(micro_clip), "--window", "1", "5", "--workers", "0",
+                          "--out", str(tmp_path / "extra.json")])
+    assert len(made) == len(train_names)
+    assert all({t["reference"], t["target"]} <= set(train_names) for t in made)
 
 
 # -----------------------------------------------------------------------------
