@@ -1,7 +1,8 @@
 """The test suite: `python -m pytest test_all.py`.
 
 Every test checks real behaviour against an independent truth: OpenAI's CLIP code (`clip-anytorch`), scikit-learn,
-hand-computed small cases, the real CIRR / FashionIQ annotation files in ../shared/data. No test downloads anything.
+hand-computed small cases, the real CIRR / FashionIQ / Shoes annotation files in ../shared/data. No test downloads
+anything.
 """
 
 from pathlib import Path
