@@ -550,6 +550,8 @@ class Shoes(_CIRDataset):
                                     f"{split_file.name} (the {split} images) beside {SHOES_CAPTIONS}")
         lines = (s.strip() for s in split_file.read_text().splitlines())
         names = list(dict.fromkeys(n for n in lines if n))
+        if not names:
+            raise ValueError(f"Shoes: {split_file} names no image; put the release's file there")
         in_split = set(names)
 
         # Triplets: both images in this split; an exact repeat kept once, in the file's order.

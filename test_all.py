@@ -764,6 +764,9 @@ def test_shoes_bad_root_one_line(tmp_path, micro_clip):
     (root / "relative_captions_shoes.json").write_text('{"ImageName": "a.jpg"}')
     with pytest.raises(ValueError, match="relative_captions_shoes.json: expected a JSON list"):
         data.Shoes(root, "train")
+    (root / "train_im_names.txt").write_text("\n")
+    with pytest.raises(ValueError, match="train_im_names.txt names no image"):
+        data.Shoes(root, "train")
     with pytest.raises(FileNotFoundError) as e:     # train.py prints it as one line (error_line)
         train.main(["--dataset", "shoes", "--data-root", str(tmp_path / "nowhere"),
                     "--clip", str(micro_clip)])
