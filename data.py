@@ -1,5 +1,5 @@
-"""Data: CIRR and FashionIQ read from their official on-disk layouts, synthetic label noise, and the bundled toy
-benchmark (README: "Data").
+"""Data: CIRR, FashionIQ and Shoes read from their official on-disk layouts, synthetic label noise, and the bundled
+toy benchmark (README: "Data").
 
 - CIRR rc2: <root>/captions/cap.rc2.{train,val,test1}.json, <root>/image_splits/split.rc2.{split}.json
   ({name: "./dev/dev-244-0-img0.png"}, relative to the image root). Recognised variants: the CIRR release
@@ -7,6 +7,10 @@ benchmark (README: "Data").
   flat layout of the toy benchmark (images beside captions/).
 - FashionIQ: <root>/captions/cap.{cat}.{split}.json (list of {candidate, target, captions[2]}; test: no target),
   <root>/image_splits/split.{cat}.{split}.json (list of names), images <root>/images/<name>.png or .jpg.
+- Shoes: <root>/relative_captions_shoes.json (list of {ImageName (target), ReferenceImageName, RelativeCaption}),
+  <root>/train_im_names.txt and eval_im_names.txt (the splits "train" and "test"), also in <root>/dataset/; images
+  found by file name below <root>: the Attribute Discovery archive's womens_<category>/<0|1>/<name>.jpg, possibly
+  under one more folder (attributedata/), or a flat folder.
 - Two views of a split: "triplets" (the queries) and "gallery" (every image of the split, in split-file order).
   The image list (.images) is the same in both views, so indices of one are valid in the other.
 - Missing images are found once, when a dataset is built (one directory listing per folder, no image opened):
@@ -499,3 +503,154 @@ def _scan_one(folder):
             elif e.is_dir():
                 subdirs.append(e.path)
     return out, subdirs
+
+
+
+# -----------------------------------------------------------------------------
+# Shoes
+
+SHOES_SPLITS = ("train", "test")
+SHOES_CAPTIONS = "relative_captions_shoes.json"
+SHOES_SPLIT_FILES = {"train": "train_im_names.txt", "test": "eval_im_names.txt"}
+SHOES_DEPTH = 4  # folders searched below the root: <top>/womens_<cat>/<0|1>/ is 3, one for slack
+
+
+class Shoes(_CIRDataset):
+    """Shoes (Guo et al., NeurIPS 2018: relative captions on the Attribute Discovery images of Berg
+    et al., 2010), NCL-CIR's second benchmark, on its official release.
+
+    root: --data-root. Annotations (relative_captions_shoes.json, train_im_names.txt,
+    eval_im_names.txt) in <root> or <root>/dataset. Images are found by file name up to SHOES_DEPTH
+    folders below <root>: the archive's womens_<category>/<0|1>/<name>.jpg, possibly under a top
+    folder such as attributedata/, or a flat folder.
+    Splits: "train" (train_im_names.txt) and "test" (eval_im_names.txt). Shoes has no val split:
+    its papers, and this project's validation during training, evaluate on test.
+    A triplet belongs to the split that holds both of its images (8,990 train, 1,761 test in the
+    release). A row repeated exactly is kept once. A row whose reference is its target is kept and
+    counted (.n_self_pairs): the protocol removes the reference from the ranking, so such a query is
+    always a miss (evaluate.shoes_metrics).
+    .images: the split file's names in its order (the test gallery: all 4,658 eval images).
+    triplets: dicts {reference, target, text (the caption, stripped), captions [text], members None,
+    pairid (the row's index in the JSON file), category None}.
+    """
+
+    def __init__(self, root, split="train", view="triplets", transform=None, skip_missing=False,
+                 noise=None, return_images=True, random_text=None, extra_triplets=None):
+        # random_text: no effect (one caption per query); extra_triplets: see _read_extra
+        root = Path(root).expanduser()
+        if split not in SHOES_SPLITS:
+            raise ValueError(f"Shoes: split must be one of {SHOES_SPLITS}, got {split!r} (Shoes has "
+                             f"no val split: evaluation uses test, the images of eval_im_names.txt)")
+        ann = _first_dir(_unique([root, root / "dataset"]), [SHOES_CAPTIONS])
+        if ann is None:
+            raise FileNotFoundError(
+                f"Shoes: no {SHOES_CAPTIONS} in {root} or {root / 'dataset'}: point --data-root at "
+                f"the Shoes folder that holds it (with train_im_names.txt, eval_im_names.txt and the "
+                f"womens_*/ image folders)")
+        split_file = ann / SHOES_SPLIT_FILES[split]
+        if not split_file.is_file():
+            raise FileNotFoundError(f"Shoes: {split_file} not found: put the release's "
+                                    f"{split_file.name} (the {split} images) beside {SHOES_CAPTIONS}")
+        lines = (s.strip() for s in split_file.read_text().splitlines())
+        names = list(dict.fromkeys(n for n in lines if n))
+        if not names:
+            raise ValueError(f"Shoes: {split_file} names no image; put the release's file there")
+        in_split = set(names)
+
+        # Triplets: both images in this split; an exact repeat kept once, in the file's order.
+        triplets, seen, repeated, across = [], set(), 0, 0
+        for i, row in enumerate(_read_shoes_rows(ann / SHOES_CAPTIONS)):
+            if row in seen:
+                repeated += 1
+                continue
+            seen.add(row)
+            ref, tgt, text = row
+            if ref in in_split and tgt in in_split:
+                triplets.append(dict(pairid=i, reference=ref, target=tgt, text=text, captions=[text],
+                                     members=None, category=None))
+            elif ref in in_split or tgt in in_split:
+                across += 1                                          # none in the release
+
+        # Images by file name. A name not found gets a path that does not exist, so that
+        # skip_missing drops it in _setup like any missing image.
+        found = _find_by_name(root, in_split)
+        if not found:
+            eg = root / names[0].removeprefix("img_").rsplit("_", 1)[0] / "0" / names[0]
+            raise FileNotFoundError(
+                f"Shoes: annotations found in {ann}, but none of the {len(names)} images of "
+                f"{split_file.name} is within {SHOES_DEPTH} folders below {root}: expected e.g. {eg} "
+                f"(the Attribute Discovery archive unpacked); point --data-root at the folder "
+                f"holding womens_*/")
+        missing = [n for n in names if n not in found]
+        if missing and not skip_missing:
+            raise FileNotFoundError(
+                f"Shoes {split}: {len(missing)} of {len(names)} images named in {split_file} are not "
+                f"below {root}, e.g. {', '.join(missing[:3])}: unpack the Attribute Discovery archive "
+                f"there (womens_<category>/<0|1>/<name>.jpg), or pass skip_missing=True "
+                f"(--skip-missing) to drop the triplets that use them")
+        paths = {n: found.get(n, root / n) for n in names}
+        n_self = sum(t["reference"] == t["target"] for t in triplets)
+        print(f"Shoes {split}: {_shoes_layout(root, found.values())}: {len(triplets)} triplets "
+              f"({n_self} with reference = target) over {len(names)} images; annotations {ann}"
+              + (f"; {repeated} repeated rows of {SHOES_CAPTIONS} kept once" if repeated else "")
+              + (f"; {across} rows with one image outside the split left out" if across else ""),
+              flush=True)
+        self._setup("Shoes", root, split, view, names, paths, triplets, [False] * len(triplets),
+                    transform=transform, skip_missing=skip_missing, noise=noise,
+                    return_images=return_images, random_text=random_text,
+                    extra_triplets=extra_triplets)
+        self.n_self_pairs = sum(t["reference"] == t["target"] for t in self.triplets)
+
+
+def _read_shoes_rows(path):
+    """(reference, target, caption) of every row of relative_captions_shoes.json, in file order,
+    captions stripped."""
+    rows = _read_json(path)
+    keys = ("ReferenceImageName", "ImageName", "RelativeCaption")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in keys)
+                                             for r in rows):
+        raise ValueError(f"{path}: expected a JSON list of {{ImageName, ReferenceImageName, "
+                         f"RelativeCaption}} rows (the release's format); re-download it")
+    return [(r["ReferenceImageName"], r["ImageName"], str(r["RelativeCaption"]).strip())
+            for r in rows]
+
+
+def _find_by_name(root, wanted, depth=SHOES_DEPTH):
+    """{name: Path} of the files named in `wanted`, at most `depth` folders below root. Breadth first
+    (the shallowest copy wins; folders in name order), one scandir per folder and no stat per file;
+    it stops once every name is found. Hidden folders and __MACOSX/ (zip debris) are not entered."""
+    found, level = {}, [root]
+    for _ in range(depth + 1):
+        below = []
+        for folder in level:
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                continue
+            for e in entries:
+                if e.name in wanted:
+                    found.setdefault(e.name, Path(e.path))
+                elif not e.name.startswith((".", "__MACOSX")) and e.is_dir():
+                    below.append(e.path)
+        if len(found) == len(wanted) or not below:
+            break
+        level = below
+    return found
+
+
+def _shoes_layout(root, paths):
+    """The folder layout that most of the found images are in, named for the log line."""
+    def kind(folders):
+        if len(folders) == 2 and folders[0].startswith("womens_"):
+            return "Attribute Discovery layout (womens_<category>/<0|1>/)"
+        if len(folders) == 3 and folders[1].startswith("womens_"):
+            return f"Attribute Discovery layout under {folders[0]}/ (womens_<category>/<0|1>/)"
+        if len(folders) <= 1:
+            return f"flat layout (images in {folders[0] + '/' if folders else 'the root'})"
+        return "custom layout"
+    counts = {}
+    for p in paths:
+        k = kind(p.relative_to(root).parts[:-1])
+        counts[k] = counts.get(k, 0) + 1
+    return max(counts, key=counts.get)

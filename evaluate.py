@@ -1,4 +1,5 @@
-"""Evaluation: the official CIRR and FashionIQ protocols, the evaluation CLI, CIRR test-server files.
+"""Evaluation: the official CIRR and FashionIQ protocols, Shoes as its papers evaluate it, the evaluation CLI, CIRR
+test-server files.
 
 Protocols (the datasets' official ones)
 - FashionIQ (val): per category, gallery = that category's val images; Recall@10 / Recall@50 of the target.
@@ -6,6 +7,9 @@ Protocols (the datasets' official ones)
   metric; Recall@1/5/10/50 over the whole gallery; Recall_subset@1/2/3 over the ranking restricted to the query's
   `img_set.members` minus the reference (the order inside the subset is the order of the full ranking).
 - CIRR (test1): no targets; `write_submission` writes the two JSON files the evaluation server takes.
+- Shoes (test; it has no val split): gallery = all 4,658 images of eval_im_names.txt; the reference image is
+  removed from each ranking; Recall@1/10/50 and their mean. A query whose reference is its target (one in test)
+  is a miss at every K, as in TG-CIR's, DQU-CIR's and COMBINER's code.
 
 Ranking is by cosine similarity, computed as chunked matrix products so memory stays O(chunk x gallery). Ties are
 broken by gallery order (a stable sort): an image earlier in the gallery ranks first among equals.
@@ -15,6 +19,7 @@ Usage
     python evaluate.py --checkpoint runs/X/best.pt       # dataset, root, model read from the checkpoint
     python evaluate.py --clip ViT-B/32 --dataset cirr --data-root DIR   # zero-shot CLIP, sum fusion
     python evaluate.py --checkpoint runs/X/best.pt --split test1 --submission subs/   # CIRR server files
+    python evaluate.py --clip RN50x4 --dataset shoes --data-root DIR     # Shoes test split (its default)
 """
 
 import json
@@ -130,6 +135,29 @@ def fashioniq_metrics(query_feats, gallery_feats, gallery_names, target_names, c
     return {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in (10, 50)}
 
 
+def shoes_metrics(query_feats, gallery_feats, gallery_names, reference_names, target_names,
+                  chunk=CHUNK):
+    """Shoes recall (percent) as the CLIP-based Shoes papers compute it (TG-CIR, DQU-CIR, COMBINER):
+    rank of the target among all test images, the query's reference removed; R@1/10/50 over every
+    query. A self-pair (reference = target) is a miss at every K: its target is the removed image
+    (their code sets the reference's score to the minimum, keeps the top 50 and divides by the
+    number of queries). query_feats (Q, D), gallery_feats (G, D); names are lists."""
+    _check_finite(query_feats, gallery_feats)
+    index = _name_index(gallery_names)
+    ref = _lookup(index, reference_names, "reference images")             # (Q,)
+    tgt = _lookup(index, target_names, "target images")                   # (Q,)
+    g = gallery_feats.to(query_feats.device)
+    ranks = []
+    for s in range(0, len(query_feats), chunk):
+        sims = _similarities(query_feats[s:s + chunk], g)                 # (C, G)
+        r, t = ref[s:s + chunk].to(sims.device), tgt[s:s + chunk].to(sims.device)
+        sims.scatter_(1, r[:, None], float("-inf"))                       # drop the reference
+        ranks.append(_rank_of(sims, t).cpu())
+    ranks = torch.cat(ranks)                                              # (Q,)
+    hit = ref != tgt                                                      # a self-pair never counts
+    return {f"R@{k}": 100.0 * ((ranks < k) & hit).double().mean().item() for k in (1, 10, 50)}
+
+
 def autocast(amp, device):
     """--amp on this device -> (autocast context, GradScaler or None). GPU: bf16 where supported, else fp16 with a
     gradient scaler; CPU or --amp none: full precision."""
@@ -184,8 +212,18 @@ def encode_queries(model, texts, ref_feats, batch_size, device, amp=None):
     return torch.cat(out)
 
 
+# The split that validation during training and evaluate.py use by default: Shoes has no val
+# split, and its papers (and so this project) validate on test.
+EVAL_SPLIT = {"toy": "val", "cirr": "val", "fashioniq": "val", "shoes": "test"}
+
+
 def eval_sets(dataset, root, split, transform, categories=("dress", "shirt", "toptee"), skip_missing=False):
-    """[(name, gallery dataset, triplets dataset)]: one for CIRR (and the toy), one per FashionIQ category."""
+    """[(name, gallery dataset, triplets dataset)]: one for CIRR (and the toy) and for Shoes, one per
+    FashionIQ category."""
+    if dataset == "shoes":
+        kw = dict(skip_missing=skip_missing)
+        return [("shoes", data.Shoes(root, split, view="gallery", transform=transform, **kw),
+                 data.Shoes(root, split, view="triplets", return_images=False, **kw))]
     if dataset == "fashioniq":
         return [(c, data.FashionIQ(root, (c,), split, view="gallery", transform=transform, skip_missing=skip_missing),
                  data.FashionIQ(root, (c,), split, view="triplets", return_images=False, skip_missing=skip_missing))
@@ -205,6 +243,7 @@ def set_features(model, gallery, trips, batch_size, device, workers=2, amp=None)
 def evaluate_sets(model, sets, dataset, batch_size, device, workers=2, amp=None, feats=None):
     """Validation metrics of the model on eval_sets(...). CIRR: R@K, Rsubset@K, avg = (R@5 + Rsubset@1)/2.
     FashionIQ: per category '<cat>_R@10', '<cat>_R@50', their means 'R@10', 'R@50', and avg.
+    Shoes: R@1, R@10, R@50 and avg = their mean.
     feats: an optional dict that receives each set's (query, gallery) features, for reuse."""
     out = {}
     for name, gallery, trips in sets:
@@ -215,6 +254,9 @@ def evaluate_sets(model, sets, dataset, batch_size, device, workers=2, amp=None,
         if dataset == "fashioniq":
             m = fashioniq_metrics(q, g, gallery.images, [t["target"] for t in tr])
             out.update({f"{name}_{k}": v for k, v in m.items()})
+        elif dataset == "shoes":
+            refs, tgts = [t["reference"] for t in tr], [t["target"] for t in tr]
+            out.update(shoes_metrics(q, g, gallery.images, refs, tgts))
         else:
             out.update(cirr_metrics(q, g, gallery.images, [t["reference"] for t in tr], [t["target"] for t in tr],
                                     [t["members"] for t in tr]))
@@ -222,6 +264,8 @@ def evaluate_sets(model, sets, dataset, batch_size, device, workers=2, amp=None,
         for k in ("R@10", "R@50"):
             out[k] = sum(out[f"{n}_{k}"] for n, _, _ in sets) / len(sets)
         out["avg"] = (out["R@10"] + out["R@50"]) / 2
+    elif dataset == "shoes":
+        out["avg"] = (out["R@1"] + out["R@10"] + out["R@50"]) / 3
     else:
         out["avg"] = (out["R@5"] + out["Rsubset@1"]) / 2
     return out
@@ -327,10 +371,11 @@ def main(argv=None):
     p = runtime.ArgumentParser(__doc__)
     p.add_argument("--checkpoint", default=None, help="a run's best.pt (default: the most recent run's)")
     p.add_argument("--clip", default=None, help="zero-shot: OpenAI CLIP name or path, sum fusion, no training")
-    p.add_argument("--dataset", default=None, choices=["toy", "cirr", "fashioniq"])
+    p.add_argument("--dataset", default=None, choices=list(EVAL_SPLIT))
     p.add_argument("--data-root", default=None)
     p.add_argument("--categories", nargs="+", default=None)
-    p.add_argument("--split", default="val", help="val, or test1 for CIRR's server files")
+    p.add_argument("--split", default=None, help="val (test for Shoes, which has no val), or test1 for CIRR's "
+                   "server files")
     p.add_argument("--transform", default=None, choices=["clip", "targetpad"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
@@ -343,7 +388,7 @@ def main(argv=None):
 
     if a.clip:
         if not a.dataset:
-            raise SystemExit("error: --clip needs --dataset (and --data-root for cirr / fashioniq)")
+            raise SystemExit("error: --clip needs --dataset (and --data-root for cirr / fashioniq / shoes)")
         clip, _ = load_clip(a.clip, device="cpu")
         model, run_args, out_dir = CIRModel(clip, wcb=False), {}, Path(".")
     else:
@@ -365,9 +410,10 @@ def main(argv=None):
     transform = make_transform(a.transform or run_args.get("transform") or
                                ("clip" if dataset == "toy" else "targetpad"), model.clip.image_resolution)
     amp, _ = autocast(run_args.get("amp", "auto"), device)    # the run's precision: metrics match its log
+    a.split = a.split or EVAL_SPLIT[dataset]
     sets = eval_sets(dataset, root, a.split, transform, categories, a.skip_missing)
 
-    if dataset != "fashioniq" and a.split.startswith("test"):
+    if dataset in ("cirr", "toy") and a.split.startswith("test"):
         if not a.submission:
             raise SystemExit(f"error: the {a.split} split has no public targets; pass --submission DIR to write "
                              f"the CIRR evaluation server's files")

@@ -92,7 +92,7 @@ def read_captions(path):
 
 def main(argv=None):
     p = runtime.ArgumentParser(__doc__)
-    p.add_argument("--dataset", default="toy", choices=["toy", "cirr", "fashioniq"])
+    p.add_argument("--dataset", default="toy", choices=["toy", "cirr", "fashioniq", "shoes"])
     p.add_argument("--data-root", default=None, help="dataset folder (toy: the default toy set if omitted)")
     p.add_argument("--captions", default=None, help="JSON {image name: caption} (toy: <root>/image_captions.json)")
     p.add_argument("--out", required=True, help="output JSON, for train.py --extra-triplets")
@@ -117,7 +117,8 @@ def main(argv=None):
     if not root:
         raise SystemExit(f"error: --dataset {a.dataset} needs --data-root DIR")
     if not a.captions and a.dataset != "toy":
-        raise SystemExit("error: --captions FILE is required for cirr / fashioniq (JSON {image name: caption})")
+        raise SystemExit("error: --captions FILE is required for cirr / fashioniq / shoes (JSON {image name: "
+                         "caption})")
     captions = read_captions(a.captions or Path(root) / "image_captions.json")
 
     if a.clip:
@@ -135,8 +136,8 @@ def main(argv=None):
     if a.dataset == "fashioniq":
         gallery = data.FashionIQ(root, a.categories, "train", **kw)
         pools = {c: gallery.category_images[c] for c in a.categories}  # pair garments of one category only
-    else:
-        gallery = data.CIRR(root, "train", **kw)
+    else:                                                      # CIRR, the toy, Shoes: one pool
+        gallery = (data.Shoes if a.dataset == "shoes" else data.CIRR)(root, "train", **kw)
         pools = {None: gallery.images}
     _, feats = evaluate.encode_gallery(model, gallery, a.batch_size, device, a.workers)  # (N, D) target role
     feats = feats.cpu()

@@ -1,7 +1,8 @@
 """The test suite: `python -m pytest test_all.py`.
 
 Every test checks real behaviour against an independent truth: OpenAI's CLIP code (`clip-anytorch`), scikit-learn,
-hand-computed small cases, the real CIRR / FashionIQ annotation files in ../shared/data. No test downloads anything.
+hand-computed small cases, the real CIRR / FashionIQ / Shoes annotation files in ../shared/data. No test downloads
+anything.
 """
 
 from pathlib import Path
@@ -615,6 +616,293 @@ def test_fashioniq_train_items(tmp_path):
     assert ref.shape == tgt.shape == (3, 4, 4) and isinstance(text, str) and i == 3
     n = data.FashionIQ(root, "dress", "train", noise=data.Noise(0.2, "target", 1), return_images=False)
     assert int(n.noisy.sum()) == round(0.2 * 5985)
+
+
+# -----------------------------------------------------------------------------
+# Shoes: the real annotation files, placeholder JPEGs where the Attribute Discovery archive puts them
+
+SHOES_ANN = SHARED / "data" / "shoes"
+
+
+def _shoes_rows():
+    return json.loads((SHOES_ANN / "relative_captions_shoes.json").read_text())
+
+
+def _shoes_names(split):
+    return (SHOES_ANN / data.SHOES_SPLIT_FILES[split]).read_text().split()
+
+
+def _pair(r):
+    return r["ReferenceImageName"], r["ImageName"]
+
+
+def make_shoes(tmp, splits=("train", "test"), top="", ann_sub="", flat=False, drop=(), rows=None,
+               names=None):
+    """A Shoes root under tmp: annotations in tmp/ann_sub (the real files, or `rows` / `names`
+    {split: [name]} written in their format), one tiny JPEG hard-linked under every image name of
+    `splits` but `drop`: tmp/top/womens_<category>/<0|1>/<name> as the archive unpacks, or flat."""
+    ann = tmp / ann_sub
+    ann.mkdir(parents=True, exist_ok=True)
+    rows = _shoes_rows() if rows is None else rows
+    names = names or {s: _shoes_names(s) for s in data.SHOES_SPLITS}
+    (ann / "relative_captions_shoes.json").write_text(json.dumps(rows))
+    for s, f in data.SHOES_SPLIT_FILES.items():
+        (ann / f).write_text("\n".join(names[s]) + "\n")
+    jpg = _tiny_png(tmp, ".jpg")
+    for s in splits:
+        for n in set(names[s]) - set(drop):
+            category = n.removeprefix("img_").rsplit("_", 1)[0]         # womens_<category>
+            sub = "" if flat else f"{category}/{int(n[:-4].rsplit('_', 1)[1]) % 2}"
+            _link(jpg, tmp / top / sub / n)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def shoes_root(tmp_path_factory):
+    return make_shoes(tmp_path_factory.mktemp("shoes"))
+
+
+def test_shoes_real_counts(shoes_root, capsys):
+    """8,990 train and 1,761 test triplets (both images in the split: a plain filter of the real file
+    here), 27 self-pairs (26 + 1), no exact repeat in the release, every name a file."""
+    rows = _shoes_rows()
+    keys = [(r["ReferenceImageName"], r["ImageName"], r["RelativeCaption"]) for r in rows]
+    assert len(rows) == 10751 and len(set(keys)) == 10751
+    assert not set(_shoes_names("train")) & set(_shoes_names("test"))
+    for split, n_trip, n_img, n_self in (("train", 8990, 10000, 26), ("test", 1761, 4658, 1)):
+        names = _shoes_names(split)
+        in_split = set(names)
+        both = [(i, r) for i, r in enumerate(rows) if set(_pair(r)) <= in_split]
+        trip = data.Shoes(shoes_root, split, return_images=False)
+        gal = data.Shoes(shoes_root, split, view="gallery")
+        out = capsys.readouterr().out
+        assert "Attribute Discovery layout (womens_<category>/<0|1>/)" in out
+        assert f"{n_trip} triplets ({n_self} with reference = target) over {n_img} images" in out
+        assert len(both) == len(trip) == n_trip and len(names) == len(gal) == n_img
+        assert gal.images == trip.images == names
+        assert [(t["pairid"], t["reference"], t["target"], t["text"]) for t in trip.triplets] == [
+            (i, *_pair(r), r["RelativeCaption"].strip()) for i, r in both]
+        assert trip.n_self_pairs == n_self == sum(a == b for a, b in (_pair(r) for _, r in both))
+        for n, p in gal.paths.items():   # found by name, in its category's womens_<category>/<0|1>/
+            assert p.name == n and p.is_file() and n.startswith("img_" + p.parent.parent.name + "_")
+        assert all(t["members"] is None and t["category"] is None for t in trip.triplets)
+    t = trip.triplets[0]
+    assert data.Shoes(shoes_root, "test")[0] == (t["reference"], t["text"], t["target"], (), 0)
+    ref, text, tgt, i = data.Shoes(shoes_root, "train")[3]
+    assert ref.shape == tgt.shape == (3, 4, 4) and isinstance(text, str) and i == 3
+    assert gal[2][1].shape == (3, 4, 4)
+
+
+def test_shoes_repeated_rows_kept_once(tmp_path, capsys):
+    rows = _shoes_rows()
+    test = set(_shoes_names("test"))
+    first = next(i for i, r in enumerate(rows) if r["ImageName"] in test)
+    root = make_shoes(tmp_path, ("test",), rows=rows + [rows[first], rows[0], rows[first]])
+    ds = data.Shoes(root, "test", return_images=False)
+    out = capsys.readouterr().out
+    assert len(ds) == 1761 and "3 repeated rows of relative_captions_shoes.json kept once" in out
+    pairids = [t["pairid"] for t in ds.triplets]
+    assert pairids.count(first) == 1 and max(pairids) < len(rows)     # the first copy is kept
+
+
+@pytest.mark.parametrize("top,ann_sub,flat,label", [
+    ("", "", False, "Attribute Discovery layout (womens_<category>/<0|1>/)"),
+    ("attributedata", "dataset", False, "Attribute Discovery layout under attributedata/ (womens_"),
+    ("images", "", True, "flat layout (images in images/)"),
+    ("", "dataset", True, "flat layout (images in the root)")])
+def test_shoes_layout_variants(tmp_path, capsys, monkeypatch, top, ann_sub, flat, label):
+    """The archive with and without a top folder such as attributedata/, flat copies, annotations
+    in the root or in dataset/. Images are found by one listing per folder: no stat per image."""
+    root = make_shoes(tmp_path, ("test",), top, ann_sub, flat)
+    stats, real_stat = [], os.stat
+    monkeypatch.setattr(os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
+    gal = data.Shoes(root, "test", view="gallery")
+    monkeypatch.undo()
+    out = capsys.readouterr().out
+    assert label in out and f"annotations {tmp_path / ann_sub}".rstrip("/") in out
+    assert len(out.splitlines()) == 1 and len(stats) < 10, stats
+    assert len(gal) == 4658 and all(p.is_file() and p.name == n for n, p in gal.paths.items())
+
+
+def test_shoes_missing_images(tmp_path, capsys):
+    test = set(_shoes_names("test"))
+    rows = [r for r in _shoes_rows() if r["ImageName"] in test]
+    used = {n for r in rows for n in _pair(r)}
+    unused = next(n for n in _shoes_names("test") if n not in used)
+    gone = {rows[0]["ReferenceImageName"], rows[9]["ImageName"], unused}
+    root = make_shoes(tmp_path, ("test",), drop=gone)
+    with pytest.raises(FileNotFoundError) as e:
+        data.Shoes(root, "test")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "3 of 4658 images named in" in msg
+    assert "eval_im_names.txt" in msg and all(n in msg for n in gone) and "--skip-missing" in msg
+    capsys.readouterr()
+    ds = data.Shoes(root, "test", skip_missing=True, return_images=False)
+    out = capsys.readouterr().out
+    expect = [_pair(r) for r in rows if not set(_pair(r)) & gone]
+    assert [(t["reference"], t["target"]) for t in ds.triplets] == expect
+    assert f"{1761 - len(expect)} of 1761 triplets dropped" in out and "3 missing images dropped" in out
+    gal = data.Shoes(root, "test", view="gallery", skip_missing=True)
+    assert len(gal) == 4655 and not gone & set(gal.images) and gal.images == ds.images
+    # no image at all: a wrong root, whatever skip_missing says
+    bare = make_shoes(tmp_path / "bare", ())
+    with pytest.raises(FileNotFoundError, match="none of the 4658 images of eval_im_names.txt"):
+        data.Shoes(bare, "test", skip_missing=True)
+
+
+def test_shoes_bad_root_one_line(tmp_path, micro_clip):
+    with pytest.raises(FileNotFoundError) as e:
+        data.Shoes(tmp_path / "nowhere", "test")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "relative_captions_shoes.json" in msg and "--data-root" in msg
+    root = make_shoes(tmp_path / "r", ())
+    (root / "eval_im_names.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"eval_im_names.txt not found.*beside"):
+        data.Shoes(root, "test")
+    with pytest.raises(ValueError, match="no val split.*test"):
+        data.Shoes(root, "val")
+    (root / "relative_captions_shoes.json").write_text('{"ImageName": "a.jpg"}')
+    with pytest.raises(ValueError, match="relative_captions_shoes.json: expected a JSON list"):
+        data.Shoes(root, "train")
+    (root / "train_im_names.txt").write_text("\n")
+    with pytest.raises(ValueError, match="train_im_names.txt names no image"):
+        data.Shoes(root, "train")
+    with pytest.raises(FileNotFoundError) as e:     # train.py prints it as one line (error_line)
+        train.main(["--dataset", "shoes", "--data-root", str(tmp_path / "nowhere"),
+                    "--clip", str(micro_clip)])
+    assert len(runtime.error_line(e.value).splitlines()) == 1
+    assert "relative_captions_shoes.json" in str(e.value)
+
+
+def test_shoes_noise_kinds_and_partial_refused(shoes_root, tmp_path, capsys):
+    """--noise works on Shoes; it has no subsets, so --noise-kind partial is one clear line before
+    anything loads."""
+    ds = data.Shoes(shoes_root, "train", return_images=False)
+    n = data.Shoes(shoes_root, "train", noise=data.Noise(0.3, "shuffle", 0), return_images=False)
+    for f in ("reference", "text", "target"):
+        assert sorted(t[f] for t in n.triplets) == sorted(t[f] for t in ds.triplets)
+    assert [bool(c) for c in _changed(n.triplets, ds.triplets)] == n.noisy.tolist()
+    assert 0.9 * round(0.3 * 8990) < int(n.noisy.sum()) <= round(0.3 * 8990)
+    target = data.Shoes(shoes_root, "train", noise=data.Noise(0.2, "target", 1),
+                        return_images=False)
+    assert int(target.noisy.sum()) == round(0.2 * 8990)
+    with pytest.raises(ValueError, match="partial.*has none"):
+        data.Shoes(shoes_root, "train", noise=data.Noise(0.3, "partial", 0), return_images=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:            # train.get_args: before any data or model
+        train.get_args(["--dataset", "shoes", "--noise", "0.2", "--noise-kind", "partial",
+                        "--data-root", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: --noise-kind partial"), err
+
+
+def test_shoes_metrics_hand_made():
+    g = _onehot([1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1])
+    names = ["im0", "im1", "im2", "im3"]
+    # q0: nearest to its reference im0; removing it puts the target im1 first
+    # q1: a self-pair (reference = target = im1): a miss at every K, even with 4 images and K = 50
+    # q2: im3 first, then im1 and im2 tie at 0 and gallery order puts the target im2 third
+    q = _onehot([1, 0, 0], [1, 0, 0], [0, 0, 1])
+    m = evaluate.shoes_metrics(q, g, names, ["im0", "im1", "im0"], ["im1", "im1", "im2"])
+    assert m == pytest.approx({"R@1": 100 / 3, "R@10": 200 / 3, "R@50": 200 / 3})
+    # with im0 kept in the ranking (another reference), q0's target is second
+    assert evaluate.shoes_metrics(q[:1], g, names, ["im3"], ["im1"])["R@1"] == 0.0
+
+
+def _shoes_loop(q, g, names, refs, tgts):
+    """The protocol as plainly as possible: sort (ties by gallery order), drop the reference, look
+    for the target in the top K; a self-pair's target went with its reference."""
+    s = (F.normalize(q, dim=-1) @ F.normalize(g, dim=-1).T).numpy()
+    index = {n: j for j, n in enumerate(names)}
+    hits = {1: 0, 10: 0, 50: 0}
+    for i in range(len(q)):
+        order = np.argsort(-s[i], kind="stable")
+        ranked = order[order != index[refs[i]]]
+        for k in hits:
+            hits[k] += index[tgts[i]] in ranked[:k]
+    return {f"R@{k}": 100 * h / len(q) for k, h in hits.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shoes_metrics_against_loop(seed):
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    G, Q, D = 90, 70, 6
+    g, q = torch.randn(G, D), torch.randn(Q, D)
+    g[7] = g[3]                                                       # an exact tie
+    names = [f"im{i}" for i in range(G)]
+    refs = [rng.choice(names) for _ in range(Q)]
+    tgts = [r if i % 9 == 0 else rng.choice(names) for i, r in enumerate(refs)]  # self-pairs
+    ours = evaluate.shoes_metrics(q, g, names, refs, tgts, chunk=8)
+    assert ours == pytest.approx(_shoes_loop(q, g, names, refs, tgts), abs=1e-9)
+
+
+def test_shoes_metrics_real_test_split_against_loop():
+    """The real test split: 1,761 queries (one self-pair) over the 4,658 eval images, random
+    features with half of the queries near their target."""
+    torch.manual_seed(0)
+    names = _shoes_names("test")
+    index = {n: j for j, n in enumerate(names)}
+    rows = [r for r in _shoes_rows() if r["ImageName"] in index]
+    refs, tgts = [r["ReferenceImageName"] for r in rows], [r["ImageName"] for r in rows]
+    g, q = torch.randn(len(names), 4), torch.randn(len(rows), 4)
+    half = len(rows) // 2
+    q[:half] = g[[index[t] for t in tgts[:half]]] + 0.3 * q[:half]
+    ours = evaluate.shoes_metrics(q, g, names, refs, tgts)
+    assert ours == pytest.approx(_shoes_loop(q, g, names, refs, tgts), abs=1e-9)
+    assert ours["R@50"] > 30
+
+
+def _mini_shoes(tmp, n_train=48, n_test=30, n_unused=20):
+    """A small Shoes root of real rows: the first train and test triplets and the test self-pair;
+    split files of their images and a few unused eval images."""
+    rows = _shoes_rows()
+    names = {s: set(_shoes_names(s)) for s in data.SHOES_SPLITS}
+    pick = {s: [r for r in rows if set(_pair(r)) <= names[s]] for s in names}
+    selfpair = [r for r in pick["test"] if r["ReferenceImageName"] == r["ImageName"]]
+    pick = {"train": pick["train"][:n_train], "test": pick["test"][:n_test] + selfpair}
+    used = {s: list(dict.fromkeys(n for r in pick[s] for n in _pair(r))) for s in pick}
+    used["test"] += [n for n in _shoes_names("test") if n not in used["test"]][:n_unused]
+    return make_shoes(tmp, rows=pick["train"] + pick["test"], names=used)
+
+
+@pytest.mark.filterwarnings("ignore:nfb.py")   # identical placeholder images: equal losses, no GMM
+def test_shoes_train_end_to_end(micro_clip, tmp_path, capsys):
+    """train.py --dataset shoes for two steps with injected noise: validation on the test split,
+    best.pt by the mean of R@1/10/50; evaluate.py reproduces the logged metrics; zero-shot CLIP
+    evaluates; generate.py pairs Shoes training images."""
+    root = _mini_shoes(tmp_path / "shoes")
+    out = train.main(["--dataset", "shoes", "--data-root", str(root), "--clip", str(micro_clip),
+                      "--out", str(tmp_path / "run"), "--epochs", "1", "--max-steps", "2",
+                      "--batch-size", "8", "--workers", "0", "--lr", "1e-3", "--lr-wcb", "1e-3",
+                      "--noise", "0.2"])
+    printed = capsys.readouterr().out
+    assert "Shoes test: Attribute Discovery layout" in printed
+    assert "shuffle noise: 8 of 48" in printed
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    m = log[0]["metrics"]
+    assert set(m) == {"R@1", "R@10", "R@50", "avg"} and log[0]["score"] == m["avg"]
+    assert m["avg"] == pytest.approx((m["R@1"] + m["R@10"] + m["R@50"]) / 3)
+    assert m["R@50"] <= 100 * 30 / 31 + 1e-9              # the self-pair is one query, always a miss
+    assert torch.load(out / "best.pt", weights_only=True)["args"]["dataset"] == "shoes"
+    # the same batch size as training: the placeholder images tie, and ties follow the last bits
+    again = evaluate.main(["--checkpoint", str(out / "best.pt"), "--workers", "0",
+                           "--batch-size", "8"])
+    assert again == pytest.approx(m, abs=1e-6) and (out / "metrics_shoes_test.json").is_file()
+    zero = evaluate.main(["--clip", str(micro_clip), "--dataset", "shoes", "--data-root", str(root),
+                          "--workers", "0", "--out", str(tmp_path / "zs.json")])
+    assert set(zero) == set(m) and (tmp_path / "zs.json").is_file()
+    with pytest.raises(ValueError, match="no val split"):
+        evaluate.main(["--checkpoint", str(out / "best.pt"), "--split", "val", "--workers", "0"])
+    train_names = (root / "train_im_names.txt").read_text().split()
+    caps = tmp_path / "caps.json"
+    caps.write_text(json.dumps({n: f"a shoe {i}" for i, n in enumerate(train_names)}))
+    made = generate.main(["--dataset", "shoes", "--data-root", str(root), "--captions", str(caps),
+                          "--clip", str(micro_clip), "--window", "1", "5", "--workers", "0",
+                          "--out", str(tmp_path / "extra.json")])
+    assert len(made) == len(train_names)
+    assert all({t["reference"], t["target"]} <= set(train_names) for t in made)
 
 
 # -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     python train.py                                    # toy benchmark, tiny CLIP from scratch, CPU, minutes
     python train.py --dataset cirr --data-root DIR     # CIRR, pretrained CLIP (default RN50x4)
     python train.py --dataset fashioniq --data-root DIR --categories dress shirt toptee
+    python train.py --dataset shoes --data-root DIR    # Shoes: validation on its test split (it has no val)
     torchrun --nproc_per_node 4 train.py --dataset cirr --data-root DIR
     python train.py --stage 2 --init runs/X/best.pt    # SPN stage 2 (spn.py): static bank of all training targets
     python train.py --resume runs/X                    # continue a killed run where its last epoch ended
@@ -51,12 +52,15 @@ DEFAULTS = {
                  transform="targetpad", warmup_epochs=1, lr_warmup=0.05, cache_images=False),
     "fashioniq": dict(clip="RN50x4", epochs=10, batch_size=128, lr=2e-6, lr_wcb=1e-4, wd=0.05, tau=0.01, noise=0.0,
                       transform="targetpad", warmup_epochs=1, lr_warmup=0.05, cache_images=False),
+    "shoes": dict(clip="RN50x4", epochs=10, batch_size=128, lr=2e-6, lr_wcb=1e-4, wd=0.05, tau=0.01, noise=0.0,
+                  transform="targetpad", warmup_epochs=1, lr_warmup=0.05, cache_images=False),
 }
 RUN = dict(amp="auto", workers=2)  # not tied to a dataset; on --resume the run's own values unless given again
 STAGE2 = {  # SPN stage 2: SPN's settings for CLIP4Cir on real data; the toy's CLIP is trained from scratch
     "toy": dict(epochs=3, lr=1e-4, lr_wcb=1e-4),
     "cirr": dict(epochs=3, lr=2e-5, tau=0.02),
     "fashioniq": dict(epochs=3, lr=2e-5, tau=0.02),
+    "shoes": dict(epochs=3, lr=2e-5, tau=0.02),
 }
 
 
@@ -176,13 +180,16 @@ def collate(batch, context_length=77):
 
 
 def make_dataset(args, split, view, transform, return_images=True):
-    """The dataset of the run: CIRR (and the toy benchmark, which is written in CIRR's layout) or FashionIQ."""
+    """The dataset of the run: CIRR (and the toy benchmark, which is written in CIRR's layout), FashionIQ or
+    Shoes."""
     kw = dict(view=view, transform=transform, skip_missing=args.skip_missing)
     if split == "train" and view == "triplets":
         kw.update(noise=noise_of(args), return_images=return_images,
                   extra_triplets=args.extra_triplets)
     if args.dataset == "fashioniq":
         return data.FashionIQ(args.data_root, args.categories, split, **kw)
+    if args.dataset == "shoes":
+        return data.Shoes(args.data_root, split, **kw)
     return data.CIRR(args.data_root, split, **kw)
 
 
@@ -455,7 +462,8 @@ def main(argv=None):
             dist.barrier()
         args.data_root = str(toy.toy_root(args.data_root))
     elif not args.data_root:
-        sys.exit(f"error: --dataset {args.dataset} needs --data-root DIR (the folder with captions/ and image_splits/)")
+        sys.exit(f"error: --dataset {args.dataset} needs --data-root DIR (the dataset folder in its official layout, "
+                 f"README: Data)")
     out = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.out = str(out)
 
@@ -479,7 +487,8 @@ def main(argv=None):
     elif args.cache_images:
         ds.gallery = make_dataset(args, "train", "gallery", pixels)
         cache = ds.gallery.pixels = cached_images(ds.gallery, args, rank)
-    eval_sets = evaluate.eval_sets(args.dataset, args.data_root, "val", pixels or transform, args.categories,
+    val_split = evaluate.EVAL_SPLIT[args.dataset]               # Shoes has no val: its papers validate on test
+    eval_sets = evaluate.eval_sets(args.dataset, args.data_root, val_split, pixels or transform, args.categories,
                                    args.skip_missing)
     if args.cache_images:
         for _, gallery, _ in eval_sets:
@@ -516,7 +525,8 @@ def main(argv=None):
                                           out))
         if rank == 0:
             metrics = evaluate.evaluate_sets(model, eval_sets, args.dataset, args.batch_size, device, args.workers, amp)
-            # metrics["avg"] picks the best checkpoint: CIRR (R@5 + Rsubset@1)/2, FashionIQ (R@10 + R@50)/2
+            # metrics["avg"] picks the best checkpoint: CIRR (R@5 + Rsubset@1)/2, FashionIQ (R@10 + R@50)/2,
+            # Shoes (R@1 + R@10 + R@50)/3
             rec.update(metrics=metrics, score=metrics["avg"], time_epoch=time.perf_counter() - t_epoch)
             history.append(rec)
             plots.recall_curves(history, out / "recall.png")
