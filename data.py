@@ -95,6 +95,7 @@ def decode_images(gallery, workers=0, batch_size=256):
 # synthetic label noise
 
 NOISE_KINDS = ("shuffle", "target", "text", "partial")
+NOISE_FIELDS = ("clean", "reference", "text", "target")     # what a noisy triplet had replaced
 
 
 class Noise(NamedTuple):
@@ -161,6 +162,11 @@ def inject_noise(triplets, images, noise):
     for i in chosen:
         noisy[i] = any(new[i].get(f) != triplets[i].get(f) for f in ("reference", "text", "target"))
     return new, noisy
+
+
+def _field(t, t0):
+    """Which field of triplet t0 the noise changed in t: an index into NOISE_FIELDS."""
+    return next((i for i, f in enumerate(NOISE_FIELDS) if i and t.get(f) != t0.get(f)), 0)
 
 
 def _near_misses(t):
@@ -258,11 +264,13 @@ class _CIRDataset(Dataset):
 
         # Injected noise (training only), on top of any noise the data set stores itself (the toy's "noisy" key).
         noisy = torch.tensor(stored_noisy, dtype=torch.bool)
+        field = noisy.long() * NOISE_FIELDS.index("target")       # the toy's own noise replaces targets
         if noise is not None and noise.ratio:
             if not train:
                 raise ValueError(f"{name}: injected noise is for the training split, not {split!r}")
             check_noise(noise, has_subsets=any(t["members"] for t in triplets))
-            triplets, injected = inject_noise(triplets, images, noise)
+            clean, (triplets, injected) = triplets, inject_noise(triplets, images, noise)
+            field = torch.where(injected, torch.tensor([_field(t, t0) for t, t0 in zip(triplets, clean)]), field)
             print(f"{name} {split}: injected {noise.kind} noise: {int(injected.sum())} of {len(triplets)} triplets "
                   f"corrupted (ratio {noise.ratio}, seed {noise.seed})", flush=True)
             noisy = noisy | injected
@@ -270,10 +278,12 @@ class _CIRDataset(Dataset):
             extra = _read_extra(extra_triplets, self.index, name)
             triplets = triplets + extra
             noisy = torch.cat([noisy, torch.zeros(len(extra), dtype=torch.bool)])
+            field = torch.cat([field, torch.zeros(len(extra), dtype=torch.long)])
             src = extra_triplets if isinstance(extra_triplets, (str, Path)) else "a list"
             print(f"{name} {split}: {len(extra)} extra triplets appended from {src}", flush=True)
         self.triplets = triplets
-        self.noisy = noisy
+        self.noisy = noisy                                       # (N,) bool, the ground truth of the noise
+        self.noise_field = field                                 # (N,) index into NOISE_FIELDS: what was corrupted
         self.ref_idx = torch.tensor([self.index[t["reference"]] for t in triplets], dtype=torch.long)  # (N,)
         self.tgt_idx = torch.tensor([self.index[t["target"]] if t["target"] is not None else -1
                                      for t in triplets], dtype=torch.long)                          # (N,)

@@ -91,6 +91,29 @@ def topk(query_feats, gallery_feats, k, exclude=None, chunk=CHUNK):
     return torch.cat(out)
 
 
+@torch.no_grad()
+def score_triplets(q, gallery, tgt, ref, tau, k=3, chunk=CHUNK):
+    """Every query of a triplet set ranked over a gallery with its own reference image removed (as CIRR's
+    protocol): the NCE loss of its labelled target over the whole gallery (loss.gallery_nce: the NFB's losses
+    with --nfb-losses gallery), the target's 0-based rank, and the k best images other than the target.
+    q (Q, D), gallery (G, D) L2-normalised, tgt (Q,), ref (Q,) gallery rows -> dict(loss (Q,), rank (Q,),
+    top (Q, k)). Memory O(chunk x G)."""
+    g = gallery.to(q.device)
+    out = dict(loss=[], rank=[], top=[])
+    for s in range(0, len(q), chunk):
+        sims = _similarities(q[s:s + chunk], g)                               # (C, G)
+        t, r = tgt[s:s + chunk].to(sims.device), ref[s:s + chunk].to(sims.device)
+        r = torch.where(r == t, -1, r)                                        # a self-pair keeps its target
+        rows = (r >= 0).nonzero().squeeze(1)
+        sims[rows, r[rows]] = float("-inf")                                   # drop the reference
+        logp = (sims / tau).log_softmax(1)
+        out["loss"].append(-logp.gather(1, t[:, None]).squeeze(1).cpu())
+        out["rank"].append(_rank_of(sims, t).cpu())
+        sims.scatter_(1, t[:, None], float("-inf"))                           # the best *other* images
+        out["top"].append(sims.topk(min(k, sims.shape[1] - 2), dim=1).indices.cpu())
+    return {key: torch.cat(v) for key, v in out.items()}
+
+
 # -----------------------------------------------------------------------------
 # the two protocols
 

@@ -130,10 +130,15 @@ def separation(x, fit):
     return d, bic_gain
 
 
-def clean_probability(losses, backend="sklearn"):
-    """Soft labels of the NFB. losses (N,) per-sample losses -> w (N,) float32 on losses' device,
-    w_i = p(clean | loss_i); w = 1 (and a warning) on degenerate input."""
-    return fit_gmm(minmax(losses), backend)["clean"].to(losses.device)
+def clean_probability(losses, backend="sklearn", gate=0.0):
+    """Soft labels of the NFB in one call. losses (N,) per-sample losses -> w (N,) float32 on losses' device,
+    w_i = p(clean | loss_i); w = 1 when the two components are not clearly apart (Ashman's D < gate, gate > 0)
+    and (with a warning) on degenerate input."""
+    x = minmax(losses)
+    fit = fit_gmm(x, backend)
+    if gate > 0 and math.isfinite(fit["means"][0]) and not separation(x, fit)[0] >= gate:
+        return torch.ones(x.numel(), device=losses.device)
+    return fit["clean"].to(losses.device)
 
 
 def detection_metrics(w, noisy):
@@ -161,7 +166,10 @@ class NoiseFilter:
         self.ema, self.gate = ema, gate
         self.avg = None                                                  # (n,) EMA of the normalised losses
         self.weights = torch.ones(n)                                     # (n,) soft labels, 1 before any fit
-        self.noisy_gt = None if noisy_gt is None else torch.as_tensor(noisy_gt).bool().reshape(-1).cpu()
+        # ground truth, where known: a flag per pair, or what was corrupted (0 = clean, k > 0: field k)
+        gt = None if noisy_gt is None else torch.as_tensor(noisy_gt).reshape(-1).cpu()
+        self.gt_field = gt.long() if gt is not None and gt.dtype != torch.bool else None
+        self.noisy_gt = None if gt is None else gt.bool()
         if self.noisy_gt is not None and self.noisy_gt.numel() != n:
             raise ValueError(f"nfb.py: noisy_gt has {self.noisy_gt.numel()} flags for {n} training pairs")
         self.history = []                                                # one stats dict per update
@@ -202,6 +210,10 @@ class NoiseFilter:
             stats.update(detection_metrics(w, self.noisy_gt))
             # the loss itself as a noise score, whatever the GMM and the gate make of it
             stats["loss_auc"] = detection_metrics(1 - x.float(), self.noisy_gt[seen.cpu()])["auc"]
+        if self.gt_field is not None:                                    # % flagged of each corrupted field
+            f = self.gt_field
+            stats["flagged_by_field"] = [100 * (w.cpu()[f == k] < 0.5).float().mean().item() if (f == k).any()
+                                         else None for k in range(int(f.max()) + 1)]
         self.history.append(stats)
         return stats
 
@@ -212,11 +224,12 @@ class NoiseFilter:
     def state_dict(self):
         """Plain tensors and python types only: torch.load(weights_only=True) reads it back."""
         return dict(n=self.n, warmup_epochs=self.warmup_epochs, backend=self.backend, ema=self.ema, gate=self.gate,
-                    avg=self.avg, weights=self.weights.cpu(), noisy_gt=self.noisy_gt, history=list(self.history))
+                    avg=self.avg, weights=self.weights.cpu(), noisy_gt=self.noisy_gt, gt_field=self.gt_field,
+                    history=list(self.history))
 
     def load_state_dict(self, sd):
         if sd["n"] != self.n:
             raise ValueError(f"nfb.py: checkpoint has a noise filter for {sd['n']} pairs, this run has {self.n}")
         self.warmup_epochs, self.backend = sd["warmup_epochs"], sd["backend"]
         self.weights, self.noisy_gt, self.history = sd["weights"].float(), sd["noisy_gt"], list(sd["history"])
-        self.avg = sd.get("avg")
+        self.avg, self.gt_field = sd.get("avg"), sd.get("gt_field")

@@ -87,6 +87,8 @@ def get_args(argv=None):
     p.add_argument("--noise", type=float, default=None, help="fraction of training triplets to corrupt")
     p.add_argument("--noise-kind", default="shuffle", help="how: " + ", ".join(data.NOISE_KINDS)
                    + " (shuffle: the field's protocol; see data.inject_noise)")
+    p.add_argument("--group-batches", action="store_true",
+                   help="batches of whole groups (triplets sharing a reference image), in random order")
     p.add_argument("--oracle", action="store_true",
                    help="the ceiling: train only on the triplets known to be clean, for the same number of steps")
     p.add_argument("--skip-missing", action="store_true", help="drop triplets whose images are missing")
@@ -198,8 +200,9 @@ def make_loader(ds, args, epoch, rank, world, shuffle=True, keep=None):
     keep (n,) bool: the epoch cycles over these triplets only (epoch_order)."""
     g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
     sampler = None
-    if shuffle and keep is not None:
-        sampler = epoch_order(keep, g, rank, world)
+    if shuffle and (keep is not None or args.group_batches):
+        keep = torch.ones(len(ds), dtype=torch.bool) if keep is None else keep
+        sampler = epoch_order(keep, g, rank, world, ds.ref_idx if args.group_batches else None)
     elif world > 1:
         sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=shuffle, seed=args.seed,
                                                       drop_last=shuffle)
@@ -213,7 +216,7 @@ def make_loader(ds, args, epoch, rank, world, shuffle=True, keep=None):
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
-def epoch_order(keep, g, rank, world):
+def epoch_order(keep, g, rank, world, groups=None):
     """An epoch over the kept triplets only, with as many samples as a full epoch (so the same number of optimizer
     steps): permutations of the kept set, concatenated, then this rank's share. keep (n,) bool: --oracle keeps the
     triplets known to be clean (the ceiling of a noisy run); --soft-label sample keeps pair i with probability w_i."""
@@ -222,8 +225,19 @@ def epoch_order(keep, g, rank, world):
         raise ValueError(f"only {len(kept)} training triplets kept (--oracle: clean ones); lower --noise")
     n = len(keep)
     reps = -(-n // len(kept))
-    order = torch.cat([kept[torch.randperm(len(kept), generator=g)] for _ in range(reps)])[:n]
+    order = torch.cat([grouped(kept[torch.randperm(len(kept), generator=g)], groups, g) for _ in range(reps)])[:n]
     return order[rank::world][:n // world].tolist()
+
+
+def grouped(idx, groups, g):
+    """idx (k,) in random order -> the same indices with each group's members side by side, the groups in random
+    order (--group-batches: a batch then holds whole groups, so a query meets its group's other targets)."""
+    if groups is None:
+        return idx
+    gid = groups[idx]                                                    # (k,)
+    uniq, inv = gid.unique(return_inverse=True)
+    group_rank = torch.randperm(len(uniq), generator=g)[inv]            # (k,) a random rank per group
+    return idx[torch.argsort(group_rank * len(idx) + torch.arange(len(idx)))]
 
 
 def param_groups(model, args):
@@ -507,7 +521,7 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.lr_warmup * total)))
     amp, scaler = evaluate.autocast(args.amp, device)
     nfb = None if args.no_nfb else NoiseFilter(len(ds), args.warmup_epochs, args.gmm,
-                                               noisy_gt=ds.noisy if ds.noisy.any() else None, ema=args.nfb_ema,
+                                               noisy_gt=ds.noise_field if ds.noisy.any() else None, ema=args.nfb_ema,
                                                gate=args.nfb_gate)
     if args.stage == 2 and nfb is not None and resume is None:
         spn.carry_over_soft_labels(nfb, init, ds, args, rank)
