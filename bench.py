@@ -3,8 +3,9 @@
     python bench.py clip        our CLIP vs OpenAI's reference code, same random weights (CPU fp32)
     python bench.py data        toy generation, loader throughput (0 / 2 workers), building the val datasets
     python bench.py method      GMM fit (scikit-learn vs torch EM), soft NCE vs InfoNCE, bank NCE
-    python bench.py train       a toy training step split into data / forward / backward, the NFB's share of an
-                                epoch (--nfb-losses train vs eval), cached vs uncached image tokens (--encoder text)
+    python bench.py train       a toy training step split into data / forward / backward, its FLOP/s against the
+                                machine's fp32 matmul peak, the NFB's share of an epoch (--nfb-losses train vs
+                                gallery), cached vs uncached image tokens (--encoder text)
     python bench.py retrieval   ranking CIRR's val queries against galleries of 2,297 to 100k images
     python bench.py memory      peak memory and FLOPs of a real-data training step (RN50x4, ViT-B/32), traced with
                                 fake tensors on the CPU: the GPU recipe's memory estimate
@@ -213,64 +214,93 @@ def bench_method(args):
 # -----------------------------------------------------------------------------
 # train: where a toy step's time goes, the NFB's overhead, cached image tokens
 
+def matmul_peak():
+    """This machine's fp32 matrix-product rate, FLOP/s: the best of a few square products (1024 to 2048), measured
+    now with the threads the training step gets, so the step's share of it is a ratio within one run."""
+    best = 0.0
+    for n in (1024, 1536, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        best = max(best, 2 * n ** 3 / _time(lambda: a @ b, 5))
+    return best
+
+
+def step_flops(model, batch, a):
+    """FLOPs of one training step's forward and backward (matrix products, torch.utils.flop_counter)."""
+    import train
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        loss, _ = train.batch_loss(model, batch, None, a.tau, a.div_weight)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops()
+
+
 def bench_train(args):
     import evaluate
     import spn
     import train
     from nfb import NoiseFilter
-    steps = args.steps
+    steps, cpu = args.steps, torch.device("cpu")
     a = train.get_args(["--out", tempfile.mkdtemp(prefix="bench_train_"), "--max-steps", str(steps)])
     a.data_root = str(toy.ensure_toy(toy.default_toy_root()))
+    torch.manual_seed(0)
     clip, _ = M.load_clip(a.clip, device="cpu")
     model = CIRModel(clip)
     a.context_length = clip.context_length
     transform = M.make_transform(a.transform, clip.image_resolution)
-    ds = train.make_dataset(a, "train", "triplets", transform)
+    pixels = M.make_transform(a.transform, clip.image_resolution, pixels=True)
+    # the training data path of train.main: images decoded once (--cache-images), batches of indices
+    ds = train.make_dataset(a, "train", "triplets", transform, return_images=False)
+    ds.gallery = train.make_dataset(a, "train", "gallery", pixels)
+    cache = ds.gallery.pixels = data.decode_images(ds.gallery, a.workers)
     n_steps = len(ds) // a.batch_size
     opt = torch.optim.AdamW(train.param_groups(model, a))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     amp = torch.autocast("cpu", enabled=False)
+    batch = train.to_device(next(iter(train.make_loader(ds, a, 0, 0, 1))), cpu, cache)
+    flops = step_flops(model, batch, a)
+    peak = matmul_peak()
     nfb = NoiseFilter(len(ds), 0, a.gmm, noisy_gt=ds.noisy)
-    train.train_epoch(a, model, model, ds, opt, sched, None, amp, nfb, 0, 0, 1, torch.device("cpu"))  # warm-up
+    train.train_epoch(a, model, model, ds, opt, sched, None, amp, nfb, 0, 0, 1, cpu, cache)       # warm-up
     t = time.perf_counter()
-    _, losses, times = train.train_epoch(a, model, model, ds, opt, sched, None, amp, nfb, 1, 0, 1, torch.device("cpu"))
+    _, losses, times = train.train_epoch(a, model, model, ds, opt, sched, None, amp, nfb, 1, 0, 1, cpu, cache)
     step = (time.perf_counter() - t) / steps
+    rows = [(k, f"{v / steps:.3f}", f"{100 * v / steps / step:.0f}%") for k, v in times.items()]
+    _table(f"toy training step (batch {a.batch_size}, {a.clip} CLIP, {torch.get_num_threads()} threads, images "
+           f"decoded once, mean of {steps} steps)", ("part", "s/step", "share"),
+           rows + [("total", f"{step:.3f}", "100%")])
+    _table("the step's arithmetic against this machine's fp32 matmul peak (both measured in this run)",
+           ("GFLOP / step", "achieved GFLOP/s", "matmul peak GFLOP/s", "share of peak"),
+           [(f"{flops / 1e9:.1f}", f"{flops / step / 1e9:.0f}", f"{peak / 1e9:.0f}", f"{100 * flops / step / peak:.0f}%")])
     full = torch.randn(len(ds)).abs()                     # an epoch's worth of per-sample losses
     t_fit = _time(lambda: nfb.update(full, 1), 3)
-    n_eval = min(len(ds), 10 * a.batch_size)
-    sub = torch.utils.data.Subset(ds, range(n_eval))
-    sub.images = ds.images
-    t = time.perf_counter()
-    train.eval_losses(a, model, sub, amp, 0, 1, torch.device("cpu"))
-    t_eval = (time.perf_counter() - t) * len(ds) / n_eval
-    gallery = data.CIRR(a.data_root, "val", view="gallery", transform=transform)
-    val = evaluate.eval_sets("toy", a.data_root, "val", transform)
-    t_val = _time(lambda: evaluate.evaluate_sets(model, val, "toy", a.batch_size, torch.device("cpu"), a.workers))
+    t_gallery = _time(lambda: train.gallery_losses(a, model, ds, amp, cpu))
+    val = evaluate.eval_sets("toy", a.data_root, "val", pixels)
+    for _, gallery, _ in val:
+        gallery.pixels = data.decode_images(gallery)
+    t_val = _time(lambda: evaluate.evaluate_sets(model, val, "toy", a.batch_size, cpu, a.workers))
     epoch = step * n_steps + t_val
-    rows = [(k, f"{v / steps:.3f}", f"{100 * v / steps / step:.0f}%") for k, v in times.items()]
-    _table(f"toy training step (batch {a.batch_size}, tiny CLIP, {torch.get_num_threads()} threads, "
-           f"mean of {steps} steps)", ("part", "s/step", "share"), rows + [("total", f"{step:.3f}", "100%")])
-    _table(f"NFB overhead per epoch ({n_steps} steps + validation = {epoch:.0f} s; {len(gallery)}-image gallery)",
-           ("--nfb-losses", "NFB s", "share of epoch"),
-           [("train (losses recorded in the step; GMM fit only)", f"{t_fit:.3f}", f"{100 * t_fit / epoch:.2f}%"),
-            ("eval (extra no-grad pass + GMM fit)", f"{t_eval + t_fit:.1f}", f"{100 * (t_eval + t_fit) / epoch:.1f}%")])
+    _table(f"NFB per epoch ({n_steps} steps + validation = {epoch:.0f} s)", ("--nfb-losses", "NFB s", "share of epoch"),
+           [("train (recorded in the step; GMM fit only)", f"{t_fit:.3f}", f"{100 * t_fit / epoch:.2f}%"),
+            ("gallery (no-grad pass over every training image and query + GMM fit)", f"{t_gallery + t_fit:.1f}",
+             f"{100 * (t_gallery + t_fit) / epoch:.1f}%")])
     # --encoder text: frozen image tower, tokens cached once vs recomputed (no grad) every step
     a.encoder = "text"
     train.freeze(model, a)
-    ds_idx = train.make_dataset(a, "train", "triplets", transform, return_images=False)
+    ds_img = train.make_dataset(a, "train", "triplets", transform)
     t = time.perf_counter()
-    cache = spn.cache_image_tokens(model, data.CIRR(a.data_root, "train", view="gallery", transform=transform),
-                                   a, torch.device("cpu"))
+    tokens = spn.cache_image_tokens(model, data.CIRR(a.data_root, "train", view="gallery", transform=transform),
+                                    a, cpu)
     t_cache = time.perf_counter() - t
     opt = torch.optim.AdamW(train.param_groups(model, a))
     timings = {}
-    for name, dset, c in (("uncached (frozen tower, no grad)", ds, None), ("cached tokens", ds_idx, cache)):
-        train.train_epoch(a, model, model, dset, opt, sched, None, amp, None, 0, 0, 1, torch.device("cpu"), c)
+    for name, dset, c in (("uncached (frozen tower, no grad)", ds_img, None), ("cached tokens", ds, tokens)):
+        train.train_epoch(a, model, model, dset, opt, sched, None, amp, None, 0, 0, 1, cpu, c)
         t = time.perf_counter()
-        train.train_epoch(a, model, model, dset, opt, sched, None, amp, None, 1, 0, 1, torch.device("cpu"), c)
+        train.train_epoch(a, model, model, dset, opt, sched, None, amp, None, 1, 0, 1, cpu, c)
         timings[name] = (time.perf_counter() - t) / steps
     base = timings["uncached (frozen tower, no grad)"]
-    _table(f"--encoder text, s/step (cache built once in {t_cache:.1f} s for {len(cache):,} images)",
+    _table(f"--encoder text, s/step (cache built once in {t_cache:.1f} s for {len(tokens):,} images)",
            ("image side", "s/step", "speed-up"), [(k, f"{v:.3f}", f"{base / v:.1f}x") for k, v in timings.items()])
 
 

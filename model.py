@@ -298,9 +298,10 @@ MODEL_URLS = {  # name -> URL; the folder is the file's SHA-256 (tests point nam
 }
 _TEXT = dict(context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2, transformer_layers=4)
 TINY_CONFIGS = {  # random init, for training from scratch on the toy benchmark (heads = width // 64, as inferred)
-    "tiny": dict(embed_dim=128, image_resolution=64, vision_layers=4, vision_width=192, vision_patch_size=16, **_TEXT),
-    "tiny-s": dict(embed_dim=128, image_resolution=64, vision_layers=4, vision_width=128, vision_patch_size=16,
-                   **_TEXT),                                # 2.3x cheaper images: the noise study's 60 runs
+    # 48 px in 16-px patches: 3 x 3 patches, one per cell of the toy's scene grid (the 64-px images are resized)
+    "tiny": dict(embed_dim=128, image_resolution=48, vision_layers=4, vision_width=192, vision_patch_size=16, **_TEXT),
+    "tiny-s": dict(embed_dim=128, image_resolution=48, vision_layers=4, vision_width=128, vision_patch_size=16,
+                   **_TEXT),                                # cheaper images: the noise study's grid
     "tiny-rn": dict(embed_dim=128, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
                     vision_patch_size=None, **_TEXT),
 }

@@ -94,7 +94,8 @@ def _em_sklearn(x, means, var, weights, max_iter, tol, reg_covar):
 
 
 def fit_gmm(x, backend="sklearn", max_iter=MAX_ITER, tol=TOL, reg_covar=REG_COVAR):
-    """2-component 1-D GMM on normalised losses x (N,). Components are sorted, index 0 = low mean = clean.
+    """2-component 1-D GMM on normalised losses x (N,). Components are sorted, index 0 = low mean = clean; the
+    posterior of a loss below the clean mean is that of the mean (so w never rises with the loss).
     -> dict(means (2,), stds (2,), weights (2,) float64 CPU; clean (N,) float32 posterior of component 0 on
     x's device; n_iter, converged). Degenerate x: warning, NaN parameters and clean = 1."""
     if backend not in ("sklearn", "torch"):
@@ -104,6 +105,9 @@ def fit_gmm(x, backend="sklearn", max_iter=MAX_ITER, tol=TOL, reg_covar=REG_COVA
     if why is None:
         means, var, weights, resp, n_iter, converged = (_em_torch if backend == "torch" else _em_sklearn)(
             x, *_init(x), max_iter, tol, reg_covar)
+        # w must not rise with the loss: left of the clean mean, a wider noisy component can out-weigh the clean
+        # one again, and the easiest pairs would get a lower w than middling ones; they get the clean mean's w
+        resp = _e_step(torch.maximum(x, means.min()), means, var, weights)[1].exp()          # (N, 2)
         why = None if torch.isfinite(resp).all() else "the EM produced NaN posteriors"
     if why is not None:
         warnings.warn(f"nfb.py: cannot fit the noise GMM ({why}); using w = 1 (every pair clean)")
@@ -115,28 +119,46 @@ def fit_gmm(x, backend="sklearn", max_iter=MAX_ITER, tol=TOL, reg_covar=REG_COVA
                 clean=resp[:, order[0]].float(), n_iter=n_iter, converged=converged)
 
 
-def separation(x, fit):
-    """Is there a second mode at all? x (N,) the normalised losses the GMM was fitted to. Returns Ashman's D of the
-    two components, sqrt(2)|mu1 - mu0| / sqrt(s0^2 + s1^2) (> 2: clearly apart; a skewed single mode cut in two
-    gives less), and the BIC gain of two components over one (> 0: two fit better, counting their 3 extra
-    parameters)."""
+def gamma_loglik(losses):
+    """Mean log-likelihood per sample of the maximum-likelihood Gamma(a, theta) fit to positive losses (N,): the
+    model of a single skewed mode. Shape a by Newton's method on log(a) - digamma(a) = log(mean) - mean(log),
+    from Minka's closed-form start; theta = mean / a."""
+    x = losses.detach().reshape(-1).double().clamp(min=1e-12)
+    m, lm = x.mean().item(), x.log().mean().item()
+    s = math.log(m) - lm                                                 # > 0 unless all losses are equal
+    if not s > 1e-12:
+        return math.nan
+    a = (3 - s + math.sqrt((s - 3) ** 2 + 24 * s)) / (12 * s)
+    for _ in range(10):
+        t = torch.tensor(a, dtype=torch.float64)
+        a = max(a - (math.log(a) - torch.digamma(t).item() - s) / (1 / a - torch.polygamma(1, t).item()), 1e-6)
+    theta = m / a
+    return (a - 1) * lm - m / theta - a * math.log(theta) - math.lgamma(a)
+
+
+def second_mode(losses, x, fit):
+    """Is there a second mode at all, or did the GMM cut one skewed mode in two? losses (N,) the raw losses, x (N,)
+    their min-max normalisation the GMM was fitted to. Returns
+      excess    mean log-likelihood per sample of the two Gaussians minus that of one Gamma (both on the raw
+                losses): a clean loss distribution is one skewed mode, which a Gamma fits about as well as two
+                Gaussians (excess ~ 0); noise adds a mode the Gamma cannot follow (excess > 0)
+      ashman_d  sqrt(2)|mu1 - mu0| / sqrt(s0^2 + s1^2) of the two components (> 2: clearly apart)."""
     x = x.detach().reshape(-1).double().cpu()
     m, sd, pi = fit["means"], fit["stds"], fit["weights"]
     d = math.sqrt(2) * abs(m[1] - m[0]).item() / math.sqrt((sd ** 2).sum().item())
-    logn = lambda mu, var: -0.5 * (math.log(2 * math.pi) + var.log() + (x[:, None] - mu) ** 2 / var)
-    ll2 = (logn(m, sd ** 2) + pi.log()).logsumexp(1).sum().item()
-    ll1 = logn(x.mean()[None], x.var(unbiased=False)[None] + REG_COVAR).sum().item()
-    bic_gain = (-2 * ll1 + 2 * math.log(len(x))) - (-2 * ll2 + 5 * math.log(len(x)))
-    return d, bic_gain
+    lp = -0.5 * (math.log(2 * math.pi) + (sd ** 2).log() + (x[:, None] - m) ** 2 / sd ** 2) + pi.log()  # (N, 2)
+    span = (losses.max() - losses.min()).double().item()                 # density on x -> density on losses
+    ll_gmm = lp.logsumexp(1).mean().item() - math.log(span)
+    return dict(excess=ll_gmm - gamma_loglik(losses.cpu()), ashman_d=d)
 
 
 def clean_probability(losses, backend="sklearn", gate=0.0):
     """Soft labels of the NFB in one call. losses (N,) per-sample losses -> w (N,) float32 on losses' device,
-    w_i = p(clean | loss_i); w = 1 when the two components are not clearly apart (Ashman's D < gate, gate > 0)
+    w_i = p(clean | loss_i); w = 1 when the losses hold no second mode (second_mode's excess < gate > 0)
     and (with a warning) on degenerate input."""
     x = minmax(losses)
     fit = fit_gmm(x, backend)
-    if gate > 0 and math.isfinite(fit["means"][0]) and not separation(x, fit)[0] >= gate:
+    if gate > 0 and math.isfinite(fit["means"][0]) and not second_mode(losses, x, fit)["excess"] >= gate:
         return torch.ones(x.numel(), device=losses.device)
     return fit["clean"].to(losses.device)
 
@@ -159,12 +181,11 @@ class NoiseFilter:
     statistics, and, when epoch + 1 is past the warm-up, installs the soft labels used in epoch + 1.
     Losses that are NaN (pair not seen this epoch, e.g. drop_last) keep their previous weight."""
 
-    def __init__(self, n, warmup_epochs=1, backend="sklearn", noisy_gt=None, ema=0.0, gate=0.0):
+    def __init__(self, n, warmup_epochs=1, backend="sklearn", noisy_gt=None, gate=0.0):
         if backend not in ("sklearn", "torch"):
             raise ValueError(f"nfb.py: backend must be 'sklearn' or 'torch', got {backend!r}")
         self.n, self.warmup_epochs, self.backend = n, warmup_epochs, backend
-        self.ema, self.gate = ema, gate
-        self.avg = None                                                  # (n,) EMA of the normalised losses
+        self.gate = gate
         self.weights = torch.ones(n)                                     # (n,) soft labels, 1 before any fit
         # ground truth, where known: a flag per pair, or what was corrupted (0 = clean, k > 0: field k)
         gt = None if noisy_gt is None else torch.as_tensor(noisy_gt).reshape(-1).cpu()
@@ -186,14 +207,10 @@ class NoiseFilter:
         seen = torch.isfinite(losses)                                    # (n,)
         fin = losses[seen].float()                                       # (n_seen,)
         x = minmax(fin)
-        if self.ema:                                                     # losses averaged over the epochs
-            avg = x.clone() if self.avg is None else self.avg.to(x)[seen.cpu()] * self.ema + (1 - self.ema) * x
-            self.avg = torch.full((self.n,), math.nan, dtype=torch.float64) if self.avg is None else self.avg
-            self.avg[seen.cpu()] = avg.cpu()
-            x = avg
         fit = fit_gmm(x, self.backend)
-        d, bic = separation(x, fit) if math.isfinite(fit["means"][0]) else (math.nan, math.nan)
-        gated = self.gate > 0 and not d >= self.gate                     # one mode: nothing is noise
+        fitted = math.isfinite(fit["means"][0])
+        mode = second_mode(fin, x, fit) if fitted else dict(excess=math.nan, ashman_d=math.nan)
+        gated = self.gate > 0 and not mode["excess"] >= self.gate       # one mode: nothing is noise
         w = self.weights.to(losses.device, copy=True)
         w[seen] = 1.0 if gated else fit["clean"]
         applied = self.active(epoch + 1)
@@ -204,8 +221,7 @@ class NoiseFilter:
                      loss_min=float(fin.min()) if fin.numel() else math.nan,
                      loss_max=float(fin.max()) if fin.numel() else math.nan,
                      stds=fit["stds"].tolist(), mix=fit["weights"].tolist(), n_iter=fit["n_iter"],
-                     n_noisy=int((w < 0.5).sum()), mean_w=float(w.float().mean()), ashman_d=d, bic_gain=bic,
-                     gated=gated)
+                     n_noisy=int((w < 0.5).sum()), mean_w=float(w.float().mean()), **mode, gated=gated)
         if self.noisy_gt is not None:
             stats.update(detection_metrics(w, self.noisy_gt))
             # the loss itself as a noise score, whatever the GMM and the gate make of it
@@ -223,8 +239,8 @@ class NoiseFilter:
 
     def state_dict(self):
         """Plain tensors and python types only: torch.load(weights_only=True) reads it back."""
-        return dict(n=self.n, warmup_epochs=self.warmup_epochs, backend=self.backend, ema=self.ema, gate=self.gate,
-                    avg=self.avg, weights=self.weights.cpu(), noisy_gt=self.noisy_gt, gt_field=self.gt_field,
+        return dict(n=self.n, warmup_epochs=self.warmup_epochs, backend=self.backend, gate=self.gate,
+                    weights=self.weights.cpu(), noisy_gt=self.noisy_gt, gt_field=self.gt_field,
                     history=list(self.history))
 
     def load_state_dict(self, sd):
@@ -232,4 +248,4 @@ class NoiseFilter:
             raise ValueError(f"nfb.py: checkpoint has a noise filter for {sd['n']} pairs, this run has {self.n}")
         self.warmup_epochs, self.backend = sd["warmup_epochs"], sd["backend"]
         self.weights, self.noisy_gt, self.history = sd["weights"].float(), sd["noisy_gt"], list(sd["history"])
-        self.avg, self.gt_field = sd.get("avg"), sd.get("gt_field")
+        self.gate, self.gt_field = sd.get("gate", 0.0), sd.get("gt_field")

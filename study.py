@@ -50,10 +50,9 @@ METHODS = {"infonce": ["--no-wcb", *NFB_OFF], "wcb": NFB_OFF, "ncl": [], "oracle
            # ablations: one choice of the noise filter back to an alternative (README: "What follows the paper")
            "ncl-spread": ["--soft-label", "spread"], "ncl-weight": ["--soft-label", "weight"],
            "ncl-nogate": ["--nfb-gate", "0"], "ncl-batchloss": ["--nfb-losses", "train"],
-           "ncl-noema": ["--nfb-ema", "0"],
            "ncl+spn": [], "ncl+pos": [], "ncl+pos+spn": []}
 CORE = ["infonce", "wcb", "ncl", "oracle"]
-ABLATIONS = ["ncl-spread", "ncl-weight", "ncl-nogate", "ncl-batchloss", "ncl-noema"]
+ABLATIONS = ["ncl-spread", "ncl-weight", "ncl-nogate", "ncl-batchloss"]
 ABLATION_NOISE = ["0", "0.5", "partial:0.4"]
 NOISE = ["0", "0.2", "0.5", "0.8", "partial:0.4"]
 METRICS = ("R@1", "R@5", "R@10", "Rsubset@1")

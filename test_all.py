@@ -32,7 +32,8 @@ from bench import reference_clip  # OpenAI's clip package, imported around its p
 import tokenizer as TK
 import data
 import toy
-from loss import bank_nce, info_nce, soft_and_plain_nce, soft_nce
+from loss import bank_nce, gallery_nce, info_nce, soft_nce
+import nfb
 from nfb import NoiseFilter, clean_probability, detection_metrics, fit_gmm, minmax
 from wcb import WCB, diversity_penalty
 import evaluate
@@ -172,18 +173,19 @@ def test_tiny_configs(name):
     cfg = M.TINY_CONFIGS[name]
     assert M.infer_config(model.state_dict()) == cfg               # a saved tiny model rebuilds the same
     img = preprocess(Image.new("RGB", (80, 70), (200, 30, 30)))[None]
-    assert img.shape == (1, 3, 64, 64)
+    res = cfg["image_resolution"]                                  # tiny: 48 px, 3 x 3 patches (the toy's grid)
+    assert img.shape == (1, 3, res, res) and res == {"tiny": 48, "tiny-rn": 64}[name]
     text = M.tokenize(["make the red circle blue", "remove the triangle"])
     with torch.no_grad():
         assert model.encode_image(img).shape == (1, 128) and model.encode_text(text).shape == (2, 128)
         rebuilt = M.build_clip(model.state_dict())
         assert torch.equal(rebuilt.encode_text(text), model.encode_text(text))
     model.train()                                                  # trains from scratch: gradients flow everywhere
-    logits, _ = model(torch.randn(2, 3, 64, 64), text)
+    logits, _ = model(torch.randn(2, 3, res, res), text)
     logits.logsumexp(1).sum().backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
     x, mask, _ = model.encode_text_tokens(text)                   # token outputs are differentiable too
-    (x[mask].sum() + model.encode_image_tokens(torch.randn(2, 3, 64, 64)).sum()).backward()
+    (x[mask].sum() + model.encode_image_tokens(torch.randn(2, 3, res, res)).sum()).backward()
     if name == "tiny-rn":                                          # OpenAI's init: residual branches start at zero
         assert all(p.abs().sum() == 0 for n, p in model.visual.named_parameters() if n.endswith("bn3.weight")
                    and n.startswith("layer"))
@@ -1254,11 +1256,12 @@ def test_soft_nce_matches_dense_target_and_w0_is_uniform_over_others():
         dense = ((1 - w) / (M - 1))[:, None].expand(B, M).clone()
         dense[torch.arange(B), pos] = w
         ref = F.cross_entropy(logits, dense, reduction="none")
-        assert torch.allclose(soft_nce(q, t, w, tau, pos=pos, reduction="none"), ref, atol=1e-5)
+        assert torch.allclose(soft_nce(q, t, w, tau, pos=pos, soft="spread", reduction="none"), ref, atol=1e-5)
     # w = 0: exactly the mean of -log p over the other M - 1 targets
     logp = logits.log_softmax(1)
     other = torch.stack([torch.cat([logp[i, :pos[i]], logp[i, pos[i] + 1:]]).mean() for i in range(B)])
-    assert torch.allclose(soft_nce(q, t, torch.zeros(B), tau, pos=pos, reduction="none"), -other, atol=1e-5)
+    assert torch.allclose(soft_nce(q, t, torch.zeros(B), tau, pos=pos, soft="spread", reduction="none"), -other,
+                          atol=1e-5)
 
 
 def test_soft_label_weight_is_w_times_cross_entropy_everywhere():
@@ -1269,8 +1272,6 @@ def test_soft_label_weight_is_w_times_cross_entropy_everywhere():
     ref = w * F.cross_entropy(q @ t.T / tau, pos, reduction="none")
     assert torch.allclose(soft_nce(q, t, w, tau, pos=pos, reduction="none", soft="weight"), ref, atol=1e-5)
     assert torch.allclose(bank_nce(q, t, pos, tau, w=w, reduction="none", soft="weight"), ref, atol=1e-5)
-    soft, plain = soft_and_plain_nce(q, t, w, tau, pos=pos, soft="weight")
-    assert torch.allclose(soft, ref, atol=1e-5) and torch.allclose(plain, ref / w, atol=1e-4)
     with pytest.raises(ValueError, match="soft must be one of"):
         soft_nce(q, t, w, tau, pos=pos, soft="drop")
 
@@ -1287,7 +1288,7 @@ def test_bank_nce_hand_computed():
     # soft, w = (0.5, 1): loss0 = -0.5 log p00 - 0.25 (log p01 + log p02)
     #   log Z0 = 2 + 0.1429316 = 2.1429316; log p = [-0.1429316, -2.1429316, -4.1429316]
     #   loss0 = 0.0714658 + 0.25 * 6.2858633 = 1.6429316; loss1 unchanged
-    soft = bank_nce(q, bank, idx, 0.5, w=torch.tensor([0.5, 1.0]), reduction="none")
+    soft = bank_nce(q, bank, idx, 0.5, w=torch.tensor([0.5, 1.0]), soft="spread", reduction="none")
     assert torch.allclose(soft, torch.tensor([1.64293163, 0.23954477]), atol=1e-6)
     assert torch.allclose(bank_nce(q, bank, idx, 0.5), hard.mean())
 
@@ -1297,6 +1298,18 @@ def test_bank_nce_with_batch_targets_equals_info_nce():
     w = torch.rand(8)
     assert torch.allclose(bank_nce(q, t, torch.arange(8), 0.02), info_nce(q, t, 0.02), atol=1e-6)
     assert torch.allclose(bank_nce(q, t, torch.arange(8), 0.02, w=w), soft_nce(q, t, w, 0.02), atol=1e-6)
+
+
+def test_gallery_nce_is_cross_entropy_with_the_reference_removed():
+    q, g = _qt(12, 30)
+    tgt = torch.randint(0, 30, (12,), generator=torch.Generator().manual_seed(3))
+    ref = (tgt + 1) % 30
+    ref[0] = tgt[0]                                              # a self-pair keeps its target
+    logits = q @ g.T / 0.05
+    logits[torch.arange(1, 12), ref[1:]] = float("-inf")
+    want = F.cross_entropy(logits, tgt, reduction="none")
+    assert torch.allclose(gallery_nce(q, g, tgt, 0.05, exclude=ref, chunk=5), want, atol=1e-5)
+    assert torch.allclose(evaluate.score_triplets(q, g, tgt, ref, 0.05, chunk=7)["loss"], want, atol=1e-5)
 
 
 def test_losses_under_autocast_are_fp32_and_close():
@@ -1404,6 +1417,49 @@ def test_noise_filter_warmup_update_stats_and_state(tmp_path):
         nf.update(losses[:10], 3)
 
 
+@pytest.mark.parametrize("backend", ["sklearn", "torch"])
+def test_clean_probability_never_rises_with_the_loss(backend):
+    """A narrow clean mode and a wide noisy one: the raw GMM posterior of the clean component falls again in the
+    far left tail (the wide component out-weighs it there); w is held at the clean mean's value instead."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([0.3 + 0.02 * torch.randn(700, generator=g), 0.5 + 0.25 * torch.randn(300, generator=g)])
+    x = torch.cat([x, torch.tensor([-0.5])])                           # one very easy pair
+    w = clean_probability(x, backend)
+    order = x.argsort()
+    assert (w[order].diff() <= 1e-6).all() and w[-1] == w.max()
+    fit = fit_gmm(minmax(x), backend)
+    assert fit["stds"][1] > 3 * fit["stds"][0]                        # the case the rule is for
+
+
+def test_gamma_loglik_matches_scipy():
+    from scipy import stats
+    torch.manual_seed(0)
+    for shape in (0.7, 2.0, 9.0):
+        x = torch.distributions.Gamma(shape, 1.5).sample((4000,)).double()
+        want = stats.gamma.logpdf(x.numpy(), *stats.gamma.fit(x.numpy(), floc=0)).mean()
+        assert abs(nfb.gamma_loglik(x) - want) < 1e-6
+    assert math.isnan(nfb.gamma_loglik(torch.full((20,), 3.0)))
+
+
+def test_second_mode_gate_keeps_one_skewed_mode_clean():
+    """A clean loss distribution is one skewed mode: the GMM still cuts it in two (about half the pairs below 0.5),
+    but a Gamma fits it as well or better (excess <= 0), so the gate keeps every w = 1. A mode of noisy pairs far out is what
+    the Gamma cannot follow."""
+    torch.manual_seed(0)
+    clean = torch.distributions.Gamma(2.0, 1.0).sample((6000,))
+    fit = fit_gmm(minmax(clean))
+    assert (fit["clean"] < 0.5).float().mean() > 0.2                              # the ungated split
+    assert nfb.second_mode(clean, minmax(clean), fit)["excess"] < 0.02                 # the Gamma fits as well
+    assert (clean_probability(clean, gate=0.05) == 1).all()
+    noisy = torch.cat([clean[:4800], 12 + 2 * torch.randn(1200).abs()])
+    assert nfb.second_mode(noisy, minmax(noisy), fit_gmm(minmax(noisy)))["excess"] > 0.1
+    w = clean_probability(noisy, gate=0.05)
+    assert (w[4800:] < 0.5).float().mean() > 0.95 and (w[:4800] < 0.5).float().mean() < 0.05
+    nf = NoiseFilter(6000, warmup_epochs=0, gate=0.05)
+    assert nf.update(clean, 0)["gated"] and (nf.weights == 1).all()
+    assert not nf.update(noisy, 1)["gated"] and (nf.weights[4800:] < 0.5).all()
+
+
 # ----------------------------------------------------------------------------- wcb.py
 
 def test_wcb_identity_at_init_and_padding_zero():
@@ -1456,19 +1512,6 @@ def test_wcb_autocast_bf16():
     with pytest.raises(ValueError, match="wcb.py"):
         WCB(16, n_maps=1)
 
-
-def test_soft_and_plain_nce_share_one_softmax():
-    from loss import soft_and_plain_nce
-    q, t = _qt(B=6, M=9)
-    w, pos = torch.rand(6), torch.tensor([0, 3, 8, 2, 2, 5])
-    soft, plain = soft_and_plain_nce(q, t, w, 0.05, pos=pos)
-    assert torch.allclose(soft, soft_nce(q, t, w, 0.05, pos=pos, reduction="none"), atol=1e-6)
-    assert torch.allclose(plain, info_nce(q, t, 0.05, pos=pos, reduction="none"), atol=1e-6)
-    assert torch.allclose(soft, bank_nce(q, t, pos, 0.05, w=w, reduction="none"), atol=1e-6)
-    assert not plain.requires_grad
-    g1 = torch.autograd.grad(soft.sum(), (q, t))
-    g2 = torch.autograd.grad(soft_nce(q, t, w, 0.05, pos=pos, reduction="sum"), (q, t))
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
 
 # ====================================================================================================
 # evaluate.py, train.py

@@ -38,7 +38,7 @@ import plots
 import spn
 import toy
 from cir import CIRModel
-from loss import SOFT_LABELS, bank_nce, gallery_nce, info_nce, soft_and_plain_nce
+from loss import SOFT_FORMS, gallery_nce, info_nce, soft_nce
 from model import load_clip, make_transform, normalize_pixels, tokenize
 from nfb import NoiseFilter
 from runtime import (ArgumentParser, atomic_save, error_line, gather_with_grad, log, merge_losses, rng_state,
@@ -47,13 +47,14 @@ from runtime import (ArgumentParser, atomic_save, error_line, gather_with_grad, 
 # Defaults per dataset; every one can be overridden on the command line (None = take from here).
 DEFAULTS = {
     "toy": dict(clip="tiny", epochs=7, batch_size=128, lr=1e-3, lr_wcb=1e-3, wd=0.05, tau=0.05, noise=0.3,
-                transform="clip", warmup_epochs=1, lr_warmup=0.05, cache_images=True),
+                transform="clip", warmup_epochs=1, lr_warmup=0.05, cache_images=True, group_batches=True),
     "cirr": dict(clip="RN50x4", epochs=10, batch_size=128, lr=2e-6, lr_wcb=1e-4, wd=0.05, tau=0.01, noise=0.0,
-                 transform="targetpad", warmup_epochs=1, lr_warmup=0.05, cache_images=False),
+                 transform="targetpad", warmup_epochs=1, lr_warmup=0.05, cache_images=False, group_batches=False),
     "fashioniq": dict(clip="RN50x4", epochs=10, batch_size=128, lr=2e-6, lr_wcb=1e-4, wd=0.05, tau=0.01, noise=0.0,
-                      transform="targetpad", warmup_epochs=1, lr_warmup=0.05, cache_images=False),
+                      transform="targetpad", warmup_epochs=1, lr_warmup=0.05, cache_images=False,
+                      group_batches=False),
     "shoes": dict(clip="RN50x4", epochs=10, batch_size=128, lr=2e-6, lr_wcb=1e-4, wd=0.05, tau=0.01, noise=0.0,
-                  transform="targetpad", warmup_epochs=1, lr_warmup=0.05, cache_images=False),
+                  transform="targetpad", warmup_epochs=1, lr_warmup=0.05, cache_images=False, group_batches=False),
 }
 RUN = dict(amp="auto", workers=2)  # not tied to a dataset; on --resume the run's own values unless given again
 STAGE2 = {  # SPN stage 2: SPN's settings for CLIP4Cir on real data; the toy's CLIP is trained from scratch
@@ -87,8 +88,8 @@ def get_args(argv=None):
     p.add_argument("--noise", type=float, default=None, help="fraction of training triplets to corrupt")
     p.add_argument("--noise-kind", default="shuffle", help="how: " + ", ".join(data.NOISE_KINDS)
                    + " (shuffle: the field's protocol; see data.inject_noise)")
-    p.add_argument("--group-batches", action="store_true",
-                   help="batches of whole groups (triplets sharing a reference image), in random order")
+    p.add_argument("--group-batches", action=argparse.BooleanOptionalAction, default=None,
+                   help="batches of whole groups (triplets sharing a reference image), in random order (toy: on)")
     p.add_argument("--oracle", action="store_true",
                    help="the ceiling: train only on the triplets known to be clean, for the same number of steps")
     p.add_argument("--skip-missing", action="store_true", help="drop triplets whose images are missing")
@@ -100,14 +101,15 @@ def get_args(argv=None):
     p.add_argument("--no-nfb", action="store_true", help="no Noise-pair Filter Block (plain InfoNCE throughout)")
     p.add_argument("--warmup-epochs", type=int, default=None, help="epochs of plain InfoNCE before the first GMM")
     p.add_argument("--gmm", default="sklearn", choices=["sklearn", "torch"])
-    p.add_argument("--soft-label", default="spread", choices=[*SOFT_LABELS, "sample"],
-                   help="L^soft_NCE: spread (1 - w) over the other targets, or weight the pair's InfoNCE by w")
-    p.add_argument("--nfb-losses", default="train", choices=["train", "eval", "gallery"],
+    p.add_argument("--soft-label", default="sample", choices=["sample", *SOFT_FORMS],
+                   help="L^soft_NCE (loss.py): sample pair i into an epoch with probability w_i; weight its l_i by "
+                   "w_i; or spread 1 - w_i over the other targets")
+    p.add_argument("--nfb-losses", default="gallery", choices=["gallery", "train", "eval"],
                    help="per-sample losses for the GMM: recorded in the training pass, or an extra no-grad pass "
                    "(eval: in-batch; gallery: over every training image)")
-    p.add_argument("--nfb-ema", type=float, default=0.0, help="weight of the earlier epochs' losses (0: none)")
-    p.add_argument("--nfb-gate", type=float, default=0.0,
-                   help="Ashman's D below which the losses count as one mode and every w = 1 (0: never)")
+    p.add_argument("--nfb-gate", type=float, default=0.02,
+                   help="nats per pair by which two Gaussians must beat one Gamma on the losses, else every w = 1 "
+                   "(no second mode: no noise; 0: never gate)")
     # SPN
     p.add_argument("--stage", type=int, default=1, choices=[1, 2], help="2: SPN static-bank stage")
     p.add_argument("--init", default=None, help="checkpoint to start from (required by --stage 2)")
@@ -145,7 +147,7 @@ def noise_of(args):
 # -----------------------------------------------------------------------------
 # one step
 
-def batch_loss(model, batch, w, tau, div_weight, bank=None, soft="spread"):
+def batch_loss(model, batch, w, tau, div_weight, bank=None, soft="weight"):
     """Loss of one batch and the per-sample InfoNCE losses that the NFB fits its GMM to.
     batch: (tokens, ref, tgt, idx) where ref/tgt are images (B,3,H,W), cached image tokens (B,1+m,D), or, in
     stage 2, ref = cached reference features (B, D) and tgt = bank rows (B,). w (B,) soft labels or None."""
@@ -159,12 +161,12 @@ def batch_loss(model, batch, w, tau, div_weight, bank=None, soft="spread"):
         t_all = gather_with_grad(t)                                         # (W·B, D)
         rank = dist.get_rank() if dist.is_initialized() else 0
         pos = torch.arange(len(q), device=q.device) + rank * len(q)         # my targets' rows in t_all
-    if w is None:                                           # plain InfoNCE, over the batch or over the bank
-        loss_vec = (bank_nce(q, bank, pos, tau, reduction="none") if bank is not None else
-                    info_nce(q, t_all, tau, pos=pos, reduction="none"))
+    if w is None:                                           # L_NCE, over the batch or over the bank
+        loss_vec = info_nce(q, t_all, tau, pos=pos, reduction="none")                   # (B,)
         plain = loss_vec.detach()
-    else:                                                   # L^soft_NCE, and InfoNCE for the GMM from the same logits
-        loss_vec, plain = soft_and_plain_nce(q, t_all, w, tau, pos=pos, soft=soft)
+    else:                                                   # L^soft_NCE, and l_i for --nfb-losses train
+        loss_vec = soft_nce(q, t_all, w, tau, pos=pos, soft=soft, reduction="none")     # (B,)
+        plain = info_nce(q.detach(), t_all.detach(), tau, pos=pos, reduction="none")
     return loss_vec.mean() + div_weight * pen, plain.detach().float()
 
 
@@ -521,8 +523,7 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.lr_warmup * total)))
     amp, scaler = evaluate.autocast(args.amp, device)
     nfb = None if args.no_nfb else NoiseFilter(len(ds), args.warmup_epochs, args.gmm,
-                                               noisy_gt=ds.noise_field if ds.noisy.any() else None, ema=args.nfb_ema,
-                                               gate=args.nfb_gate)
+                                               noisy_gt=ds.noise_field if ds.noisy.any() else None, gate=args.nfb_gate)
     if args.stage == 2 and nfb is not None and resume is None:
         spn.carry_over_soft_labels(nfb, init, ds, args, rank)
     start, best, history = 0, -1.0, []
