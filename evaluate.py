@@ -663,7 +663,7 @@ def main(argv=None):
     p.add_argument("--data-root", default=None)
     p.add_argument("--categories", nargs="+", default=None)
     p.add_argument("--split", default=None, help="val (test for Shoes, which has no val), or test1 for CIRR's "
-                   "server files")
+                   "server files; --audit: train (default) or val")
     p.add_argument("--transform", default=None, choices=["clip", "targetpad"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
