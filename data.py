@@ -359,7 +359,8 @@ class CIRR(_CIRDataset):
     root: the folder given by --data-root. Annotations are looked for in <root> and <root>/cirr; images under
     <annotations>/img_raw, <annotations>, <root>/img_raw, <root> (the first that holds the split's images).
     triplets: dicts {pairid, reference, target (None on test1), text, captions [text], members (img_set.members,
-    includes the reference), category None}. A caption row's "noisy" key (the toy's ground truth) fills .noisy.
+    includes the reference), category None, subset (img_set.id)}. A caption row's "noisy" key (the toy's ground
+    truth) fills .noisy.
     """
 
     def __init__(self, root, split="train", view="triplets", transform=None, skip_missing=False, noise=None,
@@ -396,7 +397,8 @@ class CIRR(_CIRDataset):
                 if n is not None and n not in rel:
                     raise ValueError(f"CIRR: image {n!r} (pair {r.get('pairid')}) of {ann / cap} is not in {ann / spl}")
             triplets.append(dict(pairid=r.get("pairid"), reference=r["reference"], target=tgt, text=r["caption"],
-                                 captions=[r["caption"]], members=list(members) if members else None, category=None))
+                                 captions=[r["caption"]], members=list(members) if members else None, category=None,
+                                 subset=r.get("img_set", {}).get("id")))
             noisy.append(bool(r.get("noisy", False)))
         self._setup("CIRR", root, split, view, names, paths, triplets, noisy, transform=transform,
                     skip_missing=skip_missing, noise=noise,
@@ -421,7 +423,7 @@ class FashionIQ(_CIRDataset):
     .images: the union of the categories' split images (split-file order, categories in the given order; shirt and
     toptee share some images, kept once); .category_images: {category: its own list}, the per-category gallery.
     triplets: dicts {reference (candidate), target (None on test), text ("c0 and c1"), captions (the raw 2),
-    members None, pairid None, category}.
+    members None, pairid None, category, row (its index in cap.<category>.<split>.json)}.
     """
 
     def __init__(self, root, categories=FIQ_CATEGORIES, split="train", view="triplets", transform=None,
@@ -454,14 +456,14 @@ class FashionIQ(_CIRDataset):
             split_names = _read_json(ann / f"image_splits/split.{c}.{split}.json")
             in_split = set(split_names)
             extra = []  # names used by the captions but absent from the category's split file (none in the release)
-            for r in _read_json(ann / f"captions/cap.{c}.{split}.json"):
+            for j, r in enumerate(_read_json(ann / f"captions/cap.{c}.{split}.json")):
                 for n in (r["candidate"], r.get("target")):
                     if n is not None and n not in in_split:
                         in_split.add(n)
                         extra.append(n)
                 triplets.append(dict(pairid=None, reference=r["candidate"], target=r.get("target"),
                                      text=fiq_text(r["captions"]), captions=list(r["captions"]), members=None,
-                                     category=c))
+                                     category=c, row=j))
             if extra:
                 print(f"FashionIQ {c} {split}: {len(extra)} caption images are not in split.{c}.{split}.json; "
                       f"appended to the gallery, e.g. {extra[:3]}", flush=True)

@@ -20,10 +20,15 @@ Usage
     python evaluate.py --clip ViT-B/32 --dataset cirr --data-root DIR   # zero-shot CLIP, sum fusion
     python evaluate.py --checkpoint runs/X/best.pt --split test1 --submission subs/   # CIRR server files
     python evaluate.py --clip RN50x4 --dataset shoes --data-root DIR     # Shoes test split (its default)
+    python evaluate.py --audit --checkpoint runs/X/best.pt   # the suspect training triplets
 """
 
+import argparse
 import json
+import math
 import sys
+import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -37,6 +42,7 @@ import runtime
 import toy
 from cir import CIRModel
 from model import build_clip, load_clip, make_transform, normalize_pixels, tokenize
+from nfb import clean_probability, detection_metrics
 
 CHUNK = 1024  # queries scored at once: memory is CHUNK x gallery floats
 
@@ -380,6 +386,265 @@ def cirr_rankings(q, g, gallery_names, references, members):
 
 
 # -----------------------------------------------------------------------------
+# audit: the training triplets the model finds suspicious (python evaluate.py --audit)
+#
+# One no-grad pass over a split: every query ranked over every image of the split, its own
+# reference removed (score_triplets, as the NFB's --nfb-losses gallery), gives each triplet its
+# loss, its labelled target's rank and the model's 3 best other images; the NFB's GMM on those
+# losses, with the run's settings, gives w = p(clean | loss). A low w says "suspect": the model
+# finds the labelled target unlikely. It does not say "wrong": a hard edit scores low as well.
+
+AUDIT_SHEET = 24          # rows of the contact sheet
+AUDIT_K = (100, 500)      # precision@k / recall@k, besides k = the number of known noisy triplets
+
+
+def audit_settings(run_args, dataset, root, **given):
+    """The settings the audit reads and scores the split with, resolved in one place: the run's
+    own (a checkpoint) over train.py's defaults for the dataset (zero-shot, and flags newer than
+    the run); `given` (noise, noise_kind, categories, skip_missing, transform) replaces them where
+    not None. -> dict of train.py's settings: tau, gmm, nfb_gate, noise, noise_kind, seed, ..."""
+    import train                               # train imports this module: imported when used
+    s = {**vars(train.get_args(["--dataset", dataset])), **run_args}
+    s.update(dataset=dataset, data_root=root, **{k: v for k, v in given.items() if v is not None})
+    noise = data.Noise(s["noise"], s["noise_kind"], s["seed"])
+    data.check_noise(noise, has_subsets=dataset in ("cirr", "toy"))
+    return s
+
+
+def check_writable(folder):
+    """The audit's output folder, created and probed with a temporary file before any heavy work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".audit-probe-"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: --out {folder}: cannot write there ({type(e).__name__}: "
+                         f"{e.strerror or e}); pass --out DIR, a folder you can write") from None
+    return folder
+
+
+@torch.no_grad()
+def audit_scores(model, gallery, trips, tau, gmm="sklearn", gate=0.0, batch_size=128, device="cpu",
+                 workers=2, amp=None, chunk=CHUNK, times=None):
+    """Every triplet of `trips` scored over the gallery view of its split (same images, same
+    order) -> dict(loss (Q,), rank (Q,) 0-based, top (Q, 3) gallery rows, w (Q,) the NFB's clean
+    probability). times: an optional dict that receives the seconds spent encoding and ranking."""
+    if gallery.images != trips.images:
+        raise ValueError("audit: the gallery and the triplets must be views of the same split")
+    t0 = time.perf_counter()
+    q, g = set_features(model, gallery, trips, batch_size, device, workers, amp)  # (Q, D), (N, D)
+    _check_finite(q, g)
+    t1 = time.perf_counter()
+    out = score_triplets(q, g, trips.tgt_idx, trips.ref_idx, tau, k=3, chunk=chunk)  # O(chunk x N)
+    out["w"] = clean_probability(out["loss"], backend=gmm, gate=gate).cpu()
+    if times is not None:
+        times.update(encode=t1 - t0, rank=time.perf_counter() - t1)
+    return out
+
+
+def suspicion_order(w, loss):
+    """Most suspicious first: ascending w; ties (w saturates at 0 and 1) by descending loss, then
+    by index. w, loss (Q,) -> list of Q indices."""
+    w, loss = w.tolist(), loss.tolist()
+    return sorted(range(len(w)), key=lambda i: (w[i], -loss[i], i))
+
+
+def triplet_id(t, dataset):
+    """The dataset's own identifier of a triplet: CIRR and the toy {pairid, subset (img_set.id)};
+    FashionIQ {category, row: its index in cap.<category>.<split>.json}; Shoes {row: its index in
+    relative_captions_shoes.json}. A generated positive (--extra-triplets) has None there."""
+    if dataset == "fashioniq":
+        return dict(category=t["category"], row=t.get("row"))
+    if dataset == "shoes":
+        return dict(row=t["pairid"])
+    return dict(pairid=t["pairid"], subset=t.get("subset"))
+
+
+def audit_rows(trips, scores, dataset, w_train=None):
+    """One dict per triplet, most suspicious first: index (in the split), the identifier
+    (triplet_id), reference, text, target, w, loss, rank (1 = the model's first choice, reference
+    removed), top3 (the best images other than the target), w_train (the run's NFB labels, when
+    given), noise (the corrupted field, data.NOISE_FIELDS, when the truth is known)."""
+    known = bool(trips.noisy.any())
+    rows = []
+    for i in suspicion_order(scores["w"], scores["loss"]):
+        t = trips.triplets[i]
+        row = dict(index=i, **triplet_id(t, dataset), reference=t["reference"], text=t["text"],
+                   target=t["target"], w=float(scores["w"][i]), loss=float(scores["loss"][i]),
+                   rank=int(scores["rank"][i]) + 1,
+                   top3=[trips.images[j] for j in scores["top"][i].tolist()])
+        if w_train is not None:
+            row["w_train"] = float(w_train[i])
+        if known:
+            row["noise"] = data.NOISE_FIELDS[int(trips.noise_field[i])]
+        rows.append(row)
+    return rows
+
+
+def audit_groups(trips, dataset):
+    """The summary's breakdown: (name, a label per triplet), or None (Shoes: totals only)."""
+    def edit(text):
+        try:
+            return toy.edit_type(text)
+        except ValueError:                      # a generated positive's template text
+            return "other"
+    if dataset == "toy":
+        return "edit type", [edit(t["text"]) for t in trips.triplets]
+    if dataset == "fashioniq":
+        return "category", [t["category"] for t in trips.triplets]
+    if dataset == "cirr":
+        return "subset", [t.get("subset") for t in trips.triplets]
+    return None
+
+
+def audit_summary(trips, scores, dataset, w_train=None, ks=AUDIT_K):
+    """Triplets flagged (w < 0.5): in total, by group (audit_groups), by the run's NFB (w_train).
+    Where the noise is known (.noisy: the toy's own, injected): precision@k / recall@k of the
+    suspicion order, ROC-AUC of 1 - w (nfb.detection_metrics) and of the loss, precision / recall
+    of the flags, and the % flagged of each corrupted field (data.NOISE_FIELDS)."""
+    from sklearn.metrics import roc_auc_score
+    w, flagged = scores["w"], scores["w"] < 0.5
+    out = dict(n=len(w), flagged=int(flagged.sum()))
+    if w_train is not None:
+        out["flagged_train"] = int((w_train < 0.5).sum())
+        out["flagged_both"] = int((flagged & (w_train < 0.5)).sum())
+    noisy = trips.noisy if trips.noisy.any() else None
+    groups = audit_groups(trips, dataset)
+    if groups is not None:
+        by = {}
+        truth = noisy.tolist() if noisy is not None else [False] * len(w)
+        for g, f, nz in zip(groups[1], flagged.tolist(), truth):
+            c = by.setdefault(str(g), dict(n=0, flagged=0, noisy=0, clean_flagged=0))
+            c["n"] += 1
+            c["flagged"] += f
+            c["noisy"] += nz
+            c["clean_flagged"] += f and not nz
+        if noisy is None:                       # nothing known: no truth columns
+            by = {g: dict(n=c["n"], flagged=c["flagged"]) for g, c in by.items()}
+        out["by_name"] = groups[0]
+        out["by"] = dict(sorted(by.items(), key=lambda kv: -kv[1]["flagged"]))
+    if noisy is not None:
+        n_noisy = int(noisy.sum())
+        hits = noisy[suspicion_order(w, scores["loss"])].long().cumsum(0)  # (Q,) noisy in first k
+        out.update(noisy=n_noisy, random_precision=n_noisy / len(w))
+        for k in dict.fromkeys(min(k, len(w)) for k in (n_noisy, *ks)):
+            out[f"precision@{k}"] = hits[k - 1].item() / k
+            out[f"recall@{k}"] = hits[k - 1].item() / n_noisy
+        det = detection_metrics(w, noisy)
+        out.update(auc=det["auc"], precision_flagged=det["precision"], recall_flagged=det["recall"])
+        out["auc_loss"] = (float(roc_auc_score(noisy.numpy(), scores["loss"].numpy()))
+                           if n_noisy < len(w) else math.nan)
+        f = trips.noise_field
+        out["flagged_by_field"] = {name: 100 * flagged[f == k].float().mean().item()
+                                   for k, name in enumerate(data.NOISE_FIELDS) if (f == k).any()}
+    return out
+
+
+def print_audit_summary(s, what, top_groups=10):
+    """The summary in a few lines; of many groups (CIRR's subsets) the top_groups most flagged."""
+    print(f"audit of {what}: {s['n']:,} triplets, {s['flagged']:,} flagged "
+          f"(w < 0.5, {100 * s['flagged'] / s['n']:.1f}%)")
+    if "flagged_train" in s:
+        print(f"  the run's NFB at this checkpoint flagged {s['flagged_train']:,} "
+              f"(both: {s['flagged_both']:,})")
+    if "by" in s:
+        many = len(s["by"]) > top_groups
+        print(f"  by {s['by_name']}" + (f", the {top_groups} most flagged of {len(s['by']):,}"
+                                        if many else "") + ":")
+        for g, c in list(s["by"].items())[:top_groups]:
+            line = (f"    {g:<10} {c['flagged']:>6,} of {c['n']:>6,} flagged "
+                    f"({100 * c['flagged'] / c['n']:5.1f}%)")
+            if "noisy" in c:
+                line += f"  noisy {c['noisy']:>6,}  clean flagged {c['clean_flagged']:>6,}"
+            print(line)
+    if "noisy" in s:
+        ks = [key.split("@")[1] for key in s if key.startswith("precision@")]
+        print(f"  known noise: {s['noisy']:,} noisy triplets (a random order's precision: "
+              f"{s['random_precision']:.3f})")
+        print("  " + " | ".join(f"precision@{k} {s['precision@' + k]:.3f} "
+                                f"recall@{k} {s['recall@' + k]:.3f}" for k in ks))
+        print(f"  ROC-AUC of 1 - w {s['auc']:.3f}, of the loss {s['auc_loss']:.3f}; the flagged: "
+              f"precision {s['precision_flagged']:.3f} recall {s['recall_flagged']:.3f}")
+        print("  flagged by corrupted field: "
+              + ", ".join(f"{k} {v:.1f}%" for k, v in s["flagged_by_field"].items()))
+
+
+def _sheet_label(k, r):
+    """The contact sheet's label of row r, the (k+1)-th most suspicious."""
+    ids = " ".join(f"{key} {r[key]}" for key in ("pairid", "category", "row") if key in r)
+    truth = "" if "noise" not in r else (
+        "\ntruth: clean" if r["noise"] == "clean" else f"\ntruth: {r['noise']} replaced")
+    return f"#{k + 1} {ids}\nw {r['w']:.3f}  loss {r['loss']:.2f}  rank {r['rank']:,}" + truth
+
+
+def audit(model, s, ckpt, split, out_dir, batch_size=128, workers=2, device="cpu", amp=None,
+          chunk=CHUNK):
+    """python evaluate.py --audit: score every triplet of a split (train by default) with the
+    settings s (audit_settings), write audit.jsonl (one row per triplet, most suspicious first),
+    audit.png (the AUDIT_SHEET most suspicious) and audit_summary.json into out_dir, print the
+    summary. ckpt: the run's checkpoint (its NFB labels are reported as w_train when they are of
+    the same training triplets), or None (zero-shot). Other splits than train write
+    audit_<split>.*. Returns the summary dict."""
+    import plots
+    import train
+    dataset = s["dataset"]
+    if split == "test1" or (split == "test" and dataset == "fashioniq"):
+        raise SystemExit(f"error: --audit --split {split}: the {dataset} {split} split has no "
+                         f"public targets to audit; use --split train (the default) or val")
+    out_dir = check_writable(out_dir)
+    run = argparse.Namespace(**s)
+    trips = train.make_dataset(run, split, "triplets", None, return_images=False)
+    if (trips.tgt_idx < 0).any():
+        raise SystemExit(f"error: --audit --split {split}: the {dataset} {split} split has no "
+                         f"targets; use --split train (the default) or val")
+    cached = bool(s["cache_images"])           # as the run: decoded once into RAM (the toy)
+    res = model.clip.image_resolution
+    gallery = train.make_dataset(run, split, "gallery",
+                                 make_transform(s["transform"], res, pixels=cached))
+    w_train = None                             # the run's NFB labels, if of these very triplets
+    if ckpt is not None and ckpt.get("nfb") is not None and split == "train":
+        w_train = ckpt["nfb"]["weights"].float()
+        changed = [k for k in ("noise", "noise_kind", "seed", "skip_missing", "extra_triplets")
+                   if s[k] != ckpt["args"].get(k)]
+        if changed or len(w_train) != len(trips):
+            print(f"audit: the run's NFB labels {len(w_train)} triplets, this split {len(trips)} "
+                  f"({', '.join(changed) or 'other data'} changed): not reported")
+            w_train = None
+
+    t0 = time.perf_counter()
+    times = dict(decode=0.0)
+    if cached:
+        gallery.pixels = data.decode_images(gallery, workers)
+        times["decode"] = time.perf_counter() - t0
+    scores = audit_scores(model, gallery, trips, s["tau"], s["gmm"], s["nfb_gate"], batch_size,
+                          device, workers, amp, chunk, times)
+    rows = audit_rows(trips, scores, dataset, w_train)
+    summary = audit_summary(trips, scores, dataset, w_train)
+    summary.update(tau=s["tau"], gmm=s["gmm"], nfb_gate=s["nfb_gate"])
+    name = "audit" if split == "train" else f"audit_{split}"
+    jsonl = out_dir / f"{name}.jsonl"
+    tmp = jsonl.with_name(jsonl.name + ".tmp")
+    tmp.write_text("".join(json.dumps(runtime.strict_json(r)) + "\n" for r in rows))
+    tmp.replace(jsonl)
+    paths = gallery.paths
+    sheet = [(paths[r["reference"]], r["text"], paths[r["target"]], paths[r["top3"][0]],
+              _sheet_label(k, r)) for k, r in enumerate(rows[:AUDIT_SHEET])]
+    plots.audit_sheet(sheet, out_dir / f"{name}.png")
+    summary.update({f"time_{k}": v for k, v in times.items()}, time_total=time.perf_counter() - t0)
+    summary_json = json.dumps(runtime.strict_json(summary), indent=1)
+    (out_dir / f"{name}_summary.json").write_text(summary_json)
+    noise = (f" ({s['noise_kind']} noise {s['noise']}, seed {s['seed']})"
+             if split == "train" and s["noise"] else "")
+    print_audit_summary(summary, f"{dataset} {split}{noise}")
+    print(f"wrote {jsonl} ({len(rows):,} rows, most suspicious first) and {name}.png "
+          f"({len(sheet)} rows) in {summary['time_total']:.1f} s: decoding images "
+          f"{times['decode']:.1f} s, encoding {times['encode']:.1f} s, ranking and GMM "
+          f"{times['rank']:.1f} s")
+    return summary
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 def latest_best(runs="runs"):
@@ -398,22 +663,34 @@ def main(argv=None):
     p.add_argument("--data-root", default=None)
     p.add_argument("--categories", nargs="+", default=None)
     p.add_argument("--split", default=None, help="val (test for Shoes, which has no val), or test1 for CIRR's "
-                   "server files")
+                   "server files; --audit: train (default) or val")
     p.add_argument("--transform", default=None, choices=["clip", "targetpad"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--skip-missing", action="store_true")
     p.add_argument("--submission", default=None, help="folder for the CIRR test-server files (with --split test1)")
     p.add_argument("--show", type=int, default=0, help="write a PNG grid of N queries with their top-5")
-    p.add_argument("--out", default=None, help="metrics JSON file (default next to the checkpoint)")
+    p.add_argument("--audit", action="store_true", help="list the training triplets the model "
+                   "finds suspicious (audit.jsonl, audit.png; --split to audit another split)")
+    p.add_argument("--noise", type=float, default=None,
+                   help="--audit: injected noise (default: the run's; zero-shot: train.py's)")
+    p.add_argument("--noise-kind", default=None, help="--audit: " + ", ".join(data.NOISE_KINDS))
+    p.add_argument("--out", default=None, help="metrics JSON file (default next to the "
+                   "checkpoint); with --audit the folder for its files (default: the run folder)")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.audit and a.submission:
+        raise SystemExit("error: --audit lists a split's suspect triplets, --submission writes "
+                         "CIRR's test-server files: run them one at a time")
+    if not a.audit and (a.noise is not None or a.noise_kind is not None):
+        raise SystemExit("error: --noise / --noise-kind are for --audit (evaluation splits carry "
+                         "no injected noise)")
 
     if a.clip:
         if not a.dataset:
             raise SystemExit("error: --clip needs --dataset (and --data-root for cirr / fashioniq / shoes)")
         clip, _ = load_clip(a.clip, device="cpu")
-        model, run_args, out_dir = CIRModel(clip, wcb=False), {}, Path(".")
+        model, run_args, out_dir, ckpt = CIRModel(clip, wcb=False), {}, Path("."), None
     else:
         path = Path(a.checkpoint) if a.checkpoint else latest_best()
         if not a.checkpoint:
@@ -430,9 +707,16 @@ def main(argv=None):
         raise SystemExit(f"error: --dataset {dataset} needs --data-root DIR")
     categories = a.categories or run_args.get("categories") or ["dress", "shirt", "toptee"]
     model = model.to(device).eval()
-    transform = make_transform(a.transform or run_args.get("transform") or
-                               ("clip" if dataset == "toy" else "targetpad"), model.clip.image_resolution)
+    transform_name = (a.transform or run_args.get("transform")
+                      or ("clip" if dataset == "toy" else "targetpad"))
+    transform = make_transform(transform_name, model.clip.image_resolution)
     amp, _ = autocast(run_args.get("amp", "auto"), device)    # the run's precision: metrics match its log
+    if a.audit:
+        s = audit_settings(run_args, dataset, root, noise=a.noise, noise_kind=a.noise_kind,
+                           categories=categories, skip_missing=a.skip_missing or None,
+                           transform=transform_name)
+        return audit(model, s, ckpt, a.split or "train",
+                     Path(a.out) if a.out else out_dir, a.batch_size, a.workers, device, amp)
     a.split = a.split or EVAL_SPLIT[dataset]
     sets = eval_sets(dataset, root, a.split, transform, categories, a.skip_missing)
 

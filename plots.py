@@ -1,11 +1,12 @@
-"""Figures of a run: the NFB's per-sample loss histogram with its fitted GMM, the recall curves, and the query
-grid of `evaluate.py --show`.
+"""Figures of a run: the NFB's per-sample loss histogram with its fitted GMM, the recall curves, the query
+grid of `evaluate.py --show`, and the noise audit's contact sheet (`evaluate.py --audit`).
 
 A picture says whether the noise filter can work at all: if the clean and noisy pairs' losses do not form two
 modes, no GMM can tell them apart. Files are PNGs written next to the run's log.
 """
 
 import math
+import textwrap
 
 import matplotlib
 
@@ -89,4 +90,39 @@ def query_grid(rows, path):
             ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def audit_sheet(rows, path, blocks=2):
+    """The noise audit's contact sheet: one row per suspect triplet, most suspicious first: the reference image, the
+    modification text (wrapped) under a label line (identifier, w, the target's rank, the truth where known), the
+    labelled target, and the model's best other image. rows: [(ref_path, text, target_path, top_path, label)];
+    laid out in `blocks` side-by-side columns of rows so that 24 rows make a page, not a strip."""
+    from PIL import Image
+    per = math.ceil(len(rows) / blocks)
+    blocks = math.ceil(len(rows) / per)
+    fig, axes = plt.subplots(per, 4 * blocks, figsize=(5.4 * blocks, 1.25 * per), squeeze=False,
+                             gridspec_kw=dict(width_ratios=[1, 1.35, 1, 1] * blocks))
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.axis("off")
+    for i, (ref, text, tgt, top, label) in enumerate(rows):
+        a_ref, a_txt, a_tgt, a_top = axes[i % per, 4 * (i // per):4 * (i // per) + 4]
+        for ax, p, title in ((a_ref, ref, "reference"), (a_tgt, tgt, "labelled target"),
+                             (a_top, top, "model's best other")):
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                im.thumbnail((128, 128))             # real photos: small in memory and in the PNG
+            ax.imshow(im)
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=6, pad=2)
+        lines = textwrap.wrap(text, 30) or [""]
+        lines = lines[:5] if len(lines) <= 5 else lines[:4] + [lines[4][:27] + "..."]
+        a_txt.text(0.0, 0.5, label + "\n\n" + "\n".join(lines), fontsize=6, va="center", ha="left",
+                   transform=a_txt.transAxes, wrap=False)
+    fig.tight_layout(pad=0.4, h_pad=0.3, w_pad=0.3)
+    fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -1627,6 +1627,208 @@ def test_submission_files_and_checker(tmp_path):
             check_submission(paths[0], [11, 12, 13], refs, "recall", 50)
 
 
+# ----------------------------------------------------------------------------- evaluate.py --audit
+
+def test_audit_scores_and_order_hand_made():
+    """score_triplets on 4 queries over 5 images, against a plain loop: the loss of the labelled target over the
+    gallery without the reference (a self-pair keeps it), its rank and the best other images; then audit_rows on
+    hand-set w and losses: ascending w, ties by descending loss, every field of a row in place."""
+    g = F.normalize(torch.tensor([[1.0, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0.6, 0.8], [0, 0.1, 1]]), dim=-1)
+    q = F.normalize(torch.tensor([[1.0, 0.3, 0], [0.1, 1, 0.2], [0.3, 0, 1], [0.5, 0.4, 0.25]]), dim=-1)
+    ref, tgt, tau = torch.tensor([0, 2, 4, 1]), torch.tensor([1, 3, 0, 1]), 0.1
+    s = evaluate.score_triplets(q, g, tgt, ref, tau, k=3, chunk=3)
+    for i in range(4):
+        sims = [(q[i] @ g[j]).item() for j in range(5)]
+        keep = [j for j in range(5) if j != ref[i] or ref[i] == tgt[i]]
+        ranked = sorted(keep, key=lambda j: -sims[j])
+        loss = math.log(sum(math.exp(sims[j] / tau) for j in keep)) - sims[tgt[i]] / tau
+        assert s["loss"][i].item() == pytest.approx(loss, rel=1e-5, abs=1e-5)     # float32 log-softmax
+        assert s["rank"][i].item() == ranked.index(tgt[i])
+        assert s["top"][i].tolist() == [j for j in ranked if j != tgt[i]][:3]
+    from types import SimpleNamespace
+    names = [f"im{j}" for j in range(5)]
+    trips = SimpleNamespace(
+        images=names, noisy=torch.tensor([False, True, False, False, True]),
+        noise_field=torch.tensor([0, 3, 0, 0, 2]),
+        triplets=[dict(pairid=10 + i, subset=i // 2, reference=names[i], text=f"edit {i}", target=names[4 - i])
+                  for i in range(5)])
+    scores = dict(w=torch.tensor([0.9, 0.1, 0.9, 0.1, 0.5]), loss=torch.tensor([2.0, 5.0, 3.0, 1.0, 4.0]),
+                  rank=torch.tensor([0, 7, 1, 2, 3]), top=torch.tensor([[1, 2, 3], [0, 2, 3], [0, 1, 3],
+                                                                        [0, 1, 2], [1, 2, 3]]))
+    rows = evaluate.audit_rows(trips, scores, "cirr", w_train=torch.tensor([1.0, 0.0, 1.0, 0.5, 0.25]))
+    assert [r["index"] for r in rows] == [1, 3, 4, 2, 0]
+    assert rows[0] == dict(index=1, pairid=11, subset=0, reference="im1", text="edit 1", target="im3",
+                           w=pytest.approx(0.1), loss=5.0, rank=8, top3=["im0", "im2", "im3"], w_train=0.0,
+                           noise="target")
+    assert [r["noise"] for r in rows] == ["target", "clean", "text", "clean", "clean"]
+    s = evaluate.audit_summary(trips, scores, "shoes")                     # Shoes: totals, no breakdown
+    assert (s["flagged"], s["noisy"], s["precision@2"], s["recall@5"]) == (2, 2, 0.5, 1.0)
+    assert s["flagged_by_field"] == {"clean": pytest.approx(100 / 3), "text": 0.0, "target": 100.0}
+
+
+@pytest.fixture(scope="module")
+def audit_run(tmp_path_factory):
+    """A trained run to audit: a clean toy of 480 triplets with 30% given a wrong target (--noise-kind target),
+    8 epochs of a micro CLIP with 8-px patches (it learns the toy in seconds; MICRO's 16-px patches do not), the
+    NFB's labels weighting the loss from epoch 6; the audit of its last epoch. Returns (toy root, run folder, the
+    audit's summary)."""
+    tmp = tmp_path_factory.mktemp("audit")
+    root = toy.make_toy(tmp / "toy", seed=5, noise=0.0, image_size=32, n_train=480, n_val=40, n_test=40)
+    torch.manual_seed(0)
+    torch.save(CLIP(**dict(MICRO, vision_patch_size=8)).state_dict(), tmp / "clip.pt")
+    out = train.main(["--dataset", "toy", "--data-root", str(root), "--clip", str(tmp / "clip.pt"),
+                      "--out", str(tmp / "run"), "--epochs", "8", "--batch-size", "32", "--workers", "0",
+                      "--lr", "2e-3", "--lr-wcb", "2e-3", "--noise", "0.3", "--noise-kind", "target", "--no-wcb",
+                      "--soft-label", "weight", "--warmup-epochs", "6"])
+    return root, out, evaluate.main(["--audit", "--checkpoint", str(out / "last.pt"), "--workers", "0"])
+
+
+def _audit_rows(folder, name="audit"):
+    return [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_audit_finds_the_injected_noise_of_a_trained_run(audit_run, capsys):
+    """The run's own noise (its --noise, --noise-kind, --seed) is the truth: the most suspicious triplets are
+    mostly the corrupted ones, far above the 30% of a random order."""
+    root, out, s = audit_run
+    rows = _audit_rows(out)
+    noisy = [r["noise"] != "clean" for r in rows]
+    k = sum(noisy)
+    assert k == s["noisy"] == round(0.3 * 480) and s["random_precision"] == pytest.approx(0.3)
+    assert s[f"precision@{k}"] == sum(noisy[:k]) / k and s["recall@100"] == sum(noisy[:100]) / k
+    assert s[f"precision@{k}"] >= 0.6 and s["precision@100"] >= 0.6      # random: 0.3
+    assert s["auc"] > 0.8 and s["auc_loss"] > 0.8
+    assert s["flagged_by_field"]["target"] > 2 * s["flagged_by_field"]["clean"]
+    assert sum(c["n"] for c in s["by"].values()) == 480
+    assert set(s["by"]) <= {"color", "size", "shape", "add", "remove", "move"}
+    evaluate.print_audit_summary(s, "toy train")
+    printed = capsys.readouterr().out
+    assert f"480 triplets, {s['flagged']} flagged" in printed and f"precision@{k} " in printed
+    with Image.open(out / "audit.png") as im:       # 24 rows in two blocks: a page, not a strip
+        assert max(im.size) <= 1400
+    assert (out / "audit.png").stat().st_size < 1_000_000
+
+
+def test_audit_rows_match_the_caption_file_and_the_checkpoint(audit_run):
+    """Every row is a training triplet of the caption file (by pairid), its target replaced where the truth says
+    so; rows are sorted by w; w is the GMM of the listed losses; w_train is the checkpoint's NFB labels; rank and
+    top 3 follow a plain ranking of the model's features."""
+    root, out, s = audit_run
+    rows = _audit_rows(out)
+    caps = {c["pairid"]: c for c in json.loads((root / "captions/cap.rc2.train.json").read_text())}
+    assert sorted(r["pairid"] for r in rows) == sorted(caps) and sorted(r["index"] for r in rows) == list(range(480))
+    for r in rows:
+        c = caps[r["pairid"]]
+        assert (r["reference"], r["text"], r["subset"]) == (c["reference"], c["caption"], c["img_set"]["id"])
+        assert (r["target"] == c["target_hard"]) == (r["noise"] == "clean")
+    for a, b in zip(rows, rows[1:]):
+        assert a["w"] < b["w"] or (a["w"] == b["w"] and a["loss"] >= b["loss"])
+    by_index = sorted(rows, key=lambda r: r["index"])
+    w = clean_probability(torch.tensor([r["loss"] for r in by_index]))
+    assert w.tolist() == pytest.approx([r["w"] for r in by_index], abs=1e-6)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert [r["w_train"] for r in by_index] == pytest.approx(ckpt["nfb"]["weights"].tolist())
+    assert s["flagged_train"] == int((ckpt["nfb"]["weights"] < 0.5).sum()) > 0
+    model = evaluate.build_model(ckpt).eval()
+    gallery = data.CIRR(root, "train", view="gallery", transform=M.make_transform("clip", 32))
+    trips = data.CIRR(root, "train", return_images=False, noise=data.Noise(0.3, "target", 0))
+    q, g = evaluate.set_features(model, gallery, trips, 128, torch.device("cpu"), 0)
+    for r in rows[:5] + rows[-5:]:
+        sims = (F.normalize(q[[r["index"]]], dim=-1) @ F.normalize(g, dim=-1).T)[0].tolist()
+        ranked = sorted((j for j, n in enumerate(gallery.images) if n != r["reference"]), key=lambda j: -sims[j])
+        names = [gallery.images[j] for j in ranked]
+        assert r["rank"] == names.index(r["target"]) + 1
+        # images identical at 32 px tie exactly, and top-k picks any of them: compare the scores
+        best = [sims[gallery.index[n]] for n in names if n != r["target"]][:3]
+        assert [sims[gallery.index[n]] for n in r["top3"]] == pytest.approx(best, abs=1e-6)
+        assert r["reference"] not in r["top3"] and r["target"] not in r["top3"]
+
+
+def test_audit_zero_shot_clip(toy_root, micro_clip, tmp_path):
+    """--clip without a run: train.py's toy settings (τ, GMM), the injected noise from the command line on top of
+    the toy's own; no NFB labels to report."""
+    s = evaluate.main(["--audit", "--clip", str(micro_clip), "--dataset", "toy", "--data-root", str(toy_root),
+                       "--noise", "0.2", "--noise-kind", "text", "--workers", "0", "--out", str(tmp_path / "zs")])
+    rows = _audit_rows(tmp_path / "zs")
+    ds = data.CIRR(toy_root, "train", return_images=False, noise=data.Noise(0.2, "text", 0))
+    assert len(rows) == len(ds) == 160 and not any("w_train" in r for r in rows) and "flagged_train" not in s
+    truth = {r["index"]: r["noise"] for r in rows}
+    assert [truth[i] for i in range(160)] == [data.NOISE_FIELDS[f] for f in ds.noise_field.tolist()]
+    assert {"text", "target"} <= set(truth.values())           # injected text noise, the toy's own target noise
+    assert s["tau"] == train.DEFAULTS["toy"]["tau"] and s["gmm"] == "sklearn"
+    assert (tmp_path / "zs" / "audit.png").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:nfb.py")   # identical placeholder images: equal losses, no GMM
+def test_audit_fashioniq_and_shoes_identifiers(micro_clip, tmp_path):
+    """The real FashionIQ / Shoes training annotations with images for a scattered few rows (--skip-missing
+    drops the rest): each row's identifier names the row of the real file it came from."""
+    fiq, cats = tmp_path / "fiq", ("dress", "toptee")
+    have = set()
+    for c in cats:
+        for f in (f"captions/cap.{c}.train.json", f"image_splits/split.{c}.train.json"):
+            (fiq / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(FIQ_ANN / f, fiq / f)
+        rows = json.loads((FIQ_ANN / f"captions/cap.{c}.train.json").read_text())
+        have |= {n for r in rows[7::400] for n in (r["candidate"], r["target"])}
+        have.discard(rows[7]["target"])                               # row 7 loses its target image
+    for n in have:
+        _link(_tiny_png(tmp_path), fiq / "images" / f"{n}.png")
+    evaluate.main(["--audit", "--clip", str(micro_clip), "--dataset", "fashioniq", "--data-root", str(fiq),
+                   "--categories", *cats, "--skip-missing", "--workers", "0", "--out", str(tmp_path / "a-fiq")])
+    real = {c: json.loads((FIQ_ANN / f"captions/cap.{c}.train.json").read_text()) for c in cats}
+    expect = {(c, j) for c in cats for j, r in enumerate(real[c]) if {r["candidate"], r["target"]} <= have}
+    rows = _audit_rows(tmp_path / "a-fiq")
+    assert {(r["category"], r["row"]) for r in rows} == expect and len(rows) == len(expect)
+    assert ("dress", 7) not in expect and any(j > 7 for _, j in expect)
+    for r in rows:
+        raw = real[r["category"]][r["row"]]
+        assert (r["reference"], r["target"], r["text"]) == (raw["candidate"], raw["target"],
+                                                          data.fiq_text(raw["captions"]))
+
+    shoes_rows = _shoes_rows()
+    train_names = _shoes_names("train")
+    picked = [j for j, r in enumerate(shoes_rows) if set(_pair(r)) <= set(train_names)][5::300]
+    keep = {n for j in picked for n in _pair(shoes_rows[j])}
+    root = make_shoes(tmp_path / "shoes", splits=("train",), drop=set(train_names) - keep)
+    evaluate.main(["--audit", "--clip", str(micro_clip), "--dataset", "shoes", "--data-root", str(root),
+                   "--skip-missing", "--workers", "0", "--out", str(tmp_path / "a-shoes")])
+    rows = _audit_rows(tmp_path / "a-shoes")
+    expect = {j for j, r in enumerate(shoes_rows) if set(_pair(r)) <= keep}
+    assert {r["row"] for r in rows} == expect and len(rows) == len(expect) >= len(picked)
+    for r in rows:
+        raw = shoes_rows[r["row"]]
+        assert (r["reference"], r["target"], r["text"]) == (*_pair(raw), raw["RelativeCaption"].strip())
+
+
+def test_audit_bad_input_one_line_before_encoding(audit_run, toy_root, micro_clip, tmp_path, monkeypatch):
+    """A split without targets, another dataset than the run's, an output folder that cannot be written,
+    --submission, bad noise flags: one line each, and nothing encoded."""
+    root, out, _ = audit_run
+    best = str(out / "best.pt")
+    (tmp_path / "a-file").write_text("")
+
+    def encoding(*a, **k):
+        raise AssertionError("encoding started")
+    monkeypatch.setattr(evaluate, "encode_gallery", encoding)
+    zero_shot = ["--clip", str(micro_clip), "--dataset", "toy", "--data-root", str(toy_root)]
+    for flags, expect in (
+            (["--checkpoint", best, "--split", "test1"], "--audit --split test1"),
+            (["--checkpoint", best, "--dataset", "cirr"], "trained on toy, not cirr"),
+            (["--checkpoint", best, "--out", str(tmp_path / "a-file" / "sub")], "--out"),
+            (["--checkpoint", best, "--split", "test1", "--submission", str(tmp_path / "sub")], "--submission"),
+            (["--checkpoint", best, "--noise", "1.5"], "--noise 1.5"),
+            ([*zero_shot, "--noise-kind", "swap"], "--noise-kind 'swap'"),
+            ([*zero_shot[:3], "shoes", *zero_shot[4:], "--noise-kind", "partial"], "--noise-kind partial")):
+        with pytest.raises((SystemExit, ValueError)) as e:
+            evaluate.main(["--audit", "--workers", "0", *flags])
+        assert expect in str(e.value) and "\n" not in str(e.value), (flags, str(e.value))
+    with pytest.raises(SystemExit, match="are for --audit"):
+        evaluate.main(["--checkpoint", best, "--noise", "0.2"])
+    code, err = _cli("evaluate.py", "--audit", "--checkpoint", best, "--out", str(tmp_path / "a-file" / "sub"))
+    assert code != 0 and len(err) == 1 and err[0].startswith("error: --out ") and "a-file" in err[0]
+
+
 # ----------------------------------------------------------------------------- training end to end
 
 TINY_TOY = dict(n_train=160, n_val=40, n_test=40)
