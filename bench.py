@@ -274,7 +274,7 @@ def bench_train(args):
            [(f"{flops / 1e9:.1f}", f"{flops / step / 1e9:.0f}", f"{peak / 1e9:.0f}", f"{100 * flops / step / peak:.0f}%")])
     full = torch.randn(len(ds)).abs()                     # an epoch's worth of per-sample losses
     t_fit = _time(lambda: nfb.update(full, 1), 3)
-    t_gallery = _time(lambda: train.gallery_losses(a, model, ds, amp, cpu))
+    t_gallery = _time(lambda: train.gallery_losses(a, model, ds, cpu, cache))
     val = evaluate.eval_sets("toy", a.data_root, "val", pixels)
     for _, gallery, _ in val:
         gallery.pixels = data.decode_images(gallery)

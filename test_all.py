@@ -2097,9 +2097,9 @@ def test_study_grid_resumes_and_reports(toy_root, tmp_path):
             "1", "--workers", "0", "--data-root", str(toy_root), "--out", str(tmp_path / "st")]
     study.main(argv)
     rows = [json.loads(line) for line in (tmp_path / "st/results.jsonl").read_text().splitlines()]
-    assert [(r["method"], r["kind"], r["ratio"]) for r in rows] == [          # no oracle at 0%: the control is it
-        ("infonce", "shuffle", 0.0), ("ncl+spn", "shuffle", 0.0), ("infonce", "partial", 0.4),
-        ("oracle", "partial", 0.4), ("ncl+spn", "partial", 0.4)]
+    cells = [(r["method"], r["kind"], r["ratio"]) for r in rows]     # two at a time: in the order they finish
+    assert sorted(cells[:3]) == [("infonce", "partial", 0.4), ("infonce", "shuffle", 0.0), ("oracle", "partial", 0.4)]
+    assert cells[3:] == [("ncl+spn", "shuffle", 0.0), ("ncl+spn", "partial", 0.4)]   # no oracle at 0%: the control
     assert (tmp_path / "st/ncl-n0-s0/best.pt").is_file()            # ncl+spn trained its stage-1 cell first
     oracle = json.loads((tmp_path / "st/oracle-partialn0.4-s0/args.json").read_text())
     assert oracle["oracle"] and oracle["no_nfb"] and oracle["noise_kind"] == "partial"

@@ -119,6 +119,8 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<time>)")
     p.add_argument("--resume", default=None, help="run folder or last.pt to continue")
     p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (debug)")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="recall curves and the NFB's loss histograms as PNGs in the run folder")
     args = p.parse_args(argv)
     if args.resume:     # the run's own settings are used; main() merges --amp / --workers when given again
         return args
@@ -349,10 +351,19 @@ def train_epoch(args, model, ddp, ds, opt, sched, scaler, amp, nfb, epoch, rank,
 
 
 @torch.no_grad()
-def gallery_losses(args, model, ds, amp, device):
+def gallery_losses(args, model, ds, device, cache=None, bank=None):
     """--nfb-losses gallery: every training query ranked over every training image (reference excluded), no grad:
-    l_i = -log softmax over the training gallery of the labelled target (loss.gallery_nce)."""
-    f_ref, f_tar = evaluate.encode_gallery(model, ds.gallery, args.batch_size, device, args.workers)
+    l_i = -log softmax over the training gallery of the labelled target (loss.gallery_nce). The images' features
+    come from SPN's bank (stage 2), from cached tokens (--encoder text) or from one pass over the gallery."""
+    model.eval()
+    if bank is not None:                                    # stage 2: f_ref cached, the bank is every f_tar
+        f_ref, f_tar = cache, bank
+    elif cache is not None and cache.dtype != torch.uint8:  # frozen tower: its tokens are cached
+        tok = [cache[s:s + args.batch_size].to(device).float() for s in range(0, len(cache), args.batch_size)]
+        f_ref = torch.cat([model.image_features(x, "ref")[0] for x in tok])
+        f_tar = torch.cat([model.image_features(x, "tar")[0] for x in tok])
+    else:
+        f_ref, f_tar = evaluate.encode_gallery(model, ds.gallery, args.batch_size, device, args.workers)
     texts = [t["text"] for t in ds.triplets]
     q = evaluate.encode_queries(model, texts, f_ref[ds.ref_idx], args.batch_size, device)   # (n, D)
     return gallery_nce(q, F.normalize(f_tar.float(), dim=-1), ds.tgt_idx, args.tau, exclude=ds.ref_idx)
@@ -423,14 +434,14 @@ def refit_noise_filter(args, nfb, losses, epoch, ddp, ds, amp, rank, world, devi
     if args.nfb_losses == "eval":
         losses = eval_losses(args, ddp, ds, amp, rank, world, device, cache, bank)
     elif args.nfb_losses == "gallery":
-        losses = gallery_losses(args, ddp.module if world > 1 else ddp, ds, amp, device)
+        losses = gallery_losses(args, ddp.module if world > 1 else ddp, ds, device, cache, bank)
     losses = merge_losses(losses)
     stats = nfb.update(losses.cpu(), epoch)
     if world > 1:                                   # one GMM, the same soft labels on every rank
         w = nfb.weights.to(device)
         dist.broadcast(w, 0)
         nfb.weights = w.cpu()
-    if rank == 0:
+    if rank == 0 and args.plots:
         plots.loss_histogram(losses.cpu(), stats, out / f"loss_hist_epoch{epoch:03d}.png", epoch,
                              noisy=ds.noisy if ds.noisy.any() else None)
     return dict(time_nfb=time.perf_counter() - t, **{f"nfb_{k}": v for k, v in stats.items()})
@@ -496,13 +507,12 @@ def main(argv=None):
     frozen_images = args.encoder == "text" or args.stage == 2
     ds = make_dataset(args, "train", "triplets", transform, return_images=not (frozen_images or args.cache_images))
     pixels = make_transform(args.transform, model.clip.image_resolution, pixels=True) if args.cache_images else None
-    cache = bank = None
+    ds.gallery = make_dataset(args, "train", "gallery", pixels or transform)     # every training image, once
+    if args.cache_images:
+        ds.gallery.pixels = cached_images(ds.gallery, args, rank)
+    cache, bank = getattr(ds.gallery, "pixels", None), None
     if frozen_images:
-        gallery = make_dataset(args, "train", "gallery", transform)
-        cache, bank = spn.frozen_image_side(model, gallery, ds, args, device, out, resume, rank)
-    elif args.cache_images:
-        ds.gallery = make_dataset(args, "train", "gallery", pixels)
-        cache = ds.gallery.pixels = cached_images(ds.gallery, args, rank)
+        cache, bank = spn.frozen_image_side(model, ds.gallery, ds, args, device, out, resume, rank)
     val_split = evaluate.EVAL_SPLIT[args.dataset]               # Shoes has no val: its papers validate on test
     eval_sets = evaluate.eval_sets(args.dataset, args.data_root, val_split, pixels or transform, args.categories,
                                    args.skip_missing)
@@ -544,7 +554,8 @@ def main(argv=None):
             # Shoes (R@1 + R@10 + R@50)/3
             rec.update(metrics=metrics, score=metrics["avg"], time_epoch=time.perf_counter() - t_epoch)
             history.append(rec)
-            plots.recall_curves(history, out / "recall.png")
+            if args.plots:
+                plots.recall_curves(history, out / "recall.png")
             best = save_epoch(out, rec, history, best, model, opt, sched, scaler, nfb, args)
             log(f"epoch {epoch}: loss {loss:.4f} | " + evaluate.format_metrics(metrics)
                 + (f" | NFB noisy {rec['nfb_n_noisy']}" if nfb is not None else "")
