@@ -35,7 +35,6 @@ from torch.utils.data import DataLoader
 import data
 import model as M
 import toy
-from cir import CIRModel
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"
 
@@ -224,84 +223,56 @@ def matmul_peak():
     return best
 
 
-def step_flops(model, batch, a):
-    """FLOPs of one training step's forward and backward (matrix products, torch.utils.flop_counter)."""
-    import train
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
-        loss, _ = train.batch_loss(model, batch, None, a.tau, a.div_weight)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return fc.get_total_flops()
-
-
 def bench_train(args):
     import evaluate
-    import spn
     import train
-    from nfb import NoiseFilter
-    steps, cpu = args.steps, torch.device("cpu")
-    a = train.get_args(["--out", tempfile.mkdtemp(prefix="bench_train_"), "--max-steps", str(steps)])
-    a.data_root = str(toy.ensure_toy(toy.default_toy_root()))
-    torch.manual_seed(0)
-    clip, _ = M.load_clip(a.clip, device="cpu")
-    model = CIRModel(clip)
-    a.context_length = clip.context_length
-    transform = M.make_transform(a.transform, clip.image_resolution)
-    pixels = M.make_transform(a.transform, clip.image_resolution, pixels=True)
-    # the training data path of train.main: images decoded once (--cache-images), batches of indices
-    ds = train.make_dataset(a, "train", "triplets", transform, return_images=False)
-    ds.gallery = train.make_dataset(a, "train", "gallery", pixels)
-    cache = ds.gallery.pixels = data.decode_images(ds.gallery, a.workers)
-    n_steps = len(ds) // a.batch_size
-    opt = torch.optim.AdamW(train.param_groups(model, a))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    amp = torch.autocast("cpu", enabled=False)
-    batch = train.to_device(next(iter(train.make_loader(ds, a, 0, 0, 1))), cpu, cache)
-    flops = step_flops(model, batch, a)
+    steps = args.steps
+    out = tempfile.mkdtemp(prefix="bench_train_")
+    run = train.build(train.settings(["--out", out, "--max-steps", str(steps), "--no-plots", "--no-nfb"]))
+    a, n_steps = run.args, len(run.train) // run.args.batch_size
+    # FLOPs of one step (matrix products: forward and backward), counted on a real batch
+    from torch.utils.flop_counter import FlopCounterMode
+    batch = train.to_device(next(iter(train.make_loader(run, 0))), run)
+    with FlopCounterMode(display=False) as fc:
+        train.train_step(run, batch, None)
+    flops = fc.get_total_flops()
     peak = matmul_peak()
-    nfb = NoiseFilter(len(ds), 0, a.gmm, noisy_gt=ds.noisy)
-    train.train_epoch(a, model, model, ds, opt, sched, None, amp, nfb, 0, 0, 1, cpu, cache)       # warm-up
+    train.train_epoch(run, 0)                                                      # warm-up
     t = time.perf_counter()
-    _, losses, times = train.train_epoch(a, model, model, ds, opt, sched, None, amp, nfb, 1, 0, 1, cpu, cache)
+    rec, _ = train.train_epoch(run, 1)
     step = (time.perf_counter() - t) / steps
-    rows = [(k, f"{v / steps:.3f}", f"{100 * v / steps / step:.0f}%") for k, v in times.items()]
+    rows = [(k[5:], f"{rec[k] / steps:.3f}", f"{100 * rec[k] / steps / step:.0f}%") for k in ("time_data", "time_step")]
     _table(f"toy training step (batch {a.batch_size}, {a.clip} CLIP, {torch.get_num_threads()} threads, images "
            f"decoded once, mean of {steps} steps)", ("part", "s/step", "share"),
            rows + [("total", f"{step:.3f}", "100%")])
     _table("the step's arithmetic against this machine's fp32 matmul peak (both measured in this run)",
            ("GFLOP / step", "achieved GFLOP/s", "matmul peak GFLOP/s", "share of peak"),
            [(f"{flops / 1e9:.1f}", f"{flops / step / 1e9:.0f}", f"{peak / 1e9:.0f}", f"{100 * flops / step / peak:.0f}%")])
-    full = torch.randn(len(ds)).abs()                     # an epoch's worth of per-sample losses
+    # the NFB's cost per epoch: the GMM fit alone (losses recorded in the step) or the gallery pass + the fit
+    from nfb import NoiseFilter
+    nfb = NoiseFilter(len(run.train), 0, a.gmm, gate=a.nfb_gate)
+    full = torch.randn(len(run.train)).abs()                 # an epoch's worth of per-pair losses
     t_fit = _time(lambda: nfb.update(full, 1), 3)
-    t_gallery = _time(lambda: train.gallery_losses(a, model, ds, cpu, cache))
-    val = evaluate.eval_sets("toy", a.data_root, "val", pixels)
-    for _, gallery, _ in val:
-        gallery.pixels = data.decode_images(gallery)
-    t_val = _time(lambda: evaluate.evaluate_sets(model, val, "toy", a.batch_size, cpu, a.workers))
+    t_gallery = _time(lambda: train.gallery_losses(run))
+    t_val = _time(lambda: evaluate.evaluate_sets(run.enc, run.val, a.dataset))
     epoch = step * n_steps + t_val
     _table(f"NFB per epoch ({n_steps} steps + validation = {epoch:.0f} s)", ("--nfb-losses", "NFB s", "share of epoch"),
            [("train (recorded in the step; GMM fit only)", f"{t_fit:.3f}", f"{100 * t_fit / epoch:.2f}%"),
             ("gallery (no-grad pass over every training image and query + GMM fit)", f"{t_gallery + t_fit:.1f}",
              f"{100 * (t_gallery + t_fit) / epoch:.1f}%")])
-    # --encoder text: frozen image tower, tokens cached once vs recomputed (no grad) every step
-    a.encoder = "text"
-    train.freeze(model, a)
-    ds_img = train.make_dataset(a, "train", "triplets", transform)
+    # --encoder text: the image tower frozen and its tokens computed once, against fine-tuning both towers
     t = time.perf_counter()
-    tokens = spn.cache_image_tokens(model, data.CIRR(a.data_root, "train", view="gallery", transform=transform),
-                                    a, cpu)
-    t_cache = time.perf_counter() - t
-    opt = torch.optim.AdamW(train.param_groups(model, a))
-    timings = {}
-    for name, dset, c in (("uncached (frozen tower, no grad)", ds_img, None), ("cached tokens", ds, tokens)):
-        train.train_epoch(a, model, model, dset, opt, sched, None, amp, None, 0, 0, 1, cpu, c)
-        t = time.perf_counter()
-        train.train_epoch(a, model, model, dset, opt, sched, None, amp, None, 1, 0, 1, cpu, c)
-        timings[name] = (time.perf_counter() - t) / steps
-    base = timings["uncached (frozen tower, no grad)"]
-    _table(f"--encoder text, s/step (cache built once in {t_cache:.1f} s for {len(tokens):,} images)",
-           ("image side", "s/step", "speed-up"), [(k, f"{v:.3f}", f"{base / v:.1f}x") for k, v in timings.items()])
+    run = train.build(train.settings(["--out", out, "--max-steps", str(steps), "--no-plots", "--no-nfb",
+                                      "--encoder", "text"]))
+    t_build = time.perf_counter() - t
+    train.train_epoch(run, 0)
+    t = time.perf_counter()
+    train.train_epoch(run, 1)
+    text = (time.perf_counter() - t) / steps
+    _table(f"--encoder text, s/step (its setup, decoding the images and caching their tokens: {t_build:.1f} s)",
+           ("fine-tuned", "s/step", "speed-up"),
+           [("both towers (--encoder both)", f"{step:.3f}", "1.0x"),
+            ("text side, image tokens cached (--encoder text)", f"{text:.3f}", f"{step / text:.1f}x")])
 
 
 # -----------------------------------------------------------------------------
@@ -341,7 +312,7 @@ def _traced_step(cfg, encoder, batch, bf16):
     from torch.utils.flop_counter import FlopCounterMode
 
     with FakeTensorMode():
-        model = CIRModel(M.CLIP(**cfg))
+        model = M.CIRModel(M.CLIP(**cfg))
         # MemTracker hooks every parameter, so none is frozen here; with --encoder text the image tower gets no
         # gradient (cached tokens skip it) and AdamW keeps no state for it, as in training
         model.clip.logit_scale.requires_grad_(True)

@@ -38,6 +38,17 @@ FIQ_SPLITS = ("train", "val", "test")
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
 
+_SAID = set()
+
+
+def say(message):
+    """Print a message once per process: a dataset is built several times (views, splits, the study's cells), and
+    its layout or noise line says the same each time."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, flush=True)
+
+
 # -----------------------------------------------------------------------------
 # images on disk
 
@@ -250,10 +261,9 @@ class _CIRDataset(Dataset):
             uses = (lambda t: (t["reference"], t["target"], *(t["members"] or ()))) if subsets else \
                 (lambda t: (t["reference"], t["target"]))
             keep = [i for i, t in enumerate(triplets) if not any(n in gone for n in uses(t))]
-            print(f"{name} {split}: skip_missing: {len(missing)} missing images dropped from the gallery "
-                  f"({len(images)} left); {len(triplets) - len(keep)} of {len(triplets)} triplets dropped "
-                  f"because their reference{', target or a subset member' if subsets else ' or target'} is missing",
-                  flush=True)
+            say(f"{name} {split}: skip_missing: {len(missing)} missing images dropped from the gallery "
+                f"({len(images)} left); {len(triplets) - len(keep)} of {len(triplets)} triplets dropped "
+                f"because their reference{', target or a subset member' if subsets else ' or target'} is missing")
             triplets = [triplets[i] for i in keep]
             stored_noisy = [stored_noisy[i] for i in keep]
             if not images or not triplets:
@@ -271,8 +281,8 @@ class _CIRDataset(Dataset):
             check_noise(noise, has_subsets=any(t["members"] for t in triplets))
             clean, (triplets, injected) = triplets, inject_noise(triplets, images, noise)
             field = torch.where(injected, torch.tensor([_field(t, t0) for t, t0 in zip(triplets, clean)]), field)
-            print(f"{name} {split}: injected {noise.kind} noise: {int(injected.sum())} of {len(triplets)} triplets "
-                  f"corrupted (ratio {noise.ratio}, seed {noise.seed})", flush=True)
+            say(f"{name} {split}: injected {noise.kind} noise: {int(injected.sum())} of {len(triplets)} triplets "
+                f"corrupted (ratio {noise.ratio}, seed {noise.seed})")
             noisy = noisy | injected
         if extra_triplets is not None:  # generated positives (SPN), appended after the noise: never corrupted
             extra = _read_extra(extra_triplets, self.index, name)
@@ -280,7 +290,7 @@ class _CIRDataset(Dataset):
             noisy = torch.cat([noisy, torch.zeros(len(extra), dtype=torch.bool)])
             field = torch.cat([field, torch.zeros(len(extra), dtype=torch.long)])
             src = extra_triplets if isinstance(extra_triplets, (str, Path)) else "a list"
-            print(f"{name} {split}: {len(extra)} extra triplets appended from {src}", flush=True)
+            say(f"{name} {split}: {len(extra)} extra triplets appended from {src}")
         self.triplets = triplets
         self.noisy = noisy                                       # (N,) bool, the ground truth of the noise
         self.noise_field = field                                 # (N,) index into NOISE_FIELDS: what was corrupted
@@ -387,7 +397,7 @@ class CIRR(_CIRDataset):
                 f"CIRR: annotations found in {ann}, but no {split} images: expected e.g. {eg} under one of "
                 + ", ".join(str(c) for c in cands) + ". Point --data-root at the folder holding img_raw/ or dev/.")
         paths = {n: img_root / os.path.normpath(r) for n, r in rel.items()}
-        print(f"CIRR {split}: {_cirr_layout(root, ann, img_root)}: annotations {ann}, images {img_root}", flush=True)
+        say(f"CIRR {split}: {_cirr_layout(root, ann, img_root)}: annotations {ann}, images {img_root}")
 
         triplets, noisy = [], []
         for r in _read_json(ann / cap):
@@ -465,8 +475,8 @@ class FashionIQ(_CIRDataset):
                                      text=fiq_text(r["captions"]), captions=list(r["captions"]), members=None,
                                      category=c, row=j))
             if extra:
-                print(f"FashionIQ {c} {split}: {len(extra)} caption images are not in split.{c}.{split}.json; "
-                      f"appended to the gallery, e.g. {extra[:3]}", flush=True)
+                say(f"FashionIQ {c} {split}: {len(extra)} caption images are not in split.{c}.{split}.json; "
+                    f"appended to the gallery, e.g. {extra[:3]}")
             self.category_images[c] = split_names + extra
             for n in split_names + extra:
                 if n not in seen:
@@ -480,8 +490,8 @@ class FashionIQ(_CIRDataset):
         if not any(n in found for n in images):
             raise FileNotFoundError(f"FashionIQ: annotations found in {ann}, but none of the {split} images is in "
                                     f"{img_dir}: expected e.g. {img_dir / (images[0] + '.png')} (or .jpg)")
-        print(f"FashionIQ {split} {'+'.join(categories)}: annotations {ann}, images {img_dir} "
-              f"({'/'.join(exts)})", flush=True)
+        say(f"FashionIQ {split} {'+'.join(categories)}: annotations {ann}, images {img_dir} "
+            f"({'/'.join(exts)})")
         self._setup("FashionIQ", root, split, view, images, paths, triplets, [False] * len(triplets),
                     transform=transform, skip_missing=skip_missing, noise=noise,
                     return_images=return_images, random_text=random_text, extra_triplets=extra_triplets)
@@ -602,11 +612,10 @@ class Shoes(_CIRDataset):
                 f"(--skip-missing) to drop the triplets that use them")
         paths = {n: found.get(n, root / n) for n in names}
         n_self = sum(t["reference"] == t["target"] for t in triplets)
-        print(f"Shoes {split}: {_shoes_layout(root, found.values())}: {len(triplets)} triplets "
-              f"({n_self} with reference = target) over {len(names)} images; annotations {ann}"
-              + (f"; {repeated} repeated rows of {SHOES_CAPTIONS} kept once" if repeated else "")
-              + (f"; {across} rows with one image outside the split left out" if across else ""),
-              flush=True)
+        say(f"Shoes {split}: {_shoes_layout(root, found.values())}: {len(triplets)} triplets "
+            f"({n_self} with reference = target) over {len(names)} images; annotations {ann}"
+            + (f"; {repeated} repeated rows of {SHOES_CAPTIONS} kept once" if repeated else "")
+            + (f"; {across} rows with one image outside the split left out" if across else ""))
         self._setup("Shoes", root, split, view, names, paths, triplets, [False] * len(triplets),
                     transform=transform, skip_missing=skip_missing, noise=noise,
                     return_images=return_images, random_text=random_text,
@@ -666,3 +675,23 @@ def _shoes_layout(root, paths):
         k = kind(p.relative_to(root).parts[:-1])
         counts[k] = counts.get(k, 0) + 1
     return max(counts, key=counts.get)
+
+
+# -----------------------------------------------------------------------------
+# the dataset a run's settings name
+
+def dataset(s, split, view, transform=None, return_images=True):
+    """The dataset a run's settings s name (s.dataset, data_root, categories, skip_missing; for the training
+    triplets also noise, noise_kind, seed, extra_triplets): CIRR (and the toy, written in CIRR's layout),
+    FashionIQ or Shoes, in one of its two views."""
+    kw = dict(view=view, transform=transform, skip_missing=s.skip_missing)
+    if split == "train" and view == "triplets":
+        kw.update(noise=Noise(s.noise, s.noise_kind, s.seed), return_images=return_images,
+                  extra_triplets=s.extra_triplets)
+    elif view == "triplets":
+        kw.update(return_images=return_images)
+    if s.dataset == "fashioniq":
+        return FashionIQ(s.data_root, s.categories, split, **kw)
+    if s.dataset == "shoes":
+        return Shoes(s.data_root, split, **kw)
+    return CIRR(s.data_root, split, **kw)

@@ -30,18 +30,20 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
 import runtime
 import toy
-from cir import CIRModel
-from model import build_clip, load_clip, make_transform, normalize_pixels, tokenize
+from model import CIRModel, load_clip, make_transform, normalize_pixels, tokenize
 from nfb import clean_probability, detection_metrics
 
 CHUNK = 1024  # queries scored at once: memory is CHUNK x gallery floats
@@ -187,15 +189,6 @@ def shoes_metrics(query_feats, gallery_feats, gallery_names, reference_names, ta
     return {f"R@{k}": 100.0 * ((ranks < k) & hit).double().mean().item() for k in (1, 10, 50)}
 
 
-def autocast(amp, device):
-    """--amp on this device -> (autocast context, GradScaler or None). GPU: bf16 where supported, else fp16 with a
-    gradient scaler; CPU or --amp none: full precision."""
-    if device.type != "cuda" or amp == "none":
-        return nullcontext(), None
-    dtype = torch.float16 if amp == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-
-
 def format_metrics(m):
     return " ".join(f"{k} {v:.2f}" for k, v in m.items() if "_" not in k)
 
@@ -203,42 +196,66 @@ def format_metrics(m):
 # -----------------------------------------------------------------------------
 # encoding: the gallery once (both roles from one tower pass), the queries in batches
 
+@dataclass
+class Encoder:
+    """How features are computed: the model, the batch size, the device, the loader's workers, autocast. Under
+    torchrun (world > 1) every rank encodes its contiguous share of the images or queries and the rows are
+    gathered, so each rank ends with all of them, in order, in 1/world of the time."""
+    model: nn.Module
+    batch_size: int = 128
+    device: torch.device = torch.device("cpu")
+    workers: int = 2
+    amp: object = None
+    rank: int = 0
+    world: int = 1
+
+    def share(self, n):
+        """This rank's rows of n: a contiguous range (every row, in one process)."""
+        return torch.tensor_split(torch.arange(n), self.world)[self.rank]
+
+
 def _loader(ds, batch_size, workers):
     return DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
 @torch.no_grad()
-def encode_gallery(model, gallery, batch_size, device, workers=2, tokens=False, amp=None):
+def encode_gallery(enc, gallery, tokens=False):
     """Every gallery image through the image tower once. Returns (f_ref (N, D), f_tar (N, D)) in gallery order:
     the reference-role and target-role WCB features of each image; or, with tokens=True, the tokens (N, 1+m, D)."""
-    model.eval()
-    out = []
+    model = enc.model.eval()
+    rows = enc.share(len(gallery))
     pixels = getattr(gallery, "pixels", None)          # decoded once (data.decode_images): no file opened here
-    batches = (_loader(gallery, batch_size, workers) if pixels is None else
-               ((None, normalize_pixels(pixels[s:s + batch_size])) for s in range(0, len(pixels), batch_size)))
-    for _, images in tqdm(batches, desc="gallery", leave=False):
-        with amp or nullcontext():
-            tok = model.image_tokens(images.to(device, non_blocking=True))   # (B, 1+m, D)
+    if pixels is None:
+        part = gallery if enc.world == 1 else Subset(gallery, rows.tolist())
+        batches = (x for _, x in _loader(part, enc.batch_size, enc.workers))
+    else:
+        batches = (normalize_pixels(pixels[rows[s:s + enc.batch_size]]) for s in range(0, len(rows), enc.batch_size))
+    out = []
+    for images in tqdm(batches, desc="gallery", leave=False, disable=enc.rank != 0):
+        with enc.amp or nullcontext():
+            tok = model.image_tokens(images.to(enc.device, non_blocking=True))   # (B, 1+m, D)
             out.append(tok.half() if tokens else
                        torch.stack([model.image_features(tok, "ref")[0], model.image_features(tok, "tar")[0]]).float())
     if tokens:
-        return torch.cat(out)
-    out = torch.cat(out, dim=1)                                               # (2, N, D)
-    return out[0], out[1]
+        return runtime.gather_rows(torch.cat(out), len(gallery))
+    out = runtime.gather_rows(torch.cat(out, dim=1).transpose(0, 1), len(gallery))    # (N, 2, D)
+    return out[:, 0].contiguous(), out[:, 1].contiguous()
 
 
 @torch.no_grad()
-def encode_queries(model, texts, ref_feats, batch_size, device, amp=None):
+def encode_queries(enc, texts, ref_feats):
     """q = normalize(f_txt + f_ref) for every query. texts: list of str, ref_feats (Q, D) -> (Q, D)."""
-    model.eval()
+    model = enc.model.eval()
     ctx = model.clip.context_length
+    rows = enc.share(len(texts)).tolist()
     out = []
-    for s in range(0, len(texts), batch_size):
-        tokens = tokenize(texts[s:s + batch_size], ctx, truncate=True).to(device)
-        with amp or nullcontext():
+    for s in range(0, len(rows), enc.batch_size):
+        r = rows[s:s + enc.batch_size]
+        tokens = tokenize([texts[i] for i in r], ctx, truncate=True).to(enc.device)
+        with enc.amp or nullcontext():
             f_txt, _ = model.text_features(tokens)
-        out.append(F.normalize(f_txt.float() + ref_feats[s:s + batch_size].to(device).float(), dim=-1))
-    return torch.cat(out)
+        out.append(F.normalize(f_txt.float() + ref_feats[r].to(enc.device).float(), dim=-1))
+    return runtime.gather_rows(torch.cat(out), len(texts))
 
 
 # The split that validation during training and evaluate.py use by default: Shoes has no val
@@ -246,37 +263,32 @@ def encode_queries(model, texts, ref_feats, batch_size, device, amp=None):
 EVAL_SPLIT = {"toy": "val", "cirr": "val", "fashioniq": "val", "shoes": "test"}
 
 
-def eval_sets(dataset, root, split, transform, categories=("dress", "shirt", "toptee"), skip_missing=False):
-    """[(name, gallery dataset, triplets dataset)]: one for CIRR (and the toy) and for Shoes, one per
-    FashionIQ category."""
-    if dataset == "shoes":
-        kw = dict(skip_missing=skip_missing)
-        return [("shoes", data.Shoes(root, split, view="gallery", transform=transform, **kw),
-                 data.Shoes(root, split, view="triplets", return_images=False, **kw))]
-    if dataset == "fashioniq":
-        return [(c, data.FashionIQ(root, (c,), split, view="gallery", transform=transform, skip_missing=skip_missing),
-                 data.FashionIQ(root, (c,), split, view="triplets", return_images=False, skip_missing=skip_missing))
-                for c in categories]
-    return [("cirr", data.CIRR(root, split, view="gallery", transform=transform, skip_missing=skip_missing),
-             data.CIRR(root, split, view="triplets", return_images=False, skip_missing=skip_missing))]
+def eval_sets(s, split, transform):
+    """[(name, gallery dataset, triplets dataset)] of the settings s (dataset, data_root, categories,
+    skip_missing): one for CIRR (and the toy) and for Shoes, one per FashionIQ category."""
+    per = [("shoes" if s.dataset == "shoes" else "cirr", s)]
+    if s.dataset == "fashioniq":
+        per = [(c, SimpleNamespace(**{**vars(s), "categories": (c,)})) for c in s.categories]
+    return [(name, data.dataset(c, split, "gallery", transform), data.dataset(c, split, "triplets", return_images=False))
+            for name, c in per]
 
 
-def set_features(model, gallery, trips, batch_size, device, workers=2, amp=None):
+def set_features(enc, gallery, trips):
     """Query features (Q, D) and normalised target-role gallery features (N, D) of one evaluation set."""
-    f_ref, f_tar = encode_gallery(model, gallery, batch_size, device, workers, amp=amp)
+    f_ref, f_tar = encode_gallery(enc, gallery)
     refs = torch.tensor([gallery.index[t["reference"]] for t in trips.triplets])
-    q = encode_queries(model, [t["text"] for t in trips.triplets], f_ref[refs], batch_size, device, amp)
+    q = encode_queries(enc, [t["text"] for t in trips.triplets], f_ref[refs])
     return q, F.normalize(f_tar, dim=-1)
 
 
-def evaluate_sets(model, sets, dataset, batch_size, device, workers=2, amp=None, feats=None):
+def evaluate_sets(enc, sets, dataset, feats=None):
     """Validation metrics of the model on eval_sets(...). CIRR: R@K, Rsubset@K, avg = (R@5 + Rsubset@1)/2.
     FashionIQ: per category '<cat>_R@10', '<cat>_R@50', their means 'R@10', 'R@50', and avg.
     Shoes: R@1, R@10, R@50 and avg = their mean.
     feats: an optional dict that receives each set's (query, gallery) features, for reuse."""
     out = {}
     for name, gallery, trips in sets:
-        q, g = set_features(model, gallery, trips, batch_size, device, workers, amp)
+        q, g = set_features(enc, gallery, trips)
         if feats is not None:
             feats[name] = (q, g)
         tr = trips.triplets
@@ -298,35 +310,6 @@ def evaluate_sets(model, sets, dataset, batch_size, device, workers=2, amp=None,
     else:
         out["avg"] = (out["R@5"] + out["Rsubset@1"]) / 2
     return out
-
-
-# -----------------------------------------------------------------------------
-# checkpoints (shared with train.py)
-
-def load_checkpoint(path, flag="--checkpoint"):
-    """A run's checkpoint (best.pt / last.pt), loaded with weights_only=True. Clear errors, no tracebacks."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: checkpoint {path} not found (train one with `python train.py`, "
-                         f"then pass {flag} runs/<run>/{'last' if flag == '--resume' else 'best'}.pt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}); it may be truncated "
-                         f"or corrupt: use the run's other file (best.pt / last.pt) or retrain") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
-        raise SystemExit(f"error: {path} is not a checkpoint of this project (expected a dict with 'model' and "
-                         f"'args', as train.py writes; for OpenAI CLIP weights use --clip {path})")
-    return ckpt
-
-
-def build_model(ckpt):
-    """CIRModel from a checkpoint: CLIP's architecture is inferred from the weights' shapes (build_clip)."""
-    a = ckpt["args"]
-    clip = build_clip({k[5:]: v for k, v in ckpt["model"].items() if k.startswith("clip.")})
-    model = CIRModel(clip, wcb=not a["no_wcb"], n_maps=a["wcb_maps"], wcb_hidden=a["wcb_hidden"])
-    model.load_state_dict(ckpt["model"])
-    return model
 
 
 # -----------------------------------------------------------------------------
@@ -404,7 +387,7 @@ def audit_settings(run_args, dataset, root, **given):
     the run); `given` (noise, noise_kind, categories, skip_missing, transform) replaces them where
     not None. -> dict of train.py's settings: tau, gmm, nfb_gate, noise, noise_kind, seed, ..."""
     import train                               # train imports this module: imported when used
-    s = {**vars(train.get_args(["--dataset", dataset])), **run_args}
+    s = {**vars(train.defaults(dataset)), **run_args}
     s.update(dataset=dataset, data_root=root, **{k: v for k, v in given.items() if v is not None})
     noise = data.Noise(s["noise"], s["noise_kind"], s["seed"])
     data.check_noise(noise, has_subsets=dataset in ("cirr", "toy"))
@@ -425,19 +408,19 @@ def check_writable(folder):
 
 
 @torch.no_grad()
-def audit_scores(model, gallery, trips, tau, gmm="sklearn", gate=0.0, batch_size=128, device="cpu",
-                 workers=2, amp=None, chunk=CHUNK, times=None):
+def audit_scores(enc, gallery, trips, s, times=None, chunk=CHUNK):
     """Every triplet of `trips` scored over the gallery view of its split (same images, same
     order) -> dict(loss (Q,), rank (Q,) 0-based, top (Q, 3) gallery rows, w (Q,) the NFB's clean
-    probability). times: an optional dict that receives the seconds spent encoding and ranking."""
+    probability with the settings s: tau, gmm, nfb_gate). times: an optional dict that receives the seconds
+    spent encoding and ranking."""
     if gallery.images != trips.images:
         raise ValueError("audit: the gallery and the triplets must be views of the same split")
     t0 = time.perf_counter()
-    q, g = set_features(model, gallery, trips, batch_size, device, workers, amp)  # (Q, D), (N, D)
+    q, g = set_features(enc, gallery, trips)                                      # (Q, D), (N, D)
     _check_finite(q, g)
     t1 = time.perf_counter()
-    out = score_triplets(q, g, trips.tgt_idx, trips.ref_idx, tau, k=3, chunk=chunk)  # O(chunk x N)
-    out["w"] = clean_probability(out["loss"], backend=gmm, gate=gate).cpu()
+    out = score_triplets(q, g, trips.tgt_idx, trips.ref_idx, s["tau"], k=3, chunk=chunk)  # O(chunk x N)
+    out["w"] = clean_probability(out["loss"], backend=s["gmm"], gate=s["nfb_gate"]).cpu()
     if times is not None:
         times.update(encode=t1 - t0, rank=time.perf_counter() - t1)
     return out
@@ -578,30 +561,26 @@ def _sheet_label(k, r):
     return f"#{k + 1} {ids}\nw {r['w']:.3f}  loss {r['loss']:.2f}  rank {r['rank']:,}" + truth
 
 
-def audit(model, s, ckpt, split, out_dir, batch_size=128, workers=2, device="cpu", amp=None,
-          chunk=CHUNK):
+def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
     """python evaluate.py --audit: score every triplet of a split (train by default) with the
     settings s (audit_settings), write audit.jsonl (one row per triplet, most suspicious first),
     audit.png (the AUDIT_SHEET most suspicious) and audit_summary.json into out_dir, print the
     summary. ckpt: the run's checkpoint (its NFB labels are reported as w_train when they are of
     the same training triplets), or None (zero-shot). Other splits than train write
     audit_<split>.*. Returns the summary dict."""
-    import plots
-    import train
     dataset = s["dataset"]
     if split == "test1" or (split == "test" and dataset == "fashioniq"):
         raise SystemExit(f"error: --audit --split {split}: the {dataset} {split} split has no "
                          f"public targets to audit; use --split train (the default) or val")
     out_dir = check_writable(out_dir)
     run = argparse.Namespace(**s)
-    trips = train.make_dataset(run, split, "triplets", None, return_images=False)
+    trips = data.dataset(run, split, "triplets", return_images=False)
     if (trips.tgt_idx < 0).any():
         raise SystemExit(f"error: --audit --split {split}: the {dataset} {split} split has no "
                          f"targets; use --split train (the default) or val")
     cached = bool(s["cache_images"])           # as the run: decoded once into RAM (the toy)
-    res = model.clip.image_resolution
-    gallery = train.make_dataset(run, split, "gallery",
-                                 make_transform(s["transform"], res, pixels=cached))
+    res = enc.model.clip.image_resolution
+    gallery = data.dataset(run, split, "gallery", make_transform(s["transform"], res, pixels=cached))
     w_train = None                             # the run's NFB labels, if of these very triplets
     if ckpt is not None and ckpt.get("nfb") is not None and split == "train":
         w_train = ckpt["nfb"]["weights"].float()
@@ -615,10 +594,9 @@ def audit(model, s, ckpt, split, out_dir, batch_size=128, workers=2, device="cpu
     t0 = time.perf_counter()
     times = dict(decode=0.0)
     if cached:
-        gallery.pixels = data.decode_images(gallery, workers)
+        gallery.pixels = data.decode_images(gallery, enc.workers)
         times["decode"] = time.perf_counter() - t0
-    scores = audit_scores(model, gallery, trips, s["tau"], s["gmm"], s["nfb_gate"], batch_size,
-                          device, workers, amp, chunk, times)
+    scores = audit_scores(enc, gallery, trips, s, times, chunk)
     rows = audit_rows(trips, scores, dataset, w_train)
     summary = audit_summary(trips, scores, dataset, w_train)
     summary.update(tau=s["tau"], gmm=s["gmm"], nfb_gate=s["nfb_gate"])
@@ -630,7 +608,7 @@ def audit(model, s, ckpt, split, out_dir, batch_size=128, workers=2, device="cpu
     paths = gallery.paths
     sheet = [(paths[r["reference"]], r["text"], paths[r["target"]], paths[r["top3"][0]],
               _sheet_label(k, r)) for k, r in enumerate(rows[:AUDIT_SHEET])]
-    plots.audit_sheet(sheet, out_dir / f"{name}.png")
+    runtime.audit_sheet(sheet, out_dir / f"{name}.png")
     summary.update({f"time_{k}": v for k, v in times.items()}, time_total=time.perf_counter() - t0)
     summary_json = json.dumps(runtime.strict_json(summary), indent=1)
     (out_dir / f"{name}_summary.json").write_text(summary_json)
@@ -686,46 +664,48 @@ def main(argv=None):
         raise SystemExit("error: --noise / --noise-kind are for --audit (evaluation splits carry "
                          "no injected noise)")
 
-    if a.clip:
-        if not a.dataset:
-            raise SystemExit("error: --clip needs --dataset (and --data-root for cirr / fashioniq / shoes)")
-        clip, _ = load_clip(a.clip, device="cpu")
-        model, run_args, out_dir, ckpt = CIRModel(clip, wcb=False), {}, Path("."), None
-    else:
+    # the dataset and its folder first, so that a bad --data-root stops before a checkpoint is downloaded
+    ckpt, path = None, None
+    if not a.clip:
         path = Path(a.checkpoint) if a.checkpoint else latest_best()
         if not a.checkpoint:
             print(f"evaluating {path} (the most recent run)")
-        ckpt = load_checkpoint(path)
-        run_args, out_dir = ckpt["args"], path.parent
-        if a.dataset and a.dataset != run_args["dataset"]:
-            raise SystemExit(f"error: {path} was trained on {run_args['dataset']}, not {a.dataset}; pass "
-                             f"--dataset {run_args['dataset']} or a {a.dataset} checkpoint")
-        model = build_model(ckpt)
+        ckpt = runtime.load_checkpoint(path)
+    run_args, out_dir = (ckpt["args"], path.parent) if ckpt else ({}, Path("."))
+    if a.clip and not a.dataset:
+        raise SystemExit("error: --clip needs --dataset (and --data-root for cirr / fashioniq / shoes)")
+    if a.dataset and run_args and a.dataset != run_args["dataset"]:
+        raise SystemExit(f"error: {path} was trained on {run_args['dataset']}, not {a.dataset}; pass "
+                         f"--dataset {run_args['dataset']} or a {a.dataset} checkpoint")
     dataset = a.dataset or run_args["dataset"]
     root = a.data_root or run_args.get("data_root") or (str(toy.default_toy_root()) if dataset == "toy" else None)
     if not root:
         raise SystemExit(f"error: --dataset {dataset} needs --data-root DIR")
+    if dataset != "toy" and not Path(root).expanduser().is_dir():
+        raise SystemExit(f"error: --data-root {root}: no such folder; point it at the {dataset} dataset folder")
     categories = a.categories or run_args.get("categories") or ["dress", "shirt", "toptee"]
+    model = CIRModel(load_clip(a.clip, device="cpu")[0], wcb=False) if a.clip else runtime.build_model(ckpt)
     model = model.to(device).eval()
     transform_name = (a.transform or run_args.get("transform")
                       or ("clip" if dataset == "toy" else "targetpad"))
     transform = make_transform(transform_name, model.clip.image_resolution)
-    amp, _ = autocast(run_args.get("amp", "auto"), device)    # the run's precision: metrics match its log
+    amp, _ = runtime.autocast(run_args.get("amp", "auto"), device)    # the run's precision: metrics match its log
+    enc = Encoder(model, a.batch_size, device, a.workers, amp)
     if a.audit:
         s = audit_settings(run_args, dataset, root, noise=a.noise, noise_kind=a.noise_kind,
                            categories=categories, skip_missing=a.skip_missing or None,
                            transform=transform_name)
-        return audit(model, s, ckpt, a.split or "train",
-                     Path(a.out) if a.out else out_dir, a.batch_size, a.workers, device, amp)
+        return audit(enc, s, ckpt, a.split or "train", Path(a.out) if a.out else out_dir)
     a.split = a.split or EVAL_SPLIT[dataset]
-    sets = eval_sets(dataset, root, a.split, transform, categories, a.skip_missing)
+    s = SimpleNamespace(dataset=dataset, data_root=root, categories=categories, skip_missing=a.skip_missing)
+    sets = eval_sets(s, a.split, transform)
 
     if dataset in ("cirr", "toy") and a.split.startswith("test"):
         if not a.submission:
             raise SystemExit(f"error: the {a.split} split has no public targets; pass --submission DIR to write "
                              f"the CIRR evaluation server's files")
         _, gallery, trips = sets[0]
-        q, g = set_features(model, gallery, trips, a.batch_size, device, a.workers, amp)
+        q, g = set_features(enc, gallery, trips)
         tr = trips.triplets
         refs, pairids = [t["reference"] for t in tr], [t["pairid"] for t in tr]
         top50, top3 = cirr_rankings(q, g, gallery.images, refs, [t["members"] for t in tr])
@@ -738,7 +718,7 @@ def main(argv=None):
         raise SystemExit(f"error: the {dataset} {a.split} split has no public targets; evaluate on --split val")
 
     feats = {}
-    metrics = evaluate_sets(model, sets, dataset, a.batch_size, device, a.workers, amp, feats)
+    metrics = evaluate_sets(enc, sets, dataset, feats)
     width = max(map(len, metrics))
     print(f"{dataset} {a.split}" + (f" ({', '.join(categories)})" if dataset == "fashioniq" else ""))
     for k, v in metrics.items():
@@ -747,7 +727,6 @@ def main(argv=None):
     out.write_text(json.dumps(metrics, indent=1))
     print(f"metrics written to {out}")
     if a.show:
-        import plots
         name, gallery, trips = sets[0]
         q, g = feats[name]
         n = min(a.show, len(q))
@@ -758,7 +737,7 @@ def main(argv=None):
                  [(gallery.paths[gallery.images[j]], gallery.images[j] == t["target"]) for j in row])
                 for t, row in zip(trips.triplets[:n], top.tolist())]
         path = out.with_name(f"show_{dataset}_{a.split}.png")
-        plots.query_grid(rows, path)
+        runtime.query_grid(rows, path)
         print(f"query grid written to {path}")
     return metrics
 

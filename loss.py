@@ -1,6 +1,6 @@
 """Contrastive losses of NCL-CIR (Gao et al., ICASSP 2025) and SPN (Feng, Zhang, Nie, ACM MM 2024).
 
-B queries q_i = normalize(f_txt + f_ref) and M candidate targets t_j, all L2-normalised (cir.py); logits
+B queries q_i = normalize(f_txt + f_ref) and M candidate targets t_j, all L2-normalised (model.CIRModel); logits
 s_ij = q_i t_j / tau; p_ij = softmax_j(s_ij); pos_i is the column of i's own target (i itself within a batch):
 
     l_i          = -log p_{i,pos_i}                                   per-pair InfoNCE loss

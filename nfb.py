@@ -237,6 +237,14 @@ class NoiseFilter:
         """--soft-label sample: keep pair i with probability w_i for one epoch -> (n,) bool."""
         return torch.rand(self.n, generator=generator) < self.weights.cpu()
 
+    def carry_over(self, sd):
+        """SPN's stage 2: start from stage 1's soft labels (sd: its state_dict, of the same training triplets),
+        used from the first epoch on, without a warm-up."""
+        if sd["n"] != self.n:
+            raise ValueError(f"nfb.py: stage 1's noise filter has {sd['n']} pairs, this run {self.n}")
+        self.weights = sd["weights"].float().clone()
+        self.warmup_epochs = 0
+
     def state_dict(self):
         """Plain tensors and python types only: torch.load(weights_only=True) reads it back."""
         return dict(n=self.n, warmup_epochs=self.warmup_epochs, backend=self.backend, gate=self.gate,

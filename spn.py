@@ -1,70 +1,229 @@
-"""SPN's "more negatives" (Feng, Zhang, Nie, ACM MM 2024), stage 2 of training, and the frozen image side it rests on.
+"""SPN (Feng, Zhang, Nie, ACM MM 2024): contrastive learning with more negatives and more positives.
 
-Stage 2 freezes the image side (tower and image WCB heads, train.freeze), computes once the normalised target
-feature of every training image (the bank) and each image's reference feature f_ref, and trains the text side with
-NCE over the whole bank (loss.bank_nce, or loss.soft_and_plain_nce over the bank with soft labels): every training
-image is a negative of every query. The NFB's soft labels of stage 1 carry over when both stages see the same
-triplets. --encoder text (stage 1 with a frozen image tower) uses the same machinery with cached image tokens.
-SPN's "more positives" are in generate.py.
+More negatives (stage 2, `python train.py --stage 2 --init RUN/best.pt`): freeze the image side (tower and image WCB
+heads, train.freeze), compute once the normalised target feature of every training image (the bank) and each
+image's reference feature f_ref, and train the text side with NCE over the whole bank (loss.bank_nce): every
+training image is a negative of every query. The NFB's soft labels of stage 1 carry over when both stages see the
+same triplets (nfb.NoiseFilter.carry_over). --encoder text (stage 1 with a frozen image tower) uses the same
+machinery with cached image tokens.
+
+More positives (`python spn.py ...`): new training triplets made from images. Each source image (every unique training image, or with --references-only the training references) is paired with
+a target drawn at random from a window of its image-similarity ranking: rank 1 is the most similar *other* image
+(cosine of CLIP image features, or of a trained run's target-role WCB features with --checkpoint; the source
+itself excluded, ties by gallery order), and the window LO..HI (inclusive) skips near-duplicates and unrelated
+images alike. The modification text comes from the two images' captions through a small set of templates chosen
+at random. SPN captions the images with an MLLM; here the captions are an input file {image name: caption}, so
+any captioner can produce it (the toy benchmark ships exact ones in image_captions.json). FashionIQ pairs images
+within each category. The output is what `train.py --extra-triplets FILE` reads: a JSON list of
+{reference, target, text} (+ category for FashionIQ).
+
+    python spn.py --dataset toy --checkpoint runs/X/best.pt --out extra.json
+    python spn.py --dataset cirr --data-root DIR --captions caps.json --clip ViT-B/32 --out extra.json
 """
 
+import json
+import random
+import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+import data
 import evaluate
+import runtime
+import toy
+from model import CIRModel, load_clip, make_transform
 from runtime import atomic_save, log
 
 
+# -----------------------------------------------------------------------------
+# more negatives: the frozen image side and the static bank
+
 @torch.no_grad()
-def cache_image_tokens(model, gallery, args, device):
-    """Image tokens (N, 1+m, D) of every training image, fp16, computed once: with the image tower frozen they
-    never change, so each epoch costs only the text side and the (cheap) WCB heads."""
-    return evaluate.encode_gallery(model, gallery, args.batch_size, device, args.workers, tokens=True).half().cpu()
+def cache_image_tokens(enc, gallery):
+    """Image tokens (N, 1+m, D) of every training image, fp16, computed once (each process encodes its share):
+    with the image tower frozen they never change, so each epoch costs only the text side and the WCB heads."""
+    return evaluate.encode_gallery(enc, gallery, tokens=True).half().cpu()
 
 
-def build_bank(model, gallery, args, device, path, reuse=False):
-    """SPN stage 2: f_ref and the normalised target features b of every unique training image, once, cached to
-    `path` and reused when the run resumes. Returns f_ref (N, D), bank (N, D)."""
+def build_bank(enc, gallery, path, reuse=False):
+    """SPN stage 2: f_ref and the normalised target features b of every unique training image, once (each process
+    encodes its share, every process holds them all), cached to `path` and reused when the run resumes.
+    Returns f_ref (N, D), bank (N, D)."""
     if reuse and path.exists():
         c = torch.load(path, map_location="cpu", weights_only=True)
-        return c["ref"], c["bank"].to(device)
-    f_ref, f_tar = evaluate.encode_gallery(model, gallery, args.batch_size, device, args.workers)
+        return c["ref"], c["bank"].to(enc.device)
+    f_ref, f_tar = evaluate.encode_gallery(enc, gallery)
     bank = F.normalize(f_tar.float(), dim=-1)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if enc.rank == 0:
         atomic_save({"ref": f_ref.cpu(), "bank": bank.cpu()}, path)
-    return f_ref.cpu(), bank.to(device)
+    return f_ref.cpu(), bank.to(enc.device)
 
 
-def frozen_image_side(model, gallery, ds, args, device, out, resume, rank):
+def frozen_image_side(enc, train, args, bank_path, reuse=False):
     """With a frozen image side the loader gives image indices, and these caches give their rows: image tokens of
-    every training image (--encoder text), or SPN's f_ref and bank (--stage 2). gallery: the training split's
-    gallery view (its image list is the triplets' one). Returns cache, bank."""
-    if list(gallery.images) != list(ds.images):
+    every training image (--encoder text), or SPN's f_ref and bank (--stage 2), read from bank_path when reuse
+    (a resumed run). train: the training triplets, with .gallery (the same image list). Returns cache, bank."""
+    if list(train.gallery.images) != list(train.images):
         raise RuntimeError("train gallery and triplets disagree on the image list")
     t = time.perf_counter()
     if args.stage == 2:
-        cache, bank = build_bank(model, gallery, args, device, out / "bank.pt", reuse=resume is not None)
+        cache, bank = build_bank(enc, train.gallery, bank_path, reuse)
         log(f"SPN bank: {len(bank)} training images x {bank.shape[1]} dims, "
             f"{bank.numel() * bank.element_size() / 2**20:.1f} MiB per process (every rank holds it all), "
-            f"{time.perf_counter() - t:.1f} s", rank)
+            f"{time.perf_counter() - t:.1f} s", enc.rank)
         return cache, bank
-    cache = cache_image_tokens(model, gallery, args, device)
+    cache = cache_image_tokens(enc, train.gallery)
     log(f"cached image tokens {tuple(cache.shape)} fp16, {cache.numel() * 2 / 2**20:.0f} MiB, "
-        f"{time.perf_counter() - t:.1f} s", rank)
+        f"{time.perf_counter() - t:.1f} s", enc.rank)
     return cache, None
 
 
-def carry_over_soft_labels(nfb, init, ds, args, rank):
-    """Stage 2 starts from stage 1's soft labels (README: "SPN") when they describe the same training triplets;
-    otherwise the NFB warms up again."""
-    same = [k for k in ("noise", "seed", "skip_missing", "extra_triplets") if init["args"][k] != getattr(args, k)]
-    if init.get("nfb") and not same and len(init["nfb"]["weights"]) == len(ds):
-        nfb.weights = init["nfb"]["weights"].float()
-        nfb.warmup_epochs = 0
-        log(f"NFB: soft labels of {args.init} carried over ({int((nfb.weights < 0.5).sum())} pairs flagged)", rank)
+# -----------------------------------------------------------------------------
+# more positives: triplets drawn from a window of the similarity ranking, texts from captions
+
+TEMPLATES = ("{tgt} instead of {ref}", "Unlike {ref}, I want {tgt}", "{tgt}", "change {ref} to {tgt}",
+             "{tgt}, not {ref}")
+
+
+def clean(caption):
+    return caption.strip().rstrip(".").strip()  # "A dog." -> "A dog": templates add their own punctuation
+
+
+def missing_captions(names, captions):
+    return [n for n in names if n not in captions]
+
+
+def generate_triplets(feats, names, captions, window=(10, 50), per_image=1, seed=0, templates=TEMPLATES,
+                      queries=None):
+    """feats (N, D) image features of `names` (any scale: cosine is taken); captions {name: str} for every name.
+    queries: indices of the source images (default all N). Each source gets `per_image` distinct targets drawn
+    uniformly from its similarity ranks lo..hi (1 = the nearest other image). Returns [{reference, target, text}]."""
+    n = len(names)
+    if len(feats) != n:
+        raise ValueError(f"generate_triplets: {len(feats)} feature rows for {n} names")
+    miss = missing_captions(names, captions)
+    if miss:
+        raise ValueError(f"{len(miss)} of {n} images have no caption, e.g. {miss[:5]}; add them to the captions "
+                         f"file or pass --skip-missing-captions")
+    lo, hi = window
+    if hi > n - 1:
+        print(f"window {lo}..{hi} clipped to {lo}..{n - 1}: only {n - 1} other images", flush=True)
+        hi = n - 1
+    if not 1 <= lo <= hi or not 1 <= per_image <= hi - lo + 1:
+        raise ValueError(f"window {lo}..{hi} with {n} images cannot give {per_image} target(s) per image: need "
+                         f"1 <= LO <= HI <= {n - 1} and --per-image <= HI - LO + 1")
+    q = torch.arange(n) if queries is None else torch.as_tensor(queries, dtype=torch.long)
+    feats = feats.float()
+    # Ranking as evaluation does it: chunked matrix products, the source dropped, stable sort (ties by index).
+    top = evaluate.topk(feats[q], feats, hi, exclude=q)                  # (Q, hi) nearest first
+    win = top[:, lo - 1:]                                                # (Q, W) the window
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.rand(win.shape, generator=g).argsort(1)[:, :per_image]  # (Q, K) distinct positions per row
+    tgt = win.gather(1, pick)                                            # (Q, K)
+    rng = random.Random(seed)
+    caps = {k: clean(v) for k, v in captions.items()}
+    out = []
+    for i, row in zip(q.tolist(), tgt.tolist()):
+        for j in row:
+            text = rng.choice(templates).format(ref=caps[names[i]], tgt=caps[names[j]])
+            out.append(dict(reference=names[i], target=names[j], text=text))
+    return out
+
+
+def read_captions(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file {path} not found: pass --captions FILE, a JSON object "
+                                f"{{image name: caption}} (any captioner can write it)")
+    try:
+        caps = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"captions file {path} is not valid JSON ({e})") from None
+    if not isinstance(caps, dict) or not all(isinstance(v, str) for v in caps.values()):
+        raise ValueError(f"captions file {path}: expected a JSON object {{image name: caption string}}")
+    return caps
+
+
+def main(argv=None):
+    p = runtime.ArgumentParser(__doc__)
+    p.add_argument("--dataset", default="toy", choices=["toy", "cirr", "fashioniq", "shoes"])
+    p.add_argument("--data-root", default=None, help="dataset folder (toy: the default toy set if omitted)")
+    p.add_argument("--captions", default=None, help="JSON {image name: caption} (toy: <root>/image_captions.json)")
+    p.add_argument("--out", required=True, help="output JSON, for train.py --extra-triplets")
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--clip", default=None, help="image features from CLIP: OpenAI name or state-dict path")
+    m.add_argument("--checkpoint", default=None, help="image features from a trained run (target-role feature)")
+    p.add_argument("--window", type=int, nargs=2, default=[10, 50], metavar=("LO", "HI"),
+                   help="similarity ranks to draw targets from (1 = nearest other image), inclusive")
+    p.add_argument("--per-image", type=int, default=1, help="generated triplets per source image")
+    p.add_argument("--references-only", action="store_true", help="sources: training references, not all images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--categories", nargs="+", default=list(data.FIQ_CATEGORIES), help="FashionIQ categories")
+    p.add_argument("--skip-missing-captions", action="store_true", help="leave out images without a caption")
+    p.add_argument("--skip-missing", action="store_true", help="leave out images missing on disk")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    a = p.parse_args(argv)
+    if not (a.clip or a.checkpoint):
+        raise SystemExit("error: image similarities need a model: pass --clip NAME_OR_PATH or --checkpoint "
+                         "RUN/best.pt (for the toy, a trained checkpoint: a random tiny CLIP ranks at random)")
+    root = str(toy.toy_root(a.data_root)) if a.dataset == "toy" else a.data_root
+    if not root:
+        raise SystemExit(f"error: --dataset {a.dataset} needs --data-root DIR")
+    if not a.captions and a.dataset != "toy":
+        raise SystemExit("error: --captions FILE is required for cirr / fashioniq / shoes (JSON {image name: "
+                         "caption})")
+    captions = read_captions(a.captions or Path(root) / "image_captions.json")
+
+    if a.clip:
+        model, transform_name = CIRModel(load_clip(a.clip, device="cpu")[0], wcb=False), None
     else:
-        why = "it has no NFB" if not init.get("nfb") else f"its triplets differ ({', '.join(same) or 'count'})"
-        log(f"NFB: stage-1 soft labels not carried over: {why}; warm-up of {args.warmup_epochs} epoch(s)", rank)
+        ckpt = runtime.load_checkpoint(a.checkpoint)
+        if ckpt["args"]["dataset"] != a.dataset:
+            raise SystemExit(f"error: {a.checkpoint} was trained on {ckpt['args']['dataset']}, not {a.dataset}")
+        model, transform_name = runtime.build_model(ckpt), ckpt["args"].get("transform")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    transform = make_transform(transform_name or ("clip" if a.dataset == "toy" else "targetpad"),
+                               model.clip.image_resolution)
+    kw = dict(view="gallery", transform=transform, skip_missing=a.skip_missing)
+    if a.dataset == "fashioniq":
+        gallery = data.FashionIQ(root, a.categories, "train", **kw)
+        pools = {c: gallery.category_images[c] for c in a.categories}  # pair garments of one category only
+    else:                                                      # CIRR, the toy, Shoes: one pool
+        gallery = (data.Shoes if a.dataset == "shoes" else data.CIRR)(root, "train", **kw)
+        pools = {None: gallery.images}
+    _, feats = evaluate.encode_gallery(evaluate.Encoder(model, a.batch_size, device, a.workers), gallery)  # (N, D)
+    feats = feats.cpu()
+
+    triplets = []
+    for cat, names in pools.items():
+        miss = missing_captions(names, captions)
+        if miss and a.skip_missing_captions:
+            print(f"{len(miss)} of {len(names)} images{f' ({cat})' if cat else ''} have no caption: left out, "
+                  f"e.g. {miss[:3]}", flush=True)
+            names = [n for n in names if n in captions]
+        refs = {t["reference"] for t in gallery.triplets if t.get("category") == cat}
+        queries = [i for i, n in enumerate(names) if n in refs] if a.references_only else None
+        idx = torch.tensor([gallery.index[n] for n in names])
+        new = generate_triplets(feats[idx], names, captions, tuple(a.window), a.per_image, a.seed, queries=queries)
+        triplets += [dict(t, category=cat) if cat else t for t in new]
+
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(triplets, indent=1))
+    print(f"wrote {len(triplets)} generated triplets to {out} (window {a.window[0]}..{a.window[1]}, "
+          f"{a.per_image} per image, seed {a.seed}); use: train.py --extra-triplets {out}. Examples:")
+    for t in triplets[:3]:
+        print(f"  {t['reference']} -> {t['target']}: {t['text']!r}")
+    return triplets
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (OSError, ValueError) as e:   # bad input: one line, no traceback
+        sys.exit(f"error: {runtime.error_line(e)}")

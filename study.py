@@ -46,8 +46,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
-import generate  # noqa: E402
 import runtime  # noqa: E402
+import spn  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
 
@@ -103,13 +103,13 @@ def run_cell(method, kind, ratio, seed, a, out):
             run_cell("ncl", kind, ratio, seed, a, out)
         run.mkdir(parents=True, exist_ok=True)
         if not (run / "positives.json").is_file():       # a finished cell keeps the file it was trained on
-            generate.main(["--dataset", "toy", "--data-root", str(a.data_root), "--checkpoint",
+            spn.main(["--dataset", "toy", "--data-root", str(a.data_root), "--checkpoint",
                            str(src / "best.pt"), "--out", str(run / "positives.json"), "--seed", str(seed),
                            "--workers", str(a.workers)])
         argv = stage1 + ["--extra-triplets", str(run / "positives.json")]
     else:
         argv = stage1 + METHODS[method] + ["--no-plots"]
-    epochs = train.get_args(argv).epochs
+    epochs = train.settings(argv).epochs
     log = run / "log.jsonl"
     if not log.is_file() or len(log.read_text().splitlines()) < epochs:     # new, or killed: (re)start / resume
         resume = ["--resume", str(run)] if (run / "last.pt").is_file() else []

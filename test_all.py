@@ -40,10 +40,9 @@ import evaluate
 import runtime
 import train
 from evaluate import check_submission, cirr_metrics, cirr_rankings, fashioniq_metrics, write_submission
-from cir import CIRModel
-from model import CLIP, tokenize
-import generate
-from generate import TEMPLATES, generate_triplets
+from model import CIRModel, CLIP, tokenize
+import spn
+from spn import TEMPLATES, generate_triplets
 
 # ====================================================================================================
 # model.py, tokenizer
@@ -873,7 +872,7 @@ def _mini_shoes(tmp, n_train=48, n_test=30, n_unused=20):
 def test_shoes_train_end_to_end(micro_clip, tmp_path, capsys):
     """train.py --dataset shoes for two steps with injected noise: validation on the test split,
     best.pt by the mean of R@1/10/50; evaluate.py reproduces the logged metrics; zero-shot CLIP
-    evaluates; generate.py pairs Shoes training images."""
+    evaluates; spn.py pairs Shoes training images."""
     root = _mini_shoes(tmp_path / "shoes")
     out = train.main(["--dataset", "shoes", "--data-root", str(root), "--clip", str(micro_clip),
                       "--out", str(tmp_path / "run"), "--epochs", "1", "--max-steps", "2",
@@ -900,7 +899,7 @@ def test_shoes_train_end_to_end(micro_clip, tmp_path, capsys):
     train_names = (root / "train_im_names.txt").read_text().split()
     caps = tmp_path / "caps.json"
     caps.write_text(json.dumps({n: f"a shoe {i}" for i, n in enumerate(train_names)}))
-    made = generate.main(["--dataset", "shoes", "--data-root", str(root), "--captions", str(caps),
+    made = spn.main(["--dataset", "shoes", "--data-root", str(root), "--captions", str(caps),
                           "--clip", str(micro_clip), "--window", "1", "5", "--workers", "0",
                           "--out", str(tmp_path / "extra.json")])
     assert len(made) == len(train_names)
@@ -1729,7 +1728,7 @@ def test_audit_rows_match_the_caption_file_and_the_checkpoint(audit_run):
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert [r["w_train"] for r in by_index] == pytest.approx(ckpt["nfb"]["weights"].tolist())
     assert s["flagged_train"] == int((ckpt["nfb"]["weights"] < 0.5).sum()) > 0
-    model = evaluate.build_model(ckpt).eval()
+    model = runtime.build_model(ckpt).eval()
     gallery = data.CIRR(root, "train", view="gallery", transform=M.make_transform("clip", 32))
     trips = data.CIRR(root, "train", return_images=False, noise=data.Noise(0.3, "target", 0))
     q, g = evaluate.set_features(model, gallery, trips, 128, torch.device("cpu"), 0)
@@ -2056,7 +2055,7 @@ def test_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, tmp_path):
     assert after["history"][0]["metrics"]["R@50"] > 0
     # the cached bank = the normalised target-role feature of every training image, one image at a time
     bank = torch.load(out / "bank.pt", weights_only=True)
-    model = evaluate.build_model(torch.load(stage1 / "best.pt", weights_only=True)).eval()
+    model = runtime.build_model(torch.load(stage1 / "best.pt", weights_only=True)).eval()
     gallery = data.CIRR(toy_root, "train", view="gallery",
                         transform=M.make_transform("clip", model.clip.image_resolution))
     assert len(bank["bank"]) == len(gallery.images)
@@ -2237,7 +2236,7 @@ def test_cli_end_to_end_clip_and_checkpoint(tiny_toy, tmp_path, capsys):
     common = ["--dataset", "toy", "--data-root", str(tiny_toy), "--window", "3", "8", "--workers", "0",
               "--batch-size", "64"]
     out = tmp_path / "extra.json"
-    trips = generate.main(common + ["--clip", str(tmp_path / "micro.pt"), "--out", str(out), "--seed", "5"])
+    trips = spn.main(common + ["--clip", str(tmp_path / "micro.pt"), "--out", str(out), "--seed", "5"])
     assert "wrote" in capsys.readouterr().out
     rows = json.loads(out.read_text())
     base = data.CIRR(tiny_toy, "train", return_images=False)
@@ -2248,7 +2247,7 @@ def test_cli_end_to_end_clip_and_checkpoint(tiny_toy, tmp_path, capsys):
     ckpt = dict(model=CIRModel(clip, wcb=True).state_dict(),
                 args=dict(dataset="toy", no_wcb=False, wcb_maps=2, wcb_hidden=0, transform="clip"))
     torch.save(ckpt, tmp_path / "best.pt")
-    rows = generate.main(common + ["--checkpoint", str(tmp_path / "best.pt"), "--out", str(out),
+    rows = spn.main(common + ["--checkpoint", str(tmp_path / "best.pt"), "--out", str(out),
                                    "--references-only", "--per-image", "2"])
     refs = {t["reference"] for t in base.triplets}
     assert len(rows) == 2 * len(refs) and {r["reference"] for r in rows} == refs
@@ -2259,9 +2258,9 @@ def test_cli_bad_inputs(tiny_toy, tmp_path, capsys):
     torch.save(_micro_clip().state_dict(), tmp_path / "micro.pt")
     common = ["--dataset", "toy", "--data-root", str(tiny_toy), "--out", str(tmp_path / "x.json"), "--workers", "0"]
     with pytest.raises(SystemExit, match="--clip NAME_OR_PATH or --checkpoint"):
-        generate.main(common)
+        spn.main(common)
     with pytest.raises(FileNotFoundError, match="captions file .*nope.json not found"):
-        generate.main(common + ["--clip", str(tmp_path / "micro.pt"), "--captions", str(tmp_path / "nope.json")])
+        spn.main(common + ["--clip", str(tmp_path / "micro.pt"), "--captions", str(tmp_path / "nope.json")])
     caps = json.loads((tiny_toy / "image_captions.json").read_text())
     drop = ["train-0-1", "train-3-0", "train-7-5", "dev-0-0"]   # 3 training images, 1 val image (not used)
     partial = tmp_path / "partial.json"
@@ -2269,8 +2268,8 @@ def test_cli_bad_inputs(tiny_toy, tmp_path, capsys):
     args = common + ["--clip", str(tmp_path / "micro.pt"), "--captions", str(partial), "--window", "2", "5"]
     n_train = len(data.CIRR(tiny_toy, "train", return_images=False).images)
     with pytest.raises(ValueError, match=f"3 of {n_train} images have no caption.*train-0-1"):
-        generate.main(args)
-    rows = generate.main(args + ["--skip-missing-captions"])
+        spn.main(args)
+    rows = spn.main(args + ["--skip-missing-captions"])
     assert "have no caption: left out" in capsys.readouterr().out
     assert not {r["reference"] for r in rows} & set(drop) and not {r["target"] for r in rows} & set(drop)
 
@@ -2302,7 +2301,7 @@ def test_cli_fashioniq_pairs_within_category(tmp_path):
     root = _fake_fiq(tmp_path / "fiq")
     torch.save(_micro_clip().state_dict(), tmp_path / "micro.pt")
     out = tmp_path / "extra.json"
-    rows = generate.main(["--dataset", "fashioniq", "--data-root", str(root), "--captions", str(root / "caps.json"),
+    rows = spn.main(["--dataset", "fashioniq", "--data-root", str(root), "--captions", str(root / "caps.json"),
                           "--categories", "dress", "shirt", "--clip", str(tmp_path / "micro.pt"), "--out", str(out),
                           "--window", "1", "4", "--workers", "0"])
     assert len(rows) == 24 and {r["category"] for r in rows} == {"dress", "shirt"}

@@ -2,7 +2,7 @@
 CIRR's exact layout, so that the same CIRR loader, metrics and training loop run on it with a tiny CLIP trained from
 scratch on a CPU. Its grammar is in make_toy's docstring; its own label noise keeps the ground truth ("noisy" in the
 training captions) so the noise filter's detection can be scored; image_captions.json (name -> exact scene
-caption) feeds SPN's positive generation (generate.py) without a captioner.
+caption) feeds SPN's positive generation (spn.py) without a captioner.
 """
 import json
 import math

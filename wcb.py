@@ -10,7 +10,7 @@ paper"):
     penalty = ||Â Âᵀ - I||²_F,  Â_k = A_k / ||A_k||_2   (structured self-attention regulariser, Lin et al. 2017)
     Att = mean_k A_k,  X* = X ⊗ Att,  f = g + α · Σ_n X*_n
 with g the global token (cls / eot) and α a learned scalar initialised to 0: at step 0 the block is the identity
-on g, so the composed model starts as exactly CLIP. cir.CIRModel creates three (text, reference, target).
+on g, so the composed model starts as exactly CLIP. model.CIRModel creates three (text, reference, target).
 """
 
 import torch
