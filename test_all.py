@@ -751,7 +751,7 @@ def test_shoes_missing_images(tmp_path, capsys):
         data.Shoes(bare, "test", skip_missing=True)
 
 
-def test_shoes_bad_root_one_line(tmp_path, micro_clip):
+def test_shoes_bad_root_one_line(tmp_path, micro_clip, capsys):
     with pytest.raises(FileNotFoundError) as e:
         data.Shoes(tmp_path / "nowhere", "test")
     msg = str(e.value)
@@ -768,9 +768,15 @@ def test_shoes_bad_root_one_line(tmp_path, micro_clip):
     (root / "train_im_names.txt").write_text("\n")
     with pytest.raises(ValueError, match="train_im_names.txt names no image"):
         data.Shoes(root, "train")
-    with pytest.raises(FileNotFoundError) as e:     # train.py prints it as one line (error_line)
+    with pytest.raises(SystemExit):                 # no folder: train.settings stops first, one line
         train.main(["--dataset", "shoes", "--data-root", str(tmp_path / "nowhere"),
                     "--clip", str(micro_clip)])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --data-root {tmp_path / 'nowhere'}: no such folder; point it at the shoes dataset folder"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as e:     # a folder without the files: train.py prints one line
+        train.main(["--dataset", "shoes", "--data-root", str(tmp_path / "empty"),
+                    "--clip", str(micro_clip), "--out", str(tmp_path / "run")])
     assert len(runtime.error_line(e.value).splitlines()) == 1
     assert "relative_captions_shoes.json" in str(e.value)
 
@@ -790,9 +796,9 @@ def test_shoes_noise_kinds_and_partial_refused(shoes_root, tmp_path, capsys):
     with pytest.raises(ValueError, match="partial.*has none"):
         data.Shoes(shoes_root, "train", noise=data.Noise(0.3, "partial", 0), return_images=False)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:            # train.get_args: before any data or model
-        train.get_args(["--dataset", "shoes", "--noise", "0.2", "--noise-kind", "partial",
-                        "--data-root", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit) as e:            # train.settings: before any data or model
+        train.settings(["--dataset", "shoes", "--noise", "0.2", "--noise-kind", "partial",
+                        "--data-root", str(tmp_path)])     # an empty folder: nothing to load
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1
     assert err[0].startswith("error: --noise-kind partial"), err
@@ -1731,7 +1737,7 @@ def test_audit_rows_match_the_caption_file_and_the_checkpoint(audit_run):
     model = runtime.build_model(ckpt).eval()
     gallery = data.CIRR(root, "train", view="gallery", transform=M.make_transform("clip", 32))
     trips = data.CIRR(root, "train", return_images=False, noise=data.Noise(0.3, "target", 0))
-    q, g = evaluate.set_features(model, gallery, trips, 128, torch.device("cpu"), 0)
+    q, g = evaluate.set_features(evaluate.Encoder(model, 128, workers=0), gallery, trips)
     for r in rows[:5] + rows[-5:]:
         sims = (F.normalize(q[[r["index"]]], dim=-1) @ F.normalize(g, dim=-1).T)[0].tolist()
         ranked = sorted((j for j, n in enumerate(gallery.images) if n != r["reference"]), key=lambda j: -sims[j])
@@ -1862,7 +1868,7 @@ def test_train_end_to_end_and_evaluate_reproduces(toy_root, micro_clip, tmp_path
         assert (out / f).is_file(), f
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1]
-    assert {"loss", "lr", "metrics", "score", "nfb_means", "nfb_auc", "time_forward"} <= set(log[0])
+    assert {"loss", "lr", "metrics", "score", "nfb_means", "nfb_auc", "time_data", "time_step"} <= set(log[0])
     assert log[1]["nfb_applied"] and 0.0 <= log[1]["nfb_auc"] <= 1.0   # toy's own noise is the ground truth
     best = max(log, key=lambda r: r["score"])
     metrics = evaluate.main(["--checkpoint", str(out / "best.pt"), "--workers", "0", "--show", "3"])
@@ -1918,6 +1924,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _step_run(model, net, rank=0, world=1):
+    """The state train_step reads: a hand-made Run around a model (no data: the batch is given). SGD, so that the
+    step's update is the gradient itself; clipping far above the gradients' norm."""
+    from types import SimpleNamespace
+    args = SimpleNamespace(tau=0.05, div_weight=0.1, soft_label="weight", grad_clip=1e6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    amp, scaler = runtime.autocast("auto", torch.device("cpu"))
+    return train.Run(args, model, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), scaler, amp,
+                     None, None, None, None, [], None, Path("."), rank, world)
+
+
 def _ddp_worker(rank, world, port, batch, state, out):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -1925,37 +1942,37 @@ def _ddp_worker(rank, world, port, batch, state, out):
     torch.manual_seed(0)
     model = CIRModel(CLIP(**MICRO))
     model.load_state_dict(state)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    run = _step_run(model, torch.nn.parallel.DistributedDataParallel(model), rank, world)
     tokens, ref, tgt, idx, w = batch
     n = len(idx) // world
     part = slice(rank * n, (rank + 1) * n)
-    loss, plain = train.batch_loss(ddp, (tokens[part], ref[part], tgt[part], idx[part]), w[part], 0.05, 0.1)
-    loss.backward()
-    dist.all_reduce(loss.detach())
+    loss, plain = train.train_step(run, (tokens[part], ref[part], tgt[part], idx[part]), w[part])
+    loss = torch.tensor(loss)
+    dist.all_reduce(loss)
     full = torch.full((len(idx),), float("nan"))
     full[idx[part]] = plain
     merged = runtime.merge_losses(full)
     if rank == 0:
         grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
-        torch.save((loss.item() / world, grads, merged), out)
+        torch.save((loss.item() / world, grads, merged, model.state_dict()), out)
     dist.destroy_process_group()
 
 
 def test_ddp_two_processes_match_one(tmp_path):
-    """Two gloo processes with half the batch each = one process with the whole batch: same loss, same gradients
-    (targets are gathered with gradients), and the per-sample losses merge into the same vector."""
+    """Two gloo processes with half the batch each = one process with the whole batch: train_step gives the same
+    loss, the same gradients (targets are gathered with gradients) and the same weights after the step, and the
+    per-pair losses merge into the same vector."""
     import torch.multiprocessing as mp
     torch.manual_seed(1)
     model = CIRModel(CLIP(**MICRO))
     with torch.no_grad():                      # non-zero α so the WCB heads take part in the gradients
         for head in (model.wcb_txt, model.wcb_ref, model.wcb_tar):
             head.alpha.fill_(0.5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     B = 8
     batch = (tokenize([f"make the {c} circle blue" for c in "abcdefgh"]), torch.randn(B, 3, 32, 32),
              torch.randn(B, 3, 32, 32), torch.arange(B), torch.rand(B))
-    loss, plain = train.batch_loss(model, batch[:4], batch[4], 0.05, 0.1)
-    loss.backward()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, plain = train.train_step(_step_run(model, model), batch[:4], batch[4])
     ctx, port, out = mp.get_context("spawn"), _free_port(), tmp_path / "rank0.pt"
     procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, batch, state, out)) for r in range(2)]
     for p in procs:
@@ -1963,11 +1980,13 @@ def test_ddp_two_processes_match_one(tmp_path):
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0
-    ddp_loss, grads, merged = torch.load(out, weights_only=True)
-    assert ddp_loss == pytest.approx(loss.item(), rel=1e-5)
+    ddp_loss, grads, merged, after = torch.load(out, weights_only=True)
+    assert ddp_loss == pytest.approx(loss, rel=1e-5)
     for k, p in model.named_parameters():
         if p.grad is not None:
             assert torch.allclose(grads[k], p.grad, rtol=1e-4, atol=1e-6), k
+            assert torch.allclose(after[k], p.detach(), rtol=1e-4, atol=1e-6), k
+    assert set(grads) == {k for k, p in model.named_parameters() if p.grad is not None}
     assert torch.allclose(merged, plain, rtol=1e-5)
 
 
@@ -2009,22 +2028,26 @@ def test_bad_input_gives_one_clear_line(toy_root, micro_clip, tmp_path):
     assert code != 0 and len(err) == 1 and "trained on toy" in err[0]
     code, err = _cli("train.py", "--dataset", "cirr", "--data-root", str(tmp_path / "nowhere"), "--clip",
                      str(micro_clip))
-    assert code != 0 and len(err) == 1 and "nowhere" in err[0] and "captions" in err[0]
+    assert code == 2 and len(err) == 1 and "--data-root" in err[0] and "nowhere" in err[0]
+    (tmp_path / "empty").mkdir()                    # a folder without CIRR's files: data.py names them
+    code, err = _cli("train.py", "--dataset", "cirr", "--data-root", str(tmp_path / "empty"), "--clip",
+                     str(micro_clip), "--out", str(tmp_path / "run"))
+    assert code != 0 and len(err) == 1 and "empty" in err[0] and "captions" in err[0], err
     code, err = _cli("train.py", "--clip", "ViT-Z/1", "--data-root", str(toy_root))
-    assert code != 0 and len(err) == 1 and "unknown CLIP model" in err[0]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --clip ViT-Z/1: not a released model")
     for flags, expect in ((["--noise", "1.5"], "--noise 1.5"), (["--noise-kind", "swap"], "--noise-kind 'swap'"),
                           (["--dataset", "fashioniq", "--noise", "0.2", "--noise-kind", "partial"], "partial"),
                           (["--dataset", "cirr", "--oracle"], "--oracle")):
-        code, err = _cli("train.py", *flags, "--data-root", str(tmp_path / "nowhere"))
+        code, err = _cli("train.py", *flags, "--data-root", str(tmp_path / "empty"))
         assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
 
 
 def test_epoch_order_sees_only_kept_triplets_as_often_as_a_full_epoch():
     keep = torch.tensor([i % 3 != 0 for i in range(30)])               # 20 kept (--oracle: the clean ones)
-    order = train.epoch_order(keep, torch.Generator().manual_seed(0), 0, 1)
+    order = train.epoch_order(keep, torch.Generator().manual_seed(0), (0, 1))
     counts = torch.bincount(torch.tensor(order), minlength=30)
     assert len(order) == 30 and counts[~keep].sum() == 0 and set(counts[keep].tolist()) == {1, 2}
-    shards = [train.epoch_order(keep, torch.Generator().manual_seed(0), r, 2) for r in (0, 1)]
+    shards = [train.epoch_order(keep, torch.Generator().manual_seed(0), (r, 2)) for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == sorted(order) and len(shards[0]) == len(shards[1]) == 15
 
 
