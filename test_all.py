@@ -52,7 +52,11 @@ from spn import TEMPLATES, generate_triplets
 REPO = Path(__file__).resolve().parent
 SHARED = REPO.parent / "shared"
 
-TINY_TOY = dict(n_train=160, n_val=40, n_test=40)
+# The toy set of every test that reads one: 32 training groups (160 triplets over 192 images, a quarter of their
+# targets wrong), 8 val and 8 test1 groups, 32-px images for the micro CLIP. Only the audit trains on another (why
+# there).
+TOY = dict(seed=3, noise=0.25, image_size=32, n_train=160, n_val=40, n_test=40)
+TOY_IMAGES = {"train": 160 // 5 * 6, "val": 40 // 5 * 6, "test1": 40 // 5 * 6}    # groups of 5 edits + the base
 # a CLIP small enough for a CPU test: 32 px, 4 patches of 16, width 64
 MICRO = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
              context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
@@ -60,7 +64,7 @@ MICRO = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64
 
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory):
-    return toy.make_toy(tmp_path_factory.mktemp("pipeline") / "toy", seed=3, noise=0.25, image_size=32, **TINY_TOY)
+    return toy.make_toy(tmp_path_factory.mktemp("toy") / "toy", **TOY)
 
 
 @pytest.fixture(scope="module")
@@ -1337,50 +1341,43 @@ def apply_edit(scene, text):
     return sorted(scene, key=lambda o: toy.TOY_CELLS.index(o["cell"]))
 
 
-SMALL_TOY = dict(n_train=120, n_val=40, n_test=40)
-
-
 def _files(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def toy_set(tmp_path_factory):
-    return toy.make_toy(tmp_path_factory.mktemp("toy_set") / "t", seed=7, noise=0.25, **SMALL_TOY)
-
-
-def test_toy_deterministic(toy_set, tmp_path):
-    again = toy.make_toy(tmp_path / "a", seed=7, noise=0.25, **SMALL_TOY)
-    assert _files(again) == _files(toy_set)
-    assert _files(toy.make_toy(tmp_path / "b", seed=8, noise=0.25, **SMALL_TOY)) != _files(toy_set)
+def test_toy_deterministic(toy_root, tmp_path):
+    again = toy.make_toy(tmp_path / "a", **TOY)
+    assert _files(again) == _files(toy_root)
+    assert _files(toy.make_toy(tmp_path / "b", **{**TOY, "seed": 8})) != _files(toy_root)
     # a fresh interpreter with another string-hash seed writes the same bytes (no set-order dependence)
-    code = f"import toy; toy.make_toy({str(tmp_path / 'c')!r}, seed=7, noise=0.25, **{SMALL_TOY!r})"
+    code = f"import toy; toy.make_toy({str(tmp_path / 'c')!r}, **{TOY!r})"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(toy.__file__).parent,
                    env={**os.environ, "PYTHONHASHSEED": "12345"})
-    assert _files(tmp_path / "c") == _files(toy_set)
+    assert _files(tmp_path / "c") == _files(toy_root)
 
 
-def test_toy_captions_describe_the_change(toy_set):
-    scenes = json.loads((toy_set / "scenes.json").read_text())
-    answers = json.loads((toy_set / "toy_test1_targets.json").read_text())
+def test_toy_captions_describe_the_change(toy_root):
+    scenes = json.loads((toy_root / "scenes.json").read_text())
+    answers = json.loads((toy_root / "toy_test1_targets.json").read_text())
     for split in ("train", "val", "test1"):
-        for r in json.loads((toy_set / f"captions/cap.rc2.{split}.json").read_text()):
+        for r in json.loads((toy_root / f"captions/cap.rc2.{split}.json").read_text()):
             tgt = r.get("target_clean", r.get("target_hard", answers.get(str(r["pairid"]))))
             assert apply_edit(scenes[r["reference"]], r["caption"]) == scenes[tgt], r
-    captions = json.loads((toy_set / "image_captions.json").read_text())
+    captions = json.loads((toy_root / "image_captions.json").read_text())
     for n, s in scenes.items():  # the exact caption of every scene
         assert captions[n] == " and ".join(f"a {o['size']} {o['color']} {o['shape']} at the {o['cell']}" for o in s)
         assert 1 <= len(s) <= 3 and len({o["cell"] for o in s}) == len(s)
 
 
-def test_toy_structure(toy_set):
-    scenes = json.loads((toy_set / "scenes.json").read_text())
+def test_toy_structure(toy_root):
+    scenes = json.loads((toy_root / "scenes.json").read_text())
     key = lambda n: json.dumps(scenes[n], sort_keys=True)
     queries, images = {}, {}
     for split in ("train", "val", "test1"):
-        rows = json.loads((toy_set / f"captions/cap.rc2.{split}.json").read_text())
-        split_file = json.loads((toy_set / f"image_splits/split.rc2.{split}.json").read_text())
-        assert len(rows) == SMALL_TOY[{"train": "n_train", "val": "n_val", "test1": "n_test"}[split]]
+        rows = json.loads((toy_root / f"captions/cap.rc2.{split}.json").read_text())
+        split_file = json.loads((toy_root / f"image_splits/split.rc2.{split}.json").read_text())
+        assert len(rows) == TOY[{"train": "n_train", "val": "n_val", "test1": "n_test"}[split]]
+        assert len(split_file) == TOY_IMAGES[split]
         queries[split] = {(key(r["reference"]), r["caption"]) for r in rows}
         images[split] = {key(n) for n in split_file}
         for r in rows:
@@ -1392,56 +1389,57 @@ def test_toy_structure(toy_set):
             else:
                 assert "target_hard" not in r
         for rel in split_file.values():
-            with Image.open(toy_set / rel) as im:
-                assert im.size == (64, 64) and im.mode == "RGB"
+            with Image.open(toy_root / rel) as im:
+                assert im.size == (32, 32) and im.mode == "RGB"
     assert not queries["val"] & queries["train"] and not queries["test1"] & queries["train"]
     assert not queries["val"] & queries["test1"]
     assert not images["val"] & images["train"] and not images["test1"] & images["train"]
 
 
-def test_toy_noise_and_cirr_loader(toy_set, capsys):
-    rows = json.loads((toy_set / "captions/cap.rc2.train.json").read_text())
+def test_toy_noise_and_cirr_loader(toy_root, capsys):
+    rows = json.loads((toy_root / "captions/cap.rc2.train.json").read_text())
     flags = [r["noisy"] for r in rows]
-    assert sum(flags) == round(0.25 * 120)
+    assert sum(flags) == round(0.25 * 160)
     assert all((r["target_hard"] != r.get("target_clean", r["target_hard"])) == f for r, f in zip(rows, flags))
-    ds = data.CIRR(toy_set, "train")
+    ds = data.CIRR(toy_root, "train")
     assert "flat layout" in capsys.readouterr().out
-    assert ds.noisy.tolist() == flags and len(ds) == 120 and len(ds.images) == 24 * 6
+    assert ds.noisy.tolist() == flags and len(ds) == 160 and len(ds.images) == 32 * 6
     ref, text, tgt, i = ds[0]
-    assert ref.shape == (3, 64, 64) and text == rows[0]["caption"]
-    both = data.CIRR(toy_set, "train", noise=data.Noise(0.5, "shuffle", 2), return_images=False)
+    assert ref.shape == (3, 32, 32) and text == rows[0]["caption"]
+    both = data.CIRR(toy_root, "train", noise=data.Noise(0.5, "shuffle", 2), return_images=False)
     _, injected = data.inject_noise(ds.triplets, ds.images, data.Noise(0.5, "shuffle", 2))
     assert torch.equal(both.noisy, ds.noisy | injected)
-    val = data.CIRR(toy_set, "val", return_images=False)
+    val = data.CIRR(toy_root, "val", return_images=False)
     assert len(val) == 40 and len(val.images) == 8 * 6 and all(t["target"] in t["members"] for t in val.triplets)
-    assert len(data.CIRR(toy_set, "test1", view="gallery")) == 48
+    assert len(data.CIRR(toy_root, "test1", view="gallery")) == 48
 
 
-def test_extra_triplets(toy_set, tmp_path):
+def test_extra_triplets(toy_root, tmp_path):
     extra = [dict(reference="train-0-1", target="train-1-2", text="a large red circle instead of a square")]
     (tmp_path / "extra.json").write_text(json.dumps(extra))
-    ds = data.CIRR(toy_set, "train", noise=data.Noise(0.5), extra_triplets=tmp_path / "extra.json", return_images=False)
-    assert len(ds) == 121 and ds.triplets[-1]["text"] == extra[0]["text"] and not ds.noisy[-1]
-    assert ds[120] == (ds.index["train-0-1"], extra[0]["text"], ds.index["train-1-2"], 120)
+    ds = data.CIRR(toy_root, "train", noise=data.Noise(0.5), extra_triplets=tmp_path / "extra.json", return_images=False)
+    assert len(ds) == 161 and ds.triplets[-1]["text"] == extra[0]["text"] and not ds.noisy[-1]
+    assert ds[160] == (ds.index["train-0-1"], extra[0]["text"], ds.index["train-1-2"], 160)
     with pytest.raises(ValueError, match="training images"):
-        data.CIRR(toy_set, "train", extra_triplets=[dict(reference="nope", target="train-1-2", text="x")])
+        data.CIRR(toy_root, "train", extra_triplets=[dict(reference="nope", target="train-1-2", text="x")])
 
 
 def test_ensure_toy(tmp_path, capsys):
     root = tmp_path / "toy"
-    toy.ensure_toy(root, seed=1, **SMALL_TOY)
+    SIZES = dict(TOY, seed=1, n_train=20, n_val=10, n_test=10)             # its own small sets: it generates three
+    toy.ensure_toy(root, **SIZES)
     assert "generating" in capsys.readouterr().out
     stamp = (root / "scenes.json").stat().st_mtime_ns
-    assert toy.ensure_toy(root, seed=1, **SMALL_TOY) == root and "generating" not in capsys.readouterr().out
+    assert toy.ensure_toy(root, **SIZES) == root and "generating" not in capsys.readouterr().out
     assert (root / "scenes.json").stat().st_mtime_ns == stamp
-    toy.ensure_toy(root, seed=2, **SMALL_TOY)  # other parameters: regenerated in place
+    toy.ensure_toy(root, **{**SIZES, "seed": 2})  # other parameters: regenerated in place
     assert json.loads((root / "toy_params.json").read_text())["seed"] == 2
     assert not list(tmp_path.glob(".toy.tmp-*"))
     other = tmp_path / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError):
-        toy.ensure_toy(other, **SMALL_TOY)
+        toy.ensure_toy(other, **SIZES)
     assert toy.default_toy_root().name == "toy"
 
 
@@ -1586,8 +1584,8 @@ def test_shoes_train_end_to_end(micro_clip, tmp_path, capsys):
     caps = tmp_path / "caps.json"
     caps.write_text(json.dumps({n: f"a shoe {i}" for i, n in enumerate(train_names)}))
     made = spn.main(["--dataset", "shoes", "--data-root", str(root), "--captions", str(caps),
-                          "--clip", str(micro_clip), "--window", "1", "5", "--workers", "0",
-                          "--out", str(tmp_path / "extra.json")])
+                     "--clip", str(micro_clip), "--window", "1", "5", "--workers", "0",
+                     "--out", str(tmp_path / "extra.json")])
     assert len(made) == len(train_names)
     assert all({t["reference"], t["target"]} <= set(train_names) for t in made)
 
@@ -1932,6 +1930,8 @@ def audit_run(tmp_path_factory):
     8 epochs of a micro CLIP with 8-px patches (it learns the toy in seconds; MICRO's 16-px patches do not), the
     NFB's labels weighting the loss from epoch 6; the audit of its last epoch. Returns (toy root, run folder, the
     audit's summary)."""
+    # Not the shared toy_root: the injected noise must be the only noise (toy_root has its own), and 160
+    # triplets are too few for precision@k to say more than chance.
     tmp = tmp_path_factory.mktemp("audit")
     root = toy.make_toy(tmp / "toy", seed=5, noise=0.0, image_size=32, n_train=480, n_val=40, n_test=40)
     torch.manual_seed(0)
@@ -2122,11 +2122,6 @@ def test_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, tmp_path):
 
 # ---- more positives: triplets from a window of the similarity ranking ----------------------------
 
-@pytest.fixture(scope="module")
-def tiny_toy(tmp_path_factory):
-    return toy.make_toy(tmp_path_factory.mktemp("toy"), seed=0, n_train=120, n_val=40, n_test=40, image_size=32)
-
-
 def _template_regexes():
     def one(t):
         parts = re.split(r"(\{ref\}|\{tgt\})", t)
@@ -2205,64 +2200,55 @@ def test_window_edges_and_bad_input():
         generate_triplets(feats, names, partial)
 
 
-def test_generated_triplets_load_through_dataset(tiny_toy, tmp_path):
-    base = data.CIRR(tiny_toy, "train", return_images=False)
-    caps = json.loads((tiny_toy / "image_captions.json").read_text())
+def test_generated_triplets_load_through_dataset(toy_root, tmp_path):
+    base = data.CIRR(toy_root, "train", return_images=False)
+    caps = json.loads((toy_root / "image_captions.json").read_text())
     feats = torch.randn(len(base.images), 16, generator=torch.Generator().manual_seed(0))
     out = generate_triplets(feats, base.images, caps, window=(10, 50), per_image=2, seed=0)
     path = tmp_path / "extra.json"
     path.write_text(json.dumps(out))
-    ds = data.CIRR(tiny_toy, "train", extra_triplets=path, return_images=False)
+    ds = data.CIRR(toy_root, "train", extra_triplets=path, return_images=False)
     assert len(ds) == len(base) + len(out) == len(base) + 2 * len(base.images)
     ref, text, tgt, i = ds[len(base)]
     assert (ds.images[ref], text, ds.images[tgt]) == (out[0]["reference"], out[0]["text"], out[0]["target"])
     assert not ds.noisy[len(base):].any()
 
 
-def _micro_clip():
-    torch.manual_seed(0)
-    return CLIP(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
-                context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
-
-
-def test_cli_end_to_end_clip_and_checkpoint(tiny_toy, tmp_path, capsys):
+def test_cli_end_to_end_clip_and_checkpoint(toy_root, micro_clip, tmp_path, capsys):
     torch.set_num_threads(1)
-    clip = _micro_clip()
-    torch.save(clip.state_dict(), tmp_path / "micro.pt")
-    common = ["--dataset", "toy", "--data-root", str(tiny_toy), "--window", "3", "8", "--workers", "0",
+    common = ["--dataset", "toy", "--data-root", str(toy_root), "--window", "3", "8", "--workers", "0",
               "--batch-size", "64"]
     out = tmp_path / "extra.json"
-    trips = spn.main(common + ["--clip", str(tmp_path / "micro.pt"), "--out", str(out), "--seed", "5"])
+    trips = spn.main(common + ["--clip", str(micro_clip), "--out", str(out), "--seed", "5"])
     assert "wrote" in capsys.readouterr().out
     rows = json.loads(out.read_text())
-    base = data.CIRR(tiny_toy, "train", return_images=False)
+    base = data.CIRR(toy_root, "train", return_images=False)
     assert rows == trips and len(rows) == len(base.images)
     assert all(set(r) == {"reference", "target", "text"} and r["reference"] != r["target"] for r in rows)
-    assert len(data.CIRR(tiny_toy, "train", extra_triplets=out, return_images=False)) == len(base) + len(rows)
+    assert len(data.CIRR(toy_root, "train", extra_triplets=out, return_images=False)) == len(base) + len(rows)
     # --references-only: one per training reference; a run checkpoint (WCB target-role features) works as well
-    ckpt = dict(model=CIRModel(clip, wcb=True).state_dict(),
+    ckpt = dict(model=CIRModel(M.load_clip(micro_clip, device="cpu")[0], wcb=True).state_dict(),
                 args=dict(dataset="toy", no_wcb=False, wcb_maps=2, wcb_hidden=0, transform="clip"))
     torch.save(ckpt, tmp_path / "best.pt")
     rows = spn.main(common + ["--checkpoint", str(tmp_path / "best.pt"), "--out", str(out),
-                                   "--references-only", "--per-image", "2"])
+                              "--references-only", "--per-image", "2"])
     refs = {t["reference"] for t in base.triplets}
     assert len(rows) == 2 * len(refs) and {r["reference"] for r in rows} == refs
 
 
-def test_cli_bad_inputs(tiny_toy, tmp_path, capsys):
+def test_cli_bad_inputs(toy_root, micro_clip, tmp_path, capsys):
     torch.set_num_threads(1)
-    torch.save(_micro_clip().state_dict(), tmp_path / "micro.pt")
-    common = ["--dataset", "toy", "--data-root", str(tiny_toy), "--out", str(tmp_path / "x.json"), "--workers", "0"]
+    common = ["--dataset", "toy", "--data-root", str(toy_root), "--out", str(tmp_path / "x.json"), "--workers", "0"]
     with pytest.raises(SystemExit, match="--clip NAME_OR_PATH or --checkpoint"):
         spn.main(common)
     with pytest.raises(FileNotFoundError, match="captions file .*nope.json not found"):
-        spn.main(common + ["--clip", str(tmp_path / "micro.pt"), "--captions", str(tmp_path / "nope.json")])
-    caps = json.loads((tiny_toy / "image_captions.json").read_text())
+        spn.main(common + ["--clip", str(micro_clip), "--captions", str(tmp_path / "nope.json")])
+    caps = json.loads((toy_root / "image_captions.json").read_text())
     drop = ["train-0-1", "train-3-0", "train-7-5", "dev-0-0"]   # 3 training images, 1 val image (not used)
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps({k: v for k, v in caps.items() if k not in drop}))
-    args = common + ["--clip", str(tmp_path / "micro.pt"), "--captions", str(partial), "--window", "2", "5"]
-    n_train = len(data.CIRR(tiny_toy, "train", return_images=False).images)
+    args = common + ["--clip", str(micro_clip), "--captions", str(partial), "--window", "2", "5"]
+    n_train = len(data.CIRR(toy_root, "train", return_images=False).images)
     with pytest.raises(ValueError, match=f"3 of {n_train} images have no caption.*train-0-1"):
         spn.main(args)
     rows = spn.main(args + ["--skip-missing-captions"])
@@ -2272,7 +2258,6 @@ def test_cli_bad_inputs(tiny_toy, tmp_path, capsys):
 
 def _fake_fiq(root, cats=("dress", "shirt"), n=12):
     """A tiny FashionIQ train split: n images and n // 2 triplets per category, random-colour 32 px PNGs."""
-    from PIL import Image
     g = torch.Generator().manual_seed(0)
     (root / "images").mkdir(parents=True)
     caps = {}
@@ -2292,14 +2277,13 @@ def _fake_fiq(root, cats=("dress", "shirt"), n=12):
     return root
 
 
-def test_cli_fashioniq_pairs_within_category(tmp_path):
+def test_cli_fashioniq_pairs_within_category(micro_clip, tmp_path):
     torch.set_num_threads(1)
     root = _fake_fiq(tmp_path / "fiq")
-    torch.save(_micro_clip().state_dict(), tmp_path / "micro.pt")
     out = tmp_path / "extra.json"
     rows = spn.main(["--dataset", "fashioniq", "--data-root", str(root), "--captions", str(root / "caps.json"),
-                          "--categories", "dress", "shirt", "--clip", str(tmp_path / "micro.pt"), "--out", str(out),
-                          "--window", "1", "4", "--workers", "0"])
+                     "--categories", "dress", "shirt", "--clip", str(micro_clip), "--out", str(out),
+                     "--window", "1", "4", "--workers", "0"])
     assert len(rows) == 24 and {r["category"] for r in rows} == {"dress", "shirt"}
     assert all(r["reference"].startswith(r["category"]) and r["target"].startswith(r["category"]) for r in rows)
     ds = data.FashionIQ(root, ("dress", "shirt"), "train", extra_triplets=out, return_images=False)
