@@ -1,8 +1,9 @@
-"""The test suite: `python -m pytest test_all.py`.
+"""The test suite: `python -m pytest test_all.py`; the fast loop without the end-to-end tests (training runs,
+subprocesses of the scripts, torchrun and other multi-process tests): `python -m pytest test_all.py -k "not e2e"`.
 
 Every test checks real behaviour against an independent truth: OpenAI's CLIP code (`clip-anytorch`), scikit-learn,
 hand-computed small cases, the real CIRR / FashionIQ / Shoes annotation files in ../shared/data. No test downloads
-anything.
+anything. Tests are grouped by the file they check, in the order of the README's Files tables.
 """
 
 from pathlib import Path
@@ -1485,7 +1486,7 @@ def _train_args(root, clip, out, *extra):
             "--warmup-epochs", "1", *extra]
 
 
-def test_train_end_to_end_and_evaluate_reproduces(toy_root, micro_clip, tmp_path, capsys):
+def test_e2e_train_and_evaluate_reproduces(toy_root, micro_clip, tmp_path, capsys):
     out = train.main(_train_args(toy_root, micro_clip, tmp_path / "run"))
     for f in ("best.pt", "last.pt", "log.jsonl", "args.json", "recall.png", "loss_hist_epoch000.png"):
         assert (out / f).is_file(), f
@@ -1503,7 +1504,7 @@ def test_train_end_to_end_and_evaluate_reproduces(toy_root, micro_clip, tmp_path
     assert len(json.loads(paths[0].read_text())) == 2 + 40
 
 
-def test_resume_is_exact(toy_root, micro_clip, tmp_path, monkeypatch):
+def test_e2e_resume_is_exact(toy_root, micro_clip, tmp_path, monkeypatch):
     full = train.main(_train_args(toy_root, micro_clip, tmp_path / "full"))
     # the same run killed during epoch 1's validation: last.pt holds epoch 0 only
     calls = {"n": 0}
@@ -1529,7 +1530,7 @@ def test_resume_is_exact(toy_root, micro_clip, tmp_path, monkeypatch):
     assert a["history"][-1]["metrics"] == b["history"][-1]["metrics"]
 
 
-def test_text_only_training_uses_cached_tokens_and_freezes_images(toy_root, micro_clip, tmp_path):
+def test_e2e_text_only_training_uses_cached_tokens_and_freezes_images(toy_root, micro_clip, tmp_path):
     out = train.main(_train_args(toy_root, micro_clip, tmp_path / "txt", "--encoder", "text", "--epochs", "1"))
     before = torch.load(micro_clip, weights_only=True)
     after = torch.load(out / "last.pt", weights_only=True)["model"]
@@ -1553,7 +1554,7 @@ def _mini_shoes(tmp, n_train=48, n_test=30, n_unused=20):
 
 
 @pytest.mark.filterwarnings("ignore:nfb.py")   # identical placeholder images: equal losses, no GMM
-def test_shoes_train_end_to_end(micro_clip, tmp_path, capsys):
+def test_e2e_shoes_train_evaluate_and_spn(micro_clip, tmp_path, capsys):
     """train.py --dataset shoes for two steps with injected noise: validation on the test split,
     best.pt by the mean of R@1/10/50; evaluate.py reproduces the logged metrics; zero-shot CLIP
     evaluates; spn.py pairs Shoes training images."""
@@ -1626,7 +1627,7 @@ def _ddp_worker(rank, world, port, batch, state, out):
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one(tmp_path):
+def test_e2e_ddp_two_processes_match_one(tmp_path):
     """Two gloo processes with half the batch each = one process with the whole batch: train_step gives the same
     loss, the same gradients (targets are gathered with gradients) and the same weights after the step, and the
     per-pair losses merge into the same vector."""
@@ -1658,7 +1659,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert torch.allclose(merged, plain, rtol=1e-5)
 
 
-def test_torchrun_two_processes_train_end_to_end(toy_root, micro_clip, tmp_path):
+def test_e2e_torchrun_two_processes_train(toy_root, micro_clip, tmp_path):
     """train.py under torchrun (gloo on CPU): DistributedSampler, the NFB's merged losses and broadcast soft labels,
     rank 0 alone writing."""
     out = tmp_path / "ddp"
@@ -1679,7 +1680,7 @@ def test_torchrun_two_processes_train_end_to_end(toy_root, micro_clip, tmp_path)
 
 # ---- bad input: one clear line -------------------------------------------------------------------
 
-def test_bad_input_gives_one_clear_line(toy_root, micro_clip, tmp_path):
+def test_e2e_bad_input_gives_one_clear_line(toy_root, micro_clip, tmp_path):
     code, err = _cli("evaluate.py", "--checkpoint", str(tmp_path / "nope.pt"))
     assert code != 0 and len(err) == 1 and "nope.pt not found" in err[0]
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -1705,7 +1706,7 @@ def test_bad_input_gives_one_clear_line(toy_root, micro_clip, tmp_path):
         assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
 
 
-def test_corrupt_image_in_a_loader_worker_gives_one_line(toy_root, micro_clip, tmp_path):
+def test_e2e_corrupt_image_in_a_loader_worker_gives_one_line(toy_root, micro_clip, tmp_path):
     root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
     split = json.loads((root / "image_splits" / "split.rc2.train.json").read_text())
     bad = root / next(iter(split.values()))
@@ -1947,7 +1948,7 @@ def _audit_rows(folder, name="audit"):
     return [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
 
 
-def test_audit_finds_the_injected_noise_of_a_trained_run(audit_run, capsys):
+def test_e2e_audit_finds_the_injected_noise_of_a_trained_run(audit_run, capsys):
     """The run's own noise (its --noise, --noise-kind, --seed) is the truth: the most suspicious triplets are
     mostly the corrupted ones, far above the 30% of a random order."""
     root, out, s = audit_run
@@ -1969,7 +1970,7 @@ def test_audit_finds_the_injected_noise_of_a_trained_run(audit_run, capsys):
     assert (out / "audit.png").stat().st_size < 1_000_000
 
 
-def test_audit_rows_match_the_caption_file_and_the_checkpoint(audit_run):
+def test_e2e_audit_rows_match_the_caption_file_and_the_checkpoint(audit_run):
     """Every row is a training triplet of the caption file (by pairid), its target replaced where the truth says
     so; rows are sorted by w; w is the GMM of the listed losses; w_train is the checkpoint's NFB labels; rank and
     top 3 follow a plain ranking of the model's features."""
@@ -2061,7 +2062,7 @@ def test_audit_fashioniq_and_shoes_identifiers(micro_clip, tmp_path):
         assert (r["reference"], r["target"], r["text"]) == (*_pair(raw), raw["RelativeCaption"].strip())
 
 
-def test_audit_bad_input_one_line_before_encoding(audit_run, toy_root, micro_clip, tmp_path, monkeypatch):
+def test_e2e_audit_bad_input_one_line_before_encoding(audit_run, toy_root, micro_clip, tmp_path, monkeypatch):
     """A split without targets, another dataset than the run's, an output folder that cannot be written,
     --submission, bad noise flags: one line each, and nothing encoded."""
     root, out, _ = audit_run
@@ -2095,7 +2096,7 @@ def test_audit_bad_input_one_line_before_encoding(audit_run, toy_root, micro_cli
 
 # ---- more negatives: stage 2 and its bank --------------------------------------------------------
 
-def test_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, tmp_path):
+def test_e2e_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, tmp_path):
     stage1 = train.main(_train_args(toy_root, micro_clip, tmp_path / "s1", "--epochs", "1"))
     out = train.main(_train_args(toy_root, micro_clip, tmp_path / "s2", "--stage", "2", "--init",
                                  str(stage1 / "best.pt"), "--epochs", "1", "--lr", "1e-3"))
@@ -2214,7 +2215,7 @@ def test_generated_triplets_load_through_dataset(toy_root, tmp_path):
     assert not ds.noisy[len(base):].any()
 
 
-def test_cli_end_to_end_clip_and_checkpoint(toy_root, micro_clip, tmp_path, capsys):
+def test_spn_cli_with_clip_and_with_checkpoint(toy_root, micro_clip, tmp_path, capsys):
     torch.set_num_threads(1)
     common = ["--dataset", "toy", "--data-root", str(toy_root), "--window", "3", "8", "--workers", "0",
               "--batch-size", "64"]
@@ -2236,7 +2237,7 @@ def test_cli_end_to_end_clip_and_checkpoint(toy_root, micro_clip, tmp_path, caps
     assert len(rows) == 2 * len(refs) and {r["reference"] for r in rows} == refs
 
 
-def test_cli_bad_inputs(toy_root, micro_clip, tmp_path, capsys):
+def test_spn_cli_bad_inputs(toy_root, micro_clip, tmp_path, capsys):
     torch.set_num_threads(1)
     common = ["--dataset", "toy", "--data-root", str(toy_root), "--out", str(tmp_path / "x.json"), "--workers", "0"]
     with pytest.raises(SystemExit, match="--clip NAME_OR_PATH or --checkpoint"):
@@ -2277,7 +2278,7 @@ def _fake_fiq(root, cats=("dress", "shirt"), n=12):
     return root
 
 
-def test_cli_fashioniq_pairs_within_category(micro_clip, tmp_path):
+def test_spn_cli_fashioniq_pairs_within_category(micro_clip, tmp_path):
     torch.set_num_threads(1)
     root = _fake_fiq(tmp_path / "fiq")
     out = tmp_path / "extra.json"
@@ -2294,7 +2295,7 @@ def test_cli_fashioniq_pairs_within_category(micro_clip, tmp_path):
 # study.py and bench.py
 # ==================================================================================================
 
-def test_study_grid_resumes_and_reports(toy_root, tmp_path):
+def test_e2e_study_grid_resumes_and_reports(toy_root, tmp_path):
     import study
     argv = ["--noise", "0", "partial:0.4", "--methods", "infonce", "oracle", "ncl+spn", "--seeds", "0", "--epochs",
             "1", "--workers", "0", "--data-root", str(toy_root), "--out", str(tmp_path / "st")]
