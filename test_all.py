@@ -20,6 +20,7 @@ import subprocess
 import sys
 import urllib.request
 import warnings
+from types import SimpleNamespace
 
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -1469,6 +1470,83 @@ def test_toy_edit_type_matches_the_scene_change(toy_root):
 # train.py
 # ==================================================================================================
 
+def test_settings_resolve_presets_then_stage_2_then_the_command_line(tmp_path):
+    """The dataset's presets fill what the command line leaves open, stage 2's presets go over them, and a flag
+    given wins over both; nothing is read but --init's existence."""
+    s = train.settings(["--dataset", "cirr", "--data-root", str(tmp_path)])
+    assert (s.clip, s.epochs, s.lr, s.lr_wcb, s.tau, s.transform) == ("RN50x4", 10, 2e-6, 1e-4, 0.01, "targetpad")
+    assert (s.amp, s.workers, s.cache_images, s.group_batches, s.noise) == ("auto", 2, False, False, 0.0)
+    init = tmp_path / "best.pt"
+    init.write_bytes(b"")                           # only its existence is checked here
+    s = train.settings(["--dataset", "cirr", "--data-root", str(tmp_path), "--stage", "2", "--init", str(init),
+                        "--tau", "0.03", "--workers", "0"])
+    assert (s.epochs, s.lr, s.lr_wcb, s.tau, s.workers, s.wd) == (3, 2e-5, 1e-4, 0.03, 0, 0.05)
+    toy_s = train.settings([])
+    assert (toy_s.dataset, toy_s.clip, toy_s.tau, toy_s.cache_images, toy_s.data_root) == (
+        "toy", "tiny", 0.05, True, None)             # the toy's folder is chosen when the run is built
+    assert vars(train.defaults("toy")) == vars(toy_s)
+
+
+def _settings_errors(toy_dir):
+    """(train.py flags, the start of the error line after `error: `) of settings that cannot work."""
+    toy_args = ["--data-root", str(toy_dir)]
+    return [
+        (["--epochs", "-1", *toy_args], "--epochs -1"),
+        (["--tau", "0", *toy_args], "--tau 0.0"),
+        (["--noise", "1.5", *toy_args], "--noise 1.5"),
+        (["--noise-kind", "swap", *toy_args], "--noise-kind 'swap'"),
+        (["--wcb-maps", "1", *toy_args], "--wcb-maps 1"),
+        (["--stage", "2", *toy_args], "--stage 2 needs --init"),
+        (["--clip", "ViT-Z/1", *toy_args], "--clip ViT-Z/1: not a released model"),
+        (["--dataset", "fashioniq", "--data-root", str(toy_dir.parent), "--noise", "0.2", "--noise-kind", "partial"],
+         "--noise-kind partial"),
+        (["--dataset", "cirr", "--data-root", str(toy_dir.parent), "--oracle"], "--oracle"),
+        (["--dataset", "cirr", "--data-root", "/nonexistent", "--clip", "RN50x4"],
+         "--data-root /nonexistent: no such folder"),
+    ]
+
+
+def test_settings_errors_are_one_line_naming_the_flag(tmp_path, capsys):
+    """train.settings stops on each setting that cannot work with argparse's exit code and one line; the toy
+    folder named by --data-root is not generated (the subprocess test runs the command line itself)."""
+    for flags, expect in _settings_errors(tmp_path / "toy"):
+        with pytest.raises(SystemExit) as e:
+            train.settings(flags)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {expect}"), (flags, err)
+    assert not (tmp_path / "toy").exists()
+
+
+def test_stage_2_carries_stage_1_soft_labels_over_only_for_the_same_triplets(capsys):
+    """train.carry_over: the noise filter takes stage 1's labels (no warm-up) when both stages read the same
+    training triplets (same noise, noise kind, seed, missing images, extra triplets, count); else it warms up."""
+    settings = dict(noise=0.2, noise_kind="shuffle", seed=0, skip_missing=False, extra_triplets=None,
+                    warmup_epochs=1, init="s1/best.pt")
+    stage1 = NoiseFilter(10, warmup_epochs=0)
+    stage1.weights = torch.linspace(0, 1, 10)
+
+    def carried(init_args=settings, nfb=stage1.state_dict(), n=10, **change):
+        run = train.Run(SimpleNamespace(**{**settings, **change}), *[None] * 6, NoiseFilter(n, warmup_epochs=1),
+                        list(range(n)), None, None, [], None, Path("."))
+        train.carry_over(run, dict(args=init_args, nfb=nfb))
+        if run.nfb.active(0):
+            assert torch.equal(run.nfb.weights, stage1.weights)
+            return True
+        assert (run.nfb.weights == 1).all()
+        return False
+
+    assert carried() and "5 pairs flagged" in capsys.readouterr().out
+    for change in (dict(noise=0.3), dict(noise_kind="text"), dict(seed=1), dict(skip_missing=True),
+                   dict(extra_triplets="extra.json")):
+        assert not carried(**change)
+        assert f"its triplets differ ({next(iter(change))})" in capsys.readouterr().out
+    assert not carried(n=12) and "its triplets differ (count)" in capsys.readouterr().out
+    assert not carried(nfb=None) and "it has no NFB" in capsys.readouterr().out
+    # a stage-1 run from before --noise-kind existed corrupted targets
+    old = {k: v for k, v in settings.items() if k != "noise_kind"}
+    assert carried(old, noise_kind="target") and not carried(old)
+
+
 def test_epoch_order_sees_only_kept_triplets_as_often_as_a_full_epoch():
     keep = torch.tensor([i % 3 != 0 for i in range(30)])               # 20 kept (--oracle: the clean ones)
     order = train.epoch_order(keep, torch.Generator().manual_seed(0), (0, 1))
@@ -1486,8 +1564,15 @@ def _train_args(root, clip, out, *extra):
             "--warmup-epochs", "1", *extra]
 
 
-def test_e2e_train_and_evaluate_reproduces(toy_root, micro_clip, tmp_path, capsys):
-    out = train.main(_train_args(toy_root, micro_clip, tmp_path / "run"))
+@pytest.fixture(scope="module")
+def toy_run(toy_root, micro_clip, tmp_path_factory):
+    """A finished 2-epoch run on the toy (its own noise, the NFB from epoch 1): the run every test that needs one
+    reads (evaluation, an exact resume's reference, a resume's settings, stage 2's init)."""
+    return train.main(_train_args(toy_root, micro_clip, tmp_path_factory.mktemp("run") / "run"))
+
+
+def test_e2e_train_and_evaluate_reproduces(toy_run, tmp_path):
+    out = toy_run
     for f in ("best.pt", "last.pt", "log.jsonl", "args.json", "recall.png", "loss_hist_epoch000.png"):
         assert (out / f).is_file(), f
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
@@ -1504,8 +1589,8 @@ def test_e2e_train_and_evaluate_reproduces(toy_root, micro_clip, tmp_path, capsy
     assert len(json.loads(paths[0].read_text())) == 2 + 40
 
 
-def test_e2e_resume_is_exact(toy_root, micro_clip, tmp_path, monkeypatch):
-    full = train.main(_train_args(toy_root, micro_clip, tmp_path / "full"))
+def test_e2e_resume_is_exact(toy_root, micro_clip, toy_run, tmp_path, monkeypatch):
+    full = toy_run                                  # the same run, never stopped
     # the same run killed during epoch 1's validation: last.pt holds epoch 0 only
     calls = {"n": 0}
     real = evaluate.evaluate_sets
@@ -1528,6 +1613,17 @@ def test_e2e_resume_is_exact(toy_root, micro_clip, tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert torch.equal(a["nfb"]["weights"], b["nfb"]["weights"])
     assert a["history"][-1]["metrics"] == b["history"][-1]["metrics"]
+
+
+def test_e2e_resume_takes_the_runs_own_settings(toy_run):
+    """--resume: the settings are the run's args.json, whatever the dataset's presets say; only --amp and
+    --workers may be given again."""
+    saved = json.loads((toy_run / "args.json").read_text())
+    assert (saved["epochs"], saved["batch_size"], saved["noise"], saved["workers"]) == (2, 32, 0.0, 0)   # not presets
+    s = train.settings(["--resume", str(toy_run)])
+    assert vars(s) == {**saved, "resume": str(toy_run / "last.pt")}
+    s = train.settings(["--resume", str(toy_run / "last.pt"), "--workers", "3", "--amp", "none"])
+    assert vars(s) == {**saved, "resume": str(toy_run / "last.pt"), "workers": 3, "amp": "none"}
 
 
 def test_e2e_text_only_training_uses_cached_tokens_and_freezes_images(toy_root, micro_clip, tmp_path):
@@ -1596,7 +1692,6 @@ def test_e2e_shoes_train_evaluate_and_spn(micro_clip, tmp_path, capsys):
 def _step_run(model, net, rank=0, world=1):
     """The state train_step reads: a hand-made Run around a model (no data: the batch is given). SGD, so that the
     step's update is the gradient itself; clipping far above the gradients' norm."""
-    from types import SimpleNamespace
     args = SimpleNamespace(tau=0.05, div_weight=0.1, soft_label="weight", grad_clip=1e6)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     amp, scaler = runtime.autocast("auto", torch.device("cpu"))
@@ -1680,7 +1775,31 @@ def test_e2e_torchrun_two_processes_train(toy_root, micro_clip, tmp_path):
 
 # ---- bad input: one clear line -------------------------------------------------------------------
 
-def test_e2e_bad_input_gives_one_clear_line(toy_root, micro_clip, tmp_path):
+def test_e2e_settings_errors_one_line_before_any_data_or_model(tmp_path):
+    """A bad setting stops train.py / evaluate.py with one line `error: <flag> ...` before anything is read or
+    written: the toy folder named by --data-root is not generated, and with an empty HOME nothing lands in it,
+    so no CLIP was fetched into ~/.cache/clip (RN50x4 would be, were the data root not checked first)."""
+    home, toy_dir = tmp_path / "home", tmp_path / "toy"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), OMP_NUM_THREADS="1")
+    cases = [(["train.py", *flags], expect) for flags, expect in _settings_errors(toy_dir)
+             if flags[0] in ("--epochs", "--tau", "--noise", "--wcb-maps", "--stage") or "RN50x4" in flags]
+    cases.append((["evaluate.py", "--clip", "RN50x4", "--dataset", "cirr", "--data-root", "/nonexistent"],
+                  "--data-root /nonexistent: no such folder"))
+    assert len(cases) == 7
+    # side by side: each only starts Python and parses its flags
+    procs = [subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for cmd, _ in cases]
+    for (cmd, expect), p in zip(cases, procs):
+        err = p.communicate(timeout=120)[1].strip().splitlines()
+        assert p.returncode == (2 if cmd[0] == "train.py" else 1), (cmd, err)    # argparse's error code: 2
+        assert len(err) == 1 and err[0].startswith(f"error: {expect}"), (cmd, err)
+    assert not toy_dir.exists() and not list(home.rglob("*"))
+
+
+def test_e2e_bad_input_gives_one_clear_line(micro_clip, tmp_path):
+    """Files that are missing, corrupt, of another dataset or without the dataset's annotations: one line naming
+    the file."""
     code, err = _cli("evaluate.py", "--checkpoint", str(tmp_path / "nope.pt"))
     assert code != 0 and len(err) == 1 and "nope.pt not found" in err[0]
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -1690,20 +1809,10 @@ def test_e2e_bad_input_gives_one_clear_line(toy_root, micro_clip, tmp_path):
     torch.save(ckpt, tmp_path / "toy.pt")
     code, err = _cli("evaluate.py", "--checkpoint", str(tmp_path / "toy.pt"), "--dataset", "cirr")
     assert code != 0 and len(err) == 1 and "trained on toy" in err[0]
-    code, err = _cli("train.py", "--dataset", "cirr", "--data-root", str(tmp_path / "nowhere"), "--clip",
-                     str(micro_clip))
-    assert code == 2 and len(err) == 1 and "--data-root" in err[0] and "nowhere" in err[0]
     (tmp_path / "empty").mkdir()                    # a folder without CIRR's files: data.py names them
     code, err = _cli("train.py", "--dataset", "cirr", "--data-root", str(tmp_path / "empty"), "--clip",
                      str(micro_clip), "--out", str(tmp_path / "run"))
     assert code != 0 and len(err) == 1 and "empty" in err[0] and "captions" in err[0], err
-    code, err = _cli("train.py", "--clip", "ViT-Z/1", "--data-root", str(toy_root))
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: --clip ViT-Z/1: not a released model")
-    for flags, expect in ((["--noise", "1.5"], "--noise 1.5"), (["--noise-kind", "swap"], "--noise-kind 'swap'"),
-                          (["--dataset", "fashioniq", "--noise", "0.2", "--noise-kind", "partial"], "partial"),
-                          (["--dataset", "cirr", "--oracle"], "--oracle")):
-        code, err = _cli("train.py", *flags, "--data-root", str(tmp_path / "empty"))
-        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
 
 
 def test_e2e_corrupt_image_in_a_loader_worker_gives_one_line(toy_root, micro_clip, tmp_path):
@@ -1904,7 +2013,6 @@ def test_audit_scores_and_order_hand_made():
         assert s["loss"][i].item() == pytest.approx(loss, rel=1e-5, abs=1e-5)     # float32 log-softmax
         assert s["rank"][i].item() == ranked.index(tgt[i])
         assert s["top"][i].tolist() == [j for j in ranked if j != tgt[i]][:3]
-    from types import SimpleNamespace
     names = [f"im{j}" for j in range(5)]
     trips = SimpleNamespace(
         images=names, noisy=torch.tensor([False, True, False, False, True]),
@@ -2096,8 +2204,8 @@ def test_e2e_audit_bad_input_one_line_before_encoding(audit_run, toy_root, micro
 
 # ---- more negatives: stage 2 and its bank --------------------------------------------------------
 
-def test_e2e_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, tmp_path):
-    stage1 = train.main(_train_args(toy_root, micro_clip, tmp_path / "s1", "--epochs", "1"))
+def test_e2e_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, toy_run, tmp_path):
+    stage1 = toy_run
     out = train.main(_train_args(toy_root, micro_clip, tmp_path / "s2", "--stage", "2", "--init",
                                  str(stage1 / "best.pt"), "--epochs", "1", "--lr", "1e-3"))
     before = torch.load(stage1 / "best.pt", weights_only=True)["model"]
