@@ -78,6 +78,12 @@ def micro_clip(tmp_path_factory):
     return path
 
 
+@pytest.fixture(autouse=True)
+def fresh_process_messages():
+    """data.say prints a dataset's layout and noise lines once per process: each test starts as a fresh process."""
+    data._SAID.clear()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -868,6 +874,20 @@ def test_cirr_layout_variants(tmp_path, capsys, ann_sub, img_sub, label):
     assert len(ds) == 2297 and all(p.is_file() for p in ds.paths.values())
 
 
+def test_cirr_says_its_layout_once_per_process(cirr_root, capsys):
+    """The layout line is printed by the first dataset of a split, not by every view or copy of it."""
+    data.CIRR(cirr_root, "val", view="gallery")
+    data.CIRR(cirr_root, "val", view="gallery")
+    data.CIRR(cirr_root, "val", return_images=False)
+    data.CIRR(cirr_root, "test1", return_images=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"CIRR val: CIRR release layout (img_raw/): annotations {cirr_root}, images "
+                     f"{cirr_root / 'img_raw'}", lines[1]] and lines[1].startswith("CIRR test1: ")
+    data._SAID.clear()                              # what a new process remembers: nothing
+    data.CIRR(cirr_root, "val", view="gallery")
+    assert capsys.readouterr().out.splitlines() == lines[:1]
+
+
 def make_cirr_train(tmp, n_rows=300):
     """cap.rc2.train.json is not in the shared copy: a train split made of real val rows (their img_set members
     included), with CIRR's nested train/<k>/ folders. Returns the rows."""
@@ -1200,6 +1220,26 @@ def test_wrong_root(tmp_path):
         data.CIRR(root, "val", skip_missing=True)
     with pytest.raises(ValueError, match="split"):
         data.CIRR(root, "test")
+
+
+def test_dataset_of_a_runs_settings(toy_root, fiq_root, shoes_root):
+    """data.dataset: the loader the settings name, the injected noise on the training triplets only."""
+    s = SimpleNamespace(dataset="toy", data_root=toy_root, categories=CATS, skip_missing=False, noise=0.2,
+                        noise_kind="text", seed=1, extra_triplets=None)
+    train_set = data.dataset(s, "train", "triplets", return_images=False)
+    want = data.CIRR(toy_root, "train", noise=data.Noise(0.2, "text", 1), return_images=False)
+    assert train_set.triplets == want.triplets and torch.equal(train_set.noisy, want.noisy)
+    assert train_set[0] == want[0] and data.dataset(s, "train", "triplets")[0][0].shape == (3, 32, 32)
+    gallery = data.dataset(s, "train", "gallery", transform=lambda im: 0)
+    own = data.CIRR(toy_root, "train", return_images=False).noisy                   # the toy's own noise only
+    assert gallery.images == want.images and gallery[3] == (3, 0) and torch.equal(gallery.noisy, own)
+    val = data.dataset(s, "val", "triplets", return_images=False)      # evaluation splits carry no noise
+    assert val.triplets == data.CIRR(toy_root, "val", return_images=False).triplets
+    s.dataset, s.data_root, s.categories = "fashioniq", fiq_root, ("dress", "shirt")
+    fiq = data.dataset(s, "val", "triplets", return_images=False)
+    assert fiq.triplets == data.FashionIQ(fiq_root, ("dress", "shirt"), "val", return_images=False).triplets
+    s.dataset, s.data_root = "shoes", shoes_root
+    assert data.dataset(s, "test", "gallery").images == _shoes_names("test")
 
 
 # ---- noise injection -----------------------------------------------------------------------------
