@@ -2006,6 +2006,80 @@ def test_shoes_metrics_real_test_split_against_loop():
     assert ours["R@50"] > 30
 
 
+# ---- features sharded over processes --------------------------------------------------------------
+
+def _sharded_encodings(state, root, rank=0, world=1, bank_path=None):
+    """What an Encoder of rank `rank` of `world` computes with the micro model `state` on the toy: validation
+    metrics and features, SPN's token cache and bank of the training images. Batches of 4 cut every rank's share
+    where one process cuts its whole set (24 of 48 val images, 20 of 40 queries, 96 of 192 training images)."""
+    model = CIRModel(CLIP(**MICRO))
+    model.load_state_dict(state)
+    enc = evaluate.Encoder(model, batch_size=4, workers=0, rank=rank, world=world)
+    transform = M.make_transform("clip", MICRO["image_resolution"])
+    s = SimpleNamespace(dataset="toy", data_root=root, categories=None, skip_missing=False)
+    feats = {}
+    metrics = evaluate.evaluate_sets(enc, evaluate.eval_sets(s, "val", transform), "toy", feats)
+    gallery = data.CIRR(root, "train", view="gallery", transform=transform)
+    tokens = spn.cache_image_tokens(enc, gallery)
+    f_ref, bank = spn.build_bank(enc, gallery, bank_path)
+    return dict(metrics=metrics, q=feats["cirr"][0], g=feats["cirr"][1], tokens=tokens, f_ref=f_ref, bank=bank)
+
+
+def _sharded_worker(rank, world, port, state, root, out):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    res = _sharded_encodings(state, root, rank, world, out / f"bank{rank}.pt")
+    # runtime's helpers on shares that do not split evenly: rows 0-3 on rank 0, 4-6 on rank 1
+    mine = torch.tensor_split(torch.arange(21.0).view(7, 3), world)[rank]
+    res["rows"] = runtime.gather_rows(mine, 7)
+    losses = torch.full((8,), float("nan"))          # rank 0 saw pairs 0-4, rank 1 pairs 3-6, nobody pair 7
+    seen = slice(0, 5) if rank == 0 else slice(3, 7)
+    losses[seen] = torch.tensor([1.0, 2, 3, 4, 5]) if rank == 0 else torch.tensor([10.0, 20, 30, 40])
+    res["merged"] = runtime.merge_losses(losses)
+    torch.save(res, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded(toy_root, tmp_path_factory):
+    """One micro model (WCB heads on) encoding the toy in two gloo processes, each its share, and in this one.
+    Returns (this process's results, each rank's results, the folder of the banks)."""
+    import torch.multiprocessing as mp
+    torch.manual_seed(2)
+    model = CIRModel(CLIP(**MICRO))
+    with torch.no_grad():                      # non-zero α: the WCB heads change the features
+        for head in (model.wcb_txt, model.wcb_ref, model.wcb_tar):
+            head.alpha.fill_(0.5)
+    state = model.state_dict()
+    out = tmp_path_factory.mktemp("sharded")
+    ctx, port = mp.get_context("spawn"), _free_port()
+    procs = [ctx.Process(target=_sharded_worker, args=(r, 2, port, state, toy_root, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                   # as the workers: the same kernels, the same last bits
+    try:
+        one = _sharded_encodings(state, toy_root, bank_path=out / "bank.pt")
+    finally:
+        torch.set_num_threads(threads)
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    return one, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)], out
+
+
+def test_e2e_validation_sharded_over_two_processes_matches_one(sharded):
+    """evaluate.Encoder under DDP: each rank encodes its share of the val images and queries, the rows are
+    gathered in order, and every rank's metrics are one process's."""
+    one, ranks, _ = sharded
+    assert one["q"].shape == (40, MICRO["embed_dim"]) and one["g"].shape == (TOY_IMAGES["val"], MICRO["embed_dim"])
+    for r in ranks:
+        assert r["metrics"] == one["metrics"]
+        assert torch.allclose(r["q"], one["q"], atol=1e-6) and torch.allclose(r["g"], one["g"], atol=1e-6)
+
+
 # ---- submission files ----------------------------------------------------------------------------
 
 def test_submission_files_and_checker(tmp_path):
@@ -2269,6 +2343,20 @@ def test_e2e_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, toy_run
             assert torch.allclose(bank["ref"][i], model.image_features(tok, "ref")[0][0], atol=1e-5)
 
 
+def test_e2e_token_cache_and_bank_sharded_over_two_processes_match_one(sharded):
+    """spn.cache_image_tokens and spn.build_bank under DDP: every rank holds every training image's tokens, f_ref
+    and bank row, as one process computes them; rank 0 alone writes bank.pt."""
+    one, ranks, out = sharded
+    n, m = TOY_IMAGES["train"], (MICRO["image_resolution"] // MICRO["vision_patch_size"]) ** 2
+    assert one["tokens"].shape == (n, 1 + m, MICRO["embed_dim"]) and one["tokens"].dtype == torch.float16
+    assert torch.allclose(one["bank"].norm(dim=-1), torch.ones(n))
+    for r in ranks:
+        assert torch.allclose(r["tokens"].float(), one["tokens"].float(), atol=1e-3)
+        assert torch.allclose(r["f_ref"], one["f_ref"], atol=1e-6) and torch.allclose(r["bank"], one["bank"], atol=1e-6)
+    saved = torch.load(out / "bank0.pt", weights_only=True)
+    assert torch.allclose(saved["bank"], one["bank"], atol=1e-6) and not (out / "bank1.pt").exists()
+
+
 # ---- more positives: triplets from a window of the similarity ranking ----------------------------
 
 def _template_regexes():
@@ -2437,6 +2525,22 @@ def test_spn_cli_fashioniq_pairs_within_category(micro_clip, tmp_path):
     assert all(r["reference"].startswith(r["category"]) and r["target"].startswith(r["category"]) for r in rows)
     ds = data.FashionIQ(root, ("dress", "shirt"), "train", extra_triplets=out, return_images=False)
     assert len(ds) == 12 + 24 and ds.triplets[-1]["category"] == "shirt"
+
+
+# ==================================================================================================
+# runtime.py (DDP helpers, checkpoints, plots)
+# ==================================================================================================
+
+def test_e2e_gather_rows_and_merge_losses_over_two_processes(sharded):
+    """gather_rows: uneven shares (4 + 3 rows) back in order on every rank; merge_losses: a pair seen by both ranks
+    gets the mean of its two losses, a pair seen by none stays NaN (hand-computed)."""
+    _, ranks, _ = sharded
+    want = torch.tensor([1.0, 2, 3, (4 + 10) / 2, (5 + 20) / 2, 30, 40, float("nan")])
+    for r in ranks:
+        assert torch.equal(r["rows"], torch.arange(21.0).view(7, 3))
+        assert torch.allclose(r["merged"], want, equal_nan=True)
+    one = torch.arange(6.0)                         # one process: both are the identity
+    assert runtime.gather_rows(one, 6) is one and runtime.merge_losses(one) is one
 
 
 # ==================================================================================================
