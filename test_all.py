@@ -403,6 +403,30 @@ def test_decoded_pixels_give_the_transform_exactly(name):
         assert torch.equal(M.normalize_pixels(px[None])[0], M.make_transform(name, 48)(img))
 
 
+# ---- CIRModel: CLIP with three WCB heads -----------------------------------------------------------
+
+def test_cir_model_is_the_clip_sum_without_wcb_and_at_init():
+    """q = normalize(f_txt + f_ref), t = normalize(f_tar) from OpenAI's own features: without WCB heads (CLIP4Cir's
+    sum baseline) and with heads at init (α = 0); cached tokens and SPN's cached f_ref give the same q."""
+    ref = _reference_model("vit")
+    clip = M.build_clip(ref.state_dict())
+    text, a, b = M.tokenize(CAPTIONS[:3]), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want_q = F.normalize(ref.encode_text(text) + ref.encode_image(a), dim=-1)
+        want_t = F.normalize(ref.encode_image(b), dim=-1)
+        for wcb in (False, True):
+            model = CIRModel(clip, wcb=wcb).eval()
+            q, t, pen = model(text, ref_images=a, tgt_images=b)
+            assert _close(q, want_q) and _close(t, want_t) and (pen == 0) == (not wcb)
+            q2, t2, _ = model(text, ref_tokens=model.image_tokens(a), tgt_tokens=model.image_tokens(b))
+            assert _close(q2, q) and _close(t2, t)
+            f_ref, _ = model.image_features(model.image_tokens(a), "ref")
+            q3, t3, _ = model(text, ref_feats=f_ref)
+            assert _close(q3, q) and t3 is None
+    assert not clip.logit_scale.requires_grad                       # τ is fixed: CLIP's scale is not trained
+    assert sum(k.startswith("wcb_") for k in CIRModel(clip, wcb=False).state_dict()) == 0
+
+
 # ---- tokenizer.py --------------------------------------------------------------------------------
 
 def _all_captions():
@@ -593,6 +617,22 @@ def test_noise_filter_warmup_update_stats_and_state(tmp_path):
     assert nf2.warmup_epochs == 2 and nf2.backend == "torch" and torch.equal(nf2.noisy_gt, noisy)
     with pytest.raises(ValueError, match="nfb.py"):
         nf.update(losses[:10], 3)
+
+
+def test_carry_over_installs_stage_1_labels_without_a_warm_up():
+    """SPN's stage 2: the noise filter takes stage 1's soft labels (a copy) and uses them from epoch 0."""
+    losses, _ = _bimodal(300, 0.3, 1)
+    stage1 = NoiseFilter(300, warmup_epochs=0, backend="torch")
+    stage1.update(losses, 0)
+    sd, w1 = stage1.state_dict(), stage1.weights.clone()
+    nf = NoiseFilter(300, warmup_epochs=2)
+    assert not nf.active(0)
+    nf.carry_over(sd)
+    assert nf.active(0) and torch.equal(nf.weights, w1) and (w1 < 0.5).any() and (w1 > 0.5).any()
+    sd["weights"].fill_(0.5)                        # a copy: stage 1's tensor is not shared
+    assert torch.equal(nf.weights, w1)
+    with pytest.raises(ValueError, match="nfb.py: stage 1's noise filter has 300 pairs, this run 200"):
+        NoiseFilter(200).carry_over(sd)
 
 
 @pytest.mark.parametrize("backend", ["sklearn", "torch"])
@@ -2530,6 +2570,78 @@ def test_spn_cli_fashioniq_pairs_within_category(micro_clip, tmp_path):
 # ==================================================================================================
 # runtime.py (DDP helpers, checkpoints, plots)
 # ==================================================================================================
+
+def test_autocast_on_cpu_is_full_precision_with_a_disabled_scaler():
+    """On a CPU every --amp is fp32, and the GradScaler's calls pass through: scale gives the loss itself."""
+    x = torch.randn(4, 4, requires_grad=True)
+    for amp in ("auto", "bf16", "fp16", "none"):
+        ctx, scaler = runtime.autocast(amp, torch.device("cpu"))
+        with ctx:
+            y = (x @ x).sum()
+        assert y.dtype == torch.float32 and isinstance(scaler, torch.amp.GradScaler) and not scaler.is_enabled()
+        assert scaler.scale(y) is y
+
+
+def test_checkpoints_load_in_one_line_and_build_the_model(tmp_path):
+    """load_checkpoint: a missing, corrupt or foreign file is one line naming it and the fix; build_model gives
+    back the saved CIRModel (architecture from the weights' shapes, WCB settings from args), same outputs."""
+    torch.manual_seed(0)
+    model = CIRModel(CLIP(**MICRO), n_maps=3, wcb_hidden=8).eval()
+    with torch.no_grad():
+        for head in (model.wcb_txt, model.wcb_ref, model.wcb_tar):
+            head.alpha.fill_(0.5)
+    runtime.atomic_save(dict(model=model.state_dict(), args=dict(no_wcb=False, wcb_maps=3, wcb_hidden=8)),
+                        tmp_path / "best.pt")
+    assert not (tmp_path / "best.pt.tmp").exists()
+    again = runtime.build_model(runtime.load_checkpoint(tmp_path / "best.pt")).eval()
+    text, images = tokenize(["make the circle red", "remove the square"]), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(model(text, ref_images=images, tgt_images=images),
+                        again(text, ref_images=images, tgt_images=images)):
+            assert torch.equal(a, b)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save(model.clip.state_dict(), tmp_path / "clip.pt")
+    for path, flag, msg in ((tmp_path / "nope.pt", "--resume", r"nope\.pt not found .*--resume runs/<run>/last\.pt"),
+                            (tmp_path / "junk.pt", "--init", r"junk\.pt is not a readable checkpoint .*corrupt"),
+                            (tmp_path / "clip.pt", "--checkpoint", r"not a checkpoint of this project.*--clip")):
+        with pytest.raises(SystemExit, match=msg) as e:
+            runtime.load_checkpoint(path, flag)
+        assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+
+
+def test_strict_json_and_error_line():
+    """NaN and inf become null, so a strict JSON reader takes a log line; a loader worker's error comes back with
+    its whole traceback, and error_line keeps its message only."""
+    rec = runtime.strict_json(dict(a=[1.0, math.nan], b=(math.inf, "x"), c=dict(d=-math.inf, e=2)))
+    assert rec == dict(a=[1.0, None], b=[None, "x"], c=dict(d=None, e=2))
+    json.dumps(rec, allow_nan=False)
+    worker = OSError("Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                     '  File "data.py", line 80, in load\nOSError: cannot read image /x/a.png: truncated')
+    assert runtime.error_line(worker) == "cannot read image /x/a.png: truncated"
+    assert runtime.error_line(ValueError(" --noise 1.5: in [0, 1] ")) == "--noise 1.5: in [0, 1]"
+
+
+def test_plots_are_pngs_of_their_layout(toy_root, tmp_path):
+    """Each plot is a PNG of its figure's size at its dpi (width x height in inches x dpi); the loss histogram
+    is not drawn when nothing was seen or no GMM was fitted."""
+    losses, noisy = _bimodal(300, 0.3, 0)
+    stats = NoiseFilter(300, warmup_epochs=0).update(losses, 0)
+    runtime.loss_histogram(losses, stats, tmp_path / "hist.png", 0, noisy)
+    runtime.loss_histogram(torch.full((300,), math.nan), stats, tmp_path / "unseen.png")
+    runtime.loss_histogram(losses, dict(stats, means=[math.nan, math.nan]), tmp_path / "nofit.png")
+    history = [dict(epoch=e, metrics={"R@1": 10.0 + e, "Rsubset@1": 30.0 + e, "avg": 20.0}) for e in range(3)]
+    runtime.recall_curves(history, tmp_path / "recall.png")
+    img = sorted(toy_root.rglob("*.png"))[:5]
+    runtime.query_grid([(img[0], "make it red", [(img[1], False), (img[2], True)]),
+                        (img[3], "remove the square", [(img[4], True)])], tmp_path / "grid.png")
+    runtime.audit_sheet([(img[k], f"edit {k}", img[k + 1], img[k + 2], f"#{k + 1}") for k in range(3)],
+                        tmp_path / "sheet.png")
+    sizes = {"hist": (660, 385), "recall": (660, 385), "grid": (540, 400), "sheet": (864, 200)}
+    for name, size in sizes.items():
+        with Image.open(tmp_path / f"{name}.png") as im:
+            assert im.format == "PNG" and im.size == size, name
+    assert not (tmp_path / "unseen.png").exists() and not (tmp_path / "nofit.png").exists()
+
 
 def test_e2e_gather_rows_and_merge_losses_over_two_processes(sharded):
     """gather_rows: uneven shares (4 + 3 rows) back in order on every rank; merge_losses: a pair seen by both ranks
