@@ -2690,3 +2690,22 @@ def test_e2e_study_grid_resumes_and_reports(toy_root, tmp_path):
     rows = (tmp_path / "st/results.md").read_text().splitlines()
     row = [line for line in rows if line.startswith("| 0% | ncl |")][-1]                # the edit-type table's row
     assert row.split(" | ")[7] == f"{100 * sum(move) / len(move):.1f}"
+
+
+def test_e2e_bench_train_runs_on_the_training_api(toy_root, micro_clip, tmp_path, monkeypatch, capsys):
+    """bench.py train builds its run with train.settings / build and times train_epoch, gallery_losses and
+    validation: on the shared toy and micro CLIP it prints its three tables, every time positive. (Its speed is
+    measured by bench.py, never here: the matmul peak is a stand-in.)"""
+    import bench
+    settings = train.settings
+    monkeypatch.setattr(train, "settings", lambda argv: settings([*argv, "--data-root", str(toy_root), "--clip",
+                                                                  str(micro_clip), "--batch-size", "32",
+                                                                  "--workers", "0"]))
+    monkeypatch.setattr(bench, "matmul_peak", lambda: 1e12)
+    monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda prefix: str(tmp_path / prefix))    # its run folder
+    bench.bench_train(SimpleNamespace(steps=2))
+    out = capsys.readouterr().out
+    for title in ("toy training step (batch 32", "the step's arithmetic", "NFB per epoch (5 steps", "--encoder text"):
+        assert title in out, title
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert float(rows["data"][1]) >= 0 and float(rows["step"][1]) > 0 and float(rows["total"][1]) > 0
