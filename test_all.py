@@ -403,7 +403,7 @@ def test_decoded_pixels_give_the_transform_exactly(name):
         assert torch.equal(M.normalize_pixels(px[None])[0], M.make_transform(name, 48)(img))
 
 
-# ---- CIRModel: CLIP with three WCB heads -----------------------------------------------------------
+# ---- CIRModel: CLIP with three WCB heads ---------------------------------------------------------
 
 def test_cir_model_is_the_clip_sum_without_wcb_and_at_init():
     """q = normalize(f_txt + f_ref), t = normalize(f_tar) from OpenAI's own features: without WCB heads (CLIP4Cir's
@@ -1262,6 +1262,8 @@ def test_wrong_root(tmp_path):
         data.CIRR(root, "test")
 
 
+# ---- data.dataset: the loader a run's settings name ----------------------------------------------
+
 def test_dataset_of_a_runs_settings(toy_root, fiq_root, shoes_root):
     """data.dataset: the loader the settings name, the injected noise on the training triplets only."""
     s = SimpleNamespace(dataset="toy", data_root=toy_root, categories=CATS, skip_missing=False, noise=0.2,
@@ -1549,6 +1551,8 @@ def test_toy_edit_type_matches_the_scene_change(toy_root):
 # ==================================================================================================
 # train.py
 # ==================================================================================================
+
+# ---- settings, the epoch, stage 2's carry-over ---------------------------------------------------
 
 def test_settings_resolve_presets_then_stage_2_then_the_command_line(tmp_path):
     """The dataset's presets fill what the command line leaves open, stage 2's presets go over them, and a flag
@@ -2046,7 +2050,7 @@ def test_shoes_metrics_real_test_split_against_loop():
     assert ours["R@50"] > 30
 
 
-# ---- features sharded over processes --------------------------------------------------------------
+# ---- features sharded over processes -------------------------------------------------------------
 
 def _sharded_encodings(state, root, rank=0, world=1, bank_path=None):
     """What an Encoder of rank `rank` of `world` computes with the micro model `state` on the toy: validation
@@ -2571,6 +2575,22 @@ def test_spn_cli_fashioniq_pairs_within_category(micro_clip, tmp_path):
 # runtime.py (DDP helpers, checkpoints, plots)
 # ==================================================================================================
 
+# ---- DDP helpers ---------------------------------------------------------------------------------
+
+def test_e2e_gather_rows_and_merge_losses_over_two_processes(sharded):
+    """gather_rows: uneven shares (4 + 3 rows) back in order on every rank; merge_losses: a pair seen by both ranks
+    gets the mean of its two losses, a pair seen by none stays NaN (hand-computed)."""
+    _, ranks, _ = sharded
+    want = torch.tensor([1.0, 2, 3, (4 + 10) / 2, (5 + 20) / 2, 30, 40, float("nan")])
+    for r in ranks:
+        assert torch.equal(r["rows"], torch.arange(21.0).view(7, 3))
+        assert torch.allclose(r["merged"], want, equal_nan=True)
+    one = torch.arange(6.0)                         # one process: both are the identity
+    assert runtime.gather_rows(one, 6) is one and runtime.merge_losses(one) is one
+
+
+# ---- precision, checkpoints, logs, plots ---------------------------------------------------------
+
 def test_autocast_on_cpu_is_full_precision_with_a_disabled_scaler():
     """On a CPU every --amp is fp32, and the GradScaler's calls pass through: scale gives the loss itself."""
     x = torch.randn(4, 4, requires_grad=True)
@@ -2641,18 +2661,6 @@ def test_plots_are_pngs_of_their_layout(toy_root, tmp_path):
         with Image.open(tmp_path / f"{name}.png") as im:
             assert im.format == "PNG" and im.size == size, name
     assert not (tmp_path / "unseen.png").exists() and not (tmp_path / "nofit.png").exists()
-
-
-def test_e2e_gather_rows_and_merge_losses_over_two_processes(sharded):
-    """gather_rows: uneven shares (4 + 3 rows) back in order on every rank; merge_losses: a pair seen by both ranks
-    gets the mean of its two losses, a pair seen by none stays NaN (hand-computed)."""
-    _, ranks, _ = sharded
-    want = torch.tensor([1.0, 2, 3, (4 + 10) / 2, (5 + 20) / 2, 30, 40, float("nan")])
-    for r in ranks:
-        assert torch.equal(r["rows"], torch.arange(21.0).view(7, 3))
-        assert torch.allclose(r["merged"], want, equal_nan=True)
-    one = torch.arange(6.0)                         # one process: both are the identity
-    assert runtime.gather_rows(one, 6) is one and runtime.merge_losses(one) is one
 
 
 # ==================================================================================================
