@@ -1,9 +1,12 @@
-"""The test suite: `python -m pytest test_all.py`; the fast loop without the end-to-end tests (training runs,
-subprocesses of the scripts, torchrun and other multi-process tests): `python -m pytest test_all.py -k "not e2e"`.
+"""The test suite: `python -m pytest test_all.py`. The fast loop leaves out the end-to-end tests
+(training runs, subprocesses of the scripts, torchrun and other multi-process tests):
 
-Every test checks real behaviour against an independent truth: OpenAI's CLIP code (`clip-anytorch`), scikit-learn,
-hand-computed small cases, the real CIRR / FashionIQ / Shoes annotation files in ../shared/data. No test downloads
-anything. Tests are grouped by the file they check, in the order of the README's Files tables.
+    python -m pytest test_all.py -k "not e2e"
+
+Every test checks real behaviour against an independent truth: OpenAI's CLIP code (`clip-anytorch`),
+scikit-learn, hand-computed small cases, the real CIRR / FashionIQ / Shoes annotation files in
+../shared/data. No test downloads anything. Tests are grouped by the file they check, in the order
+of the README's Files tables.
 """
 
 from pathlib import Path
@@ -54,11 +57,12 @@ from spn import TEMPLATES, generate_triplets
 REPO = Path(__file__).resolve().parent
 SHARED = REPO.parent / "shared"
 
-# The toy set of every test that reads one: 32 training groups (160 triplets over 192 images, a quarter of their
-# targets wrong), 8 val and 8 test1 groups, 32-px images for the micro CLIP. Only the audit trains on another (why
-# there).
+# The toy set of every test that reads one: 32 training groups (160 triplets over 192 images, a
+# quarter of their targets wrong), 8 val and 8 test1 groups, 32-px images for the micro CLIP.
+# Only the audit trains on another (why there).
 TOY = dict(seed=3, noise=0.25, image_size=32, n_train=160, n_val=40, n_test=40)
-TOY_IMAGES = {"train": 160 // 5 * 6, "val": 40 // 5 * 6, "test1": 40 // 5 * 6}    # groups of 5 edits + the base
+# groups of 5 edits + the base
+TOY_IMAGES = {"train": 160 // 5 * 6, "val": 40 // 5 * 6, "test1": 40 // 5 * 6}
 # a CLIP small enough for a CPU test: 32 px, 4 patches of 16, width 64
 MICRO = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
              context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
@@ -80,7 +84,8 @@ def micro_clip(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_process_messages():
-    """data.say prints a dataset's layout and noise lines once per process: each test starts as a fresh process."""
+    """data.say prints a dataset's layout and noise lines once per process: each test starts as a
+    fresh process."""
     data._SAID.clear()
 
 
@@ -406,8 +411,9 @@ def test_decoded_pixels_give_the_transform_exactly(name):
 # ---- CIRModel: CLIP with three WCB heads ---------------------------------------------------------
 
 def test_cir_model_is_the_clip_sum_without_wcb_and_at_init():
-    """q = normalize(f_txt + f_ref), t = normalize(f_tar) from OpenAI's own features: without WCB heads (CLIP4Cir's
-    sum baseline) and with heads at init (α = 0); cached tokens and SPN's cached f_ref give the same q."""
+    """q = normalize(f_txt + f_ref), t = normalize(f_tar) from OpenAI's own features: without WCB
+    heads (CLIP4Cir's sum baseline) and with heads at init (α = 0); cached tokens and SPN's
+    cached f_ref give the same q."""
     ref = _reference_model("vit")
     clip = M.build_clip(ref.state_dict())
     text, a, b = M.tokenize(CAPTIONS[:3]), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
@@ -418,12 +424,13 @@ def test_cir_model_is_the_clip_sum_without_wcb_and_at_init():
             model = CIRModel(clip, wcb=wcb).eval()
             q, t, pen = model(text, ref_images=a, tgt_images=b)
             assert _close(q, want_q) and _close(t, want_t) and (pen == 0) == (not wcb)
-            q2, t2, _ = model(text, ref_tokens=model.image_tokens(a), tgt_tokens=model.image_tokens(b))
+            tok_a, tok_b = model.image_tokens(a), model.image_tokens(b)
+            q2, t2, _ = model(text, ref_tokens=tok_a, tgt_tokens=tok_b)
             assert _close(q2, q) and _close(t2, t)
             f_ref, _ = model.image_features(model.image_tokens(a), "ref")
             q3, t3, _ = model(text, ref_feats=f_ref)
             assert _close(q3, q) and t3 is None
-    assert not clip.logit_scale.requires_grad                       # τ is fixed: CLIP's scale is not trained
+    assert not clip.logit_scale.requires_grad              # τ is fixed: CLIP's scale is not trained
     assert sum(k.startswith("wcb_") for k in CIRModel(clip, wcb=False).state_dict()) == 0
 
 
@@ -620,7 +627,8 @@ def test_noise_filter_warmup_update_stats_and_state(tmp_path):
 
 
 def test_carry_over_installs_stage_1_labels_without_a_warm_up():
-    """SPN's stage 2: the noise filter takes stage 1's soft labels (a copy) and uses them from epoch 0."""
+    """SPN's stage 2: the noise filter takes stage 1's soft labels (a copy) and uses them from
+    epoch 0."""
     losses, _ = _bimodal(300, 0.3, 1)
     stage1 = NoiseFilter(300, warmup_epochs=0, backend="torch")
     stage1.update(losses, 0)
@@ -631,7 +639,8 @@ def test_carry_over_installs_stage_1_labels_without_a_warm_up():
     assert nf.active(0) and torch.equal(nf.weights, w1) and (w1 < 0.5).any() and (w1 > 0.5).any()
     sd["weights"].fill_(0.5)                        # a copy: stage 1's tensor is not shared
     assert torch.equal(nf.weights, w1)
-    with pytest.raises(ValueError, match="nfb.py: stage 1's noise filter has 300 pairs, this run 200"):
+    msg = "nfb.py: stage 1's noise filter has 300 pairs, this run 200"
+    with pytest.raises(ValueError, match=msg):
         NoiseFilter(200).carry_over(sd)
 
 
@@ -915,7 +924,8 @@ def test_cirr_layout_variants(tmp_path, capsys, ann_sub, img_sub, label):
 
 
 def test_cirr_says_its_layout_once_per_process(cirr_root, capsys):
-    """The layout line is printed by the first dataset of a split, not by every view or copy of it."""
+    """The layout line is printed by the first dataset of a split, not by every view or copy of
+    it."""
     data.CIRR(cirr_root, "val", view="gallery")
     data.CIRR(cirr_root, "val", view="gallery")
     data.CIRR(cirr_root, "val", return_images=False)
@@ -1164,13 +1174,15 @@ def test_shoes_bad_root_one_line(tmp_path, micro_clip, capsys):
     (root / "train_im_names.txt").write_text("\n")
     with pytest.raises(ValueError, match="train_im_names.txt names no image"):
         data.Shoes(root, "train")
-    with pytest.raises(SystemExit):                 # no folder: train.settings stops first, one line
+    with pytest.raises(SystemExit):                # no folder: train.settings stops first, one line
         train.main(["--dataset", "shoes", "--data-root", str(tmp_path / "nowhere"),
                     "--clip", str(micro_clip)])
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: --data-root {tmp_path / 'nowhere'}: no such folder; point it at the shoes dataset folder"]
+        f"error: --data-root {tmp_path / 'nowhere'}: no such folder; point it at the shoes dataset "
+        "folder"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError) as e:     # a folder without the files: train.py prints one line
+    # a folder without the files: train.py prints one line
+    with pytest.raises(FileNotFoundError) as e:
         train.main(["--dataset", "shoes", "--data-root", str(tmp_path / "empty"),
                     "--clip", str(micro_clip), "--out", str(tmp_path / "run")])
     assert len(runtime.error_line(e.value).splitlines()) == 1
@@ -1265,21 +1277,26 @@ def test_wrong_root(tmp_path):
 # ---- data.dataset: the loader a run's settings name ----------------------------------------------
 
 def test_dataset_of_a_runs_settings(toy_root, fiq_root, shoes_root):
-    """data.dataset: the loader the settings name, the injected noise on the training triplets only."""
-    s = SimpleNamespace(dataset="toy", data_root=toy_root, categories=CATS, skip_missing=False, noise=0.2,
-                        noise_kind="text", seed=1, extra_triplets=None)
+    """data.dataset: the loader the settings name, the injected noise on the training triplets
+    only."""
+    s = SimpleNamespace(dataset="toy", data_root=toy_root, categories=CATS, skip_missing=False,
+                        noise=0.2, noise_kind="text", seed=1, extra_triplets=None)
     train_set = data.dataset(s, "train", "triplets", return_images=False)
     want = data.CIRR(toy_root, "train", noise=data.Noise(0.2, "text", 1), return_images=False)
     assert train_set.triplets == want.triplets and torch.equal(train_set.noisy, want.noisy)
-    assert train_set[0] == want[0] and data.dataset(s, "train", "triplets")[0][0].shape == (3, 32, 32)
+    assert train_set[0] == want[0]
+    assert data.dataset(s, "train", "triplets")[0][0].shape == (3, 32, 32)      # images by default
     gallery = data.dataset(s, "train", "gallery", transform=lambda im: 0)
-    own = data.CIRR(toy_root, "train", return_images=False).noisy                   # the toy's own noise only
-    assert gallery.images == want.images and gallery[3] == (3, 0) and torch.equal(gallery.noisy, own)
-    val = data.dataset(s, "val", "triplets", return_images=False)      # evaluation splits carry no noise
+    own = data.CIRR(toy_root, "train", return_images=False).noisy         # the toy's own noise only
+    assert gallery.images == want.images and gallery[3] == (3, 0)
+    assert torch.equal(gallery.noisy, own)
+    # evaluation splits carry no noise
+    val = data.dataset(s, "val", "triplets", return_images=False)
     assert val.triplets == data.CIRR(toy_root, "val", return_images=False).triplets
     s.dataset, s.data_root, s.categories = "fashioniq", fiq_root, ("dress", "shirt")
     fiq = data.dataset(s, "val", "triplets", return_images=False)
-    assert fiq.triplets == data.FashionIQ(fiq_root, ("dress", "shirt"), "val", return_images=False).triplets
+    want = data.FashionIQ(fiq_root, ("dress", "shirt"), "val", return_images=False)
+    assert fiq.triplets == want.triplets
     s.dataset, s.data_root = "shoes", shoes_root
     assert data.dataset(s, "test", "gallery").images == _shoes_names("test")
 
@@ -1501,16 +1518,19 @@ def test_toy_noise_and_cirr_loader(toy_root, capsys):
 def test_extra_triplets(toy_root, tmp_path):
     extra = [dict(reference="train-0-1", target="train-1-2", text="a large red circle instead of a square")]
     (tmp_path / "extra.json").write_text(json.dumps(extra))
-    ds = data.CIRR(toy_root, "train", noise=data.Noise(0.5), extra_triplets=tmp_path / "extra.json", return_images=False)
+    ds = data.CIRR(toy_root, "train", noise=data.Noise(0.5), extra_triplets=tmp_path / "extra.json",
+                   return_images=False)
     assert len(ds) == 161 and ds.triplets[-1]["text"] == extra[0]["text"] and not ds.noisy[-1]
     assert ds[160] == (ds.index["train-0-1"], extra[0]["text"], ds.index["train-1-2"], 160)
     with pytest.raises(ValueError, match="training images"):
-        data.CIRR(toy_root, "train", extra_triplets=[dict(reference="nope", target="train-1-2", text="x")])
+        data.CIRR(toy_root, "train",
+                  extra_triplets=[dict(reference="nope", target="train-1-2", text="x")])
 
 
 def test_ensure_toy(tmp_path, capsys):
     root = tmp_path / "toy"
-    SIZES = dict(TOY, seed=1, n_train=20, n_val=10, n_test=10)             # its own small sets: it generates three
+    # its own small sets: it generates three
+    SIZES = dict(TOY, seed=1, n_train=20, n_val=10, n_test=10)
     toy.ensure_toy(root, **SIZES)
     assert "generating" in capsys.readouterr().out
     stamp = (root / "scenes.json").stat().st_mtime_ns
@@ -1555,24 +1575,26 @@ def test_toy_edit_type_matches_the_scene_change(toy_root):
 # ---- settings, the epoch, stage 2's carry-over ---------------------------------------------------
 
 def test_settings_resolve_presets_then_stage_2_then_the_command_line(tmp_path):
-    """The dataset's presets fill what the command line leaves open, stage 2's presets go over them, and a flag
-    given wins over both; nothing is read but --init's existence."""
+    """The dataset's presets fill what the command line leaves open, stage 2's presets go over
+    them, and a flag given wins over both; nothing is read but --init's existence."""
     s = train.settings(["--dataset", "cirr", "--data-root", str(tmp_path)])
-    assert (s.clip, s.epochs, s.lr, s.lr_wcb, s.tau, s.transform) == ("RN50x4", 10, 2e-6, 1e-4, 0.01, "targetpad")
-    assert (s.amp, s.workers, s.cache_images, s.group_batches, s.noise) == ("auto", 2, False, False, 0.0)
+    assert (s.clip, s.epochs, s.lr, s.lr_wcb, s.tau) == ("RN50x4", 10, 2e-6, 1e-4, 0.01)
+    assert (s.transform, s.amp, s.workers, s.cache_images, s.group_batches, s.noise) == (
+        "targetpad", "auto", 2, False, False, 0.0)
     init = tmp_path / "best.pt"
     init.write_bytes(b"")                           # only its existence is checked here
-    s = train.settings(["--dataset", "cirr", "--data-root", str(tmp_path), "--stage", "2", "--init", str(init),
-                        "--tau", "0.03", "--workers", "0"])
+    s = train.settings(["--dataset", "cirr", "--data-root", str(tmp_path), "--stage", "2",
+                        "--init", str(init), "--tau", "0.03", "--workers", "0"])
     assert (s.epochs, s.lr, s.lr_wcb, s.tau, s.workers, s.wd) == (3, 2e-5, 1e-4, 0.03, 0, 0.05)
     toy_s = train.settings([])
     assert (toy_s.dataset, toy_s.clip, toy_s.tau, toy_s.cache_images, toy_s.data_root) == (
-        "toy", "tiny", 0.05, True, None)             # the toy's folder is chosen when the run is built
+        "toy", "tiny", 0.05, True, None)          # the toy's folder is chosen when the run is built
     assert vars(train.defaults("toy")) == vars(toy_s)
 
 
 def _settings_errors(toy_dir):
-    """(train.py flags, the start of the error line after `error: `) of settings that cannot work."""
+    """(train.py flags, the start of the error line after `error: `) of settings that cannot
+    work."""
     toy_args = ["--data-root", str(toy_dir)]
     return [
         (["--epochs", "-1", *toy_args], "--epochs -1"),
@@ -1582,8 +1604,8 @@ def _settings_errors(toy_dir):
         (["--wcb-maps", "1", *toy_args], "--wcb-maps 1"),
         (["--stage", "2", *toy_args], "--stage 2 needs --init"),
         (["--clip", "ViT-Z/1", *toy_args], "--clip ViT-Z/1: not a released model"),
-        (["--dataset", "fashioniq", "--data-root", str(toy_dir.parent), "--noise", "0.2", "--noise-kind", "partial"],
-         "--noise-kind partial"),
+        (["--dataset", "fashioniq", "--data-root", str(toy_dir.parent), "--noise", "0.2",
+          "--noise-kind", "partial"], "--noise-kind partial"),
         (["--dataset", "cirr", "--data-root", str(toy_dir.parent), "--oracle"], "--oracle"),
         (["--dataset", "cirr", "--data-root", "/nonexistent", "--clip", "RN50x4"],
          "--data-root /nonexistent: no such folder"),
@@ -1591,27 +1613,31 @@ def _settings_errors(toy_dir):
 
 
 def test_settings_errors_are_one_line_naming_the_flag(tmp_path, capsys):
-    """train.settings stops on each setting that cannot work with argparse's exit code and one line; the toy
-    folder named by --data-root is not generated (the subprocess test runs the command line itself)."""
+    """train.settings stops on each setting that cannot work with argparse's exit code and one
+    line; the toy folder named by --data-root is not generated (the subprocess test runs the
+    command line itself)."""
     for flags, expect in _settings_errors(tmp_path / "toy"):
         with pytest.raises(SystemExit) as e:
             train.settings(flags)
         err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {expect}"), (flags, err)
+        assert e.value.code == 2 and len(err) == 1, (flags, err)
+        assert err[0].startswith(f"error: {expect}"), (flags, err)
     assert not (tmp_path / "toy").exists()
 
 
 def test_stage_2_carries_stage_1_soft_labels_over_only_for_the_same_triplets(capsys):
-    """train.carry_over: the noise filter takes stage 1's labels (no warm-up) when both stages read the same
-    training triplets (same noise, noise kind, seed, missing images, extra triplets, count); else it warms up."""
-    settings = dict(noise=0.2, noise_kind="shuffle", seed=0, skip_missing=False, extra_triplets=None,
-                    warmup_epochs=1, init="s1/best.pt")
+    """train.carry_over: the noise filter takes stage 1's labels (no warm-up) when both stages
+    read the same training triplets (same noise, noise kind, seed, missing images, extra
+    triplets, count); else it warms up."""
+    settings = dict(noise=0.2, noise_kind="shuffle", seed=0, skip_missing=False,
+                    extra_triplets=None, warmup_epochs=1, init="s1/best.pt")
     stage1 = NoiseFilter(10, warmup_epochs=0)
     stage1.weights = torch.linspace(0, 1, 10)
 
     def carried(init_args=settings, nfb=stage1.state_dict(), n=10, **change):
-        run = train.Run(SimpleNamespace(**{**settings, **change}), *[None] * 6, NoiseFilter(n, warmup_epochs=1),
-                        list(range(n)), None, None, [], None, Path("."))
+        args = SimpleNamespace(**{**settings, **change})
+        fresh = NoiseFilter(n, warmup_epochs=1)
+        run = train.Run(args, *[None] * 6, fresh, list(range(n)), None, None, [], None, Path("."))
         train.carry_over(run, dict(args=init_args, nfb=nfb))
         if run.nfb.active(0):
             assert torch.equal(run.nfb.weights, stage1.weights)
@@ -1650,8 +1676,9 @@ def _train_args(root, clip, out, *extra):
 
 @pytest.fixture(scope="module")
 def toy_run(toy_root, micro_clip, tmp_path_factory):
-    """A finished 2-epoch run on the toy (its own noise, the NFB from epoch 1): the run every test that needs one
-    reads (evaluation, an exact resume's reference, a resume's settings, stage 2's init)."""
+    """A finished 2-epoch run on the toy (its own noise, the NFB from epoch 1): the run every
+    test that needs one reads (evaluation, an exact resume's reference, a resume's settings,
+    stage 2's init)."""
     return train.main(_train_args(toy_root, micro_clip, tmp_path_factory.mktemp("run") / "run"))
 
 
@@ -1661,7 +1688,8 @@ def test_e2e_train_and_evaluate_reproduces(toy_run, tmp_path):
         assert (out / f).is_file(), f
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1]
-    assert {"loss", "lr", "metrics", "score", "nfb_means", "nfb_auc", "time_data", "time_step"} <= set(log[0])
+    fields = {"loss", "lr", "metrics", "score", "nfb_means", "nfb_auc", "time_data", "time_step"}
+    assert fields <= set(log[0])
     assert log[1]["nfb_applied"] and 0.0 <= log[1]["nfb_auc"] <= 1.0   # toy's own noise is the ground truth
     best = max(log, key=lambda r: r["score"])
     metrics = evaluate.main(["--checkpoint", str(out / "best.pt"), "--workers", "0", "--show", "3"])
@@ -1700,17 +1728,18 @@ def test_e2e_resume_is_exact(toy_root, micro_clip, toy_run, tmp_path, monkeypatc
 
 
 def test_e2e_resume_takes_the_runs_own_settings(toy_run):
-    """--resume: the settings are the run's args.json, whatever the dataset's presets say; only --amp and
-    --workers may be given again."""
+    """--resume: the settings are the run's args.json, whatever the dataset's presets say; only
+    --amp and --workers may be given again."""
     saved = json.loads((toy_run / "args.json").read_text())
-    assert (saved["epochs"], saved["batch_size"], saved["noise"], saved["workers"]) == (2, 32, 0.0, 0)   # not presets
+    # not presets
+    assert (saved["epochs"], saved["batch_size"], saved["noise"], saved["workers"]) == (2, 32, 0, 0)
     s = train.settings(["--resume", str(toy_run)])
     assert vars(s) == {**saved, "resume": str(toy_run / "last.pt")}
     s = train.settings(["--resume", str(toy_run / "last.pt"), "--workers", "3", "--amp", "none"])
     assert vars(s) == {**saved, "resume": str(toy_run / "last.pt"), "workers": 3, "amp": "none"}
 
 
-def test_e2e_text_only_training_uses_cached_tokens_and_freezes_images(toy_root, micro_clip, tmp_path):
+def test_e2e_text_only_training_caches_tokens_and_freezes_images(toy_root, micro_clip, tmp_path):
     out = train.main(_train_args(toy_root, micro_clip, tmp_path / "txt", "--encoder", "text", "--epochs", "1"))
     before = torch.load(micro_clip, weights_only=True)
     after = torch.load(out / "last.pt", weights_only=True)["model"]
@@ -1774,13 +1803,15 @@ def test_e2e_shoes_train_evaluate_and_spn(micro_clip, tmp_path, capsys):
 # ---- DDP -----------------------------------------------------------------------------------------
 
 def _step_run(model, net, rank=0, world=1):
-    """The state train_step reads: a hand-made Run around a model (no data: the batch is given). SGD, so that the
-    step's update is the gradient itself; clipping far above the gradients' norm."""
+    """The state train_step reads: a hand-made Run around a model (no data: the batch is given).
+    SGD, so that the step's update is the gradient itself; clipping far above the gradients'
+    norm."""
     args = SimpleNamespace(tau=0.05, div_weight=0.1, soft_label="weight", grad_clip=1e6)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     amp, scaler = runtime.autocast("auto", torch.device("cpu"))
-    return train.Run(args, model, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), scaler, amp,
-                     None, None, None, None, [], None, Path("."), rank, world)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return train.Run(args, model, net, opt, sched, scaler, amp, None, None, None, None, [], None,
+                     Path("."), rank, world)
 
 
 def _ddp_worker(rank, world, port, batch, state, out):
@@ -1807,9 +1838,9 @@ def _ddp_worker(rank, world, port, batch, state, out):
 
 
 def test_e2e_ddp_two_processes_match_one(tmp_path):
-    """Two gloo processes with half the batch each = one process with the whole batch: train_step gives the same
-    loss, the same gradients (targets are gathered with gradients) and the same weights after the step, and the
-    per-pair losses merge into the same vector."""
+    """Two gloo processes with half the batch each = one process with the whole batch: train_step
+    gives the same loss, the same gradients (targets are gathered with gradients) and the same
+    weights after the step, and the per-pair losses merge into the same vector."""
     import torch.multiprocessing as mp
     torch.manual_seed(1)
     model = CIRModel(CLIP(**MICRO))
@@ -1860,30 +1891,33 @@ def test_e2e_torchrun_two_processes_train(toy_root, micro_clip, tmp_path):
 # ---- bad input: one clear line -------------------------------------------------------------------
 
 def test_e2e_settings_errors_one_line_before_any_data_or_model(tmp_path):
-    """A bad setting stops train.py / evaluate.py with one line `error: <flag> ...` before anything is read or
-    written: the toy folder named by --data-root is not generated, and with an empty HOME nothing lands in it,
-    so no CLIP was fetched into ~/.cache/clip (RN50x4 would be, were the data root not checked first)."""
+    """A bad setting stops train.py / evaluate.py with one line `error: <flag> ...` before
+    anything is read or written: the toy folder named by --data-root is not generated, and with
+    an empty HOME nothing lands in it, so no CLIP was fetched into ~/.cache/clip (RN50x4 would
+    be, were the data root not checked first)."""
     home, toy_dir = tmp_path / "home", tmp_path / "toy"
     home.mkdir()
     env = dict(os.environ, HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), OMP_NUM_THREADS="1")
+    asked = ("--epochs", "--tau", "--noise", "--wcb-maps", "--stage")
     cases = [(["train.py", *flags], expect) for flags, expect in _settings_errors(toy_dir)
-             if flags[0] in ("--epochs", "--tau", "--noise", "--wcb-maps", "--stage") or "RN50x4" in flags]
-    cases.append((["evaluate.py", "--clip", "RN50x4", "--dataset", "cirr", "--data-root", "/nonexistent"],
-                  "--data-root /nonexistent: no such folder"))
+             if flags[0] in asked or "RN50x4" in flags]
+    cirr = ["--clip", "RN50x4", "--dataset", "cirr", "--data-root", "/nonexistent"]
+    cases.append((["evaluate.py", *cirr], "--data-root /nonexistent: no such folder"))
     assert len(cases) == 7
     # side by side: each only starts Python and parses its flags
     procs = [subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for cmd, _ in cases]
     for (cmd, expect), p in zip(cases, procs):
         err = p.communicate(timeout=120)[1].strip().splitlines()
-        assert p.returncode == (2 if cmd[0] == "train.py" else 1), (cmd, err)    # argparse's error code: 2
+        # argparse's error code: 2
+        assert p.returncode == (2 if cmd[0] == "train.py" else 1), (cmd, err)
         assert len(err) == 1 and err[0].startswith(f"error: {expect}"), (cmd, err)
     assert not toy_dir.exists() and not list(home.rglob("*"))
 
 
 def test_e2e_bad_input_gives_one_clear_line(micro_clip, tmp_path):
-    """Files that are missing, corrupt, of another dataset or without the dataset's annotations: one line naming
-    the file."""
+    """Files that are missing, corrupt, of another dataset or without the dataset's annotations:
+    one line naming the file."""
     code, err = _cli("evaluate.py", "--checkpoint", str(tmp_path / "nope.pt"))
     assert code != 0 and len(err) == 1 and "nope.pt not found" in err[0]
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -1893,9 +1927,9 @@ def test_e2e_bad_input_gives_one_clear_line(micro_clip, tmp_path):
     torch.save(ckpt, tmp_path / "toy.pt")
     code, err = _cli("evaluate.py", "--checkpoint", str(tmp_path / "toy.pt"), "--dataset", "cirr")
     assert code != 0 and len(err) == 1 and "trained on toy" in err[0]
-    (tmp_path / "empty").mkdir()                    # a folder without CIRR's files: data.py names them
-    code, err = _cli("train.py", "--dataset", "cirr", "--data-root", str(tmp_path / "empty"), "--clip",
-                     str(micro_clip), "--out", str(tmp_path / "run"))
+    (tmp_path / "empty").mkdir()                 # a folder without CIRR's files: data.py names them
+    code, err = _cli("train.py", "--dataset", "cirr", "--data-root", str(tmp_path / "empty"),
+                     "--clip", str(micro_clip), "--out", str(tmp_path / "run"))
     assert code != 0 and len(err) == 1 and "empty" in err[0] and "captions" in err[0], err
 
 
@@ -2053,9 +2087,10 @@ def test_shoes_metrics_real_test_split_against_loop():
 # ---- features sharded over processes -------------------------------------------------------------
 
 def _sharded_encodings(state, root, rank=0, world=1, bank_path=None):
-    """What an Encoder of rank `rank` of `world` computes with the micro model `state` on the toy: validation
-    metrics and features, SPN's token cache and bank of the training images. Batches of 4 cut every rank's share
-    where one process cuts its whole set (24 of 48 val images, 20 of 40 queries, 96 of 192 training images)."""
+    """What an Encoder of rank `rank` of `world` computes with the micro model `state` on the
+    toy: validation metrics and features, SPN's token cache and bank of the training images.
+    Batches of 4 cut every rank's share where one process cuts its whole set (24 of 48 val
+    images, 20 of 40 queries, 96 of 192 training images)."""
     model = CIRModel(CLIP(**MICRO))
     model.load_state_dict(state)
     enc = evaluate.Encoder(model, batch_size=4, workers=0, rank=rank, world=world)
@@ -2066,7 +2101,8 @@ def _sharded_encodings(state, root, rank=0, world=1, bank_path=None):
     gallery = data.CIRR(root, "train", view="gallery", transform=transform)
     tokens = spn.cache_image_tokens(enc, gallery)
     f_ref, bank = spn.build_bank(enc, gallery, bank_path)
-    return dict(metrics=metrics, q=feats["cirr"][0], g=feats["cirr"][1], tokens=tokens, f_ref=f_ref, bank=bank)
+    q, g = feats["cirr"]
+    return dict(metrics=metrics, q=q, g=g, tokens=tokens, f_ref=f_ref, bank=bank)
 
 
 def _sharded_worker(rank, world, port, state, root, out):
@@ -2078,9 +2114,9 @@ def _sharded_worker(rank, world, port, state, root, out):
     # runtime's helpers on shares that do not split evenly: rows 0-3 on rank 0, 4-6 on rank 1
     mine = torch.tensor_split(torch.arange(21.0).view(7, 3), world)[rank]
     res["rows"] = runtime.gather_rows(mine, 7)
-    losses = torch.full((8,), float("nan"))          # rank 0 saw pairs 0-4, rank 1 pairs 3-6, nobody pair 7
+    losses = torch.full((8,), float("nan"))  # rank 0 saw pairs 0-4, rank 1 pairs 3-6, nobody pair 7
     seen = slice(0, 5) if rank == 0 else slice(3, 7)
-    losses[seen] = torch.tensor([1.0, 2, 3, 4, 5]) if rank == 0 else torch.tensor([10.0, 20, 30, 40])
+    losses[seen] = torch.tensor([1.0, 2, 3, 4, 5] if rank == 0 else [10.0, 20, 30, 40])
     res["merged"] = runtime.merge_losses(losses)
     torch.save(res, out / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -2088,8 +2124,8 @@ def _sharded_worker(rank, world, port, state, root, out):
 
 @pytest.fixture(scope="module")
 def sharded(toy_root, tmp_path_factory):
-    """One micro model (WCB heads on) encoding the toy in two gloo processes, each its share, and in this one.
-    Returns (this process's results, each rank's results, the folder of the banks)."""
+    """One micro model (WCB heads on) encoding the toy in two gloo processes, each its share, and
+    in this one. Returns (this process's results, each rank's results, the folder of the banks)."""
     import torch.multiprocessing as mp
     torch.manual_seed(2)
     model = CIRModel(CLIP(**MICRO))
@@ -2099,11 +2135,12 @@ def sharded(toy_root, tmp_path_factory):
     state = model.state_dict()
     out = tmp_path_factory.mktemp("sharded")
     ctx, port = mp.get_context("spawn"), _free_port()
-    procs = [ctx.Process(target=_sharded_worker, args=(r, 2, port, state, toy_root, out)) for r in range(2)]
+    procs = [ctx.Process(target=_sharded_worker, args=(r, 2, port, state, toy_root, out))
+             for r in range(2)]
     for p in procs:
         p.start()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)                   # as the workers: the same kernels, the same last bits
+    torch.set_num_threads(1)                  # as the workers: the same kernels, the same last bits
     try:
         one = _sharded_encodings(state, toy_root, bank_path=out / "bank.pt")
     finally:
@@ -2115,13 +2152,15 @@ def sharded(toy_root, tmp_path_factory):
 
 
 def test_e2e_validation_sharded_over_two_processes_matches_one(sharded):
-    """evaluate.Encoder under DDP: each rank encodes its share of the val images and queries, the rows are
-    gathered in order, and every rank's metrics are one process's."""
+    """evaluate.Encoder under DDP: each rank encodes its share of the val images and queries, the
+    rows are gathered in order, and every rank's metrics are one process's."""
     one, ranks, _ = sharded
-    assert one["q"].shape == (40, MICRO["embed_dim"]) and one["g"].shape == (TOY_IMAGES["val"], MICRO["embed_dim"])
+    d = MICRO["embed_dim"]
+    assert one["q"].shape == (40, d) and one["g"].shape == (TOY_IMAGES["val"], d)
     for r in ranks:
         assert r["metrics"] == one["metrics"]
-        assert torch.allclose(r["q"], one["q"], atol=1e-6) and torch.allclose(r["g"], one["g"], atol=1e-6)
+        assert torch.allclose(r["q"], one["q"], atol=1e-6)
+        assert torch.allclose(r["g"], one["g"], atol=1e-6)
 
 
 # ---- submission files ----------------------------------------------------------------------------
@@ -2197,8 +2236,8 @@ def audit_run(tmp_path_factory):
     8 epochs of a micro CLIP with 8-px patches (it learns the toy in seconds; MICRO's 16-px patches do not), the
     NFB's labels weighting the loss from epoch 6; the audit of its last epoch. Returns (toy root, run folder, the
     audit's summary)."""
-    # Not the shared toy_root: the injected noise must be the only noise (toy_root has its own), and 160
-    # triplets are too few for precision@k to say more than chance.
+    # Not the shared toy_root: the injected noise must be the only noise (toy_root has its own),
+    # and 160 triplets are too few for precision@k to say more than chance.
     tmp = tmp_path_factory.mktemp("audit")
     root = toy.make_toy(tmp / "toy", seed=5, noise=0.0, image_size=32, n_train=480, n_val=40, n_test=40)
     torch.manual_seed(0)
@@ -2328,7 +2367,8 @@ def test_audit_fashioniq_and_shoes_identifiers(micro_clip, tmp_path):
         assert (r["reference"], r["target"], r["text"]) == (*_pair(raw), raw["RelativeCaption"].strip())
 
 
-def test_e2e_audit_bad_input_one_line_before_encoding(audit_run, toy_root, micro_clip, tmp_path, monkeypatch):
+def test_e2e_audit_bad_input_one_line_before_encoding(audit_run, toy_root, micro_clip, tmp_path,
+                                                     monkeypatch):
     """A split without targets, another dataset than the run's, an output folder that cannot be written,
     --submission, bad noise flags: one line each, and nothing encoded."""
     root, out, _ = audit_run
@@ -2388,15 +2428,18 @@ def test_e2e_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, toy_run
 
 
 def test_e2e_token_cache_and_bank_sharded_over_two_processes_match_one(sharded):
-    """spn.cache_image_tokens and spn.build_bank under DDP: every rank holds every training image's tokens, f_ref
-    and bank row, as one process computes them; rank 0 alone writes bank.pt."""
+    """spn.cache_image_tokens and spn.build_bank under DDP: every rank holds every training
+    image's tokens, f_ref and bank row, as one process computes them; rank 0 alone writes
+    bank.pt."""
     one, ranks, out = sharded
     n, m = TOY_IMAGES["train"], (MICRO["image_resolution"] // MICRO["vision_patch_size"]) ** 2
-    assert one["tokens"].shape == (n, 1 + m, MICRO["embed_dim"]) and one["tokens"].dtype == torch.float16
+    assert one["tokens"].shape == (n, 1 + m, MICRO["embed_dim"])
+    assert one["tokens"].dtype == torch.float16
     assert torch.allclose(one["bank"].norm(dim=-1), torch.ones(n))
     for r in ranks:
         assert torch.allclose(r["tokens"].float(), one["tokens"].float(), atol=1e-3)
-        assert torch.allclose(r["f_ref"], one["f_ref"], atol=1e-6) and torch.allclose(r["bank"], one["bank"], atol=1e-6)
+        assert torch.allclose(r["f_ref"], one["f_ref"], atol=1e-6)
+        assert torch.allclose(r["bank"], one["bank"], atol=1e-6)
     saved = torch.load(out / "bank0.pt", weights_only=True)
     assert torch.allclose(saved["bank"], one["bank"], atol=1e-6) and not (out / "bank1.pt").exists()
 
@@ -2497,8 +2540,8 @@ def test_generated_triplets_load_through_dataset(toy_root, tmp_path):
 
 def test_spn_cli_with_clip_and_with_checkpoint(toy_root, micro_clip, tmp_path, capsys):
     torch.set_num_threads(1)
-    common = ["--dataset", "toy", "--data-root", str(toy_root), "--window", "3", "8", "--workers", "0",
-              "--batch-size", "64"]
+    common = ["--dataset", "toy", "--data-root", str(toy_root), "--window", "3", "8",
+              "--workers", "0", "--batch-size", "64"]
     out = tmp_path / "extra.json"
     trips = spn.main(common + ["--clip", str(micro_clip), "--out", str(out), "--seed", "5"])
     assert "wrote" in capsys.readouterr().out
@@ -2506,7 +2549,8 @@ def test_spn_cli_with_clip_and_with_checkpoint(toy_root, micro_clip, tmp_path, c
     base = data.CIRR(toy_root, "train", return_images=False)
     assert rows == trips and len(rows) == len(base.images)
     assert all(set(r) == {"reference", "target", "text"} and r["reference"] != r["target"] for r in rows)
-    assert len(data.CIRR(toy_root, "train", extra_triplets=out, return_images=False)) == len(base) + len(rows)
+    with_extra = data.CIRR(toy_root, "train", extra_triplets=out, return_images=False)
+    assert len(with_extra) == len(base) + len(rows)
     # --references-only: one per training reference; a run checkpoint (WCB target-role features) works as well
     ckpt = dict(model=CIRModel(M.load_clip(micro_clip, device="cpu")[0], wcb=True).state_dict(),
                 args=dict(dataset="toy", no_wcb=False, wcb_maps=2, wcb_hidden=0, transform="clip"))
@@ -2519,7 +2563,8 @@ def test_spn_cli_with_clip_and_with_checkpoint(toy_root, micro_clip, tmp_path, c
 
 def test_spn_cli_bad_inputs(toy_root, micro_clip, tmp_path, capsys):
     torch.set_num_threads(1)
-    common = ["--dataset", "toy", "--data-root", str(toy_root), "--out", str(tmp_path / "x.json"), "--workers", "0"]
+    common = ["--dataset", "toy", "--data-root", str(toy_root), "--out", str(tmp_path / "x.json"),
+              "--workers", "0"]
     with pytest.raises(SystemExit, match="--clip NAME_OR_PATH or --checkpoint"):
         spn.main(common)
     with pytest.raises(FileNotFoundError, match="captions file .*nope.json not found"):
@@ -2578,8 +2623,9 @@ def test_spn_cli_fashioniq_pairs_within_category(micro_clip, tmp_path):
 # ---- DDP helpers ---------------------------------------------------------------------------------
 
 def test_e2e_gather_rows_and_merge_losses_over_two_processes(sharded):
-    """gather_rows: uneven shares (4 + 3 rows) back in order on every rank; merge_losses: a pair seen by both ranks
-    gets the mean of its two losses, a pair seen by none stays NaN (hand-computed)."""
+    """gather_rows: uneven shares (4 + 3 rows) back in order on every rank; merge_losses: a pair
+    seen by both ranks gets the mean of its two losses, a pair seen by none stays NaN
+    (hand-computed)."""
     _, ranks, _ = sharded
     want = torch.tensor([1.0, 2, 3, (4 + 10) / 2, (5 + 20) / 2, 30, 40, float("nan")])
     for r in ranks:
@@ -2592,26 +2638,29 @@ def test_e2e_gather_rows_and_merge_losses_over_two_processes(sharded):
 # ---- precision, checkpoints, logs, plots ---------------------------------------------------------
 
 def test_autocast_on_cpu_is_full_precision_with_a_disabled_scaler():
-    """On a CPU every --amp is fp32, and the GradScaler's calls pass through: scale gives the loss itself."""
+    """On a CPU every --amp is fp32, and the GradScaler's calls pass through: scale gives the
+    loss itself."""
     x = torch.randn(4, 4, requires_grad=True)
     for amp in ("auto", "bf16", "fp16", "none"):
         ctx, scaler = runtime.autocast(amp, torch.device("cpu"))
         with ctx:
             y = (x @ x).sum()
-        assert y.dtype == torch.float32 and isinstance(scaler, torch.amp.GradScaler) and not scaler.is_enabled()
+        assert y.dtype == torch.float32
+        assert isinstance(scaler, torch.amp.GradScaler) and not scaler.is_enabled()
         assert scaler.scale(y) is y
 
 
 def test_checkpoints_load_in_one_line_and_build_the_model(tmp_path):
-    """load_checkpoint: a missing, corrupt or foreign file is one line naming it and the fix; build_model gives
-    back the saved CIRModel (architecture from the weights' shapes, WCB settings from args), same outputs."""
+    """load_checkpoint: a missing, corrupt or foreign file is one line naming it and the fix;
+    build_model gives back the saved CIRModel (architecture from the weights' shapes, WCB
+    settings from args), same outputs."""
     torch.manual_seed(0)
     model = CIRModel(CLIP(**MICRO), n_maps=3, wcb_hidden=8).eval()
     with torch.no_grad():
         for head in (model.wcb_txt, model.wcb_ref, model.wcb_tar):
             head.alpha.fill_(0.5)
-    runtime.atomic_save(dict(model=model.state_dict(), args=dict(no_wcb=False, wcb_maps=3, wcb_hidden=8)),
-                        tmp_path / "best.pt")
+    args = dict(no_wcb=False, wcb_maps=3, wcb_hidden=8)
+    runtime.atomic_save(dict(model=model.state_dict(), args=args), tmp_path / "best.pt")
     assert not (tmp_path / "best.pt.tmp").exists()
     again = runtime.build_model(runtime.load_checkpoint(tmp_path / "best.pt")).eval()
     text, images = tokenize(["make the circle red", "remove the square"]), torch.randn(2, 3, 32, 32)
@@ -2621,41 +2670,45 @@ def test_checkpoints_load_in_one_line_and_build_the_model(tmp_path):
             assert torch.equal(a, b)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save(model.clip.state_dict(), tmp_path / "clip.pt")
-    for path, flag, msg in ((tmp_path / "nope.pt", "--resume", r"nope\.pt not found .*--resume runs/<run>/last\.pt"),
-                            (tmp_path / "junk.pt", "--init", r"junk\.pt is not a readable checkpoint .*corrupt"),
-                            (tmp_path / "clip.pt", "--checkpoint", r"not a checkpoint of this project.*--clip")):
+    for path, flag, msg in (
+            (tmp_path / "nope.pt", "--resume", r"nope\.pt not found .*--resume runs/<run>/last.pt"),
+            (tmp_path / "junk.pt", "--init", r"junk\.pt is not a readable checkpoint .*corrupt"),
+            (tmp_path / "clip.pt", "--checkpoint", r"not a checkpoint of this project.*--clip")):
         with pytest.raises(SystemExit, match=msg) as e:
             runtime.load_checkpoint(path, flag)
         assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
 
 
 def test_strict_json_and_error_line():
-    """NaN and inf become null, so a strict JSON reader takes a log line; a loader worker's error comes back with
-    its whole traceback, and error_line keeps its message only."""
+    """NaN and inf become null, so a strict JSON reader takes a log line; a loader worker's error
+    comes back with its whole traceback, and error_line keeps its message only."""
     rec = runtime.strict_json(dict(a=[1.0, math.nan], b=(math.inf, "x"), c=dict(d=-math.inf, e=2)))
     assert rec == dict(a=[1.0, None], b=[None, "x"], c=dict(d=None, e=2))
     json.dumps(rec, allow_nan=False)
-    worker = OSError("Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-                     '  File "data.py", line 80, in load\nOSError: cannot read image /x/a.png: truncated')
+    worker = OSError("Caught OSError in DataLoader worker process 0.\n"
+                     "Original Traceback (most recent call last):\n"
+                     '  File "data.py", line 80, in load\n'
+                     "OSError: cannot read image /x/a.png: truncated")
     assert runtime.error_line(worker) == "cannot read image /x/a.png: truncated"
     assert runtime.error_line(ValueError(" --noise 1.5: in [0, 1] ")) == "--noise 1.5: in [0, 1]"
 
 
 def test_plots_are_pngs_of_their_layout(toy_root, tmp_path):
-    """Each plot is a PNG of its figure's size at its dpi (width x height in inches x dpi); the loss histogram
-    is not drawn when nothing was seen or no GMM was fitted."""
+    """Each plot is a PNG of its figure's size at its dpi (width x height in inches x dpi); the
+    loss histogram is not drawn when nothing was seen or no GMM was fitted."""
     losses, noisy = _bimodal(300, 0.3, 0)
     stats = NoiseFilter(300, warmup_epochs=0).update(losses, 0)
     runtime.loss_histogram(losses, stats, tmp_path / "hist.png", 0, noisy)
     runtime.loss_histogram(torch.full((300,), math.nan), stats, tmp_path / "unseen.png")
     runtime.loss_histogram(losses, dict(stats, means=[math.nan, math.nan]), tmp_path / "nofit.png")
-    history = [dict(epoch=e, metrics={"R@1": 10.0 + e, "Rsubset@1": 30.0 + e, "avg": 20.0}) for e in range(3)]
+    history = [dict(epoch=e, metrics={"R@1": 10.0 + e, "Rsubset@1": 30.0 + e, "avg": 20.0})
+               for e in range(3)]
     runtime.recall_curves(history, tmp_path / "recall.png")
     img = sorted(toy_root.rglob("*.png"))[:5]
     runtime.query_grid([(img[0], "make it red", [(img[1], False), (img[2], True)]),
                         (img[3], "remove the square", [(img[4], True)])], tmp_path / "grid.png")
-    runtime.audit_sheet([(img[k], f"edit {k}", img[k + 1], img[k + 2], f"#{k + 1}") for k in range(3)],
-                        tmp_path / "sheet.png")
+    rows = [(img[k], f"edit {k}", img[k + 1], img[k + 2], f"#{k + 1}") for k in range(3)]
+    runtime.audit_sheet(rows, tmp_path / "sheet.png")
     sizes = {"hist": (660, 385), "recall": (660, 385), "grid": (540, 400), "sheet": (864, 200)}
     for name, size in sizes.items():
         with Image.open(tmp_path / f"{name}.png") as im:
@@ -2700,20 +2753,26 @@ def test_e2e_study_grid_resumes_and_reports(toy_root, tmp_path):
     assert row.split(" | ")[7] == f"{100 * sum(move) / len(move):.1f}"
 
 
-def test_e2e_bench_train_runs_on_the_training_api(toy_root, micro_clip, tmp_path, monkeypatch, capsys):
-    """bench.py train builds its run with train.settings / build and times train_epoch, gallery_losses and
-    validation: on the shared toy and micro CLIP it prints its three tables, every time positive. (Its speed is
-    measured by bench.py, never here: the matmul peak is a stand-in.)"""
+def test_e2e_bench_train_runs_on_the_training_api(toy_root, micro_clip, tmp_path, monkeypatch,
+                                                  capsys):
+    """bench.py train builds its run with train.settings / build and times train_epoch,
+    gallery_losses and validation: on the shared toy and micro CLIP it prints its three tables,
+    every time positive. (Its speed is measured by bench.py, never here: the matmul peak is a
+    stand-in.)"""
     import bench
     settings = train.settings
-    monkeypatch.setattr(train, "settings", lambda argv: settings([*argv, "--data-root", str(toy_root), "--clip",
-                                                                  str(micro_clip), "--batch-size", "32",
-                                                                  "--workers", "0"]))
+    ours = ["--data-root", str(toy_root), "--clip", str(micro_clip), "--batch-size", "32",
+            "--workers", "0"]
+    monkeypatch.setattr(train, "settings", lambda argv: settings([*argv, *ours]))
     monkeypatch.setattr(bench, "matmul_peak", lambda: 1e12)
-    monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda prefix: str(tmp_path / prefix))    # its run folder
+    # its run folder
+    monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda prefix: str(tmp_path / prefix))
     bench.bench_train(SimpleNamespace(steps=2))
     out = capsys.readouterr().out
-    for title in ("toy training step (batch 32", "the step's arithmetic", "NFB per epoch (5 steps", "--encoder text"):
+    titles = ("toy training step (batch 32", "the step's arithmetic", "NFB per epoch (5 steps",
+              "--encoder text")
+    for title in titles:
         assert title in out, title
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
-    assert float(rows["data"][1]) >= 0 and float(rows["step"][1]) > 0 and float(rows["total"][1]) > 0
+    assert float(rows["data"][1]) >= 0 and float(rows["step"][1]) > 0
+    assert float(rows["total"][1]) > 0
