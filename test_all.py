@@ -1625,6 +1625,20 @@ def test_settings_errors_are_one_line_naming_the_flag(tmp_path, capsys):
     assert not (tmp_path / "toy").exists()
 
 
+@pytest.mark.xfail(strict=True, reason="train.settings does not check the --workers / --amp given again "
+                   "with --resume: -1 reaches args.json and the DataLoader (a message without the flag)")
+def test_settings_given_again_on_resume_are_checked(tmp_path, capsys):
+    """--workers given again with --resume meets the same rule as in a new run, before anything is read."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")               # settings only look for it: args.json holds the run's
+    (run / "args.json").write_text(json.dumps(vars(train.defaults("toy"))))
+    with pytest.raises(SystemExit) as e:
+        train.settings(["--resume", str(run), "--workers", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == ["error: --workers -1: must be >= 0"]
+
+
 def test_stage_2_carries_stage_1_soft_labels_over_only_for_the_same_triplets(capsys):
     """train.carry_over: the noise filter takes stage 1's labels (no warm-up) when both stages
     read the same training triplets (same noise, noise kind, seed, missing images, extra
