@@ -1491,7 +1491,7 @@ def test_toy_structure(toy_root):
                 assert "target_hard" not in r
         for rel in split_file.values():
             with Image.open(toy_root / rel) as im:
-                assert im.size == (32, 32) and im.mode == "RGB"
+                assert im.size == (TOY["image_size"],) * 2 and im.mode == "RGB"
     assert not queries["val"] & queries["train"] and not queries["test1"] & queries["train"]
     assert not queries["val"] & queries["test1"]
     assert not images["val"] & images["train"] and not images["test1"] & images["train"]
