@@ -173,6 +173,8 @@ def main(argv=None):
     root = str(toy.toy_root(a.data_root)) if a.dataset == "toy" else a.data_root
     if not root:
         raise SystemExit(f"error: --dataset {a.dataset} needs --data-root DIR")
+    if not Path(root).is_dir():                                # before a CLIP is loaded (or downloaded)
+        raise SystemExit(f"error: --data-root {root}: no such folder; pass the {a.dataset} dataset folder")
     if not a.captions and a.dataset != "toy":
         raise SystemExit("error: --captions FILE is required for cirr / fashioniq / shoes (JSON {image name: "
                          "caption})")

@@ -479,9 +479,9 @@ def test_tokenizer_edge_cases(context_length):
 
 def test_corrupt_or_missing_vocabulary(tmp_path):
     bad = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
-    data = bytearray(TK.VOCAB.read_bytes())
-    data[100] ^= 1
-    bad.write_bytes(bytes(data))
+    raw = bytearray(TK.VOCAB.read_bytes())
+    raw[100] ^= 1
+    bad.write_bytes(bytes(raw))
     with pytest.raises(OSError, match=r"bpe_simple_vocab_16e6\.txt\.gz: corrupt"):
         TK.load_bpe(bad)
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -691,10 +691,10 @@ def test_second_mode_gate_keeps_one_skewed_mode_clean():
 # loss.py
 # ==================================================================================================
 
-def _qt(B=8, M=None, D=16, seed=0):
+def _qt(B=8, n_targets=None, D=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(B, D, generator=g), dim=-1).requires_grad_()
-    t = F.normalize(torch.randn(M or B, D, generator=g), dim=-1).requires_grad_()
+    t = F.normalize(torch.randn(n_targets or B, D, generator=g), dim=-1).requires_grad_()
     return q, t
 
 
@@ -1625,8 +1625,6 @@ def test_settings_errors_are_one_line_naming_the_flag(tmp_path, capsys):
     assert not (tmp_path / "toy").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="train.settings does not check the --workers / --amp given again "
-                   "with --resume: -1 reaches args.json and the DataLoader (a message without the flag)")
 def test_settings_given_again_on_resume_are_checked(tmp_path, capsys):
     """--workers given again with --resume meets the same rule as in a new run, before anything is read."""
     run = tmp_path / "run"
@@ -1700,7 +1698,7 @@ def test_e2e_train_and_evaluate_reproduces(toy_run, tmp_path):
     out = toy_run
     for f in ("best.pt", "last.pt", "log.jsonl", "args.json", "recall.png", "loss_hist_epoch000.png"):
         assert (out / f).is_file(), f
-    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1]
     fields = {"loss", "lr", "metrics", "score", "nfb_means", "nfb_auc", "time_data", "time_step"}
     assert fields <= set(log[0])
@@ -2596,8 +2594,6 @@ def test_spn_cli_bad_inputs(toy_root, micro_clip, tmp_path, capsys):
     assert not {r["reference"] for r in rows} & set(drop) and not {r["target"] for r in rows} & set(drop)
 
 
-@pytest.mark.xfail(strict=True, reason="spn.main loads (or downloads) the CLIP before it reads the "
-                   "dataset: a wrong --data-root is reported only after the model")
 def test_spn_cli_wrong_data_root_before_any_model(tmp_path, monkeypatch):
     """A --data-root that does not exist is one line naming it, before a CLIP is loaded (RN50x4 would be
     downloaded)."""

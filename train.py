@@ -144,8 +144,8 @@ def settings(argv=None):
             else runtime.load_checkpoint(path, "--resume")["args"]
         given = {k: getattr(args, k) for k in RUN if getattr(args, k) is not None}
         base = vars(defaults(saved["dataset"]))          # flags newer than the run take their defaults
-        return argparse.Namespace(**{**base, **saved, **given, "resume": str(path), "out": str(path.parent)})
-    check(resolve(args), p)
+        args = argparse.Namespace(**{**base, **saved, **given, "resume": str(path), "out": str(path.parent)})
+    check(resolve(args), p)                           # a resumed run's settings, with what was given again, too
     return args
 
 
