@@ -250,7 +250,7 @@ def bench_train(args):
            [(f"{flops / 1e9:.1f}", f"{flops / step / 1e9:.0f}", f"{peak / 1e9:.0f}", f"{100 * flops / step / peak:.0f}%")])
     # the NFB's cost per epoch: the GMM fit alone (losses recorded in the step) or the gallery pass + the fit
     from nfb import NoiseFilter
-    nfb = NoiseFilter(len(run.train), 0, a.gmm, gate=a.nfb_gate)
+    nfb = NoiseFilter(len(run.train), 0, a.gmm, gate=a.nfb_gate, width=a.nfb_width)
     full = torch.randn(len(run.train)).abs()                 # an epoch's worth of per-pair losses
     t_fit = _time(lambda: nfb.update(full, 1), 3)
     t_gallery = _time(lambda: train.gallery_losses(run))

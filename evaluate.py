@@ -385,7 +385,7 @@ def audit_settings(run_args, dataset, root, **given):
     """The settings the audit reads and scores the split with, resolved in one place: the run's
     own (a checkpoint) over train.py's defaults for the dataset (zero-shot, and flags newer than
     the run); `given` (noise, noise_kind, categories, skip_missing, transform) replaces them where
-    not None. -> dict of train.py's settings: tau, gmm, nfb_gate, noise, noise_kind, seed, ..."""
+    not None. -> dict of train.py's settings: tau, gmm, nfb_gate, nfb_width, noise, ..."""
     import train                               # train imports this module: imported when used
     s = {**vars(train.defaults(dataset)), **run_args}
     s.update(dataset=dataset, data_root=root, **{k: v for k, v in given.items() if v is not None})
@@ -411,7 +411,7 @@ def check_writable(folder):
 def audit_scores(enc, gallery, trips, s, times=None, chunk=CHUNK):
     """Every triplet of `trips` scored over the gallery view of its split (same images, same
     order) -> dict(loss (Q,), rank (Q,) 0-based, top (Q, 3) gallery rows, w (Q,) the NFB's clean
-    probability with the settings s: tau, gmm, nfb_gate). times: an optional dict that receives the seconds
+    probability with the settings s: tau, gmm, nfb_gate, nfb_width). times: an optional dict that receives the seconds
     spent encoding and ranking."""
     if gallery.images != trips.images:
         raise ValueError("audit: the gallery and the triplets must be views of the same split")
@@ -420,7 +420,7 @@ def audit_scores(enc, gallery, trips, s, times=None, chunk=CHUNK):
     _check_finite(q, g)
     t1 = time.perf_counter()
     out = score_triplets(q, g, trips.tgt_idx, trips.ref_idx, s["tau"], k=3, chunk=chunk)  # O(chunk x N)
-    out["w"] = clean_probability(out["loss"], backend=s["gmm"], gate=s["nfb_gate"]).cpu()
+    out["w"] = clean_probability(out["loss"], s["gmm"], s["nfb_gate"], s["nfb_width"]).cpu()
     if times is not None:
         times.update(encode=t1 - t0, rank=time.perf_counter() - t1)
     return out
@@ -599,7 +599,7 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
     scores = audit_scores(enc, gallery, trips, s, times, chunk)
     rows = audit_rows(trips, scores, dataset, w_train)
     summary = audit_summary(trips, scores, dataset, w_train)
-    summary.update(tau=s["tau"], gmm=s["gmm"], nfb_gate=s["nfb_gate"])
+    summary.update(tau=s["tau"], gmm=s["gmm"], nfb_gate=s["nfb_gate"], nfb_width=s["nfb_width"])
     name = "audit" if split == "train" else f"audit_{split}"
     jsonl = out_dir / f"{name}.jsonl"
     tmp = jsonl.with_name(jsonl.name + ".tmp")

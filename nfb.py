@@ -14,6 +14,9 @@ Our choices (the paper is silent):
   GaussianMixture step by step (reg_covar added to the variances, nk + 10 eps, stop when the mean
   log-likelihood changes by < tol, final E-step): posteriors agree with scikit-learn to ~1e-12.
 - Degenerate inputs (< 10 losses, NaN/inf, all equal) give w = 1 with a warning, never an exception.
+- The gate (is_noise): a 2-component GMM always finds two components, also in a clean loss distribution. Every
+  w stays 1 unless the second mode looks like noise: two Gaussians must beat one Gamma by `gate` nats per pair
+  (second_mode's excess), and the noisy component must be `width` times wider than the clean one.
 """
 
 import math
@@ -142,6 +145,9 @@ def second_mode(losses, x, fit):
       excess    mean log-likelihood per sample of the two Gaussians minus that of one Gamma (both on the raw
                 losses): a clean loss distribution is one skewed mode, which a Gamma fits about as well as two
                 Gaussians (excess ~ 0); noise adds a mode the Gamma cannot follow (excess > 0)
+      width     s1 / s0, the noisy component's std over the clean one's: label noise adds a *wide* mode (a wrong
+                target lands anywhere in the ranking), while a clean distribution that grows a second hump with
+                training (hard against easy edits) splits into two components of about the same width
       ashman_d  sqrt(2)|mu1 - mu0| / sqrt(s0^2 + s1^2) of the two components (> 2: clearly apart)."""
     x = x.detach().reshape(-1).double().cpu()
     m, sd, pi = fit["means"], fit["stds"], fit["weights"]
@@ -149,16 +155,22 @@ def second_mode(losses, x, fit):
     lp = -0.5 * (math.log(2 * math.pi) + (sd ** 2).log() + (x[:, None] - m) ** 2 / sd ** 2) + pi.log()  # (N, 2)
     span = (losses.max() - losses.min()).double().item()                 # density on x -> density on losses
     ll_gmm = lp.logsumexp(1).mean().item() - math.log(span)
-    return dict(excess=ll_gmm - gamma_loglik(losses.cpu()), ashman_d=d)
+    return dict(excess=ll_gmm - gamma_loglik(losses.cpu()), width=(sd[1] / sd[0]).item(), ashman_d=d)
 
 
-def clean_probability(losses, backend="sklearn", gate=0.0):
+def is_noise(mode, gate, width):
+    """The gate: does the second mode look like noise? mode: second_mode's dict. It must beat one Gamma by `gate`
+    nats per pair (0: no test) and be at least `width` times wider than the clean mode (0: no test)."""
+    return (gate <= 0 or mode["excess"] >= gate) and (width <= 0 or mode["width"] >= width)
+
+
+def clean_probability(losses, backend="sklearn", gate=0.0, width=0.0):
     """Soft labels of the NFB in one call. losses (N,) per-sample losses -> w (N,) float32 on losses' device,
-    w_i = p(clean | loss_i); w = 1 when the losses hold no second mode (second_mode's excess < gate > 0)
-    and (with a warning) on degenerate input."""
+    w_i = p(clean | loss_i); w = 1 when the losses hold no second mode that looks like noise (is_noise) and (with a
+    warning) on degenerate input."""
     x = minmax(losses)
     fit = fit_gmm(x, backend)
-    if gate > 0 and math.isfinite(fit["means"][0]) and not second_mode(losses, x, fit)["excess"] >= gate:
+    if math.isfinite(fit["means"][0]) and not is_noise(second_mode(losses, x, fit), gate, width):
         return torch.ones(x.numel(), device=losses.device)
     return fit["clean"].to(losses.device)
 
@@ -181,11 +193,11 @@ class NoiseFilter:
     statistics, and, when epoch + 1 is past the warm-up, installs the soft labels used in epoch + 1.
     Losses that are NaN (pair not seen this epoch, e.g. drop_last) keep their previous weight."""
 
-    def __init__(self, n, warmup_epochs=1, backend="sklearn", noisy_gt=None, gate=0.0):
+    def __init__(self, n, warmup_epochs=1, backend="sklearn", noisy_gt=None, gate=0.0, width=0.0):
         if backend not in ("sklearn", "torch"):
             raise ValueError(f"nfb.py: backend must be 'sklearn' or 'torch', got {backend!r}")
         self.n, self.warmup_epochs, self.backend = n, warmup_epochs, backend
-        self.gate = gate
+        self.gate, self.width = gate, width                              # is_noise's two tests
         self.weights = torch.ones(n)                                     # (n,) soft labels, 1 before any fit
         # ground truth, where known: a flag per pair, or what was corrupted (0 = clean, k > 0: field k)
         gt = None if noisy_gt is None else torch.as_tensor(noisy_gt).reshape(-1).cpu()
@@ -209,8 +221,8 @@ class NoiseFilter:
         x = minmax(fin)
         fit = fit_gmm(x, self.backend)
         fitted = math.isfinite(fit["means"][0])
-        mode = second_mode(fin, x, fit) if fitted else dict(excess=math.nan, ashman_d=math.nan)
-        gated = self.gate > 0 and not mode["excess"] >= self.gate       # one mode: nothing is noise
+        mode = second_mode(fin, x, fit) if fitted else dict(excess=math.nan, width=math.nan, ashman_d=math.nan)
+        gated = not is_noise(mode, self.gate, self.width)               # no noise-like mode: every w = 1
         w = self.weights.to(losses.device, copy=True)
         w[seen] = 1.0 if gated else fit["clean"]
         applied = self.active(epoch + 1)
@@ -248,7 +260,7 @@ class NoiseFilter:
     def state_dict(self):
         """Plain tensors and python types only: torch.load(weights_only=True) reads it back."""
         return dict(n=self.n, warmup_epochs=self.warmup_epochs, backend=self.backend, gate=self.gate,
-                    weights=self.weights.cpu(), noisy_gt=self.noisy_gt, gt_field=self.gt_field,
+                    width=self.width, weights=self.weights.cpu(), noisy_gt=self.noisy_gt, gt_field=self.gt_field,
                     history=list(self.history))
 
     def load_state_dict(self, sd):
@@ -256,4 +268,4 @@ class NoiseFilter:
             raise ValueError(f"nfb.py: checkpoint has a noise filter for {sd['n']} pairs, this run has {self.n}")
         self.warmup_epochs, self.backend = sd["warmup_epochs"], sd["backend"]
         self.weights, self.noisy_gt, self.history = sd["weights"].float(), sd["noisy_gt"], list(sd["history"])
-        self.gate, self.gt_field = sd.get("gate", 0.0), sd.get("gt_field")
+        self.gate, self.width, self.gt_field = sd.get("gate", 0.0), sd.get("width", 0.0), sd.get("gt_field")

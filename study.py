@@ -55,7 +55,7 @@ NFB_OFF = ["--no-nfb"]
 METHODS = {"infonce": ["--no-wcb", *NFB_OFF], "wcb": NFB_OFF, "ncl": [], "oracle": [*NFB_OFF, "--oracle"],
            # ablations: one choice of the noise filter back to an alternative (README: "What follows the paper")
            "ncl-spread": ["--soft-label", "spread"], "ncl-weight": ["--soft-label", "weight"],
-           "ncl-nogate": ["--nfb-gate", "0"], "ncl-batchloss": ["--nfb-losses", "train"],
+           "ncl-nogate": ["--nfb-gate", "0", "--nfb-width", "0"], "ncl-batchloss": ["--nfb-losses", "train"],
            "ncl+spn": [], "ncl+pos": [], "ncl+pos+spn": []}
 CORE = ["infonce", "wcb", "ncl", "oracle"]
 # each ablation where its choice matters: the soft-label form and the loss the GMM sees under heavy noise, the gate

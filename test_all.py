@@ -687,6 +687,29 @@ def test_second_mode_gate_keeps_one_skewed_mode_clean():
     assert not nf.update(noisy, 1)["gated"] and (nf.weights[4800:] < 0.5).all()
 
 
+def test_width_gate_keeps_two_clean_humps_of_one_width_clean():
+    """Late in training a clean loss distribution can grow a second hump (hard against easy edits): two Gaussians
+    then beat one Gamma (excess > gate), but the two components are about equally wide, unlike the wide mode that
+    wrong targets add. The parameters are those the GMM fitted to a clean toy run's losses after epoch 6."""
+    g = torch.Generator().manual_seed(0)
+    humps = torch.cat([1.42 + 0.57 * torch.randn(2880, generator=g),
+                       2.64 + 0.59 * torch.randn(3120, generator=g)]).clamp(min=0.05)
+    mode = nfb.second_mode(humps, minmax(humps), fit_gmm(minmax(humps)))
+    assert mode["excess"] > 0.05 and 0.8 < mode["width"] < 1.25                  # the excess test alone opens
+    assert (clean_probability(humps, gate=0.02) < 0.5).float().mean() > 0.4       # ... and flags half the pairs
+    assert (clean_probability(humps, gate=0.02, width=1.25) == 1).all()          # the width test keeps w = 1
+    assert not nfb.is_noise(mode, 0.02, 1.25) and nfb.is_noise(mode, 0.02, 0) and nfb.is_noise(mode, 0, 0)
+    wide = torch.cat([humps[:4800], 12 + 2 * torch.randn(1200, generator=g).abs()])   # wrong targets: far and wide
+    w = clean_probability(wide, gate=0.02, width=1.25)
+    assert (w[4800:] < 0.5).float().mean() > 0.95
+    nf = NoiseFilter(6000, warmup_epochs=0, gate=0.02, width=1.25)
+    assert nf.update(humps, 0)["gated"] and not nf.update(wide, 1)["gated"]
+    sd = nf.state_dict()
+    again = NoiseFilter(6000)
+    again.load_state_dict(sd)
+    assert (again.gate, again.width) == (0.02, 1.25)
+
+
 # ==================================================================================================
 # loss.py
 # ==================================================================================================
@@ -1599,6 +1622,7 @@ def _settings_errors(toy_dir):
     return [
         (["--epochs", "-1", *toy_args], "--epochs -1"),
         (["--tau", "0", *toy_args], "--tau 0.0"),
+        (["--nfb-width", "-1", *toy_args], "--nfb-width -1.0"),
         (["--noise", "1.5", *toy_args], "--noise 1.5"),
         (["--noise-kind", "swap", *toy_args], "--noise-kind 'swap'"),
         (["--wcb-maps", "1", *toy_args], "--wcb-maps 1"),

@@ -14,7 +14,7 @@ One epoch (README: "What follows the paper"):
   2. every step (train_step): q = normalize(f_txt + f_ref), t = normalize(f_tar); loss = L^soft_NCE(q, t, w)
      + λ·diversity (loss.py);
   3. NFB (refit_noise_filter): every training query ranked over every training image -> per-pair losses -> a
-     2-component GMM, gated by a test for a second mode -> the next epoch's w;
+     2-component GMM, gated by a test for a noise-like second mode -> the next epoch's w;
   4. validate (sharded over the processes), log one JSON line, plot, save last.pt atomically (best.pt on a new
      best).
 """
@@ -116,6 +116,10 @@ def parser():
     p.add_argument("--nfb-gate", type=float, default=0.02,
                    help="nats per pair by which two Gaussians must beat one Gamma on the losses, else every w = 1 "
                    "(no second mode: no noise; 0: never gate)")
+    p.add_argument("--nfb-width", type=float, default=1.25,
+                   help="the GMM's noisy component must be this many times wider (std) than its clean one, else "
+                   "every w = 1: noise adds a wide mode, a clean distribution's second hump is as narrow as its "
+                   "first (0: no test)")
     # SPN
     p.add_argument("--stage", type=int, default=1, choices=[1, 2], help="2: SPN static-bank stage")
     p.add_argument("--init", default=None, help="checkpoint to start from (required by --stage 2)")
@@ -176,6 +180,7 @@ def check(args, p):
         (0 <= args.lr_warmup < 1, f"--lr-warmup {args.lr_warmup}: a fraction of the steps, in [0, 1)"),
         (args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs}: must be >= 0"),
         (args.nfb_gate >= 0, f"--nfb-gate {args.nfb_gate}: nats per pair, >= 0 (0: never gate)"),
+        (args.nfb_width >= 0, f"--nfb-width {args.nfb_width}: a ratio of standard deviations, >= 0 (0: no test)"),
         (args.wcb_maps >= 2, f"--wcb-maps {args.wcb_maps}: the WCB needs K >= 2 weight maps to be diverse"),
         (args.workers >= 0, f"--workers {args.workers}: must be >= 0"),
         (args.max_steps is None or args.max_steps >= 1, f"--max-steps {args.max_steps}: must be >= 1"),
@@ -267,7 +272,7 @@ def build(args):
     total = max(1, steps * args.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.lr_warmup * total)))
     nfb = None if args.no_nfb else NoiseFilter(len(train), args.warmup_epochs, args.gmm, gate=args.nfb_gate,
-                                               noisy_gt=train.noise_field if train.noisy.any() else None)
+                                               width=args.nfb_width, noisy_gt=train.noise_field if train.noisy.any() else None)
     run = Run(args, model, net, opt, sched, scaler, amp, nfb, train, cache, bank, val, enc, out, rank, world,
               device)
     if resume is not None:
