@@ -227,6 +227,17 @@ def eval_collate(batch):
     return list(ref), list(text), list(tgt), [list(m) for m in members], torch.tensor(idx)
 
 
+class Options(NamedTuple):
+    """How a split is read: the keyword arguments every dataset's constructor takes, in its order."""
+    view: str = "triplets"                  # "triplets" or "gallery" (every image once)
+    transform: object = None                # PIL image -> tensor; None: to_tensor
+    skip_missing: bool = False              # drop missing images (and their triplets) instead of an error
+    noise: object = None                    # Noise to inject into the training triplets
+    return_images: bool = True              # triplets as images, or as indices into .images
+    random_text: object = None              # FashionIQ: random caption order (None: on the training split)
+    extra_triplets: object = None           # SPN's generated positives: a JSON file or a list
+
+
 class _CIRDataset(Dataset):
     """Shared part of CIRR and FashionIQ: missing images, noise, indices, items.
 
@@ -240,19 +251,21 @@ class _CIRDataset(Dataset):
     text: FashionIQ training split randomises the caption combination (random_text=None means split == "train").
     """
 
-    def _setup(self, name, root, split, view, images, paths, triplets, stored_noisy, *, transform, skip_missing,
-               noise, return_images, random_text, extra_triplets):
-        if view not in ("triplets", "gallery"):
-            raise ValueError(f"{name}: view must be 'triplets' or 'gallery', got {view!r}")
-        self.split, self.view, self.transform = split, view, transform
-        self.return_images = return_images
-        self.random_text = (split == "train") if random_text is None else random_text
+    def _setup(self, name, root, split, found, o):
+        """found: what the dataset's layout gave (images, {name: path}, triplets, the stored noise flags);
+        o: the constructor's Options."""
+        images, paths, triplets, stored_noisy = found
+        if o.view not in ("triplets", "gallery"):
+            raise ValueError(f"{name}: view must be 'triplets' or 'gallery', got {o.view!r}")
+        self.split, self.view, self.transform = split, o.view, o.transform
+        self.return_images = o.return_images
+        self.random_text = (split == "train") if o.random_text is None else o.random_text
         train = split == "train"
 
         # Missing images: one listing per folder. Default: a clear error. skip_missing: drop and report.
         missing = find_missing({n: paths[n] for n in images})
         if missing:
-            if not skip_missing:
+            if not o.skip_missing:
                 raise FileNotFoundError(_missing_message(f"{name} {split}", missing, paths, root))
             gone = set(missing)
             images = [n for n in images if n not in gone]
@@ -275,6 +288,7 @@ class _CIRDataset(Dataset):
         # Injected noise (training only), on top of any noise the data set stores itself (the toy's "noisy" key).
         noisy = torch.tensor(stored_noisy, dtype=torch.bool)
         field = noisy.long() * NOISE_FIELDS.index("target")       # the toy's own noise replaces targets
+        noise = o.noise
         if noise is not None and noise.ratio:
             if not train:
                 raise ValueError(f"{name}: injected noise is for the training split, not {split!r}")
@@ -284,6 +298,7 @@ class _CIRDataset(Dataset):
             say(f"{name} {split}: injected {noise.kind} noise: {int(injected.sum())} of {len(triplets)} triplets "
                 f"corrupted (ratio {noise.ratio}, seed {noise.seed})")
             noisy = noisy | injected
+        extra_triplets = o.extra_triplets
         if extra_triplets is not None:  # generated positives (SPN), appended after the noise: never corrupted
             extra = _read_extra(extra_triplets, self.index, name)
             triplets = triplets + extra
@@ -410,9 +425,8 @@ class CIRR(_CIRDataset):
                                  captions=[r["caption"]], members=list(members) if members else None, category=None,
                                  subset=r.get("img_set", {}).get("id")))
             noisy.append(bool(r.get("noisy", False)))
-        self._setup("CIRR", root, split, view, names, paths, triplets, noisy, transform=transform,
-                    skip_missing=skip_missing, noise=noise,
-                    return_images=return_images, random_text=random_text, extra_triplets=extra_triplets)
+        self._setup("CIRR", root, split, (names, paths, triplets, noisy), Options(
+            view, transform, skip_missing, noise, return_images, random_text, extra_triplets))
 
 
 def _cirr_layout(root, ann, img_root):
@@ -492,9 +506,8 @@ class FashionIQ(_CIRDataset):
                                     f"{img_dir}: expected e.g. {img_dir / (images[0] + '.png')} (or .jpg)")
         say(f"FashionIQ {split} {'+'.join(categories)}: annotations {ann}, images {img_dir} "
             f"({'/'.join(exts)})")
-        self._setup("FashionIQ", root, split, view, images, paths, triplets, [False] * len(triplets),
-                    transform=transform, skip_missing=skip_missing, noise=noise,
-                    return_images=return_images, random_text=random_text, extra_triplets=extra_triplets)
+        self._setup("FashionIQ", root, split, (images, paths, triplets, [False] * len(triplets)), Options(
+            view, transform, skip_missing, noise, return_images, random_text, extra_triplets))
         if len(self.images) != len(images):  # skip_missing dropped some: keep the per-category lists consistent
             self.category_images = {c: [n for n in ns if n in self.index] for c, ns in self.category_images.items()}
 
@@ -616,10 +629,8 @@ class Shoes(_CIRDataset):
             f"({n_self} with reference = target) over {len(names)} images; annotations {ann}"
             + (f"; {repeated} repeated rows of {SHOES_CAPTIONS} kept once" if repeated else "")
             + (f"; {across} rows with one image outside the split left out" if across else ""))
-        self._setup("Shoes", root, split, view, names, paths, triplets, [False] * len(triplets),
-                    transform=transform, skip_missing=skip_missing, noise=noise,
-                    return_images=return_images, random_text=random_text,
-                    extra_triplets=extra_triplets)
+        self._setup("Shoes", root, split, (names, paths, triplets, [False] * len(triplets)), Options(
+            view, transform, skip_missing, noise, return_images, random_text, extra_triplets))
         self.n_self_pairs = sum(t["reference"] == t["target"] for t in self.triplets)
 
 
