@@ -336,6 +336,9 @@ def main(argv=None):
             print(f"{line['method']}, {noise_label(line['kind'], line['ratio'])} noise, seed {line['seed']}: R@1 "
                   f"{line['metrics']['R@1']:.1f} ({line['minutes']:.1f} min; {(time.perf_counter() - t0) / 60:.0f} "
                   "min so far)", flush=True)
+        if pool:                           # workers exit on their own: terminate() would leave a semaphore behind
+            pool.close()
+            pool.join()
     print(f"study: {len(todo)} cells in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     report(out)
 
