@@ -164,15 +164,25 @@ def is_noise(mode, gate, width):
     return (gate <= 0 or mode["excess"] >= gate) and (width <= 0 or mode["width"] >= width)
 
 
+def decide(losses, backend="sklearn", gate=0.0, width=0.0):
+    """The NFB's decision on finite per-sample losses (N,): min-max normalise, fit the GMM, test for a noise-like
+    second mode (is_noise). -> dict(w (N,) float32 on losses' device: p(clean | loss_i), or 1 everywhere when there
+    is no such mode or the input is degenerate; x the normalised losses; fit; mode: second_mode's statistics and
+    `gated`)."""
+    x = minmax(losses)
+    fit = fit_gmm(x, backend)
+    fitted = math.isfinite(fit["means"][0])
+    mode = second_mode(losses, x, fit) if fitted else dict(excess=math.nan, width=math.nan, ashman_d=math.nan)
+    gated = not is_noise(mode, gate, width)                              # no noise-like mode: every w = 1
+    w = torch.ones(x.numel(), device=losses.device) if gated else fit["clean"].to(losses.device)
+    return dict(w=w, x=x, fit=fit, mode=dict(mode, gated=gated))
+
+
 def clean_probability(losses, backend="sklearn", gate=0.0, width=0.0):
     """Soft labels of the NFB in one call. losses (N,) per-sample losses -> w (N,) float32 on losses' device,
     w_i = p(clean | loss_i); w = 1 when the losses hold no second mode that looks like noise (is_noise) and (with a
     warning) on degenerate input."""
-    x = minmax(losses)
-    fit = fit_gmm(x, backend)
-    if math.isfinite(fit["means"][0]) and not is_noise(second_mode(losses, x, fit), gate, width):
-        return torch.ones(x.numel(), device=losses.device)
-    return fit["clean"].to(losses.device)
+    return decide(losses, backend, gate, width)["w"]
 
 
 def detection_metrics(w, noisy):
@@ -218,13 +228,10 @@ class NoiseFilter:
             raise ValueError(f"nfb.py: got {losses.numel()} losses for {self.n} training pairs")
         seen = torch.isfinite(losses)                                    # (n,)
         fin = losses[seen].float()                                       # (n_seen,)
-        x = minmax(fin)
-        fit = fit_gmm(x, self.backend)
-        fitted = math.isfinite(fit["means"][0])
-        mode = second_mode(fin, x, fit) if fitted else dict(excess=math.nan, width=math.nan, ashman_d=math.nan)
-        gated = not is_noise(mode, self.gate, self.width)               # no noise-like mode: every w = 1
+        d = decide(fin, self.backend, self.gate, self.width)
+        x, fit = d["x"], d["fit"]
         w = self.weights.to(losses.device, copy=True)
-        w[seen] = 1.0 if gated else fit["clean"]
+        w[seen] = d["w"]
         applied = self.active(epoch + 1)
         if applied:
             self.weights = w
@@ -233,7 +240,7 @@ class NoiseFilter:
                      loss_min=float(fin.min()) if fin.numel() else math.nan,
                      loss_max=float(fin.max()) if fin.numel() else math.nan,
                      stds=fit["stds"].tolist(), mix=fit["weights"].tolist(), n_iter=fit["n_iter"],
-                     n_noisy=int((w < 0.5).sum()), mean_w=float(w.float().mean()), **mode, gated=gated)
+                     n_noisy=int((w < 0.5).sum()), mean_w=float(w.float().mean()), **d["mode"])
         if self.noisy_gt is not None:
             stats.update(detection_metrics(w, self.noisy_gt))
             # the loss itself as a noise score, whatever the GMM and the gate make of it
