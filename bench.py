@@ -36,7 +36,8 @@ import data
 import model as M
 import toy
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
+# The real annotation files: the full ones where NCLCIR_ANNOTATIONS names their folder, else the excerpts in testdata/
+ANNOTATIONS = Path(os.environ.get("NCLCIR_ANNOTATIONS") or Path(__file__).resolve().parent / "testdata")
 
 
 def _time(fn, reps=1):
@@ -102,7 +103,7 @@ def bench_clip(args):
     threads, reps, batch = args.threads, args.reps, args.batch
     torch.set_num_threads(threads)
     clip = reference_clip()
-    caps = [t["caption"] for t in json.loads((SHARED / "data/cirr/captions/cap.rc2.val.json").read_text())]
+    caps = [t["caption"] for t in json.loads((ANNOTATIONS / "cirr/captions/cap.rc2.val.json").read_text())]
     text = M.tokenize(random.Random(0).sample(caps, batch))                 # (B, 77)
     images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     print(f"CLIP forward, CPU fp32, {threads} threads, batch {batch} at 224 px, median of {reps} interleaved runs; "
@@ -162,7 +163,7 @@ def bench_data(args):
         png = tmp / "tiny.png"
         Image.new("RGB", (4, 4)).save(png)
         cirr = tmp / "cirr"
-        shutil.copytree(SHARED / "data/cirr", cirr)
+        shutil.copytree(ANNOTATIONS / "cirr", cirr)
         rel = json.loads((cirr / "image_splits/split.rc2.val.json").read_text()).values()
         _placeholders(cirr / "img_raw", rel, png)
         for view in ("triplets", "gallery"):

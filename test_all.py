@@ -4,8 +4,10 @@
     python -m pytest test_all.py -k "not e2e"
 
 Every test checks real behaviour against an independent truth: OpenAI's CLIP code (`clip-anytorch`),
-scikit-learn, hand-computed small cases, the real CIRR / FashionIQ / Shoes annotation files in
-../shared/data. No test downloads anything. Tests are grouped by the file they check, in the order
+scikit-learn, hand-computed small cases, the real CIRR / FashionIQ / Shoes annotation files: excerpts of
+them in testdata/ (cut by cut_excerpts, licences beside them), and the full files where the environment
+variable NCLCIR_ANNOTATIONS names their folder (the tests that need them whole skip without it, saying
+so). No test downloads anything. Tests are grouped by the file they check, in the order
 of the README's Files tables.
 """
 
@@ -55,7 +57,20 @@ from spn import TEMPLATES, generate_triplets
 # ==================================================================================================
 
 REPO = Path(__file__).resolve().parent
-SHARED = REPO.parent / "shared"
+# The real annotation files: excerpts in the repository (testdata/), the full files (cirr/, fashioniq/, shoes/)
+# in the folder NCLCIR_ANNOTATIONS names. A test of the full files (the releases' counts, every caption through
+# the tokenizer) skips without it; CI sets it.
+EXCERPT = REPO / "testdata"
+FULL = Path(os.environ["NCLCIR_ANNOTATIONS"]).resolve() if os.environ.get("NCLCIR_ANNOTATIONS") else None
+needs_full = pytest.mark.skipif(FULL is None, reason="needs the full CIRR / FashionIQ / Shoes annotation files: "
+                                "set NCLCIR_ANNOTATIONS to their folder (README: Tests)")
+# a test of the real files runs on the excerpts, and on the full files where they are
+ANNOTATIONS = [pytest.param(EXCERPT, id="excerpt"), pytest.param(FULL, id="full", marks=needs_full)]
+
+
+def is_full(path):
+    """Is `path` (a file or folder of annotations) part of the full files?"""
+    return FULL is not None and (Path(path) == FULL or FULL in Path(path).parents)
 
 # The toy set of every test that reads one: 32 training groups (160 triplets over 192 images, a
 # quarter of their targets wrong), 8 val and 8 test1 groups, 32-px images for the micro CLIP.
@@ -436,18 +451,20 @@ def test_cir_model_is_the_clip_sum_without_wcb_and_at_init():
 
 # ---- tokenizer.py --------------------------------------------------------------------------------
 
-def _all_captions():
+def _all_captions(ann):
     caps = []
     for f in ("cap.rc2.val.json", "cap.rc2.test1.json"):
-        caps += [t["caption"] for t in json.loads((SHARED / "data/cirr/captions" / f).read_text())]
-    for f in sorted(glob.glob(str(SHARED / "data/fashioniq/captions/*.json"))):
+        caps += [t["caption"] for t in json.loads((ann / "cirr/captions" / f).read_text())]
+    for f in sorted(glob.glob(str(ann / "fashioniq/captions/*.json"))):
         caps += [c for t in json.loads(Path(f).read_text()) for c in t["captions"]]
+    caps += [r["RelativeCaption"] for r in json.loads((ann / "shoes" / data.SHOES_CAPTIONS).read_text())]
     return sorted(set(caps))
 
 
-def test_tokenizer_matches_reference_on_all_dataset_captions():
-    caps = _all_captions()
-    assert len(caps) > 40000
+@pytest.mark.parametrize("ann", ANNOTATIONS)
+def test_tokenizer_matches_reference_on_all_dataset_captions(ann):
+    caps = _all_captions(ann)
+    assert len(caps) > (50000 if is_full(ann) else 2000)
     assert torch.equal(TK.tokenize(caps, truncate=True), reference_clip().tokenize(caps, truncate=True))
 
 
@@ -828,13 +845,82 @@ def test_loss_bad_input_messages():
 # data.py (CIRR, FashionIQ, Shoes, noise, missing images) and toy.py
 # ==================================================================================================
 
-CIRR_ANN = SHARED / "data" / "cirr"
-FIQ_ANN = SHARED / "data" / "fashioniq"
+CIRR_ANN = EXCERPT / "cirr"
+FIQ_ANN = EXCERPT / "fashioniq"
 CATS = ("dress", "shirt", "toptee")
 
 
+# ---- the excerpts of the real annotation files (testdata/) ----------------------------------------
+
+# what cut_excerpts keeps of each file: the first rows, and the split entries those rows name plus a few more
+EXCERPT_ROWS = {"cirr": {"val": 300, "test1": 100}, "fashioniq": 100, "shoes": {"train": 400, "test": 200}}
+EXCERPT_UNUSED = 20          # split entries that no kept row names: gallery images no query uses
+EXCERPT_CIRR_TRAIN = 300     # entries of split.rc2.train.json (its captions are not in the release copy)
+
+
+def cut_excerpts(full, out):
+    """The excerpts under testdata/, cut from the full annotation files in `full` (cirr/, fashioniq/, shoes/) into
+    `out`, each in its file's own JSON style. CIRR: the first rows of val and test1, the split entries their
+    references, targets and img_set members name (split order) and EXCERPT_UNUSED more, the first entries of the
+    train split. FashionIQ: per category and split, the first rows and the split names they use plus
+    EXCERPT_UNUSED more. Shoes: the first rows with both images in train, in test, and every row whose reference
+    is its target, in file order; the names they use plus EXCERPT_UNUSED more of each split file."""
+    read = lambda *p: json.loads(Path(full, *p).read_text())
+
+    def write(obj, *p, indent=None):
+        path = Path(out, *p)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=indent))
+
+    def keep(names, used):                            # names in file order: the used ones, then a few unused
+        unused = [n for n in names if n not in used][:EXCERPT_UNUSED]
+        return [n for n in names if n in used or n in unused]
+
+    for split, n in EXCERPT_ROWS["cirr"].items():
+        rows = read("cirr/captions", f"cap.rc2.{split}.json")[:n]
+        used = {m for r in rows for m in (r["reference"], r.get("target_hard"), *r.get("target_soft", {}),
+                                          *r["img_set"]["members"])}
+        paths = read("cirr/image_splits", f"split.rc2.{split}.json")
+        write(rows, "cirr/captions", f"cap.rc2.{split}.json")
+        write({k: paths[k] for k in keep(list(paths), used)}, "cirr/image_splits", f"split.rc2.{split}.json")
+    train = read("cirr/image_splits/split.rc2.train.json")
+    write(dict(list(train.items())[:EXCERPT_CIRR_TRAIN]), "cirr/image_splits/split.rc2.train.json")
+    for c in data.FIQ_CATEGORIES:
+        for split in data.FIQ_SPLITS:
+            rows = read("fashioniq/captions", f"cap.{c}.{split}.json")[:EXCERPT_ROWS["fashioniq"]]
+            used = {m for r in rows for m in (r["candidate"], r.get("target"))}
+            names = read("fashioniq/image_splits", f"split.{c}.{split}.json")
+            write(rows, "fashioniq/captions", f"cap.{c}.{split}.json", indent=4)
+            write(keep(names, used), "fashioniq/image_splits", f"split.{c}.{split}.json", indent=4)
+    rows = read("shoes", data.SHOES_CAPTIONS)
+    names = {s: Path(full, "shoes", f).read_text().split() for s, f in data.SHOES_SPLIT_FILES.items()}
+    kept = set()
+    for s, n in EXCERPT_ROWS["shoes"].items():
+        both = [i for i, r in enumerate(rows) if {r["ReferenceImageName"], r["ImageName"]} <= set(names[s])]
+        kept |= set(both[:n])
+    kept |= {i for i, r in enumerate(rows) if r["ReferenceImageName"] == r["ImageName"]}
+    rows = [rows[i] for i in sorted(kept)]
+    write(rows, "shoes", data.SHOES_CAPTIONS)
+    used = {m for r in rows for m in (r["ReferenceImageName"], r["ImageName"])}
+    for s, f in data.SHOES_SPLIT_FILES.items():
+        Path(out, "shoes", f).write_text("\n".join(keep(names[s], used)) + "\n")
+
+
+@needs_full
+def test_excerpts_are_cut_from_the_full_files(tmp_path):
+    """testdata/ is what cut_excerpts makes of the full files, byte for byte: the excerpts are the real files'
+    rows. To cut them again: python -c "import test_all as t; t.cut_excerpts('FULL', 'testdata')"."""
+    cut_excerpts(FULL, tmp_path)
+    made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    kept = sorted(p.relative_to(EXCERPT) for p in EXCERPT.rglob("*") if p.is_file() and p.suffix in (".json", ".txt"))
+    assert made == kept and len(made) == 26
+    for f in made:
+        assert (tmp_path / f).read_bytes() == (EXCERPT / f).read_bytes(), f
+
+
 # ---- placeholder data sets -----------------------------------------------------------------------
-# the real annotation files, one tiny PNG hard-linked under every name they need
+# the real annotation files (the excerpts, or the full files: src), one tiny PNG hard-linked under every name
+# they need
 
 def _tiny_png(tmp, ext=".png"):
     tmp.mkdir(parents=True, exist_ok=True)
@@ -852,7 +938,7 @@ def _link(src, dst):
         shutil.copyfile(src, dst)
 
 
-def make_cirr(tmp, splits=("val",), ann_sub="", img_sub="img_raw", drop=()):
+def make_cirr(tmp, splits=("val",), ann_sub="", img_sub="img_raw", drop=(), src=CIRR_ANN):
     """A CIRR root under tmp: annotations in tmp/ann_sub, images under tmp/img_sub (paths of the split files)."""
     ann = tmp / ann_sub
     png = _tiny_png(tmp)
@@ -860,7 +946,7 @@ def make_cirr(tmp, splits=("val",), ann_sub="", img_sub="img_raw", drop=()):
         files = [f"image_splits/split.rc2.{s}.json"] + ([f"captions/cap.rc2.{s}.json"] if s != "train" else [])
         for f in files:
             (ann / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(CIRR_ANN / f, ann / f)
+            shutil.copyfile(src / f, ann / f)
         if s == "train":
             continue
         for name, rel in json.loads((ann / files[0]).read_text()).items():
@@ -869,14 +955,14 @@ def make_cirr(tmp, splits=("val",), ann_sub="", img_sub="img_raw", drop=()):
     return tmp
 
 
-def make_fiq(tmp, split="val", cats=CATS, ext=".png", ann_sub="", drop=()):
+def make_fiq(tmp, split="val", cats=CATS, ext=".png", ann_sub="", drop=(), src=FIQ_ANN):
     ann = tmp / ann_sub
     png = _tiny_png(tmp, ext)
     names = set()
     for c in cats:
         for f in (f"captions/cap.{c}.{split}.json", f"image_splits/split.{c}.{split}.json"):
             (ann / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(FIQ_ANN / f, ann / f)
+            shutil.copyfile(src / f, ann / f)
         names.update(json.loads((ann / f"image_splits/split.{c}.{split}.json").read_text()))
     (ann / "images").mkdir(exist_ok=True)
     for n in sorted(names - set(drop)):
@@ -894,22 +980,32 @@ def fiq_root(tmp_path_factory):
     return make_fiq(tmp_path_factory.mktemp("fiq"))
 
 
+@pytest.fixture(scope="module", params=ANNOTATIONS)
+def real_cirr(request, tmp_path_factory):
+    """(root, annotation folder) of CIRR val and test1 from the excerpts, and from the full files where they are."""
+    src = request.param / "cirr"
+    return make_cirr(tmp_path_factory.mktemp("cirr"), splits=("val", "test1"), src=src), src
+
+
 # ---- CIRR ----------------------------------------------------------------------------------------
 
-def test_cirr_val_real_counts(cirr_root, capsys):
+def test_cirr_val_real_counts(real_cirr, capsys):
+    cirr_root, src = real_cirr
     trip = data.CIRR(cirr_root, "val", return_images=False)
     gal = data.CIRR(cirr_root, "val", view="gallery")
     assert "CIRR release layout (img_raw/)" in capsys.readouterr().out
-    assert len(trip) == 4181 and len(trip.triplets) == 4181
-    assert len(gal) == 2297 and trip.images == gal.images and trip.index == gal.index
-    assert trip.images == list(json.loads((CIRR_ANN / "image_splits/split.rc2.val.json").read_text()))
-    rows = json.loads((CIRR_ANN / "captions/cap.rc2.val.json").read_text())
+    rows = json.loads((src / "captions/cap.rc2.val.json").read_text())
+    split = list(json.loads((src / "image_splits/split.rc2.val.json").read_text()))
+    if is_full(src):                                            # the release's counts
+        assert (len(rows), len(split)) == (4181, 2297)
+    assert len(trip) == len(trip.triplets) == len(rows)
+    assert len(gal) == len(split) and trip.images == gal.images == split and trip.index == gal.index
     for t, r in zip(trip.triplets, rows):
         assert t["reference"] in t["members"] and t["target"] in t["members"] and len(set(t["members"])) == 6
         assert t["text"] == r["caption"] and t["target"] == r["target_hard"] and t["pairid"] == r["pairid"]
         for n in t["members"]:
             assert trip.paths[n].is_file()
-    assert not trip.noisy.any() and trip.noisy.shape == (4181,)
+    assert not trip.noisy.any() and trip.noisy.shape == (len(rows),)
     with pytest.raises(ValueError, match="training split"):
         data.CIRR(cirr_root, "val", noise=data.Noise(0.1))
     ref, text, tgt, i = trip[7]
@@ -924,9 +1020,14 @@ def test_cirr_val_real_counts(cirr_root, capsys):
     assert batch[0] == [t["reference"] for t in trip.triplets[:4]] and batch[3][1] == trip.triplets[1]["members"]
 
 
-def test_cirr_test1_real_counts(cirr_root):
+def test_cirr_test1_real_counts(real_cirr):
+    cirr_root, src = real_cirr
     trip = data.CIRR(cirr_root, "test1", return_images=False)
-    assert len(trip) == 4148 and len(trip.images) == 2315
+    rows = json.loads((src / "captions/cap.rc2.test1.json").read_text())
+    split = json.loads((src / "image_splits/split.rc2.test1.json").read_text())
+    if is_full(src):                                            # the release's counts
+        assert (len(rows), len(split)) == (4148, 2315)
+    assert len(trip) == len(rows) and len(trip.images) == len(split)
     assert all(t["target"] is None for t in trip.triplets) and (trip.tgt_idx == -1).all()
     assert all(t["reference"] in t["members"] for t in trip.triplets)
     assert trip[0][2] == -1
@@ -943,7 +1044,8 @@ def test_cirr_layout_variants(tmp_path, capsys, ann_sub, img_sub, label):
     ds = data.CIRR(root, "val", view="gallery")
     out = capsys.readouterr().out
     assert label in out and len(out.strip().splitlines()) == 1
-    assert len(ds) == 2297 and all(p.is_file() for p in ds.paths.values())
+    assert ds.images == list(json.loads((CIRR_ANN / "image_splits/split.rc2.val.json").read_text()))
+    assert all(p.is_file() for p in ds.paths.values())
 
 
 def test_cirr_says_its_layout_once_per_process(cirr_root, capsys):
@@ -962,8 +1064,8 @@ def test_cirr_says_its_layout_once_per_process(cirr_root, capsys):
 
 
 def make_cirr_train(tmp, n_rows=300):
-    """cap.rc2.train.json is not in the shared copy: a train split made of real val rows (their img_set members
-    included), with CIRR's nested train/<k>/ folders. Returns the rows."""
+    """cap.rc2.train.json is not in the annotation files: a train split made of real val rows (their img_set
+    members included), with CIRR's nested train/<k>/ folders. Returns the rows."""
     rows = json.loads((CIRR_ANN / "captions/cap.rc2.val.json").read_text())[:n_rows]
     names = sorted({n for r in rows for n in (r["reference"], r["target_hard"], *r["img_set"]["members"])})
     split = {n: f"./train/{k % 7}/{n}.png" for k, n in enumerate(names)}
@@ -993,21 +1095,30 @@ def test_cirr_train_split_nested_folders(tmp_path):
 
 # ---- FashionIQ -----------------------------------------------------------------------------------
 
-def test_fashioniq_val_real_counts(fiq_root, capsys):
-    counts = {"dress": (2017, 3817), "shirt": (2038, 6346), "toptee": (1961, 5373)}
+@pytest.mark.parametrize("ann", ANNOTATIONS)
+def test_fashioniq_val_real_counts(ann, tmp_path, capsys):
+    src = ann / "fashioniq"
+    fiq_root = make_fiq(tmp_path, src=src)
+    rows = {c: json.loads((src / f"captions/cap.{c}.val.json").read_text()) for c in CATS}
+    split = {c: json.loads((src / f"image_splits/split.{c}.val.json").read_text()) for c in CATS}
+    counts = {c: (len(rows[c]), len(split[c])) for c in CATS}
+    if is_full(src):                                            # the release's counts
+        assert counts == {"dress": (2017, 3817), "shirt": (2038, 6346), "toptee": (1961, 5373)}
     for c, (nt, ni) in counts.items():
         trip = data.FashionIQ(fiq_root, (c,), "val", return_images=False)
         gal = data.FashionIQ(fiq_root, c, "val", view="gallery")
         assert len(trip) == nt and len(gal) == ni and trip.images == gal.images
         # every candidate and target is in the category's own val split (checked on the real files)
-        assert trip.images == json.loads((FIQ_ANN / f"image_splits/split.{c}.val.json").read_text())
+        assert trip.images == split[c]
         assert all(t["reference"] in trip.index and t["target"] in trip.index for t in trip.triplets)
         assert all(t["category"] == c and t["members"] is None for t in trip.triplets)
         assert all(p.is_file() and p.suffix == ".png" for p in gal.paths.values())
     assert "(.png)" in capsys.readouterr().out
     both = data.FashionIQ(fiq_root, CATS, "val", return_images=False)
-    assert len(both) == 2017 + 2038 + 1961
-    assert len(both.images) == 3817 + 6346 + 5373 - 121  # shirt and toptee share 121 val images, kept once
+    assert len(both) == sum(nt for nt, _ in counts.values())
+    shared = len(set(split["shirt"]) & set(split["toptee"]))   # images of two categories are kept once
+    assert len(both.images) == len(set().union(*split.values())) == sum(ni for _, ni in counts.values()) - shared
+    assert shared == 121 if is_full(src) else shared >= 0
     assert {c: len(v) for c, v in both.category_images.items()} == {c: v[1] for c, v in counts.items()}
 
 
@@ -1034,7 +1145,9 @@ def test_fashioniq_test_split_and_jpg_subfolder(tmp_path, capsys):
     root = make_fiq(tmp_path, "test", ("dress",), ".jpg", ann_sub="fashionIQ_dataset")
     ds = data.FashionIQ(root, "dress", "test", return_images=False)
     assert "(.jpg)" in capsys.readouterr().out
-    assert len(ds) == 2024 and len(ds.images) == 3818 and all(t["target"] is None for t in ds.triplets)
+    rows, split = (json.loads((FIQ_ANN / f).read_text()) for f in ("captions/cap.dress.test.json",
+                                                                    "image_splits/split.dress.test.json"))
+    assert len(ds) == len(rows) and ds.images == split and all(t["target"] is None for t in ds.triplets)
     assert all(p.suffix == ".jpg" and p.is_file() for p in ds.paths.values()) and (ds.tgt_idx == -1).all()
     assert ds[0][2] == -1 and data.FashionIQ(root, "dress", "test")[0][2] == ""
 
@@ -1045,36 +1158,42 @@ def test_fashioniq_train_items(tmp_path):
     ref, text, tgt, i = ds[3]
     assert ref.shape == tgt.shape == (3, 4, 4) and isinstance(text, str) and i == 3
     n = data.FashionIQ(root, "dress", "train", noise=data.Noise(0.2, "target", 1), return_images=False)
-    assert int(n.noisy.sum()) == round(0.2 * 5985)
+    assert int(n.noisy.sum()) == round(0.2 * len(json.loads((FIQ_ANN / "captions/cap.dress.train.json").read_text())))
 
 
 # ---- Shoes ---------------------------------------------------------------------------------------
 # the real annotation files, placeholder JPEGs where the Attribute Discovery archive puts them
 
-SHOES_ANN = SHARED / "data" / "shoes"
+SHOES_ANN = EXCERPT / "shoes"
 
 
-def _shoes_rows():
-    return json.loads((SHOES_ANN / "relative_captions_shoes.json").read_text())
+def _shoes_rows(src=SHOES_ANN):
+    return json.loads((src / "relative_captions_shoes.json").read_text())
 
 
-def _shoes_names(split):
-    return (SHOES_ANN / data.SHOES_SPLIT_FILES[split]).read_text().split()
+def _shoes_names(split, src=SHOES_ANN):
+    return (src / data.SHOES_SPLIT_FILES[split]).read_text().split()
 
 
 def _pair(r):
     return r["ReferenceImageName"], r["ImageName"]
 
 
+def _shoes_triplets(split, src=SHOES_ANN):
+    """The rows of a split: both images in its split file, as the release assigns them."""
+    names = set(_shoes_names(split, src))
+    return [r for r in _shoes_rows(src) if set(_pair(r)) <= names]
+
+
 def make_shoes(tmp, splits=("train", "test"), top="", ann_sub="", flat=False, drop=(), rows=None,
-               names=None):
-    """A Shoes root under tmp: annotations in tmp/ann_sub (the real files, or `rows` / `names`
+               names=None, src=SHOES_ANN):
+    """A Shoes root under tmp: annotations in tmp/ann_sub (the real files of src, or `rows` / `names`
     {split: [name]} written in their format), one tiny JPEG hard-linked under every image name of
     `splits` but `drop`: tmp/top/womens_<category>/<0|1>/<name> as the archive unpacks, or flat."""
     ann = tmp / ann_sub
     ann.mkdir(parents=True, exist_ok=True)
-    rows = _shoes_rows() if rows is None else rows
-    names = names or {s: _shoes_names(s) for s in data.SHOES_SPLITS}
+    rows = _shoes_rows(src) if rows is None else rows
+    names = names or {s: _shoes_names(s, src) for s in data.SHOES_SPLITS}
     (ann / "relative_captions_shoes.json").write_text(json.dumps(rows))
     for s, f in data.SHOES_SPLIT_FILES.items():
         (ann / f).write_text("\n".join(names[s]) + "\n")
@@ -1092,27 +1211,34 @@ def shoes_root(tmp_path_factory):
     return make_shoes(tmp_path_factory.mktemp("shoes"))
 
 
-def test_shoes_real_counts(shoes_root, capsys):
-    """8,990 train and 1,761 test triplets (both images in the split: a plain filter of the real file
-    here), 27 self-pairs (26 + 1), no exact repeat in the release, every name a file."""
-    rows = _shoes_rows()
+@pytest.mark.parametrize("ann", ANNOTATIONS)
+def test_shoes_real_counts(ann, tmp_path, capsys):
+    """The release (full files): 8,990 train and 1,761 test triplets (both images in the split: a
+    plain filter of the real file here), 27 self-pairs (26 + 1), no exact repeat, every name a file;
+    the excerpt: the same filter."""
+    src = ann / "shoes"
+    shoes_root = make_shoes(tmp_path, src=src)
+    rows = _shoes_rows(src)
     keys = [(r["ReferenceImageName"], r["ImageName"], r["RelativeCaption"]) for r in rows]
-    assert len(rows) == 10751 and len(set(keys)) == 10751
-    assert not set(_shoes_names("train")) & set(_shoes_names("test"))
-    for split, n_trip, n_img, n_self in (("train", 8990, 10000, 26), ("test", 1761, 4658, 1)):
-        names = _shoes_names(split)
+    assert len(set(keys)) == len(rows) == (10751 if is_full(src) else len(rows))
+    assert not set(_shoes_names("train", src)) & set(_shoes_names("test", src))
+    for split in data.SHOES_SPLITS:
+        names = _shoes_names(split, src)
         in_split = set(names)
         both = [(i, r) for i, r in enumerate(rows) if set(_pair(r)) <= in_split]
+        n_trip, n_img, n_self = len(both), len(names), sum(a == b for a, b in (_pair(r) for _, r in both))
+        if is_full(src):                                        # the release's counts
+            assert (n_trip, n_img, n_self) == {"train": (8990, 10000, 26), "test": (1761, 4658, 1)}[split]
         trip = data.Shoes(shoes_root, split, return_images=False)
         gal = data.Shoes(shoes_root, split, view="gallery")
         out = capsys.readouterr().out
         assert "Attribute Discovery layout (womens_<category>/<0|1>/)" in out
         assert f"{n_trip} triplets ({n_self} with reference = target) over {n_img} images" in out
-        assert len(both) == len(trip) == n_trip and len(names) == len(gal) == n_img
+        assert len(trip) == n_trip and len(gal) == n_img and n_self >= 1
         assert gal.images == trip.images == names
         assert [(t["pairid"], t["reference"], t["target"], t["text"]) for t in trip.triplets] == [
             (i, *_pair(r), r["RelativeCaption"].strip()) for i, r in both]
-        assert trip.n_self_pairs == n_self == sum(a == b for a, b in (_pair(r) for _, r in both))
+        assert trip.n_self_pairs == n_self
         for n, p in gal.paths.items():   # found by name, in its category's womens_<category>/<0|1>/
             assert p.name == n and p.is_file() and n.startswith("img_" + p.parent.parent.name + "_")
         assert all(t["members"] is None and t["category"] is None for t in trip.triplets)
@@ -1130,7 +1256,7 @@ def test_shoes_repeated_rows_kept_once(tmp_path, capsys):
     root = make_shoes(tmp_path, ("test",), rows=rows + [rows[first], rows[0], rows[first]])
     ds = data.Shoes(root, "test", return_images=False)
     out = capsys.readouterr().out
-    assert len(ds) == 1761 and "3 repeated rows of relative_captions_shoes.json kept once" in out
+    assert len(ds) == len(_shoes_triplets("test")) and "3 repeated rows of relative_captions_shoes.json kept once" in out
     pairids = [t["pairid"] for t in ds.triplets]
     assert pairids.count(first) == 1 and max(pairids) < len(rows)     # the first copy is kept
 
@@ -1151,12 +1277,11 @@ def test_shoes_layout_variants(tmp_path, capsys, monkeypatch, top, ann_sub, flat
     out = capsys.readouterr().out
     assert label in out and f"annotations {tmp_path / ann_sub}".rstrip("/") in out
     assert len(out.splitlines()) == 1 and len(stats) < 10, stats
-    assert len(gal) == 4658 and all(p.is_file() and p.name == n for n, p in gal.paths.items())
+    assert gal.images == _shoes_names("test") and all(p.is_file() and p.name == n for n, p in gal.paths.items())
 
 
 def test_shoes_missing_images(tmp_path, capsys):
-    test = set(_shoes_names("test"))
-    rows = [r for r in _shoes_rows() if r["ImageName"] in test]
+    rows, n_img = _shoes_triplets("test"), len(_shoes_names("test"))
     used = {n for r in rows for n in _pair(r)}
     unused = next(n for n in _shoes_names("test") if n not in used)
     gone = {rows[0]["ReferenceImageName"], rows[9]["ImageName"], unused}
@@ -1164,19 +1289,19 @@ def test_shoes_missing_images(tmp_path, capsys):
     with pytest.raises(FileNotFoundError) as e:
         data.Shoes(root, "test")
     msg = str(e.value)
-    assert len(msg.splitlines()) == 1 and "3 of 4658 images named in" in msg
+    assert len(msg.splitlines()) == 1 and f"3 of {n_img} images named in" in msg
     assert "eval_im_names.txt" in msg and all(n in msg for n in gone) and "--skip-missing" in msg
     capsys.readouterr()
     ds = data.Shoes(root, "test", skip_missing=True, return_images=False)
     out = capsys.readouterr().out
     expect = [_pair(r) for r in rows if not set(_pair(r)) & gone]
     assert [(t["reference"], t["target"]) for t in ds.triplets] == expect
-    assert f"{1761 - len(expect)} of 1761 triplets dropped" in out and "3 missing images dropped" in out
+    assert f"{len(rows) - len(expect)} of {len(rows)} triplets dropped" in out and "3 missing images dropped" in out
     gal = data.Shoes(root, "test", view="gallery", skip_missing=True)
-    assert len(gal) == 4655 and not gone & set(gal.images) and gal.images == ds.images
+    assert len(gal) == n_img - 3 and not gone & set(gal.images) and gal.images == ds.images
     # no image at all: a wrong root, whatever skip_missing says
     bare = make_shoes(tmp_path / "bare", ())
-    with pytest.raises(FileNotFoundError, match="none of the 4658 images of eval_im_names.txt"):
+    with pytest.raises(FileNotFoundError, match=f"none of the {n_img} images of eval_im_names.txt"):
         data.Shoes(bare, "test", skip_missing=True)
 
 
@@ -1220,10 +1345,10 @@ def test_shoes_noise_kinds_and_partial_refused(shoes_root, tmp_path, capsys):
     for f in ("reference", "text", "target"):
         assert sorted(t[f] for t in n.triplets) == sorted(t[f] for t in ds.triplets)
     assert [bool(c) for c in _changed(n.triplets, ds.triplets)] == n.noisy.tolist()
-    assert 0.9 * round(0.3 * 8990) < int(n.noisy.sum()) <= round(0.3 * 8990)
+    assert 0.9 * round(0.3 * len(ds)) < int(n.noisy.sum()) <= round(0.3 * len(ds))
     target = data.Shoes(shoes_root, "train", noise=data.Noise(0.2, "target", 1),
                         return_images=False)
-    assert int(target.noisy.sum()) == round(0.2 * 8990)
+    assert int(target.noisy.sum()) == round(0.2 * len(ds)) == round(0.2 * len(_shoes_triplets("train")))
     with pytest.raises(ValueError, match="partial.*has none"):
         data.Shoes(shoes_root, "train", noise=data.Noise(0.3, "partial", 0), return_images=False)
     capsys.readouterr()
@@ -1239,12 +1364,13 @@ def test_shoes_noise_kinds_and_partial_refused(shoes_root, tmp_path, capsys):
 
 def test_missing_images_error_and_skip(tmp_path, capsys):
     rows = json.loads((CIRR_ANN / "captions/cap.rc2.val.json").read_text())
+    n_img = len(json.loads((CIRR_ANN / "image_splits/split.rc2.val.json").read_text()))
     gone = sorted({rows[0]["reference"], rows[10]["target_hard"], rows[20]["img_set"]["members"][0]})
     root = make_cirr(tmp_path, ("val",), drop=gone)
     with pytest.raises(FileNotFoundError) as e:
         data.CIRR(root, "val")
     msg = str(e.value)
-    assert "3 of 2297 images are missing" in msg and "skip_missing=True" in msg and "--skip-missing" in msg
+    assert f"3 of {n_img} images are missing" in msg and "skip_missing=True" in msg and "--skip-missing" in msg
     assert gone[0] in msg and str(root / "img_raw" / "dev" / f"{gone[0]}.png") in msg
     capsys.readouterr()
     ds = data.CIRR(root, "val", skip_missing=True, return_images=False)
@@ -1252,21 +1378,22 @@ def test_missing_images_error_and_skip(tmp_path, capsys):
     # evaluation needs whole subsets: a query goes when its reference, target or any member is missing
     expect = [r for r in rows if not {r["reference"], r["target_hard"], *r["img_set"]["members"]} & set(gone)]
     assert len(ds) == len(expect) and [t["pairid"] for t in ds.triplets] == [r["pairid"] for r in expect]
-    assert f"{4181 - len(expect)} of 4181 triplets dropped" in out and "3 missing images dropped" in out
+    assert f"{len(rows) - len(expect)} of {len(rows)} triplets dropped" in out and "3 missing images dropped" in out
     gal = data.CIRR(root, "val", view="gallery", skip_missing=True)
-    assert len(gal) == 2294 and not set(gone) & set(gal.images) and gal.images == ds.images
+    assert len(gal) == n_img - 3 and not set(gone) & set(gal.images) and gal.images == ds.images
 
 
 def test_missing_fashioniq_skip(tmp_path, capsys):
     rows = json.loads((FIQ_ANN / "captions/cap.shirt.val.json").read_text())
-    gone = sorted({rows[i]["candidate"] for i in range(0, 400, 7)} | {rows[5]["target"]})
+    n_img = len(json.loads((FIQ_ANN / "image_splits/split.shirt.val.json").read_text()))
+    gone = sorted({rows[i]["candidate"] for i in range(0, len(rows), 7)} | {rows[5]["target"]})
     root = make_fiq(tmp_path, "val", ("shirt",), drop=gone)
-    with pytest.raises(FileNotFoundError, match=f"{len(gone)} of 6346 images are missing"):
+    with pytest.raises(FileNotFoundError, match=f"{len(gone)} of {n_img} images are missing"):
         data.FashionIQ(root, "shirt", "val")
     ds = data.FashionIQ(root, "shirt", "val", skip_missing=True)
     expect = [r for r in rows if r["candidate"] not in gone and r["target"] not in gone]
-    assert len(ds) == len(expect) and len(ds.images) == 6346 - len(gone)
-    assert f"{2038 - len(expect)} of 2038 triplets dropped" in capsys.readouterr().out
+    assert 0 < len(ds) == len(expect) < len(rows) and len(ds.images) == n_img - len(gone)
+    assert f"{len(rows) - len(expect)} of {len(rows)} triplets dropped" in capsys.readouterr().out
 
 
 def test_corrupt_image_names_path(tmp_path):
@@ -1360,7 +1487,7 @@ def test_shuffle_noise_permutes_three_fields_in_three_parts(tmp_path, p):
     """TME's protocol on real CIRR rows: the chosen triplets in three equal parts, references / texts / targets
     permuted within a part. Every field keeps its multiset; a triplet changes in at most one field; a triplet whose
     value the permutation left equal (CIRR references repeat) is clean."""
-    make_cirr_train(tmp_path, 600)
+    rows = make_cirr_train(tmp_path, 300)
     ds = data.CIRR(tmp_path, "train", return_images=False)
     noisy = data.CIRR(tmp_path, "train", noise=data.Noise(p, "shuffle", 7), return_images=False)
     old, new = ds.triplets, noisy.triplets
@@ -1369,7 +1496,7 @@ def test_shuffle_noise_permutes_three_fields_in_three_parts(tmp_path, p):
     changed = _changed(new, old)
     assert all(len(c) <= 1 for c in changed)
     assert [bool(c) for c in changed] == noisy.noisy.tolist()
-    k = round(p * 600)
+    k = round(p * len(rows))
     per_field = {f: sum(c == (f,) for c in changed) for f in ("reference", "text", "target")}
     assert all(v <= -(-k // 3) for v in per_field.values())           # one third of the chosen at most
     assert k - 30 <= int(noisy.noisy.sum()) <= k                    # fixed points and equal values are few
@@ -2104,13 +2231,15 @@ def test_shoes_metrics_against_loop(seed):
     assert ours == pytest.approx(_shoes_loop(q, g, names, refs, tgts), abs=1e-9)
 
 
-def test_shoes_metrics_real_test_split_against_loop():
-    """The real test split: 1,761 queries (one self-pair) over the 4,658 eval images, random
-    features with half of the queries near their target."""
+@pytest.mark.parametrize("ann", ANNOTATIONS)
+def test_shoes_metrics_real_test_split_against_loop(ann):
+    """The real test split (the release: 1,761 queries, one self-pair, over the 4,658 eval images),
+    random features with half of the queries near their target."""
     torch.manual_seed(0)
-    names = _shoes_names("test")
+    names = _shoes_names("test", ann / "shoes")
     index = {n: j for j, n in enumerate(names)}
-    rows = [r for r in _shoes_rows() if r["ImageName"] in index]
+    rows = _shoes_triplets("test", ann / "shoes")
+    assert any(a == b for a, b in map(_pair, rows))
     refs, tgts = [r["ReferenceImageName"] for r in rows], [r["ImageName"] for r in rows]
     g, q = torch.randn(len(names), 4), torch.randn(len(rows), 4)
     half = len(rows) // 2
@@ -2372,7 +2501,7 @@ def test_audit_fashioniq_and_shoes_identifiers(micro_clip, tmp_path):
             (fiq / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(FIQ_ANN / f, fiq / f)
         rows = json.loads((FIQ_ANN / f"captions/cap.{c}.train.json").read_text())
-        have |= {n for r in rows[7::400] for n in (r["candidate"], r["target"])}
+        have |= {n for r in rows[7::25] for n in (r["candidate"], r["target"])}
         have.discard(rows[7]["target"])                               # row 7 loses its target image
     for n in have:
         _link(_tiny_png(tmp_path), fiq / "images" / f"{n}.png")
@@ -2390,7 +2519,7 @@ def test_audit_fashioniq_and_shoes_identifiers(micro_clip, tmp_path):
 
     shoes_rows = _shoes_rows()
     train_names = _shoes_names("train")
-    picked = [j for j, r in enumerate(shoes_rows) if set(_pair(r)) <= set(train_names)][5::300]
+    picked = [j for j, r in enumerate(shoes_rows) if set(_pair(r)) <= set(train_names)][5::100]
     keep = {n for j in picked for n in _pair(shoes_rows[j])}
     root = make_shoes(tmp_path / "shoes", splits=("train",), drop=set(train_names) - keep)
     evaluate.main(["--audit", "--clip", str(micro_clip), "--dataset", "shoes", "--data-root", str(root),
