@@ -249,18 +249,23 @@ def bench_train(args):
     _table("the step's arithmetic against this machine's fp32 matmul peak (both measured in this run)",
            ("GFLOP / step", "achieved GFLOP/s", "matmul peak GFLOP/s", "share of peak"),
            [(f"{flops / 1e9:.1f}", f"{flops / step / 1e9:.0f}", f"{peak / 1e9:.0f}", f"{100 * flops / step / peak:.0f}%")])
-    # the NFB's cost per epoch: the GMM fit alone (losses recorded in the step) or the gallery pass + the fit
-    from nfb import NoiseFilter
+    # the NFB's cost per epoch: the GMM fit alone (losses recorded in the step), or the views after the epoch (a
+    # no-grad pass over every training image and the distinct texts, then the views' matrix products) + the fit
+    from nfb import VIEWS, NoiseFilter
     nfb = NoiseFilter(len(run.train), 0, a.gmm, gate=a.nfb_gate, width=a.nfb_width)
     full = torch.randn(len(run.train)).abs()                 # an epoch's worth of per-pair losses
     t_fit = _time(lambda: nfb.update(full, 1), 3)
-    t_gallery = _time(lambda: train.gallery_losses(run))
     t_val = _time(lambda: evaluate.evaluate_sets(run.enc, run.val, a.dataset))
     epoch = step * n_steps + t_val
+    rows = [("train (recorded in the step; GMM fit only)", f"{t_fit:.3f}", f"{100 * t_fit / epoch:.2f}%")]
+    for views in (["query"], ["query", "text"], list(VIEWS)):
+        a.nfb_views = views
+        t_views = _time(lambda: train.noise_views(run))
+        fits = t_fit * len(views)
+        rows.append((f"gallery, views {' + '.join(views)}", f"{t_views + fits:.1f}",
+                     f"{100 * (t_views + fits) / epoch:.1f}%"))
     _table(f"NFB per epoch ({n_steps} steps + validation = {epoch:.0f} s)", ("--nfb-losses", "NFB s", "share of epoch"),
-           [("train (recorded in the step; GMM fit only)", f"{t_fit:.3f}", f"{100 * t_fit / epoch:.2f}%"),
-            ("gallery (no-grad pass over every training image and query + GMM fit)", f"{t_gallery + t_fit:.1f}",
-             f"{100 * (t_gallery + t_fit) / epoch:.1f}%")])
+           rows)
     # --encoder text: the image tower frozen and its tokens computed once, against fine-tuning both towers
     t = time.perf_counter()
     run = train.build(train.settings(["--out", out, "--max-steps", str(steps), "--no-plots", "--no-nfb",

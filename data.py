@@ -688,6 +688,17 @@ def _shoes_layout(root, paths):
     return max(counts, key=counts.get)
 
 
+def subset_rows(ds):
+    """(n, M) gallery rows of each triplet's subset (CIRR's img_set, the toy's group): its target first, then the
+    other members but its reference, -1 padding; None when a triplet has no subset (FashionIQ, Shoes)."""
+    if not ds.triplets or not all(t.get("members") for t in ds.triplets):
+        return None
+    rows = [list(dict.fromkeys([t["target"], *(m for m in t["members"] if m != t["reference"])]))
+            for t in ds.triplets]
+    width = max(map(len, rows))
+    return torch.tensor([[ds.index[m] for m in r] + [-1] * (width - len(r)) for r in rows])
+
+
 # -----------------------------------------------------------------------------
 # the dataset a run's settings name
 

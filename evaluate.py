@@ -44,7 +44,7 @@ import data
 import runtime
 import toy
 from model import CIRModel, load_clip, make_transform, normalize_pixels, tokenize
-from nfb import clean_probability, detection_metrics
+from nfb import PairFeatures, decide_views, detection_metrics, pair_views
 
 CHUNK = 1024  # queries scored at once: memory is CHUNK x gallery floats
 
@@ -243,19 +243,36 @@ def encode_gallery(enc, gallery, tokens=False):
 
 
 @torch.no_grad()
-def encode_queries(enc, texts, ref_feats):
-    """q = normalize(f_txt + f_ref) for every query. texts: list of str, ref_feats (Q, D) -> (Q, D)."""
+def encode_texts(enc, texts):
+    """f_txt (Q, D) fp32, the WCB-compensated text feature of every text (list of str)."""
     model = enc.model.eval()
     ctx = model.clip.context_length
     rows = enc.share(len(texts)).tolist()
     out = []
     for s in range(0, len(rows), enc.batch_size):
-        r = rows[s:s + enc.batch_size]
-        tokens = tokenize([texts[i] for i in r], ctx, truncate=True).to(enc.device)
+        tokens = tokenize([texts[i] for i in rows[s:s + enc.batch_size]], ctx, truncate=True).to(enc.device)
         with enc.amp or nullcontext():
-            f_txt, _ = model.text_features(tokens)
-        out.append(F.normalize(f_txt.float() + ref_feats[r].to(enc.device).float(), dim=-1))
+            out.append(model.text_features(tokens)[0].float())
     return runtime.gather_rows(torch.cat(out), len(texts))
+
+
+@torch.no_grad()
+def encode_queries(enc, texts, ref_feats):
+    """q = normalize(f_txt + f_ref) for every query. texts: list of str, ref_feats (Q, D) -> (Q, D)."""
+    f_txt = encode_texts(enc, texts)
+    return F.normalize(f_txt + ref_feats.to(f_txt.device).float(), dim=-1)
+
+
+@torch.no_grad()
+def pair_features(enc, trips, f_ref, f_tar):
+    """nfb.PairFeatures of every triplet of `trips`, its split's gallery features given (f_ref, f_tar (N, D), in
+    .images order): the distinct texts encoded once, the subsets where the dataset has them (data.subset_rows)."""
+    texts = [t["text"] for t in trips.triplets]
+    distinct = list(dict.fromkeys(texts))
+    row = {x: k for k, x in enumerate(distinct)}
+    return PairFeatures(f_txt=encode_texts(enc, distinct), text_idx=torch.tensor([row[x] for x in texts]),
+                        f_ref=f_ref[trips.ref_idx].float(), gallery=F.normalize(f_tar.float(), dim=-1),
+                        tgt_idx=trips.tgt_idx, ref_idx=trips.ref_idx, subsets=data.subset_rows(trips))
 
 
 # The split that validation during training and evaluate.py use by default: Shoes has no val
@@ -409,18 +426,25 @@ def check_writable(folder):
 
 @torch.no_grad()
 def audit_scores(enc, gallery, trips, s, times=None, chunk=CHUNK):
-    """Every triplet of `trips` scored over the gallery view of its split (same images, same
-    order) -> dict(loss (Q,), rank (Q,) 0-based, top (Q, 3) gallery rows, w (Q,) the NFB's clean
-    probability with the settings s: tau, gmm, nfb_gate, nfb_width). times: an optional dict that receives the seconds
-    spent encoding and ranking."""
+    """Every triplet of `trips` scored over the gallery view of its split (same images, same order) -> dict(loss
+    (Q,) the query view, rank (Q,) 0-based, top (Q, 3) gallery rows, views {name: (Q,)} the NFB's views of the
+    settings s (nfb_views, tau, nfb_text_temp, nfb_text_inverted), view_w {name: (Q,)} each view's clean
+    probability, w (Q,) the NFB's decision (nfb.decide_views with gmm, nfb_gate, nfb_width, nfb_gate_by)).
+    times: an optional dict that receives the seconds spent encoding and ranking."""
     if gallery.images != trips.images:
         raise ValueError("audit: the gallery and the triplets must be views of the same split")
     t0 = time.perf_counter()
-    q, g = set_features(enc, gallery, trips)                                      # (Q, D), (N, D)
-    _check_finite(q, g)
+    f_ref, f_tar = encode_gallery(enc, gallery)                                   # (N, D) each
+    pf = pair_features(enc, trips, f_ref, f_tar)
+    q = F.normalize(pf.f_txt[pf.text_idx] + pf.f_ref, dim=-1)                   # (Q, D)
+    _check_finite(q, pf.gallery)
     t1 = time.perf_counter()
-    out = score_triplets(q, g, trips.tgt_idx, trips.ref_idx, s["tau"], k=3, chunk=chunk)  # O(chunk x N)
-    out["w"] = clean_probability(out["loss"], s["gmm"], s["nfb_gate"], s["nfb_width"]).cpu()
+    out = score_triplets(q, pf.gallery, trips.tgt_idx, trips.ref_idx, s["tau"], k=3, chunk=chunk)  # O(chunk x N)
+    names = [v for v in s["nfb_views"] if v != "subset" or pf.subsets is not None]
+    views = pair_views(pf, [v for v in names if v != "query"], s["tau"], s["nfb_text_temp"], s["nfb_text_inverted"])
+    views = {"query": out["loss"], **{k: v.cpu() for k, v in views.items()}}
+    w, per_view = decide_views(views, names, s["gmm"], s["nfb_gate"], s["nfb_width"], s["nfb_gate_by"])
+    out.update(w=w.cpu(), views=views, view_w={k: v[0].cpu() for k, v in per_view.items()})
     if times is not None:
         times.update(encode=t1 - t0, rank=time.perf_counter() - t1)
     return out
@@ -447,8 +471,10 @@ def triplet_id(t, dataset):
 def audit_rows(trips, scores, dataset, w_train=None):
     """One dict per triplet, most suspicious first: index (in the split), the identifier
     (triplet_id), reference, text, target, w, loss, rank (1 = the model's first choice, reference
-    removed), top3 (the best images other than the target), w_train (the run's NFB labels, when
-    given), noise (the corrupted field, data.NOISE_FIELDS, when the truth is known)."""
+    removed), top3 (the best images other than the target), views {name: {loss, w}} (each view's
+    score and clean probability), flagged_by (the views with w < 0.5: why the triplet is suspect),
+    w_train (the run's NFB labels, when given), noise (the corrupted field, data.NOISE_FIELDS, when
+    the truth is known)."""
     known = bool(trips.noisy.any())
     rows = []
     for i in suspicion_order(scores["w"], scores["loss"]):
@@ -456,7 +482,10 @@ def audit_rows(trips, scores, dataset, w_train=None):
         row = dict(index=i, **triplet_id(t, dataset), reference=t["reference"], text=t["text"],
                    target=t["target"], w=float(scores["w"][i]), loss=float(scores["loss"][i]),
                    rank=int(scores["rank"][i]) + 1,
-                   top3=[trips.images[j] for j in scores["top"][i].tolist()])
+                   top3=[trips.images[j] for j in scores["top"][i].tolist()],
+                   views={k: dict(loss=float(v[i]), w=float(scores["view_w"][k][i]))
+                          for k, v in scores["views"].items()},
+                   flagged_by=[k for k, w in scores["view_w"].items() if w[i] < 0.5])
         if w_train is not None:
             row["w_train"] = float(w_train[i])
         if known:
@@ -488,7 +517,8 @@ def audit_summary(trips, scores, dataset, w_train=None, ks=AUDIT_K):
     of the flags, and the % flagged of each corrupted field (data.NOISE_FIELDS)."""
     from sklearn.metrics import roc_auc_score
     w, flagged = scores["w"], scores["w"] < 0.5
-    out = dict(n=len(w), flagged=int(flagged.sum()))
+    out = dict(n=len(w), flagged=int(flagged.sum()),
+               flagged_by_view={k: int((v < 0.5).sum()) for k, v in scores["view_w"].items()})
     if w_train is not None:
         out["flagged_train"] = int((w_train < 0.5).sum())
         out["flagged_both"] = int((flagged & (w_train < 0.5)).sum())
@@ -519,8 +549,12 @@ def audit_summary(trips, scores, dataset, w_train=None, ks=AUDIT_K):
         out["auc_loss"] = (float(roc_auc_score(noisy.numpy(), scores["loss"].numpy()))
                            if n_noisy < len(w) else math.nan)
         f = trips.noise_field
-        out["flagged_by_field"] = {name: 100 * flagged[f == k].float().mean().item()
-                                   for k, name in enumerate(data.NOISE_FIELDS) if (f == k).any()}
+        by_field = lambda fl: {name: 100 * fl[f == k].float().mean().item()
+                               for k, name in enumerate(data.NOISE_FIELDS) if (f == k).any()}
+        out["flagged_by_field"] = by_field(flagged)
+        out["view_flagged_by_field"] = {k: by_field(v < 0.5) for k, v in scores["view_w"].items()}
+        out["view_auc"] = {k: float(roc_auc_score(noisy.numpy(), v.numpy())) if n_noisy < len(w) else math.nan
+                           for k, v in scores["views"].items()}
     return out
 
 
@@ -528,6 +562,8 @@ def print_audit_summary(s, what, top_groups=10):
     """The summary in a few lines; of many groups (CIRR's subsets) the top_groups most flagged."""
     print(f"audit of {what}: {s['n']:,} triplets, {s['flagged']:,} flagged "
           f"(w < 0.5, {100 * s['flagged'] / s['n']:.1f}%)")
+    print("  flagged by each view (a triplet is flagged when any view of the decision flags it): "
+          + ", ".join(f"{k} {v:,}" for k, v in s["flagged_by_view"].items()))
     if "flagged_train" in s:
         print(f"  the run's NFB at this checkpoint flagged {s['flagged_train']:,} "
               f"(both: {s['flagged_both']:,})")
@@ -551,6 +587,9 @@ def print_audit_summary(s, what, top_groups=10):
               f"precision {s['precision_flagged']:.3f} recall {s['recall_flagged']:.3f}")
         print("  flagged by corrupted field: "
               + ", ".join(f"{k} {v:.1f}%" for k, v in s["flagged_by_field"].items()))
+        for view, by in s["view_flagged_by_field"].items():
+            print(f"    the {view} view alone (AUC {s['view_auc'][view]:.3f}): "
+                  + ", ".join(f"{k} {v:.1f}%" for k, v in by.items()))
 
 
 def _sheet_label(k, r):
@@ -558,7 +597,8 @@ def _sheet_label(k, r):
     ids = " ".join(f"{key} {r[key]}" for key in ("pairid", "category", "row") if key in r)
     truth = "" if "noise" not in r else (
         "\ntruth: clean" if r["noise"] == "clean" else f"\ntruth: {r['noise']} replaced")
-    return f"#{k + 1} {ids}\nw {r['w']:.3f}  loss {r['loss']:.2f}  rank {r['rank']:,}" + truth
+    why = f"\nflagged by: {', '.join(r['flagged_by'])}" if r["flagged_by"] else ""
+    return f"#{k + 1} {ids}\nw {r['w']:.3f}  loss {r['loss']:.2f}  rank {r['rank']:,}" + why + truth
 
 
 def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
@@ -599,7 +639,8 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
     scores = audit_scores(enc, gallery, trips, s, times, chunk)
     rows = audit_rows(trips, scores, dataset, w_train)
     summary = audit_summary(trips, scores, dataset, w_train)
-    summary.update(tau=s["tau"], gmm=s["gmm"], nfb_gate=s["nfb_gate"], nfb_width=s["nfb_width"])
+    summary.update({k: s[k] for k in ("tau", "gmm", "nfb_gate", "nfb_width", "nfb_views", "nfb_gate_by",
+                                      "nfb_text_temp", "nfb_text_inverted")})
     name = "audit" if split == "train" else f"audit_{split}"
     jsonl = out_dir / f"{name}.jsonl"
     tmp = jsonl.with_name(jsonl.name + ".tmp")

@@ -13,7 +13,9 @@ s_ij = q_i t_j / tau; p_ij = softmax_j(s_ij); pos_i is the column of i's own tar
     L_bank       = L_NCE over a static bank of every training image's target feature (SPN's more negatives,
                    stage 2); with soft labels, L^soft_NCE over the bank                               bank_nce
     l^gallery_i  = l_i over the whole training gallery minus i's reference, no gradient: the NFB's per-pair
-                   loss (nfb.py)                                                                    gallery_nce
+                   loss, its query view (nfb.py)                                                    gallery_nce
+    l^text_i     = which training text best explains pair i's (reference, target), no gradient: the NFB's text
+                   view                                                                             text_nce
 
 w = 1 gives exactly L_NCE in every form. The paper names L^soft_NCE but not its equation: the three forms are
 this project's candidates, measured in the README's noise study. Logits are computed in fp32 with autocast off:
@@ -77,6 +79,41 @@ def gallery_nce(q, gallery, tgt, tau, exclude=None, chunk=1024):
             rows = (x >= 0).nonzero().squeeze(1)
             logits[rows, x[rows]] = float("-inf")
         out.append(-logits.log_softmax(1).gather(1, t[:, None]).squeeze(1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def text_nce(f_txt, f_ref, t, text_idx, tau, inverted=True, chunk=1024):
+    """l^text_i: which text explains pair i? Every distinct training text k composed with i's reference,
+    q_ki = normalize(f_txt_k + f_ref_i), is scored against i's target: s_ki = q_ki·t_i / tau. Each text's scores are
+    first normalised over the pairs (the inverted softmax: a text that scores high on every pair, a hub, must not win
+    everywhere), then the texts compete for the pair:
+        l^text_i = -log softmax_k( s_ki - log sum_j exp(s_kj) )  at i's own text.
+    A wrong text on a true (reference, target) pair loses to the pair's true text, wherever in the training set that
+    text now is; the query loss (gallery_nce) barely notices it. inverted=False: the plain softmax over the texts.
+    f_txt (U, D) the distinct texts' features, f_ref (n, D) the references' (both unnormalised), t (n, D) the
+    targets' (normalised), text_idx (n,) each pair's row of f_txt -> (n,) fp32. No U x n x D tensor: the cosines
+    come from three products, q_ki·t_i = (f_txt_k·t_i + f_ref_i·t_i) / |f_txt_k + f_ref_i| with
+    |f_txt_k + f_ref_i|^2 = |f_txt_k|^2 + |f_ref_i|^2 + 2 f_txt_k·f_ref_i; two passes over chunks of pairs, memory
+    O(U x chunk)."""
+    with torch.autocast(f_txt.device.type, enabled=False):
+        f_txt, f_ref, t = f_txt.float(), f_ref.float(), t.float()
+        n_txt = (f_txt * f_txt).sum(1)[:, None]                          # (U, 1) |f_txt_k|^2
+
+        def scores(s):                                                     # (U, C) s_ki of the pairs s:s+chunk
+            r, tc = f_ref[s:s + chunk], t[s:s + chunk]                     # (C, D)
+            num = f_txt @ tc.T + (r * tc).sum(1)                           # f_txt_k·t_i + f_ref_i·t_i
+            norm2 = n_txt + (r * r).sum(1) + 2 * f_txt @ r.T                # |f_txt_k + f_ref_i|^2
+            return num / norm2.clamp_min(1e-12).sqrt() / tau
+        starts = range(0, len(f_ref), chunk)
+        hub = torch.full((len(f_txt),), float("-inf") if inverted else 0.0, device=f_txt.device)
+        for s in starts if inverted else ():                               # log sum_j exp(s_kj), per text
+            hub = torch.logaddexp(hub, scores(s).logsumexp(1))
+        out = []
+        for s in starts:
+            k = text_idx[s:s + chunk].to(f_txt.device)
+            logp = (scores(s) - hub[:, None]).log_softmax(0)               # (U, C) over the texts
+            out.append(-logp.gather(0, k[None]).squeeze(0))
     return torch.cat(out)
 
 

@@ -21,8 +21,12 @@ Our choices (the paper is silent):
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from loss import gallery_nce, text_nce
 
 MAX_ITER, TOL, REG_COVAR = 10, 1e-2, 5e-4
 MIN_SAMPLES = 10
@@ -197,17 +201,106 @@ def detection_metrics(w, noisy):
                 recall=tp / noisy.sum().item() if noisy.any() else math.nan)
 
 
+# -----------------------------------------------------------------------------
+# the views: what the GMM is fitted to
+
+VIEWS = ("query", "text", "change", "subset", "gain")   # --nfb-views; the first one used is always "query"
+
+
+@dataclass
+class PairFeatures:
+    """Features of every pair of a triplet set, computed once per refit (no gradient). The texts are the distinct
+    ones: many pairs share a text."""
+    f_txt: torch.Tensor          # (U, D) text features of the distinct texts (unnormalised)
+    text_idx: torch.Tensor       # (n,) each pair's row of f_txt
+    f_ref: torch.Tensor          # (n, D) each pair's reference feature (unnormalised)
+    gallery: torch.Tensor        # (N, D) normalised target-role features of every image of the split
+    tgt_idx: torch.Tensor        # (n,) each pair's target row of gallery
+    ref_idx: torch.Tensor        # (n,) each pair's reference row of gallery (removed from its ranking)
+    subsets: torch.Tensor | None = None   # (n, M) gallery rows of each pair's subset, target first, -1 padding
+
+
+def pair_views(pf, names, tau, text_temp=0.25, inverted=True):
+    """The views `names` (VIEWS) of every pair -> {name: (n,) losses}, each high for a suspect pair:
+      query   l^gallery_i: the composed query q_i = normalize(f_txt_i + f_ref_i) ranked over the whole gallery, its
+              reference removed (loss.gallery_nce). Blind to a wrong text on a true edit: q_i still finds t_i.
+      text    l^text_i: which distinct text best explains (reference, target) (loss.text_nce, at tau * text_temp;
+              inverted: each text's scores normalised over the pairs first)
+      change  the text against the visual change normalize(t_i - normalize(f_ref_i)): -log softmax over the texts
+      subset  near misses: -log softmax of the target among the pair's subset (CIRR's img_set), the same q_i
+      gain    how much the text helps: l^gallery of q_i minus that of the reference alone, normalize(f_ref_i)"""
+    f_txt = pf.f_txt[pf.text_idx.to(pf.f_txt.device)]                                   # (n, D)
+    q = F.normalize(f_txt + pf.f_ref, dim=-1)                                            # (n, D)
+    t = pf.gallery[pf.tgt_idx.to(pf.gallery.device)]                                     # (n, D)
+    out = {}
+    for name in names:
+        if name == "query":
+            out[name] = gallery_nce(q, pf.gallery, pf.tgt_idx, tau, exclude=pf.ref_idx)
+        elif name == "text":
+            out[name] = text_nce(pf.f_txt, pf.f_ref, t, pf.text_idx, tau * text_temp, inverted)
+        elif name == "change":
+            change = F.normalize(t - F.normalize(pf.f_ref, dim=-1), dim=-1)              # (n, D)
+            logits = F.normalize(pf.f_txt, dim=-1) @ change.T / (tau * text_temp)         # (U, n)
+            out[name] = -logits.log_softmax(0).gather(0, pf.text_idx[None].to(logits.device)).squeeze(0)
+        elif name == "subset":
+            m = pf.subsets.to(q.device)                                                   # (n, M)
+            sims = torch.einsum("nd,nmd->nm", q, pf.gallery[m.clamp(min=0)]) / tau
+            out[name] = -sims.masked_fill(m < 0, float("-inf")).log_softmax(1)[:, 0]
+        elif name == "gain":
+            alone = gallery_nce(F.normalize(pf.f_ref, dim=-1), pf.gallery, pf.tgt_idx, tau, exclude=pf.ref_idx)
+            out[name] = gallery_nce(q, pf.gallery, pf.tgt_idx, tau, exclude=pf.ref_idx) - alone
+        else:
+            raise ValueError(f"nfb.py: unknown view {name!r}; choose among {', '.join(VIEWS)}")
+    return out
+
+
+def decide_views(views, decision, backend="sklearn", gate=0.0, width=0.0, gate_by="first", prior=None):
+    """The NFB's decision on several views of the same n pairs. views {name: (n,) losses} (NaN: pair not seen, it
+    keeps its prior weight), decision: the names the decision uses, the first one the query view. Every view gets
+    its GMM (decide); the gate (gate_by="first"): the first view says whether there is noise at all (is_noise, both
+    tests), then every view whose noisy component is the wider one takes part; gate_by="each": every view passes
+    both tests on its own. A pair's w is the smallest of its decision views' (any view that finds it noisy flags
+    it). -> (w (n,), {name: (w_v (n,), decide's dict, seen (n,) bool, finite losses)}) for every view given."""
+    per_view = {}
+    for name, losses in views.items():
+        losses = losses.detach().reshape(-1)
+        seen = torch.isfinite(losses)                                    # (n,)
+        fin = losses[seen].float()                                       # (n_seen,)
+        per_view[name] = (decide(fin, backend), seen, fin)               # the GMM, not yet gated
+    # A later view never opens the gate on its own: early in training the text view of clean data can show a wide
+    # second mode (edits the model has not learnt yet)
+    noise = is_noise(per_view[decision[0]][0]["mode"], gate, width)
+    w = None
+    for name, (d, seen, fin) in per_view.items():
+        own = is_noise(d["mode"], gate, width) if gate_by == "each" else noise and is_noise(d["mode"], 0, width)
+        d["mode"]["gated"] = not own
+        w_v = (torch.ones(len(seen)) if prior is None else prior).to(seen.device, torch.float32, copy=True)
+        w_v[seen] = torch.ones_like(d["w"]).to(seen.device) if not own else d["w"].to(seen.device)
+        per_view[name] = (w_v, d, seen, fin)
+        if name in decision:
+            w = w_v if w is None else torch.minimum(w, w_v)
+    return w, per_view
+
+
+# -----------------------------------------------------------------------------
+# the training state
+
 class NoiseFilter:
     """Training state of the NFB. Epochs are 0-based: epochs < warmup_epochs train with plain InfoNCE.
-    Call update(losses, epoch) with the per-sample losses measured in epoch `epoch`: it fits the GMM, logs the
-    statistics, and, when epoch + 1 is past the warm-up, installs the soft labels used in epoch + 1.
+    Call update(views, epoch) with the per-pair losses of each view measured after epoch `epoch` ({name: (n,)}, or
+    one tensor: the query view): every view in `views` gets its own GMM and gate (decide), a pair's soft label is
+    the smallest of its views' (any view that finds it noisy flags it), and, when epoch + 1 is past the warm-up,
+    the labels are installed for epoch + 1. Views given but not in `views` are only logged (their AUC and flags).
     Losses that are NaN (pair not seen this epoch, e.g. drop_last) keep their previous weight."""
 
-    def __init__(self, n, warmup_epochs=1, backend="sklearn", noisy_gt=None, gate=0.0, width=0.0):
+    def __init__(self, n, warmup_epochs=1, backend="sklearn", noisy_gt=None, gate=0.0, width=0.0, views=("query",),
+                 gate_by="first"):
         if backend not in ("sklearn", "torch"):
             raise ValueError(f"nfb.py: backend must be 'sklearn' or 'torch', got {backend!r}")
         self.n, self.warmup_epochs, self.backend = n, warmup_epochs, backend
         self.gate, self.width = gate, width                              # is_noise's two tests
+        self.views = tuple(views)                                        # the views the decision uses
+        self.gate_by = gate_by                                           # "first" view, or "each" on its own
         self.weights = torch.ones(n)                                     # (n,) soft labels, 1 before any fit
         # ground truth, where known: a flag per pair, or what was corrupted (0 = clean, k > 0: field k)
         gt = None if noisy_gt is None else torch.as_tensor(noisy_gt).reshape(-1).cpu()
@@ -221,36 +314,50 @@ class NoiseFilter:
         """True when epoch `epoch` trains with the soft labels (past the warm-up)."""
         return epoch >= self.warmup_epochs
 
-    def update(self, losses, epoch):
-        """losses (n,) per-sample losses of epoch `epoch` -> stats dict (also appended to .history)."""
-        losses = losses.detach().reshape(-1)
-        if losses.numel() != self.n:
-            raise ValueError(f"nfb.py: got {losses.numel()} losses for {self.n} training pairs")
-        seen = torch.isfinite(losses)                                    # (n,)
-        fin = losses[seen].float()                                       # (n_seen,)
-        d = decide(fin, self.backend, self.gate, self.width)
-        x, fit = d["x"], d["fit"]
-        w = self.weights.to(losses.device, copy=True)
-        w[seen] = d["w"]
+    def update(self, views, epoch):
+        """views {name: (n,) per-pair losses} (or one (n,) tensor: the query view) of epoch `epoch` -> stats dict
+        (also appended to .history): the decision's fields, and per view (view_<name>_*) its fit, AUC, flags."""
+        views = views if isinstance(views, dict) else {"query": views}
+        missing = [v for v in self.views if v not in views]
+        if missing:
+            raise ValueError(f"nfb.py: the decision needs the views {missing}, got {list(views)}")
+        if any(v.numel() != self.n for v in views.values()):
+            raise ValueError(f"nfb.py: got {[v.numel() for v in views.values()]} losses for {self.n} training pairs")
+        w, per_view = decide_views(views, self.views, self.backend, self.gate, self.width, self.gate_by, self.weights)
         applied = self.active(epoch + 1)
         if applied:
             self.weights = w
+        w_q, d, seen, fin = per_view[self.views[0]]
+        x, fit = d["x"], d["fit"]
         # means/stds are in min-max normalised units; loss_min/loss_max map them back to raw losses
         stats = dict(epoch=epoch, applied=applied, n_seen=int(seen.sum()), means=fit["means"].tolist(),
                      loss_min=float(fin.min()) if fin.numel() else math.nan,
                      loss_max=float(fin.max()) if fin.numel() else math.nan,
                      stds=fit["stds"].tolist(), mix=fit["weights"].tolist(), n_iter=fit["n_iter"],
                      n_noisy=int((w < 0.5).sum()), mean_w=float(w.float().mean()), **d["mode"])
+        stats.update(self._truth(w))
         if self.noisy_gt is not None:
-            stats.update(detection_metrics(w, self.noisy_gt))
             # the loss itself as a noise score, whatever the GMM and the gate make of it
             stats["loss_auc"] = detection_metrics(1 - x.float(), self.noisy_gt[seen.cpu()])["auc"]
-        if self.gt_field is not None:                                    # % flagged of each corrupted field
-            f = self.gt_field
-            stats["flagged_by_field"] = [100 * (w.cpu()[f == k] < 0.5).float().mean().item() if (f == k).any()
-                                         else None for k in range(int(f.max()) + 1)]
+        for name, (w_v, d, seen, fin) in per_view.items():
+            v = dict(n_noisy=int((w_v < 0.5).sum()), **d["mode"])
+            v.update(self._truth(w_v))
+            if self.noisy_gt is not None:
+                v["loss_auc"] = detection_metrics(1 - d["x"].float(), self.noisy_gt[seen.cpu()])["auc"]
+            stats.update({f"view_{name}_{k}": val for k, val in v.items()})
         self.history.append(stats)
         return stats
+
+    def _truth(self, w):
+        """Detection against the ground truth, where known: AUC, precision, recall, % flagged per corrupted field."""
+        out = {}
+        if self.noisy_gt is not None:
+            out.update(detection_metrics(w, self.noisy_gt))
+        if self.gt_field is not None:                                    # % flagged of each corrupted field
+            f = self.gt_field
+            out["flagged_by_field"] = [100 * (w.cpu()[f == k] < 0.5).float().mean().item() if (f == k).any()
+                                       else None for k in range(int(f.max()) + 1)]
+        return out
 
     def draw(self, generator):
         """--soft-label sample: keep pair i with probability w_i for one epoch -> (n,) bool."""
@@ -267,7 +374,7 @@ class NoiseFilter:
     def state_dict(self):
         """Plain tensors and python types only: torch.load(weights_only=True) reads it back."""
         return dict(n=self.n, warmup_epochs=self.warmup_epochs, backend=self.backend, gate=self.gate,
-                    width=self.width, weights=self.weights.cpu(), noisy_gt=self.noisy_gt, gt_field=self.gt_field,
+                    width=self.width, views=list(self.views), gate_by=self.gate_by, weights=self.weights.cpu(), noisy_gt=self.noisy_gt, gt_field=self.gt_field,
                     history=list(self.history))
 
     def load_state_dict(self, sd):
@@ -276,3 +383,4 @@ class NoiseFilter:
         self.warmup_epochs, self.backend = sd["warmup_epochs"], sd["backend"]
         self.weights, self.noisy_gt, self.history = sd["weights"].float(), sd["noisy_gt"], list(sd["history"])
         self.gate, self.width, self.gt_field = sd.get("gate", 0.0), sd.get("width", 0.0), sd.get("gt_field")
+        self.views, self.gate_by = tuple(sd.get("views", ("query",))), sd.get("gate_by", "first")

@@ -1,6 +1,6 @@
 """The noise-robustness study on the toy benchmark: noise x method x seed, one training run per cell.
 
-    python study.py                          # the grid (README: "The noise study"), about an hour on 2 cores
+    python study.py                          # the grid (docs/results.md), under an hour on 2 cores
     python study.py --report runs/study      # only the tables and plots, from the finished cells
     python study.py --noise 0 0.4 --methods ncl ncl+spn ncl+pos ncl+pos+spn --seeds 0     # SPN on the toy
 
@@ -11,16 +11,16 @@ data.inject_noise, e.g. `partial:0.4` (40% near-miss targets from the query's ow
 Methods (each is train.py with some flags; README: "What follows the paper"):
     infonce       CLIP4Cir's sum baseline: no WCB, no NFB
     wcb           the control: NCL-CIR without its noise filter (--no-nfb)
-    ncl           NCL-CIR with this project's default noise filter
+    ncl           NCL-CIR with this project's default noise filter (logging every view's detection: --nfb-measure)
     oracle        the ceiling: the control trained on the clean triplets only, for the same number of steps
-    ncl-*         ablations: one NFB choice changed (ABLATIONS)
+    ncl-*, ncl+*  ablations: one NFB choice changed, or a view added (ABLATIONS)
     ncl+spn       ncl, then SPN stage 2 (static bank of all training images) from its best checkpoint
     ncl+pos       ncl trained with SPN's generated positives (similarities of the `ncl` cell's model)
     ncl+pos+spn   ncl+pos, then SPN stage 2
 
-The grid: the core methods at every noise setting, each ablation where its choice matters (ABLATIONS), 3 seeds;
-cells run two at a time (--jobs), each on one core: on 2 cores that trains more per hour than one cell with two
-threads, whose small kernels wait on each other.
+The grid: the core methods at every noise setting with 3 seeds, each ablation where its choice matters (ABLATIONS)
+with one (--ablation-seeds); cells run two at a time (--jobs), each on one core: on 2 cores that trains more per
+hour than one cell with two threads, whose small kernels wait on each other.
 The seed sets the injected noise, the initialisation and the data order. The oracle at 0% noise is the control
 itself (nothing to remove), so it is not trained again.
 
@@ -52,15 +52,21 @@ import toy  # noqa: E402
 import train  # noqa: E402
 
 NFB_OFF = ["--no-nfb"]
-METHODS = {"infonce": ["--no-wcb", *NFB_OFF], "wcb": NFB_OFF, "ncl": [], "oracle": [*NFB_OFF, "--oracle"],
+TEXT = ["--nfb-views", "query", "text"]
+METHODS = {"infonce": ["--no-wcb", *NFB_OFF], "wcb": NFB_OFF, "ncl": ["--nfb-measure"],
+           "oracle": [*NFB_OFF, "--oracle"],
            # ablations: one choice of the noise filter back to an alternative (README: "What follows the paper")
+           "ncl-query": ["--nfb-views", "query"], "ncl+change": [*TEXT, "change"], "ncl+subset": [*TEXT, "subset"],
+           "ncl+gain": [*TEXT, "gain"], "ncl-flat": ["--no-nfb-text-inverted"], "ncl-temp1": ["--nfb-text-temp", "1"],
+           "ncl-each": ["--nfb-gate-by", "each"],
            "ncl-spread": ["--soft-label", "spread"], "ncl-weight": ["--soft-label", "weight"],
            "ncl-nogate": ["--nfb-gate", "0", "--nfb-width", "0"], "ncl-batchloss": ["--nfb-losses", "train"],
            "ncl+spn": [], "ncl+pos": [], "ncl+pos+spn": []}
-CORE = ["infonce", "wcb", "ncl", "oracle"]
-# each ablation where its choice matters: the soft-label form and the loss the GMM sees under heavy noise, the gate
-# on clean data (with noise the gate is open and ncl-nogate is ncl)
-ABLATIONS = {"ncl-weight": ["0.5"], "ncl-spread": ["0.5"], "ncl-batchloss": ["0.5"], "ncl-nogate": ["0"]}
+CORE = ["wcb", "ncl", "oracle"]
+# each ablation where its choice matters, with the seeds of --ablation-seeds: the views, the text view's form and
+# the gate under heavy noise
+ABLATIONS = {"ncl-query": ["0.5"], "ncl+change": ["0.5"], "ncl+subset": ["0.5"], "ncl+gain": ["0.5"],
+             "ncl-flat": ["0.5"], "ncl-temp1": ["0.5"], "ncl-each": ["0.5"]}
 NOISE = ["0", "0.2", "0.5", "0.8", "partial:0.4"]
 METRICS = ("R@1", "R@5", "R@10", "Rsubset@1")
 EDITS = ("color", "size", "shape", "add", "remove", "move")
@@ -136,6 +142,18 @@ def flags(run):
     return out
 
 
+def views(last):
+    """Detection after the last epoch, the combined decision and each view on its own: {name: {auc, field: %
+    flagged of the clean pairs and of each corrupted field}}; the combined entry's auc is that of 1 - w."""
+    out = {}
+    for name, prefix, auc in [("combined", "nfb_", "nfb_auc")] + [
+            (k[len("nfb_view_"):-len("_loss_auc")], k[:-len("loss_auc")], k) for k in last
+            if k.startswith("nfb_view_") and k.endswith("_loss_auc")]:
+        by = last.get(prefix + "flagged_by_field") or []
+        out[name] = dict(auc=last.get(auc), **{f: by[k] for k, f in enumerate(data.NOISE_FIELDS) if k < len(by)})
+    return out or None
+
+
 # -----------------------------------------------------------------------------
 # the report
 
@@ -190,6 +208,20 @@ def tables(cells):
         gap.append(f"| {noise_label(kind, ratio)} | {c:.1f} | {o:.1f} | {r1['ncl']:.1f} | {closed('ncl')} | {abl} |")
     out.append("R@1 read against the control and the ceiling (gap closed = (method - control) / (oracle - control);"
                " where the oracle is within 1 point of the control, the difference in R@1 instead)\n\n" + "\n".join(gap))
+    det = ["| noise | method | view | AUC | clean | reference | text | target |", "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(cells, key=_order):
+        vs = [r["views"] for r in cells[key] if r.get("views")]
+        if not vs or key[0] != "ncl" and key[0] not in ABLATIONS:
+            continue
+        for name in vs[0]:
+            vals = [fmt([v[name].get("auc") for v in vs if name in v], 3)] + [
+                fmt([v[name].get(f) for v in vs if name in v]) for f in data.NOISE_FIELDS]
+            det.append(f"| {noise_label(*key[1:])} | {key[0]} | {name} | " + " | ".join(vals) + " |")
+    if len(det) > 2:
+        out.append("Detection after the last epoch: the decision (combined: a pair is flagged when any view of "
+                   "--nfb-views flags it) and each view on its own (its GMM and gate; views outside the decision "
+                   "are logged by --nfb-measure). AUC of the view's loss against the injected noise; % of the clean "
+                   "pairs and of each corrupted field flagged (w < 0.5)\n\n" + "\n".join(det))
     edit = ["| noise | method | " + " | ".join(EDITS) + " | all clean | injected noisy |", "|---|---|" + "---|" * 8]
     for key in sorted(cells, key=_order):
         fs = [r["flags"] for r in cells[key] if r.get("flags")]
@@ -272,7 +304,7 @@ def _cell(job):
     last = history[-1]
     return dict(method=method, kind=kind, ratio=ratio, seed=seed, metrics=last["metrics"], epoch=last["epoch"],
                 curve=[r["metrics"]["R@1"] for r in history], nfb_auc=last.get("nfb_auc"),
-                flags=flags(run), minutes=round((time.perf_counter() - t) / 60, 2))
+                flags=flags(run), views=views(last), minutes=round((time.perf_counter() - t) / 60, 2))
 
 
 def grid(a):
@@ -285,7 +317,8 @@ def grid(a):
                 continue
             if method == "oracle" and ratio == 0:
                 continue                                  # the control itself: nothing is known to be noisy
-            cells += [(method, kind, ratio, seed) for seed in a.seeds]
+            seeds = a.ablation_seeds if method in ABLATIONS else a.seeds
+            cells += [(method, kind, ratio, seed) for seed in seeds]
     return cells
 
 
@@ -297,9 +330,11 @@ def main(argv=None):
                    help="run the ablations at every --noise setting, not only where ABLATIONS puts them")
     p.add_argument("--jobs", type=int, default=2, help="cells trained at once, each with cores / jobs threads")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0], help="seeds of the ablation cells")
     # the study's budget, not train.py's toy defaults
     p.add_argument("--clip", default="tiny-s", help="CLIP config of the stage-1 cells")
-    p.add_argument("--epochs", type=int, default=4, help="stage-1 epochs per cell (the first is the NFB's warm-up)")
+    p.add_argument("--epochs", type=int, default=7, help="stage-1 epochs per cell (the first is the NFB's warm-up; 7: "
+                   "as long as the default run)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--stage2-epochs", type=int, default=1, help="SPN stage-2 epochs per cell")
     p.add_argument("--workers", type=int, default=0, help="loader processes (0: fastest on 2 cores)")

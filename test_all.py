@@ -40,6 +40,7 @@ import tokenizer as TK
 import data
 import toy
 from loss import bank_nce, gallery_nce, info_nce, soft_nce
+from loss import text_nce as loss_text_nce
 import nfb
 from nfb import NoiseFilter, clean_probability, detection_metrics, fit_gmm, minmax
 from wcb import WCB, diversity_penalty
@@ -725,6 +726,102 @@ def test_width_gate_keeps_two_clean_humps_of_one_width_clean():
     again = NoiseFilter(6000)
     again.load_state_dict(sd)
     assert (again.gate, again.width) == (0.02, 1.25)
+
+
+def _view_features(n=40, U=9, N=30, D=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pf = nfb.PairFeatures(f_txt=torch.randn(U, D, generator=g), text_idx=torch.randint(0, U, (n,), generator=g),
+                          f_ref=torch.randn(n, D, generator=g),
+                          gallery=F.normalize(torch.randn(N, D, generator=g), dim=-1),
+                          tgt_idx=torch.randint(0, N, (n,), generator=g), ref_idx=torch.randint(0, N, (n,), generator=g))
+    members = torch.stack([torch.randperm(N, generator=g)[:4] for _ in range(n)])
+    members[:, 0] = pf.tgt_idx
+    members[::3, 3] = -1                                          # padding: a smaller subset
+    pf.subsets = members
+    return pf
+
+
+def test_pair_views_against_loops():
+    """Every view of nfb.pair_views against a plain loop over the pairs: query (the composed query over the gallery,
+    reference removed), text (each text composed with the pair's reference, the texts' scores normalised over the
+    pairs, then a softmax over the texts), change, subset (target first, padding left out), gain."""
+    pf, tau, temp = _view_features(), 0.1, 0.5
+    v = nfb.pair_views(pf, nfb.VIEWS, tau, temp)
+    n, U = len(pf.f_ref), len(pf.f_txt)
+    cos = lambda a, b: (F.normalize(a, dim=0) @ F.normalize(b, dim=0)).item()
+    S = torch.tensor([[cos(pf.f_txt[k] + pf.f_ref[i], pf.gallery[pf.tgt_idx[i]]) for i in range(n)]
+                      for k in range(U)]) / (tau * temp)                              # (U, n)
+    hub = S.logsumexp(1, keepdim=True)
+    for i in range(n):
+        k, t, r = pf.text_idx[i], pf.gallery[pf.tgt_idx[i]], pf.f_ref[i]
+        q = pf.f_txt[k] + r
+        keep = [j for j in range(len(pf.gallery)) if j != pf.ref_idx[i] or pf.ref_idx[i] == pf.tgt_idx[i]]
+
+        def over_gallery(query):
+            logits = torch.tensor([cos(query, pf.gallery[j]) / tau for j in keep])
+            return -(logits.log_softmax(0)[keep.index(int(pf.tgt_idx[i]))]).item()
+        assert v["query"][i].item() == pytest.approx(over_gallery(q), abs=1e-4)
+        assert v["gain"][i].item() == pytest.approx(over_gallery(q) - over_gallery(r), abs=1e-4)
+        assert v["text"][i].item() == pytest.approx(-((S[:, i] - hub[:, 0]).log_softmax(0)[k]).item(), abs=1e-4)
+        change = F.normalize(t - F.normalize(r, dim=0), dim=0)
+        logits = torch.tensor([cos(pf.f_txt[j], change) for j in range(U)]) / (tau * temp)
+        assert v["change"][i].item() == pytest.approx(-logits.log_softmax(0)[k].item(), abs=1e-4)
+        m = [j for j in pf.subsets[i].tolist() if j >= 0]
+        logits = torch.tensor([cos(q, pf.gallery[j]) / tau for j in m])
+        assert v["subset"][i].item() == pytest.approx(-logits.log_softmax(0)[0].item(), abs=1e-4)
+    plain = loss_text_nce(pf.f_txt, pf.f_ref, pf.gallery[pf.tgt_idx], pf.text_idx, tau * temp, inverted=False,
+                          chunk=7)
+    assert torch.allclose(plain, -S.log_softmax(0).gather(0, pf.text_idx[None])[0], atol=1e-4)
+    with pytest.raises(ValueError, match="unknown view 'nope'"):
+        nfb.pair_views(pf, ["nope"], tau)
+
+
+def test_text_view_finds_the_wrong_texts():
+    """A hand-made sum-fusion world: target = reference + the edit's text vector. Pairs given another pair's text
+    are the ones whose own text no longer explains (reference, target): the text view ranks them first."""
+    g = torch.Generator().manual_seed(1)
+    D, n = 64, 60
+    edits = torch.randn(12, D, generator=g)                        # 12 distinct texts
+    refs = 3 * torch.randn(n, D, generator=g)                      # far-apart references
+    text_idx = torch.arange(n) % 12
+    targets = refs + edits[text_idx]
+    swapped = text_idx.clone()
+    swapped[:5] = (text_idx[:5] + 1) % 12                          # 5 wrong texts on true pairs
+    gallery = F.normalize(torch.cat([refs, targets]), dim=-1)
+    pf = nfb.PairFeatures(f_txt=edits, text_idx=swapped, f_ref=refs, gallery=gallery,
+                          tgt_idx=torch.arange(n) + n, ref_idx=torch.arange(n))
+    v = nfb.pair_views(pf, ["query", "text"], 0.05)
+    assert set(v["text"].argsort(descending=True)[:5].tolist()) == set(range(5))
+
+
+def test_decide_views_gate_first_view_decides_whether_there_is_noise():
+    """gate_by="first": the query view's gate (both tests) says whether there is noise at all; the text view then
+    joins when its noisy component is the wider, and a pair is flagged when any view flags it. A text view with a
+    wide second mode never opens the gate on clean query losses (early in training it can have one); with
+    gate_by="each" it must pass both tests itself."""
+    g = torch.Generator().manual_seed(0)
+    clean = torch.distributions.Gamma(2.0, 1.0).sample((6000,))
+    wide = lambda k: 9 + 10 * torch.rand(k, generator=g)                 # noise: a mode far out and wide
+    noisy_q = torch.cat([clean[:4800], wide(1200)])                      # the query view: the last 1200 noisy
+    text = torch.cat([clean[:4000], wide(2000)])                         # the text view: 4000-5999
+    w, per = nfb.decide_views(dict(query=noisy_q, text=text), ["query", "text"], gate=0.02, width=1.25)
+    assert (w[:4000] >= 0.5).float().mean() > 0.93 and (w[4000:] < 0.5).float().mean() > 0.97
+    assert not per["query"][1]["mode"]["gated"] and not per["text"][1]["mode"]["gated"]
+    w_q, _ = nfb.decide_views(dict(query=noisy_q, text=text), ["query"], gate=0.02, width=1.25)
+    assert (w_q[4000:4800] >= 0.5).float().mean() > 0.93                  # only the text view flags these
+    w, per = nfb.decide_views(dict(query=clean, text=text), ["query", "text"], gate=0.02, width=1.25)
+    assert (w == 1).all() and per["query"][1]["mode"]["gated"] and per["text"][1]["mode"]["gated"]
+    assert nfb.is_noise(per["text"][1]["mode"], 0.02, 1.25)            # it would open the gate on its own
+    w, _ = nfb.decide_views(dict(query=clean, text=text), ["query", "text"], gate=0.02, width=1.25,
+                            gate_by="each")
+    assert (w[4000:] < 0.5).float().mean() > 0.97
+    nf = NoiseFilter(6000, warmup_epochs=0, gate=0.02, width=1.25, views=("query", "text"))
+    stats = nf.update(dict(query=noisy_q, text=text, change=clean), 0)
+    assert (nf.weights == w_q.minimum(nfb.decide_views(dict(query=noisy_q, text=text), ["query", "text"],
+                                                       gate=0.02, width=1.25)[0])).all()
+    assert stats["view_change_n_noisy"] >= 0 and "view_text_excess" in stats           # logged, not decided on
+    with pytest.raises(ValueError, match="needs the views"):
+        nf.update(dict(query=noisy_q), 1)
 
 
 # ==================================================================================================
@@ -1750,6 +1847,9 @@ def _settings_errors(toy_dir):
         (["--epochs", "-1", *toy_args], "--epochs -1"),
         (["--tau", "0", *toy_args], "--tau 0.0"),
         (["--nfb-width", "-1", *toy_args], "--nfb-width -1.0"),
+        (["--nfb-views", "text", "query", *toy_args], "--nfb-views text query: list each view once, query first"),
+        (["--nfb-views", "query", "text", "text", *toy_args], "--nfb-views query text text"),
+        (["--nfb-text-temp", "0", *toy_args], "--nfb-text-temp 0.0"),
         (["--noise", "1.5", *toy_args], "--noise 1.5"),
         (["--noise-kind", "swap", *toy_args], "--noise-kind 'swap'"),
         (["--wcb-maps", "1", *toy_args], "--wcb-maps 1"),
@@ -1934,9 +2034,10 @@ def test_e2e_shoes_train_evaluate_and_spn(micro_clip, tmp_path, capsys):
     out = train.main(["--dataset", "shoes", "--data-root", str(root), "--clip", str(micro_clip),
                       "--out", str(tmp_path / "run"), "--epochs", "1", "--max-steps", "2",
                       "--batch-size", "8", "--workers", "0", "--lr", "1e-3", "--lr-wcb", "1e-3",
-                      "--noise", "0.2"])
+                      "--noise", "0.2", "--nfb-views", "query", "text", "subset"])
     printed = capsys.readouterr().out
     assert "Shoes test: Attribute Discovery layout" in printed
+    assert printed.count("NFB: shoes has no subsets (CIRR's img_set): the subset view is left out") == 1
     assert "shuffle noise: 8 of 48" in printed
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     m = log[0]["metrics"]
@@ -2381,18 +2482,26 @@ def test_audit_scores_and_order_hand_made():
         noise_field=torch.tensor([0, 3, 0, 0, 2]),
         triplets=[dict(pairid=10 + i, subset=i // 2, reference=names[i], text=f"edit {i}", target=names[4 - i])
                   for i in range(5)])
-    scores = dict(w=torch.tensor([0.9, 0.1, 0.9, 0.1, 0.5]), loss=torch.tensor([2.0, 5.0, 3.0, 1.0, 4.0]),
+    loss, text = torch.tensor([2.0, 5.0, 3.0, 1.0, 4.0]), torch.tensor([1.0, 1.5, 2.0, 9.0, 3.0])
+    scores = dict(w=torch.tensor([0.9, 0.1, 0.9, 0.1, 0.5]), loss=loss,
                   rank=torch.tensor([0, 7, 1, 2, 3]), top=torch.tensor([[1, 2, 3], [0, 2, 3], [0, 1, 3],
-                                                                        [0, 1, 2], [1, 2, 3]]))
+                                                                        [0, 1, 2], [1, 2, 3]]),
+                  views=dict(query=loss, text=text), view_w=dict(query=torch.tensor([0.9, 0.1, 0.9, 0.8, 0.5]),
+                                                                 text=torch.tensor([1.0, 0.7, 0.9, 0.1, 0.6])))
     rows = evaluate.audit_rows(trips, scores, "cirr", w_train=torch.tensor([1.0, 0.0, 1.0, 0.5, 0.25]))
     assert [r["index"] for r in rows] == [1, 3, 4, 2, 0]
     assert rows[0] == dict(index=1, pairid=11, subset=0, reference="im1", text="edit 1", target="im3",
-                           w=pytest.approx(0.1), loss=5.0, rank=8, top3=["im0", "im2", "im3"], w_train=0.0,
-                           noise="target")
+                           w=pytest.approx(0.1), loss=5.0, rank=8, top3=["im0", "im2", "im3"],
+                           views=dict(query=dict(loss=5.0, w=pytest.approx(0.1)), text=dict(loss=1.5, w=pytest.approx(0.7))),
+                           flagged_by=["query"], w_train=0.0, noise="target")
+    assert [r["flagged_by"] for r in rows] == [["query"], ["text"], [], [], []]     # why each is suspect
     assert [r["noise"] for r in rows] == ["target", "clean", "text", "clean", "clean"]
     s = evaluate.audit_summary(trips, scores, "shoes")                     # Shoes: totals, no breakdown
     assert (s["flagged"], s["noisy"], s["precision@2"], s["recall@5"]) == (2, 2, 0.5, 1.0)
     assert s["flagged_by_field"] == {"clean": pytest.approx(100 / 3), "text": 0.0, "target": 100.0}
+    assert s["flagged_by_view"] == dict(query=1, text=1)
+    assert s["view_flagged_by_field"]["text"] == {"clean": pytest.approx(100 / 3), "text": 0.0, "target": 0.0}
+    assert s["view_auc"] == dict(query=1.0, text=0.5)      # noisy 5, 4 above every clean loss; 1.5, 3: 3 of 6
 
 
 @pytest.fixture(scope="module")
@@ -2455,8 +2564,12 @@ def test_e2e_audit_rows_match_the_caption_file_and_the_checkpoint(audit_run):
     for a, b in zip(rows, rows[1:]):
         assert a["w"] < b["w"] or (a["w"] == b["w"] and a["loss"] >= b["loss"])
     by_index = sorted(rows, key=lambda r: r["index"])
-    w = clean_probability(torch.tensor([r["loss"] for r in by_index]))
+    # w: the NFB's decision on the listed views, with the run's settings (the query view, then the text view)
+    views = {k: torch.tensor([r["views"][k]["loss"] for r in by_index]) for k in ("query", "text")}
+    assert [r["loss"] for r in by_index] == [r["views"]["query"]["loss"] for r in by_index]
+    w, _ = nfb.decide_views(views, ["query", "text"], gate=0.02, width=1.25)
     assert w.tolist() == pytest.approx([r["w"] for r in by_index], abs=1e-6)
+    assert all((r["w"] < 0.5) == bool(r["flagged_by"]) for r in rows)
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert [r["w_train"] for r in by_index] == pytest.approx(ckpt["nfb"]["weights"].tolist())
     assert s["flagged_train"] == int((ckpt["nfb"]["weights"] < 0.5).sum()) > 0
@@ -2934,7 +3047,7 @@ def test_e2e_study_grid_resumes_and_reports(toy_root, tmp_path):
 def test_e2e_bench_train_runs_on_the_training_api(toy_root, micro_clip, tmp_path, monkeypatch,
                                                   capsys):
     """bench.py train builds its run with train.settings / build and times train_epoch,
-    gallery_losses and validation: on the shared toy and micro CLIP it prints its three tables,
+    the NFB's views and validation: on the shared toy and micro CLIP it prints its three tables,
     every time positive. (Its speed is measured by bench.py, never here: the matmul peak is a
     stand-in.)"""
     import bench
@@ -2954,3 +3067,5 @@ def test_e2e_bench_train_runs_on_the_training_api(toy_root, micro_clip, tmp_path
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     assert float(rows["data"][1]) >= 0 and float(rows["step"][1]) > 0
     assert float(rows["total"][1]) > 0
+    for views in ("query", "query + text", "query + text + change + subset + gain"):
+        assert f"gallery, views {views} " in out, views

@@ -42,9 +42,9 @@ import evaluate
 import runtime
 import spn
 import toy
-from loss import SOFT_FORMS, gallery_nce, info_nce, soft_nce
+from loss import SOFT_FORMS, info_nce, soft_nce
 from model import TINY_CONFIGS, CIRModel, available_models, load_clip, make_transform, normalize_pixels, tokenize
-from nfb import NoiseFilter
+from nfb import VIEWS, NoiseFilter, pair_views
 from runtime import atomic_save, gather_with_grad, log, merge_losses, rng_state, set_rng_state, strict_json
 
 # Defaults per dataset; every one can be overridden on the command line (None = take from here).
@@ -120,6 +120,19 @@ def parser():
                    help="the GMM's noisy component must be this many times wider (std) than its clean one, else "
                    "every w = 1: noise adds a wide mode, a clean distribution's second hump is as narrow as its "
                    "first (0: no test)")
+    p.add_argument("--nfb-views", nargs="+", default=["query", "text"], choices=VIEWS,
+                   help="the views of each training pair the NFB decides on, query first (it says whether there is "
+                   "noise at all); a pair is flagged when any view flags it (nfb.pair_views)")
+    p.add_argument("--nfb-gate-by", default="first", choices=["first", "each"],
+                   help="first: the query view's gate says whether there is noise, then each view joins whose noisy "
+                   "component is the wider; each: every view passes both tests on its own")
+    p.add_argument("--nfb-text-temp", type=float, default=0.25,
+                   help="the text view's temperature, a fraction of --tau: many texts describe one edit equally "
+                   "well, a sharp softmax asks whether the pair's own text is among the best")
+    p.add_argument("--nfb-text-inverted", action=argparse.BooleanOptionalAction, default=True,
+                   help="the text view normalises each text's scores over the pairs before the texts compete (the "
+                   "inverted softmax: a text that scores high on every pair does not win everywhere)")
+    p.add_argument("--nfb-measure", action="store_true", help="log every view's detection (diagnosis)")
     # SPN
     p.add_argument("--stage", type=int, default=1, choices=[1, 2], help="2: SPN static-bank stage")
     p.add_argument("--init", default=None, help="checkpoint to start from (required by --stage 2)")
@@ -181,6 +194,10 @@ def check(args, p):
         (args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs}: must be >= 0"),
         (args.nfb_gate >= 0, f"--nfb-gate {args.nfb_gate}: nats per pair, >= 0 (0: never gate)"),
         (args.nfb_width >= 0, f"--nfb-width {args.nfb_width}: a ratio of standard deviations, >= 0 (0: no test)"),
+        (args.nfb_views[0] == "query" and len(set(args.nfb_views)) == len(args.nfb_views),
+         f"--nfb-views {' '.join(args.nfb_views)}: list each view once, query first (its loss says whether there is "
+         "noise at all), e.g. --nfb-views query text"),
+        (args.nfb_text_temp > 0, f"--nfb-text-temp {args.nfb_text_temp}: a fraction of --tau, > 0"),
         (args.wcb_maps >= 2, f"--wcb-maps {args.wcb_maps}: the WCB needs K >= 2 weight maps to be diverse"),
         (args.workers >= 0, f"--workers {args.workers}: must be >= 0"),
         (args.max_steps is None or args.max_steps >= 1, f"--max-steps {args.max_steps}: must be >= 1"),
@@ -265,6 +282,9 @@ def build(args):
     amp, scaler = runtime.autocast(args.amp, device)
     enc = evaluate.Encoder(model, args.batch_size, device, args.workers, amp, rank, world)
     train, cache, bank, val = training_data(args, enc, out, resume)
+    if "subset" in args.nfb_views and data.subset_rows(train) is None:     # FashionIQ, Shoes: no subsets
+        args.nfb_views = [v for v in args.nfb_views if v != "subset"]
+        log(f"NFB: {args.dataset} has no subsets (CIRR's img_set): the subset view is left out", rank)
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(param_groups(model, args), betas=(0.9, 0.98), eps=1e-6)
@@ -272,7 +292,8 @@ def build(args):
     total = max(1, steps * args.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.lr_warmup * total)))
     nfb = None if args.no_nfb else NoiseFilter(len(train), args.warmup_epochs, args.gmm, gate=args.nfb_gate,
-                                               width=args.nfb_width, noisy_gt=train.noise_field if train.noisy.any() else None)
+                                               width=args.nfb_width, views=args.nfb_views, gate_by=args.nfb_gate_by,
+                                               noisy_gt=train.noise_field if train.noisy.any() else None)
     run = Run(args, model, net, opt, sched, scaler, amp, nfb, train, cache, bank, val, enc, out, rank, world,
               device)
     if resume is not None:
@@ -554,10 +575,14 @@ def refit_noise_filter(run, losses, epoch):
     """NFB: per-pair losses (of all ranks) -> a GMM -> the next epoch's soft labels, the same on every rank.
     Returns the log fields (nfb_*) and draws the loss histogram."""
     t = time.perf_counter()
-    if run.args.nfb_losses == "gallery":
-        losses = gallery_losses(run)
-    losses = merge_losses(losses)
-    stats = run.nfb.update(losses.cpu(), epoch)
+    views = {}
+    if run.args.nfb_losses == "gallery" or len(run.args.nfb_views) > 1 or run.args.nfb_measure:
+        views = noise_views(run)
+    if run.args.nfb_losses == "train":                 # the query view from the training pass's own losses
+        views["query"] = merge_losses(losses)
+    views = {k: v.cpu() for k, v in views.items()}
+    losses = views["query"]
+    stats = run.nfb.update(views, epoch)
     if run.world > 1:                                   # one GMM, the same soft labels on every rank
         w = run.nfb.weights.to(run.device)
         dist.broadcast(w, 0)
@@ -569,11 +594,11 @@ def refit_noise_filter(run, losses, epoch):
 
 
 @torch.no_grad()
-def gallery_losses(run):
-    """--nfb-losses gallery: every training query ranked over every training image (its reference excluded), no
-    grad: l_i = -log softmax over the training gallery of the labelled target (loss.gallery_nce). The images'
-    features come from SPN's bank (stage 2), from cached tokens (--encoder text) or from one pass over the gallery,
-    each process encoding its share."""
+def noise_views(run):
+    """The NFB's views of every training pair after the epoch, no grad (nfb.pair_views): {name: (n,) losses} for
+    the views of --nfb-views (with --nfb-measure every view, for the log). The images' features come from SPN's
+    bank (stage 2), from cached tokens (--encoder text) or from one pass over the gallery; the distinct texts are
+    encoded once; each process encodes its share."""
     a, ds, enc, cache = run.args, run.train, run.enc, run.cache
     if run.bank is not None:                            # stage 2: f_ref cached, the bank is every f_tar
         f_ref, f_tar = cache, run.bank
@@ -583,8 +608,12 @@ def gallery_losses(run):
         f_tar = torch.cat([run.model.image_features(x, "tar")[0] for x in tok])
     else:
         f_ref, f_tar = evaluate.encode_gallery(enc, ds.gallery)                 # (N, D) each
-    q = evaluate.encode_queries(enc, [t["text"] for t in ds.triplets], f_ref[ds.ref_idx])   # (n, D)
-    return gallery_nce(q, F.normalize(f_tar.float(), dim=-1), ds.tgt_idx, a.tau, exclude=ds.ref_idx)
+    pf = evaluate.pair_features(enc, ds, f_ref, f_tar)
+    names = VIEWS if a.nfb_measure else a.nfb_views
+    if pf.subsets is None and "subset" in names:
+        names = [v for v in names if v != "subset"]
+        data.say(f"NFB: {a.dataset} has no subsets (CIRR's img_set): the subset view is left out")
+    return pair_views(pf, names, a.tau, a.nfb_text_temp, a.nfb_text_inverted)
 
 
 def save_epoch(run, rec):
