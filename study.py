@@ -65,7 +65,7 @@ METHODS = {"infonce": ["--no-wcb", *NFB_OFF], "wcb": NFB_OFF, "ncl": ["--nfb-mea
 CORE = ["wcb", "ncl", "oracle"]
 # each ablation where its choice matters, with the seeds of --ablation-seeds: the views, the text view's form and
 # the gate under heavy noise
-ABLATIONS = {"ncl-query": ["0.5"], "ncl+change": ["0.5"], "ncl+subset": ["0.5"], "ncl+gain": ["0.5"],
+ABLATIONS = {"ncl-query": ["0.5", "0.8", "partial:0.4"], "ncl+change": ["0.5"], "ncl+subset": ["0.5"], "ncl+gain": ["0.5"],
              "ncl-flat": ["0.5"], "ncl-temp1": ["0.5"], "ncl-each": ["0.5"]}
 NOISE = ["0", "0.2", "0.5", "0.8", "partial:0.4"]
 METRICS = ("R@1", "R@5", "R@10", "Rsubset@1")
