@@ -1,5 +1,5 @@
-"""Data: CIRR, FashionIQ and Shoes read from their official on-disk layouts, synthetic label noise, and the bundled
-toy benchmark (README: "Data").
+"""CIRR, FashionIQ and Shoes read from their official on-disk layouts (docs/data.md); each split is a
+triplets.TripletDataset. The toy benchmark (toy.py) is written in CIRR's layout, so the CIRR class reads it unchanged.
 
 - CIRR rc2: <root>/captions/cap.rc2.{train,val,test1}.json, <root>/image_splits/split.rc2.{split}.json
   ({name: "./dev/dev-244-0-img0.png"}, relative to the image root). Recognised variants: the CIRR release
@@ -11,193 +11,18 @@ toy benchmark (README: "Data").
   <root>/train_im_names.txt and eval_im_names.txt (the splits "train" and "test"), also in <root>/dataset/; images
   found by file name below <root>: the Attribute Discovery archive's womens_<category>/<0|1>/<name>.jpg, possibly
   under one more folder (attributedata/), or a flat folder.
-- Two views of a split: "triplets" (the queries) and "gallery" (every image of the split, in split-file order).
-  The image list (.images) is the same in both views, so indices of one are valid in the other.
-- Missing images are found once, when a dataset is built (one directory listing per folder, no image opened):
-  an error by default, or with skip_missing=True the affected triplets (and gallery images) are dropped, with a
-  printed count. A corrupt image fails when read, naming its path.
-- inject_noise: corrupt round(p*N) training triplets (Noise(ratio, kind, seed)): the field's "shuffle" protocol,
-  a random wrong target, a wrong text, or a near-miss target from the query's own subset; the flags (.noisy) are
-  the ground truth against which the noise filter's detection is scored.
-- The toy benchmark (toy.py) is written in CIRR's layout, so the CIRR class reads it unchanged.
 """
-import json
 import os
-import random
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.functional import to_tensor
+
+from triplets import TripletDataset, _read_json, say
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")  # FashionIQ copies use .png or .jpg; the first found wins in this order
 CIRR_SPLITS = ("train", "val", "test1")
 FIQ_SPLITS = ("train", "val", "test")
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")
-
-
-_SAID = set()
-
-
-def say(message):
-    """Print a message once per process: a dataset is built several times (views, splits, the study's cells), and
-    its layout or noise line says the same each time."""
-    if message not in _SAID:
-        _SAID.add(message)
-        print(message, flush=True)
-
-
-# -----------------------------------------------------------------------------
-# images on disk
-
-def load_image(path):
-    """PIL RGB image; a missing or corrupt file raises one error naming its path."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")  # convert() forces the decode here, so a truncated file fails now
-    except Exception as e:  # PIL raises several types (OSError, SyntaxError, ValueError, DecompressionBombError)
-        raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}. Replace the file, or delete it and "
-                      f"build the dataset with skip_missing=True (--skip-missing)") from e
-
-
-def _listdir(folder):
-    """Names in a folder (a set; empty if the folder does not exist). One scandir: no per-file stat."""
-    try:
-        with os.scandir(folder) as it:
-            return {e.name for e in it}
-    except (FileNotFoundError, NotADirectoryError):
-        return set()
-
-
-def find_missing(paths):
-    """Names of `paths` ({name: Path}) whose file does not exist, in dict order. One listing per parent folder."""
-    listings = {}
-    missing = []
-    for name, p in paths.items():
-        parent = p.parent
-        if parent not in listings:
-            listings[parent] = _listdir(parent)
-        if p.name not in listings[parent]:
-            missing.append(name)
-    return missing
-
-
-def _missing_message(what, missing, paths, root):
-    eg = "\n".join(f"  {n}: {paths[n]}" for n in missing[:5])
-    return (f"{what}: {len(missing)} of {len(paths)} images are missing under {root}, e.g.\n{eg}\n"
-            f"Download them, or pass skip_missing=True (--skip-missing) to drop the triplets that use them.")
-
-
-def decode_images(gallery, workers=0, batch_size=256):
-    """Every image of a gallery view decoded once: (N, 3, H, W) uint8 in .images order. The view's transform must
-    end in uint8 (model.make_transform(..., pixels=True)); model.normalize_pixels turns rows into model input.
-    A decoded-image cache: training and validation then never open a file again (the toy's 7,200 64-px training
-    images are 88 MB)."""
-    loader = DataLoader(gallery, batch_size=batch_size, num_workers=workers)
-    pixels = torch.cat([x for _, x in loader])
-    if pixels.dtype != torch.uint8:
-        raise ValueError("decode_images needs a uint8 transform: model.make_transform(..., pixels=True)")
-    return pixels
-
-
-# -----------------------------------------------------------------------------
-# synthetic label noise
-
-NOISE_KINDS = ("shuffle", "target", "text", "partial")
-NOISE_FIELDS = ("clean", "reference", "text", "target")     # what a noisy triplet had replaced
-
-
-class Noise(NamedTuple):
-    """Injected training noise: `ratio` of the triplets corrupted the `kind` way, chosen with `seed`."""
-    ratio: float
-    kind: str = "shuffle"
-    seed: int = 0
-
-
-def check_noise(noise, has_subsets=True, what="--noise"):
-    """A clear error for a noise setting that cannot work, before any data is read."""
-    if not 0.0 <= noise.ratio <= 1.0:
-        raise ValueError(f"{what} {noise.ratio}: the fraction of corrupted training triplets must be in [0, 1]")
-    if noise.kind not in NOISE_KINDS:
-        raise ValueError(f"--noise-kind {noise.kind!r}: choose one of {', '.join(NOISE_KINDS)}")
-    if noise.kind == "partial" and not has_subsets:
-        raise ValueError("--noise-kind partial draws the wrong target from the query's own subset, and this dataset "
-                         "has none (CIRR and the toy do); choose --noise-kind shuffle, target or text")
-
-
-def inject_noise(triplets, images, noise):
-    """Corrupt round(ratio * N) of N training triplets, chosen with noise.seed. Returns (new_triplets, noisy (N,)
-    bool); the input is not modified, and ratio 0 returns the same triplet objects and all-False flags.
-
-      shuffle  the field's protocol (TME, CVPR 2025; ConeSep, HABIT and INTENT use the same): the chosen triplets,
-               in the random order they were drawn, are cut into three equal parts; within the first the reference
-               images are shuffled among them, within the second the modification texts (FashionIQ: the caption
-               pair as one), within the third the target images. A triplet the shuffle leaves unchanged (a fixed
-               point, or an equal value: references repeat) counts as clean, so at most round(ratio * N) are
-               noisy. TME keeps no flags; here they are the ground truth the noise filter is scored against.
-      target   each chosen triplet gets a random other image of `images` as target (never its target or reference)
-      text     each chosen triplet gets the modification text of a random other triplet (a different text)
-      partial  a near miss: the target is replaced by another image of the triplet's own subset ("members": CIRR's
-               img_set, the toy's group), never its reference or target; triplets without such an image are not
-               chosen
-    """
-    check_noise(noise)
-    n = len(triplets)
-    noisy = torch.zeros(n, dtype=torch.bool)
-    new = list(triplets)
-    rng = random.Random(noise.seed)
-    pool = list(range(n))
-    if noise.kind == "partial":
-        pool = [i for i, t in enumerate(triplets) if _near_misses(t)]
-        if not pool and noise.ratio > 0:
-            raise ValueError("--noise-kind partial needs subsets (img_set members) with a third image")
-    k = min(round(noise.ratio * n), len(pool))
-    if k == 0:
-        return new, noisy
-    chosen = rng.sample(pool, k)
-    if noise.kind == "shuffle":
-        cut = [0, k // 3, 2 * k // 3, k]                    # TME's cuts: the last third takes the remainder
-        parts = [chosen[cut[j]:cut[j + 1]] for j in range(3)]
-        for part, fields in zip(parts, (("reference",), ("text", "captions"), ("target",))):
-            perm = part[:]
-            rng.shuffle(perm)
-            for i, j in zip(part, perm):
-                new[i] = {**triplets[i], **{f: triplets[j][f] for f in fields}}
-    else:
-        if noise.kind in ("target", "text") and len(set(images)) < 3:
-            raise ValueError("inject_noise needs at least 3 distinct images")
-        for i in sorted(chosen):
-            new[i] = {**triplets[i], **_corrupt(triplets[i], noise.kind, triplets, images, rng)}
-    for i in chosen:
-        noisy[i] = any(new[i].get(f) != triplets[i].get(f) for f in ("reference", "text", "target"))
-    return new, noisy
-
-
-def _field(t, t0):
-    """Which field of triplet t0 the noise changed in t: an index into NOISE_FIELDS."""
-    return next((i for i, f in enumerate(NOISE_FIELDS) if i and t.get(f) != t0.get(f)), 0)
-
-
-def _near_misses(t):
-    return [m for m in (t.get("members") or ()) if m not in (t["reference"], t["target"])]
-
-
-def _corrupt(t, kind, triplets, images, rng):
-    """The replaced fields of one triplet under a per-triplet noise kind (rejection sampling ends quickly)."""
-    if kind == "partial":
-        return {"target": rng.choice(_near_misses(t))}
-    if kind == "text":
-        for _ in range(1000):
-            o = triplets[rng.randrange(len(triplets))]
-            if o["text"] != t["text"]:
-                return {"text": o["text"], "captions": o["captions"]}
-        return {}                                           # every text is the same: nothing to corrupt
-    while True:
-        cand = images[rng.randrange(len(images))]
-        if cand != t["target"] and cand != t["reference"]:
-            return {"target": cand}
 
 
 # -----------------------------------------------------------------------------
@@ -218,143 +43,6 @@ def fiq_random_text(captions):
         return cs[0]
     c0, c1 = cs[0], cs[1]
     return (f"{c0} and {c1}", f"{c1} and {c0}", c0, c1)[int(torch.randint(4, ()))]
-
-
-def eval_collate(batch):
-    """DataLoader collate for evaluation-split triplet items (ref_name, text, tgt_name, members, i):
-    -> (list[str], list[str], list[str], list[list[str]], LongTensor (B,))."""
-    ref, text, tgt, members, idx = zip(*batch)
-    return list(ref), list(text), list(tgt), [list(m) for m in members], torch.tensor(idx)
-
-
-class Options(NamedTuple):
-    """How a split is read: the keyword arguments every dataset's constructor takes, in its order."""
-    view: str = "triplets"                  # "triplets" or "gallery" (every image once)
-    transform: object = None                # PIL image -> tensor; None: to_tensor
-    skip_missing: bool = False              # drop missing images (and their triplets) instead of an error
-    noise: object = None                    # Noise to inject into the training triplets
-    return_images: bool = True              # triplets as images, or as indices into .images
-    random_text: object = None              # FashionIQ: random caption order (None: on the training split)
-    extra_triplets: object = None           # SPN's generated positives: a JSON file or a list
-
-
-class _CIRDataset(Dataset):
-    """Shared part of CIRR and FashionIQ: missing images, noise, indices, items.
-
-    Items:
-      view="gallery":                         i -> (i, image)                       name: .images[i]
-      view="triplets", return_images=False:   i -> (ref_idx, text, tgt_idx, i)      idx into .images, -1 = no target
-      view="triplets", training split:        i -> (ref_image, text, tgt_image, i)
-      view="triplets", val/test split:        i -> (ref_name, text, tgt_name, members, i)
-            tgt_name "" on test; members: the CIRR subset (tuple of 6 names), () for FashionIQ; batch with
-            eval_collate. Evaluation takes image features from the gallery view by name (.index).
-    text: FashionIQ training split randomises the caption combination (random_text=None means split == "train").
-    """
-
-    def _setup(self, name, root, split, found, o):
-        """found: what the dataset's layout gave (images, {name: path}, triplets, the stored noise flags);
-        o: the constructor's Options."""
-        images, paths, triplets, stored_noisy = found
-        if o.view not in ("triplets", "gallery"):
-            raise ValueError(f"{name}: view must be 'triplets' or 'gallery', got {o.view!r}")
-        self.split, self.view, self.transform = split, o.view, o.transform
-        self.return_images = o.return_images
-        self.random_text = (split == "train") if o.random_text is None else o.random_text
-        train = split == "train"
-
-        # Missing images: one listing per folder. Default: a clear error. skip_missing: drop and report.
-        missing = find_missing({n: paths[n] for n in images})
-        if missing:
-            if not o.skip_missing:
-                raise FileNotFoundError(_missing_message(f"{name} {split}", missing, paths, root))
-            gone = set(missing)
-            images = [n for n in images if n not in gone]
-            # Evaluation needs the whole subset (every query ranks the same number of members); training does not.
-            subsets = not train and any(t["members"] for t in triplets)
-            uses = (lambda t: (t["reference"], t["target"], *(t["members"] or ()))) if subsets else \
-                (lambda t: (t["reference"], t["target"]))
-            keep = [i for i, t in enumerate(triplets) if not any(n in gone for n in uses(t))]
-            say(f"{name} {split}: skip_missing: {len(missing)} missing images dropped from the gallery "
-                f"({len(images)} left); {len(triplets) - len(keep)} of {len(triplets)} triplets dropped "
-                f"because their reference{', target or a subset member' if subsets else ' or target'} is missing")
-            triplets = [triplets[i] for i in keep]
-            stored_noisy = [stored_noisy[i] for i in keep]
-            if not images or not triplets:
-                raise FileNotFoundError(f"{name} {split}: nothing left after dropping missing images under {root}")
-        self.images = images
-        self.index = {n: i for i, n in enumerate(images)}
-        self.paths = {n: paths[n] for n in images}
-
-        # Injected noise (training only), on top of any noise the data set stores itself (the toy's "noisy" key).
-        noisy = torch.tensor(stored_noisy, dtype=torch.bool)
-        field = noisy.long() * NOISE_FIELDS.index("target")       # the toy's own noise replaces targets
-        noise = o.noise
-        if noise is not None and noise.ratio:
-            if not train:
-                raise ValueError(f"{name}: injected noise is for the training split, not {split!r}")
-            check_noise(noise, has_subsets=any(t["members"] for t in triplets))
-            clean, (triplets, injected) = triplets, inject_noise(triplets, images, noise)
-            field = torch.where(injected, torch.tensor([_field(t, t0) for t, t0 in zip(triplets, clean)]), field)
-            say(f"{name} {split}: injected {noise.kind} noise: {int(injected.sum())} of {len(triplets)} triplets "
-                f"corrupted (ratio {noise.ratio}, seed {noise.seed})")
-            noisy = noisy | injected
-        extra_triplets = o.extra_triplets
-        if extra_triplets is not None:  # generated positives (SPN), appended after the noise: never corrupted
-            extra = _read_extra(extra_triplets, self.index, name)
-            triplets = triplets + extra
-            noisy = torch.cat([noisy, torch.zeros(len(extra), dtype=torch.bool)])
-            field = torch.cat([field, torch.zeros(len(extra), dtype=torch.long)])
-            src = extra_triplets if isinstance(extra_triplets, (str, Path)) else "a list"
-            say(f"{name} {split}: {len(extra)} extra triplets appended from {src}")
-        self.triplets = triplets
-        self.noisy = noisy                                       # (N,) bool, the ground truth of the noise
-        self.noise_field = field                                 # (N,) index into NOISE_FIELDS: what was corrupted
-        self.ref_idx = torch.tensor([self.index[t["reference"]] for t in triplets], dtype=torch.long)  # (N,)
-        self.tgt_idx = torch.tensor([self.index[t["target"]] if t["target"] is not None else -1
-                                     for t in triplets], dtype=torch.long)                          # (N,)
-
-    def __len__(self):
-        return len(self.images) if self.view == "gallery" else len(self.triplets)
-
-    def _image(self, name):
-        im = load_image(self.paths[name])
-        return to_tensor(im) if self.transform is None else self.transform(im)
-
-    def _text(self, t):
-        return t["text"]
-
-    def __getitem__(self, i):
-        if self.view == "gallery":
-            return i, self._image(self.images[i])
-        t = self.triplets[i]
-        text = self._text(t)
-        if not self.return_images:
-            return int(self.ref_idx[i]), text, int(self.tgt_idx[i]), i
-        if self.split == "train":
-            return self._image(t["reference"]), text, self._image(t["target"]), i
-        return t["reference"], text, t["target"] or "", tuple(t["members"] or ()), i
-
-
-def _read_extra(extra, index, name):
-    """Extra training triplets: a JSON file (or a list) of {reference, target, text|caption}; names must be
-    training images."""
-    rows = json.loads(Path(extra).read_text()) if isinstance(extra, (str, Path)) else extra
-    out = []
-    for r in rows:
-        text = r.get("text", r.get("caption"))
-        if r.get("reference") not in index or r.get("target") not in index or text is None:
-            raise ValueError(f"{name}: extra triplet {r} needs 'reference' and 'target' among the training images "
-                             f"and a 'text' (file: {extra})")
-        out.append(dict(reference=r["reference"], target=r["target"], text=text, captions=[text], members=None,
-                        pairid=None, category=r.get("category")))
-    return out
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-download it") from None
 
 
 def _first_dir(candidates, needed):
@@ -378,7 +66,7 @@ def _best_image_root(candidates, rel, sample=50):
     return candidates[best] if hits[best] else None
 
 
-class CIRR(_CIRDataset):
+class CIRR(TripletDataset):
     """CIRR rc2 (and the toy benchmark, written in the same layout).
 
     root: the folder given by --data-root. Annotations are looked for in <root> and <root>/cirr; images under
@@ -388,9 +76,7 @@ class CIRR(_CIRDataset):
     truth) fills .noisy.
     """
 
-    def __init__(self, root, split="train", view="triplets", transform=None, skip_missing=False, noise=None,
-                 return_images=True, random_text=None, extra_triplets=None):
-        # random_text: no effect for CIRR (one caption per query); extra_triplets: see _read_extra
+    def __init__(self, root, split="train", skip_missing=False, noise=None, extra_triplets=None):
         root = Path(root).expanduser()
         if split not in CIRR_SPLITS:
             raise ValueError(f"CIRR: split must be one of {CIRR_SPLITS}, got {split!r}")
@@ -425,8 +111,7 @@ class CIRR(_CIRDataset):
                                  captions=[r["caption"]], members=list(members) if members else None, category=None,
                                  subset=r.get("img_set", {}).get("id")))
             noisy.append(bool(r.get("noisy", False)))
-        self._setup("CIRR", root, split, (names, paths, triplets, noisy), Options(
-            view, transform, skip_missing, noise, return_images, random_text, extra_triplets))
+        self._setup("CIRR", root, split, (names, paths, triplets, noisy), skip_missing, noise, extra_triplets)
 
 
 def _cirr_layout(root, ann, img_root):
@@ -439,7 +124,7 @@ def _cirr_layout(root, ann, img_root):
     return "custom layout"
 
 
-class FashionIQ(_CIRDataset):
+class FashionIQ(TripletDataset):
     """FashionIQ, one or several categories in one dataset (per-category evaluation: one dataset per category).
 
     root: --data-root; annotations in <root> or <root>/fashionIQ_dataset; images in <annotations>/images or
@@ -450,9 +135,8 @@ class FashionIQ(_CIRDataset):
     members None, pairid None, category, row (its index in cap.<category>.<split>.json)}.
     """
 
-    def __init__(self, root, categories=FIQ_CATEGORIES, split="train", view="triplets", transform=None,
-                 skip_missing=False, noise=None, return_images=True, random_text=None,
-                 extra_triplets=None):
+    def __init__(self, root, categories=FIQ_CATEGORIES, split="train", skip_missing=False, noise=None,
+                 random_text=None, extra_triplets=None):
         root = Path(root).expanduser()
         categories = (categories,) if isinstance(categories, str) else tuple(categories)
         if split not in FIQ_SPLITS:
@@ -506,8 +190,9 @@ class FashionIQ(_CIRDataset):
                                     f"{img_dir}: expected e.g. {img_dir / (images[0] + '.png')} (or .jpg)")
         say(f"FashionIQ {split} {'+'.join(categories)}: annotations {ann}, images {img_dir} "
             f"({'/'.join(exts)})")
-        self._setup("FashionIQ", root, split, (images, paths, triplets, [False] * len(triplets)), Options(
-            view, transform, skip_missing, noise, return_images, random_text, extra_triplets))
+        self.random_text = split == "train" if random_text is None else random_text   # training: random order
+        self._setup("FashionIQ", root, split, (images, paths, triplets, [False] * len(triplets)), skip_missing,
+                    noise, extra_triplets)
         if len(self.images) != len(images):  # skip_missing dropped some: keep the per-category lists consistent
             self.category_images = {c: [n for n in ns if n in self.index] for c, ns in self.category_images.items()}
 
@@ -550,7 +235,7 @@ SHOES_SPLIT_FILES = {"train": "train_im_names.txt", "test": "eval_im_names.txt"}
 SHOES_DEPTH = 4  # folders searched below the root: <top>/womens_<cat>/<0|1>/ is 3, one for slack
 
 
-class Shoes(_CIRDataset):
+class Shoes(TripletDataset):
     """Shoes (Guo et al., NeurIPS 2018: relative captions on the Attribute Discovery images of Berg
     et al., 2010), NCL-CIR's second benchmark, on its official release.
 
@@ -569,9 +254,7 @@ class Shoes(_CIRDataset):
     pairid (the row's index in the JSON file), category None}.
     """
 
-    def __init__(self, root, split="train", view="triplets", transform=None, skip_missing=False,
-                 noise=None, return_images=True, random_text=None, extra_triplets=None):
-        # random_text: no effect (one caption per query); extra_triplets: see _read_extra
+    def __init__(self, root, split="train", skip_missing=False, noise=None, extra_triplets=None):
         root = Path(root).expanduser()
         if split not in SHOES_SPLITS:
             raise ValueError(f"Shoes: split must be one of {SHOES_SPLITS}, got {split!r} (Shoes has "
@@ -629,8 +312,8 @@ class Shoes(_CIRDataset):
             f"({n_self} with reference = target) over {len(names)} images; annotations {ann}"
             + (f"; {repeated} repeated rows of {SHOES_CAPTIONS} kept once" if repeated else "")
             + (f"; {across} rows with one image outside the split left out" if across else ""))
-        self._setup("Shoes", root, split, (names, paths, triplets, [False] * len(triplets)), Options(
-            view, transform, skip_missing, noise, return_images, random_text, extra_triplets))
+        self._setup("Shoes", root, split, (names, paths, triplets, [False] * len(triplets)), skip_missing, noise,
+                    extra_triplets)
         self.n_self_pairs = sum(t["reference"] == t["target"] for t in self.triplets)
 
 
@@ -686,34 +369,3 @@ def _shoes_layout(root, paths):
         k = kind(p.relative_to(root).parts[:-1])
         counts[k] = counts.get(k, 0) + 1
     return max(counts, key=counts.get)
-
-
-def subset_rows(ds):
-    """(n, M) gallery rows of each triplet's subset (CIRR's img_set, the toy's group): its target first, then the
-    other members but its reference, -1 padding; None when a triplet has no subset (FashionIQ, Shoes)."""
-    if not ds.triplets or not all(t.get("members") for t in ds.triplets):
-        return None
-    rows = [list(dict.fromkeys([t["target"], *(m for m in t["members"] if m != t["reference"])]))
-            for t in ds.triplets]
-    width = max(map(len, rows))
-    return torch.tensor([[ds.index[m] for m in r] + [-1] * (width - len(r)) for r in rows])
-
-
-# -----------------------------------------------------------------------------
-# the dataset a run's settings name
-
-def dataset(s, split, view, transform=None, return_images=True):
-    """The dataset a run's settings s name (s.dataset, data_root, categories, skip_missing; for the training
-    triplets also noise, noise_kind, seed, extra_triplets): CIRR (and the toy, written in CIRR's layout),
-    FashionIQ or Shoes, in one of its two views."""
-    kw = dict(view=view, transform=transform, skip_missing=s.skip_missing)
-    if split == "train" and view == "triplets":
-        kw.update(noise=Noise(s.noise, s.noise_kind, s.seed), return_images=return_images,
-                  extra_triplets=s.extra_triplets)
-    elif view == "triplets":
-        kw.update(return_images=return_images)
-    if s.dataset == "fashioniq":
-        return FashionIQ(s.data_root, s.categories, split, **kw)
-    if s.dataset == "shoes":
-        return Shoes(s.data_root, split, **kw)
-    return CIRR(s.data_root, split, **kw)

@@ -10,8 +10,8 @@ s_ij = q_i t_j / tau; p_ij = softmax_j(s_ij); pos_i is the column of i's own tar
       spread:      y_{i,pos_i} = w_i, (1 - w_i)/(M - 1) elsewhere    (the design brief's first guess)   soft_nce
       sample:      pair i enters an epoch with probability w_i and the drawn pairs train with L_NCE: the expected
                    objective of `weight` up to normalisation, with every batch full (train.py; the default)
-    L_bank       = L_NCE over a static bank of every training image's target feature (SPN's more negatives,
-                   stage 2); with soft labels, L^soft_NCE over the bank                               bank_nce
+    L_bank       = L_NCE (or L^soft_NCE) with the static bank of every training image's target feature as the M
+                   candidates, pos_i the bank row of i's target (SPN's more negatives, stage 2: train.train_step)
     l^gallery_i  = l_i over the whole training gallery minus i's reference, no gradient: the NFB's per-pair
                    loss, its query view (nfb.py)                                                    gallery_nce
     l^text_i     = which training text best explains pair i's (reference, target), no gradient: the NFB's text
@@ -52,13 +52,30 @@ def soft_nce(q, t, w, tau, pos=None, soft="weight", reduction="mean"):
     return _reduce(loss, reduction)
 
 
-def bank_nce(q, bank, target_idx, tau, w=None, soft="weight", reduction="mean"):
-    """L_bank (SPN stage 2): q (B, D) against a static bank (N, D) of every training image's normalised target
-    feature, target_idx (B,) the bank row of each query's target; with w (B,), L^soft_NCE over the bank.
-    Logits are (B, N): tens of thousands of columns, still small next to a CLIP step."""
-    if w is None:
-        return info_nce(q, bank, tau, pos=target_idx, reduction=reduction)
-    return soft_nce(q, bank, w, tau, pos=target_idx, soft=soft, reduction=reduction)
+def similarities(q, g):
+    """Cosine similarities of queries against a gallery, in fp32: q (C, D), g (G, D) -> (C, G)."""
+    return F.normalize(q.float(), dim=-1) @ F.normalize(g.float(), dim=-1).T
+
+
+def drop_reference(sims, ref, keep=None):
+    """The reference removal of the retrieval protocols (CIRR, Shoes) and of the NFB's query view: in each row of
+    sims (C, G), the column ref (C,) set to -inf, in place; a row whose ref equals keep (C,) (a self-pair, for the
+    losses) keeps it. -> sims."""
+    ref = ref.to(sims.device)
+    if keep is not None:
+        ref = torch.where(ref == keep.to(sims.device), -1, ref)
+    rows = (ref >= 0).nonzero().squeeze(1)
+    sims[rows, ref[rows]] = float("-inf")
+    return sims
+
+
+def rank_of(sims, idx):
+    """0-based rank of column idx[i] in row i of sims under a stable descending sort (ties: lower index first).
+    sims (C, G), idx (C,) -> (C,) long. Counting beats sorting: O(C x G) with no (C, G) index tensor."""
+    s = sims.gather(1, idx[:, None])                                      # (C, 1) score of the item
+    cols = torch.arange(sims.shape[1], device=sims.device)[None]          # (1, G)
+    ahead = (sims > s) | ((sims == s) & (cols < idx[:, None]))            # (C, G) items ranked before it
+    return ahead.sum(1)
 
 
 @torch.no_grad()
@@ -73,11 +90,8 @@ def gallery_nce(q, gallery, tgt, tau, exclude=None, chunk=1024):
     for s in range(0, len(q), chunk):
         logits = _logits(q[s:s + chunk], gallery, tau)                   # (C, G)
         t = tgt[s:s + chunk].to(logits.device)
-        if exclude is not None:
-            x = exclude[s:s + chunk].to(logits.device)
-            x = torch.where(x == t, -1, x)                               # a self-pair keeps its target
-            rows = (x >= 0).nonzero().squeeze(1)
-            logits[rows, x[rows]] = float("-inf")
+        if exclude is not None:                                          # a self-pair keeps its target
+            drop_reference(logits, exclude[s:s + chunk], keep=t)
         out.append(-logits.log_softmax(1).gather(1, t[:, None]).squeeze(1))
     return torch.cat(out)
 

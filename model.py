@@ -1,6 +1,9 @@
-"""CLIP from scratch (Radford et al., 2021), the backbone of NCL-CIR.
+"""The model of NCL-CIR (Gao et al., ICASSP 2025): CLIP with three Weight Compensation Blocks (wcb.py), and CLIP
+itself, from scratch (Radford et al., 2021).
 
 Reads top to bottom (the BPE tokenizer is in tokenizer.py; `tokenize` is re-exported here):
+  0. CIRModel       the composed-retrieval model: q = normalize(f_txt + f_ref) for a query (compose) and
+                    t = normalize(f_tar) for a candidate target, each f a WCB-compensated CLIP feature
   1. the towers     ViT and ModifiedResNet image encoders, causal text transformer (QuickGELU, fp32 LayerNorm);
                     attention is F.scaled_dot_product_attention, batch-first everywhere
   2. CLIP           encode_image / encode_text (equal to OpenAI's on the same weights) and the token-level
@@ -8,9 +11,6 @@ Reads top to bottom (the BPE tokenizer is in tokenizer.py; `tokenize` is re-expo
   3. loading        build_clip (architecture inferred from an OpenAI state dict), load_clip (the nine released
                     models, downloaded and hash-checked, any .pt path, or a randomly initialised tiny config)
   4. preprocessing  CLIP's transform and CLIP4Cir's target-pad transform (make_transform)
-  5. CIRModel       the composed-retrieval model of NCL-CIR: CLIP with three WCB heads (wcb.py),
-                    q = normalize(f_txt + f_ref) for a query and t = normalize(f_tar) for a candidate target
-                    (README: "What follows the paper", row "query / target")
 
 Parameter names and shapes are OpenAI's, so their checkpoints load unchanged and ours load in their code."""
 
@@ -33,6 +33,71 @@ from tqdm import tqdm
 
 from tokenizer import tokenize  # noqa: F401  (re-exported: model.tokenize)
 from wcb import WCB
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 0. The composed model of NCL-CIR
+
+def compose(f_txt, f_ref):
+    """The composed query q = normalize(f_txt + f_ref) (CLIP4Cir's first stage, SPN): f_txt, f_ref (B, D) -> (B, D)."""
+    return F.normalize(f_txt + f_ref, dim=-1)
+
+
+class CIRModel(nn.Module):
+    """q = normalize(f_txt + f_ref), t = normalize(f_tar), each f a WCB-compensated CLIP feature:
+    T*_mod = T_mod ⊗ Att_mod, I*_ref = I_ref ⊗ Att_ref, I*_tar = I_tar ⊗ Att_tar (wcb.py).
+
+    With wcb=False every f is the plain CLIP global token, i.e. the CLIP element-wise-sum baseline
+    (CLIP4Cir's first stage). The image tower runs once per image; the reference head and the target head
+    read the same tokens, so a gallery is encoded once for both roles."""
+
+    def __init__(self, clip, wcb=True, n_maps=2, wcb_hidden=0):
+        super().__init__()
+        self.clip = clip
+        clip.logit_scale.requires_grad_(False)      # τ is fixed (--tau); CLIP's learned scale is unused here
+        d = clip.embed_dim
+        heads = [WCB(d, n_maps, wcb_hidden) if wcb else None for _ in range(3)]
+        self.wcb_txt, self.wcb_ref, self.wcb_tar = heads
+
+    def forward(self, tokens, ref, tgt=None):
+        """One training step's features. tokens (B, L); ref and tgt: images (B, 3, H, W), which go through the tower
+        in one concatenated pass, or image tokens (B, 1+m, D) of a frozen tower; ref may be f_ref (B, D) itself
+        (SPN stage 2, where the targets are a static bank and tgt is None).
+        Returns q (B, D), t (B, D) or None, and the summed diversity penalty of the heads used."""
+        if ref.dim() == 4:
+            tok = self.image_tokens(ref if tgt is None else torch.cat([ref, tgt]))    # (B or 2B, 1+m, D)
+            ref, tgt = tok.chunk(2) if tgt is not None else (tok, None)
+        f_txt, pen = self.text_features(tokens)
+        if ref.dim() == 3:
+            ref, pen_ref = self.image_features(ref, "ref")
+            pen = pen + pen_ref
+        q, t = compose(f_txt, ref), None
+        if tgt is not None:
+            f_tar, pen_tar = self.image_features(tgt, "tar")
+            t, pen = F.normalize(f_tar, dim=-1), pen + pen_tar
+        return q, t, pen
+
+    def text_features(self, tokens):
+        """tokens (B, L) -> f_txt (B, D), diversity penalty. T*_mod = T_mod ⊗ Att_mod."""
+        x, mask, eot = self.clip.encode_text_tokens(tokens)               # (B, L', D), (B, L'), (B,)
+        g = x[torch.arange(len(x), device=x.device), eot]                # (B, D) the usual CLIP text feature
+        return self._head(self.wcb_txt, x, mask, g)
+
+    def image_tokens(self, images):
+        return self.clip.encode_image_tokens(images)                      # (B, 1+m, D), token 0 = global
+
+    def image_features(self, tokens, role):
+        """Image tokens (B, 1+m, D) -> f (B, D), penalty. role 'ref': I*_ref = I_ref ⊗ Att_ref; 'tar' likewise."""
+        head = self.wcb_ref if role == "ref" else self.wcb_tar
+        tokens = tokens.to(self.clip.dtype)
+        return self._head(head, tokens, None, tokens[:, 0])
+
+    @staticmethod
+    def _head(wcb, x, mask, g):
+        if wcb is None:
+            return g, g.new_zeros(())
+        f, penalty, _ = wcb(x, mask, g)
+        return f, penalty
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,62 +549,3 @@ def make_transform(name="clip", size=224, target_ratio=1.25, pixels=False):
 def normalize_pixels(x):
     """uint8 images (B, 3, H, W) -> float (B, 3, H, W), the same arithmetic as ToTensor + Normalize (bit-equal)."""
     return TF.normalize(x.float().div(255), CLIP_MEAN, CLIP_STD)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. The composed model of NCL-CIR
-
-class CIRModel(nn.Module):
-    """q = normalize(f_txt + f_ref), t = normalize(f_tar), each f a WCB-compensated CLIP feature.
-
-    With wcb=False every f is the plain CLIP global token, i.e. the CLIP element-wise-sum baseline
-    (CLIP4Cir's first stage). The image tower runs once per image; the reference head and the target head
-    read the same tokens, so a gallery is encoded once for both roles."""
-
-    def __init__(self, clip, wcb=True, n_maps=2, wcb_hidden=0):
-        super().__init__()
-        self.clip = clip
-        clip.logit_scale.requires_grad_(False)      # τ is fixed (--tau); CLIP's learned scale is unused here
-        d = clip.embed_dim
-        heads = [WCB(d, n_maps, wcb_hidden) if wcb else None for _ in range(3)]
-        self.wcb_txt, self.wcb_ref, self.wcb_tar = heads
-
-    @staticmethod
-    def _head(wcb, x, mask, g):
-        if wcb is None:
-            return g, g.new_zeros(())
-        f, penalty, _ = wcb(x, mask, g)
-        return f, penalty
-
-    def text_features(self, tokens):
-        """tokens (B, L) -> f_txt (B, D), diversity penalty. T*_mod = T_mod ⊗ Att_mod."""
-        x, mask, eot = self.clip.encode_text_tokens(tokens)               # (B, L', D), (B, L'), (B,)
-        g = x[torch.arange(len(x), device=x.device), eot]                # (B, D) the usual CLIP text feature
-        return self._head(self.wcb_txt, x, mask, g)
-
-    def image_tokens(self, images):
-        return self.clip.encode_image_tokens(images)                      # (B, 1+m, D), token 0 = global
-
-    def image_features(self, tokens, role):
-        """Image tokens (B, 1+m, D) -> f (B, D), penalty. role 'ref': I*_ref = I_ref ⊗ Att_ref; 'tar' likewise."""
-        head = self.wcb_ref if role == "ref" else self.wcb_tar
-        tokens = tokens.to(self.clip.dtype)
-        return self._head(head, tokens, None, tokens[:, 0])
-
-    def forward(self, tokens, ref_images=None, tgt_images=None, ref_tokens=None, tgt_tokens=None, ref_feats=None):
-        """One training step's features. Images go through the tower in one concatenated pass; cached tokens
-        (image side frozen) or cached reference features (SPN stage 2) skip it.
-        Returns q (B, D), t (B, D) or None, and the summed diversity penalty of the heads used."""
-        if ref_images is not None:
-            both = self.image_tokens(torch.cat([ref_images, tgt_images]))    # (2B, 1+m, D)
-            ref_tokens, tgt_tokens = both.chunk(2)
-        f_txt, pen = self.text_features(tokens)
-        if ref_feats is None:
-            ref_feats, pen_ref = self.image_features(ref_tokens, "ref")
-            pen = pen + pen_ref
-        q = F.normalize(f_txt + ref_feats, dim=-1)
-        t = None
-        if tgt_tokens is not None:
-            f_tar, pen_tar = self.image_features(tgt_tokens, "tar")
-            t, pen = F.normalize(f_tar, dim=-1), pen + pen_tar
-        return q, t, pen

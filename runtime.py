@@ -1,24 +1,28 @@
-"""The run's plumbing, outside the paper: one process or many, checkpoints that survive a kill, logs a script reads.
+"""A run's settings and plumbing, outside the paper: the settings every script reads, one process or many,
+checkpoints that survive a kill, logs a script reads.
 
+  settings     PRESETS per dataset, the flags of train.py (parser), settings (resolved and checked in one
+               place, before any data or model: the command line, then a resumed run's own, then SPN stage 2's
+               and the dataset's presets), defaults (a dataset's settings with nothing given), EVAL_SPLIT (the
+               split that validation and evaluate.py use), dataset (the split the settings name), same_triplets
+               (do two runs train on the same triplets?)
   processes    setup_distributed (plain python, or torchrun: NCCL on GPUs, Gloo on CPUs), gather_with_grad
-               (the global batch's targets for every rank's queries), merge_losses (NFB's per-sample losses of
-               all ranks, so every rank fits the same GMM)
-  checkpoints  atomic_save (temp file + rename), rng_state / set_rng_state (exact resume: torch, Python,
+               (the global batch's targets for every rank's queries), gather_rows, merge_losses (the NFB's
+               per-pair losses of all ranks, so every rank fits the same GMM)
+  checkpoints  atomic_write (temp file + rename), rng_state / set_rng_state (exact resume: torch, Python,
                NumPy and CUDA generators), load_checkpoint (weights_only, one-line errors), build_model
   precision    autocast (bf16 where the GPU has it, else fp16 with a gradient scaler; CPU: fp32)
   logs         strict_json (NaN -> null in the JSON lines), log (rank 0 only, above the progress bars),
                error_line (a bad-input error as the one line the command line prints), ArgumentParser (bad
                flags in one line)
-  plots        PNGs next to a run's log: the NFB's loss histogram with its fitted GMM (a picture says whether the
-               noise filter can work at all: if clean and noisy losses form no two modes, no GMM tells them
-               apart), recall curves, the query grid of `evaluate.py --show`, the audit's contact sheet
 """
 
 import argparse
+import json
 import math
 import os
 import random
-import textwrap
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,7 +31,217 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import CIRModel, build_clip
+import data
+import triplets
+from loss import SOFT_FORMS
+from model import TINY_CONFIGS, CIRModel, available_models, build_clip
+from nfb import VIEWS
+
+
+# -----------------------------------------------------------------------------
+# settings: presets, the flags, resolved and checked in one place
+
+# The datasets' presets; every one can be overridden on the command line (None = take it from here). The three
+# real datasets share CLIP4Cir's recipe; the toy trains a tiny CLIP from scratch.
+REAL = dict(clip="RN50x4", epochs=10, batch_size=128, lr=2e-6, lr_wcb=1e-4, wd=0.05, tau=0.01, noise=0.0,
+            transform="targetpad", warmup_epochs=1, lr_warmup=0.05, cache_images=False, group_batches=False)
+PRESETS = {
+    "toy": dict(clip="tiny", epochs=7, batch_size=128, lr=1e-3, lr_wcb=1e-3, wd=0.05, tau=0.05, noise=0.3,
+                transform="clip", warmup_epochs=1, lr_warmup=0.05, cache_images=True, group_batches=True),
+    "cirr": REAL, "fashioniq": REAL, "shoes": REAL,
+}
+RUN = dict(amp="auto", workers=2)  # not tied to a dataset; on --resume the run's own values unless given again
+# SPN stage 2: SPN's settings for CLIP4Cir on real data; the toy's CLIP is trained from scratch
+STAGE2 = {"toy": dict(epochs=3, lr=1e-4, lr_wcb=1e-4), "cirr": dict(epochs=3, lr=2e-5, tau=0.02)}
+STAGE2.update(fashioniq=STAGE2["cirr"], shoes=STAGE2["cirr"])
+# The split that validation during training and evaluate.py use: Shoes has no val split, and its papers (and so
+# this project) validate on test.
+EVAL_SPLIT = {"toy": "val", "cirr": "val", "fashioniq": "val", "shoes": "test"}
+# what makes a run's training triplets: two runs with these equal train on the same triplets
+TRIPLETS = ("dataset", "categories", "noise", "noise_kind", "seed", "skip_missing", "extra_triplets")
+
+
+def parser(description=None):
+    p = ArgumentParser(description)
+    p.add_argument("--dataset", default="toy", choices=list(PRESETS))
+    p.add_argument("--data-root", default=None, help="dataset folder (toy: generated there if missing)")
+    p.add_argument("--categories", nargs="+", default=["dress", "shirt", "toptee"], help="FashionIQ categories")
+    p.add_argument("--clip", default=None, help="OpenAI model name, a checkpoint path, or a tiny config")
+    p.add_argument("--encoder", default="both", choices=["both", "text"],
+                   help="what of CLIP is fine-tuned: both towers, or the text side (image tokens cached once)")
+    p.add_argument("--transform", default=None, choices=["clip", "targetpad"])
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (split over the processes)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of CLIP's weights")
+    p.add_argument("--lr-wcb", type=float, default=None, help="learning rate of the WCB heads")
+    p.add_argument("--wd", type=float, default=None, help="AdamW weight decay (matrices only)")
+    p.add_argument("--lr-warmup", type=float, default=None, help="fraction of the steps with linear LR warm-up")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--tau", type=float, default=None, help="temperature of the logits q·t/τ")
+    p.add_argument("--amp", default=None, choices=["auto", "bf16", "fp16", "none"], help="autocast, GPU only (auto)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (2)")
+    p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode every image once into RAM as uint8 at the model's resolution (toy: on)")
+    p.add_argument("--noise", type=float, default=None, help="fraction of training triplets to corrupt")
+    p.add_argument("--noise-kind", default="shuffle", help="how: " + ", ".join(triplets.NOISE_KINDS)
+                   + " (shuffle: the field's protocol; see triplets.inject_noise)")
+    p.add_argument("--group-batches", action=argparse.BooleanOptionalAction, default=None,
+                   help="batches of whole groups (triplets sharing a reference image), in random order (toy: on)")
+    p.add_argument("--oracle", action="store_true",
+                   help="the ceiling: train only on the triplets known to be clean, for the same number of steps")
+    p.add_argument("--skip-missing", action="store_true", help="drop triplets whose images are missing")
+    # the method's switches (each one is an ablation)
+    p.add_argument("--no-wcb", action="store_true", help="no Weight Compensation Block (plain CLIP features)")
+    p.add_argument("--wcb-maps", type=int, default=2, help="K, weight maps per WCB head")
+    p.add_argument("--wcb-hidden", type=int, default=0, help="WCB scorer hidden width (0: linear)")
+    p.add_argument("--div-weight", type=float, default=0.1, help="λ of the WCB diversity penalty")
+    p.add_argument("--no-nfb", action="store_true", help="no Noise-pair Filter Block (plain InfoNCE throughout)")
+    p.add_argument("--warmup-epochs", type=int, default=None, help="epochs of plain InfoNCE before the first GMM")
+    p.add_argument("--gmm", default="sklearn", choices=["sklearn", "torch"])
+    p.add_argument("--soft-label", default="sample", choices=["sample", *SOFT_FORMS],
+                   help="L^soft_NCE (loss.py): sample pair i into an epoch with probability w_i; weight its l_i by "
+                   "w_i; or spread 1 - w_i over the other targets")
+    p.add_argument("--nfb-losses", default="gallery", choices=["gallery", "train"],
+                   help="per-pair losses for the GMM: every query over every training image after the epoch "
+                   "(gallery), or the in-batch losses recorded in the training pass (train)")
+    p.add_argument("--nfb-gate", type=float, default=0.02,
+                   help="nats per pair by which two Gaussians must beat one Gamma on the losses, else every w = 1 "
+                   "(no second mode: no noise; 0: never gate)")
+    p.add_argument("--nfb-width", type=float, default=1.25,
+                   help="the GMM's noisy component must be this many times wider (std) than its clean one, else "
+                   "every w = 1: noise adds a wide mode, a clean distribution's second hump is as narrow as its "
+                   "first (0: no test)")
+    p.add_argument("--nfb-views", nargs="+", default=["query", "text"], choices=VIEWS,
+                   help="the views of each training pair the NFB decides on, query first (it says whether there is "
+                   "noise at all); a pair is flagged when any view flags it (nfb.pair_views)")
+    p.add_argument("--nfb-gate-by", default="first", choices=["first", "each"],
+                   help="first: the query view's gate says whether there is noise, then each view joins whose noisy "
+                   "component is the wider; each: every view passes both tests on its own")
+    p.add_argument("--nfb-text-temp", type=float, default=0.25,
+                   help="the text view's temperature, a fraction of --tau: many texts describe one edit equally "
+                   "well, a sharp softmax asks whether the pair's own text is among the best")
+    p.add_argument("--nfb-text-inverted", action=argparse.BooleanOptionalAction, default=True,
+                   help="the text view normalises each text's scores over the pairs before the texts compete (the "
+                   "inverted softmax: a text that scores high on every pair does not win everywhere)")
+    p.add_argument("--nfb-measure", action="store_true", help="log every view's detection (diagnosis)")
+    # SPN
+    p.add_argument("--stage", type=int, default=1, choices=[1, 2], help="2: SPN static-bank stage")
+    p.add_argument("--init", default=None, help="checkpoint to start from (required by --stage 2)")
+    p.add_argument("--extra-triplets", default=None, help="generated positives (spn.py) added to training")
+    # run
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<time>)")
+    p.add_argument("--resume", default=None, help="run folder or last.pt to continue")
+    p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (debug)")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="recall curves and the NFB's loss histograms as PNGs in the run folder")
+    return p
+
+
+def settings(argv=None, description=None):
+    """Every setting of a training run, resolved and checked before any data or model is touched. The command line
+    wins; then, for --resume, the run's own settings (its args.json; --amp / --workers may be given again); then
+    stage 2's and the dataset's presets; flags newer than a resumed run take their defaults."""
+    p = parser(description)
+    args = p.parse_args(argv)
+    if args.resume:
+        path = Path(args.resume) / "last.pt" if Path(args.resume).is_dir() else Path(args.resume)
+        if not path.is_file():
+            p.error(f"--resume {args.resume}: no {path}; pass a run folder holding last.pt (or the file itself)")
+        saved = json.loads((path.parent / "args.json").read_text()) if (path.parent / "args.json").is_file() \
+            else load_checkpoint(path, "--resume")["args"]
+        given = {k: getattr(args, k) for k in RUN if getattr(args, k) is not None}
+        base = vars(defaults(saved["dataset"]))          # flags newer than the run take their defaults
+        args = argparse.Namespace(**{**base, **saved, **given, "resume": str(path), "out": str(path.parent)})
+    check(resolve(args), p)                           # a resumed run's settings, with what was given again, too
+    return args
+
+
+def defaults(dataset):
+    """A training run's settings for a dataset with nothing given (the dataset's presets), unchecked."""
+    return resolve(parser().parse_args(["--dataset", dataset]))
+
+
+def resolve(args):
+    """Fill what the command line left open from stage 2's and the dataset's presets."""
+    presets = dict(PRESETS[args.dataset], **RUN, **(STAGE2[args.dataset] if args.stage == 2 else {}))
+    for k, v in presets.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
+def check(args, p):
+    """The rules a run's settings must meet; each failure is one line naming the flag and the fix."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rules = [
+        (args.epochs >= 1, f"--epochs {args.epochs}: train at least 1 epoch"),
+        (args.batch_size >= 2, f"--batch-size {args.batch_size}: contrastive training needs at least 2 pairs"),
+        (args.batch_size % world == 0, f"--batch-size {args.batch_size} must be divisible by the {world} "
+                                       "processes"),
+        (args.tau > 0, f"--tau {args.tau}: the temperature of q·t/τ must be > 0 (0.01 for CLIP, 0.05 on the toy)"),
+        (args.lr >= 0 and args.lr_wcb >= 0, "--lr / --lr-wcb: learning rates must be >= 0"),
+        (0 <= args.lr_warmup < 1, f"--lr-warmup {args.lr_warmup}: a fraction of the steps, in [0, 1)"),
+        (args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs}: must be >= 0"),
+        (args.nfb_gate >= 0, f"--nfb-gate {args.nfb_gate}: nats per pair, >= 0 (0: never gate)"),
+        (args.nfb_width >= 0, f"--nfb-width {args.nfb_width}: a ratio of standard deviations, >= 0 (0: no test)"),
+        (args.nfb_views[0] == "query" and len(set(args.nfb_views)) == len(args.nfb_views),
+         f"--nfb-views {' '.join(args.nfb_views)}: list each view once, query first (its loss says whether there is "
+         "noise at all), e.g. --nfb-views query text"),
+        (args.nfb_text_temp > 0, f"--nfb-text-temp {args.nfb_text_temp}: a fraction of --tau, > 0"),
+        (args.wcb_maps >= 2, f"--wcb-maps {args.wcb_maps}: the WCB needs K >= 2 weight maps to be diverse"),
+        (args.workers >= 0, f"--workers {args.workers}: must be >= 0"),
+        (args.max_steps is None or args.max_steps >= 1, f"--max-steps {args.max_steps}: must be >= 1"),
+        (args.stage == 1 or args.init, "--stage 2 needs --init RUN/best.pt (a stage-1 checkpoint)"),
+        (not args.init or Path(args.init).is_file(), f"--init {args.init}: no such file; pass a run's best.pt"),
+        (not args.extra_triplets or Path(args.extra_triplets).is_file(),
+         f"--extra-triplets {args.extra_triplets}: no such file; write one with `python spn.py`"),
+        (args.dataset == "toy" or args.data_root, f"--dataset {args.dataset} needs --data-root DIR (the dataset "
+                                                  "folder in its official layout, README: Data)"),
+        (not args.data_root or Path(args.data_root).expanduser().is_dir() or
+         args.dataset == "toy" and not Path(args.data_root).expanduser().exists(),
+         f"--data-root {args.data_root}: " + ("a file, not a folder" if args.data_root and
+                                              Path(args.data_root).expanduser().exists() else "no such folder")
+         + f"; point it at the {args.dataset} dataset folder"),
+        (not args.oracle or args.noise or args.dataset == "toy",
+         f"--oracle trains on the triplets known to be clean, and without injected noise (--noise > 0) nothing "
+         f"about {args.dataset}'s triplets is known; add --noise"),
+        (args.init or args.clip in TINY_CONFIGS or args.clip in available_models() or Path(args.clip).is_file(),
+         f"--clip {args.clip}: not a released model ({', '.join(available_models())}) nor a file"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            p.error(message)
+    try:
+        triplets.check_noise(noise_of(args), has_subsets=args.dataset in ("cirr", "toy"))
+    except ValueError as e:
+        p.error(str(e))
+    if not args.no_nfb and args.warmup_epochs >= args.epochs and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: every epoch is a warm-up, "
+              "the noise filter's labels are never used (pass --no-nfb, or more --epochs)", file=sys.stderr)
+
+
+def noise_of(args):
+    return triplets.Noise(args.noise, args.noise_kind, args.seed)
+
+
+def dataset(s, split):
+    """The split of the dataset the settings s name (s.dataset, data_root, categories, skip_missing; for the training
+    split also noise, noise_kind, seed, extra_triplets): CIRR (and the toy, written in CIRR's layout), FashionIQ or
+    Shoes."""
+    kw = dict(skip_missing=s.skip_missing)
+    if split == "train":
+        kw.update(noise=noise_of(s), extra_triplets=s.extra_triplets)
+    if s.dataset == "fashioniq":
+        return data.FashionIQ(s.data_root, s.categories, split, **kw)
+    if s.dataset == "shoes":
+        return data.Shoes(s.data_root, split, **kw)
+    return data.CIRR(s.data_root, split, **kw)
+
+
+def same_triplets(a, b):
+    """The settings (dicts) that differ between two runs' training triplets (TRIPLETS); [] when they are the same."""
+    return [k for k in TRIPLETS if a.get(k) != b.get(k)]
 
 
 # -----------------------------------------------------------------------------
@@ -101,11 +315,15 @@ def merge_losses(losses):
 # -----------------------------------------------------------------------------
 # checkpoints: atomic writes, exact resume
 
-def atomic_save(obj, path):
-    """Write to a temp file in the same folder, then rename: a run killed mid-write leaves the old file intact."""
+def atomic_write(path, obj):
+    """Write to a temp file in the same folder, then rename: a run killed mid-write leaves the old file intact (or
+    none). obj: text (str), or anything torch.save takes (a checkpoint)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    if isinstance(obj, str):
+        tmp.write_text(obj)
+    else:
+        torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -198,131 +416,3 @@ def error_line(e):
         return msg
     last = msg.splitlines()[-1]                      # "OSError: cannot read image ..."
     return last.split(": ", 1)[1] if last.startswith(type(e).__name__ + ": ") else last
-
-
-# -----------------------------------------------------------------------------
-# plots
-
-def _pyplot():
-    """matplotlib on the Agg backend (no display on training machines), imported when a figure is drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def loss_histogram(losses, stats, path, epoch=None, noisy=None):
-    """Histogram of the min-max normalised per-sample losses and the two fitted Gaussians (scaled by their
-    mixing weights), as the GMM saw them. losses (n,) may hold NaN (samples not seen this epoch).
-    noisy (n,) bool, optional: ground truth, drawn as two stacked histograms."""
-    seen = torch.isfinite(losses)                   # NaN: not seen this epoch (as the NFB itself skips them)
-    x = losses[seen].double()
-    if len(x) == 0 or any(math.isnan(m) for m in stats["means"]):
-        return                                       # nothing seen, or the GMM was not fitted (degenerate)
-    x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-12)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = 60
-    if noisy is not None:
-        nz = noisy[seen]
-        ax.hist([x[~nz].numpy(), x[nz].numpy()], bins=bins, range=(0, 1), density=True, stacked=True,
-                color=["tab:blue", "tab:red"], alpha=0.6, label=["clean (truth)", "noisy (truth)"])
-    else:
-        ax.hist(x.numpy(), bins=bins, range=(0, 1), density=True, color="tab:gray", alpha=0.6, label="losses")
-    grid = torch.linspace(0, 1, 400, dtype=torch.float64)
-    names = ["clean component", "noisy component"]
-    for k in range(2):
-        m, s, w = (float(stats[key][k]) for key in ("means", "stds", "mix"))
-        pdf = w * torch.exp(-0.5 * ((grid - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
-        ax.plot(grid.numpy(), pdf.numpy(), lw=2, label=f"{names[k]} (μ={m:.2f}, σ={s:.2f}, π={w:.2f})")
-    ax.set_xlabel("per-sample InfoNCE loss (min-max normalised)")
-    ax.set_ylabel("density")
-    ax.set_title("NFB: loss distribution and fitted GMM" + (f", after epoch {epoch}" if epoch is not None else ""))
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def recall_curves(history, path):
-    """Validation recalls against the epoch, one line per metric. history: the run's JSON-line records."""
-    epochs = [r["epoch"] for r in history]
-    keys = [k for k in history[0]["metrics"] if k.startswith(("R@", "Rsubset@"))]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k in keys:
-        ax.plot(epochs, [r["metrics"][k] for r in history], marker="o", label=k)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("recall (%)")
-    ax.set_title("validation recall")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def query_grid(rows, path):
-    """One row per query: the reference image, its modification text, then the top-k retrieved images with the
-    true target framed in green. rows: [(ref_path, text, [(path, is_target), ...])]."""
-    from PIL import Image
-    k = max(len(r[2]) for r in rows)
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.8 * (k + 1), 2.0 * len(rows)), squeeze=False)
-    for ax_row, (ref, text, hits) in zip(axes, rows):
-        with Image.open(ref) as im:
-            ax_row[0].imshow(im.convert("RGB"))
-        ax_row[0].set_title("reference", fontsize=7)
-        ax_row[0].set_xlabel(text if len(text) < 60 else text[:57] + "...", fontsize=6)
-        for j, ax in enumerate(ax_row[1:]):
-            if j < len(hits):
-                hit_path, is_target = hits[j]
-                with Image.open(hit_path) as im:
-                    ax.imshow(im.convert("RGB"))
-                ax.set_title(f"#{j + 1}" + (" target" if is_target else ""), fontsize=7,
-                             color="green" if is_target else "black")
-                for side in ax.spines.values():
-                    side.set_edgecolor("green" if is_target else "white")
-                    side.set_linewidth(4 if is_target else 0)
-        for ax in ax_row:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def audit_sheet(rows, path, blocks=2):
-    """The noise audit's contact sheet: one row per suspect triplet, most suspicious first: the reference image, the
-    modification text (wrapped) under a label line (identifier, w, the target's rank, the truth where known), the
-    labelled target, and the model's best other image. rows: [(ref_path, text, target_path, top_path, label)];
-    laid out in `blocks` side-by-side columns of rows so that 24 rows make a page, not a strip."""
-    from PIL import Image
-    per = math.ceil(len(rows) / blocks)
-    blocks = math.ceil(len(rows) / per)
-    plt = _pyplot()
-    fig, axes = plt.subplots(per, 4 * blocks, figsize=(5.4 * blocks, 1.25 * per), squeeze=False,
-                             gridspec_kw=dict(width_ratios=[1, 1.35, 1, 1] * blocks))
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.axis("off")
-    for i, (ref, text, tgt, top, label) in enumerate(rows):
-        a_ref, a_txt, a_tgt, a_top = axes[i % per, 4 * (i // per):4 * (i // per) + 4]
-        for ax, p, title in ((a_ref, ref, "reference"), (a_tgt, tgt, "labelled target"),
-                             (a_top, top, "model's best other")):
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                im.thumbnail((128, 128))             # real photos: small in memory and in the PNG
-            ax.imshow(im)
-            ax.axis("on")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(title, fontsize=6, pad=2)
-        lines = textwrap.wrap(text, 30) or [""]
-        lines = lines[:5] if len(lines) <= 5 else lines[:4] + [lines[4][:27] + "..."]
-        a_txt.text(0.0, 0.5, label + "\n\n" + "\n".join(lines), fontsize=6, va="center", ha="left",
-                   transform=a_txt.transAxes, wrap=False)
-    fig.tight_layout(pad=0.4, h_pad=0.3, w_pad=0.3)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

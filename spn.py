@@ -2,83 +2,38 @@
 
 More negatives (stage 2, `python train.py --stage 2 --init RUN/best.pt`): freeze the image side (tower and image WCB
 heads, train.freeze), compute once the normalised target feature of every training image (the bank) and each
-image's reference feature f_ref, and train the text side with NCE over the whole bank (loss.bank_nce): every
-training image is a negative of every query. The NFB's soft labels of stage 1 carry over when both stages see the
-same triplets (nfb.NoiseFilter.carry_over). --encoder text (stage 1 with a frozen image tower) uses the same
-machinery with cached image tokens.
+image's reference feature f_ref (encode.ImageSource.features), and train the text side with NCE over the whole
+bank (train.train_step): every training image is a negative of every query. The NFB's soft labels of stage 1 carry
+over when both stages see the same triplets (nfb.NoiseFilter.carry_over).
 
-More positives (`python spn.py ...`): new training triplets made from images. Each source image (every unique training image, or with --references-only the training references) is paired with
-a target drawn at random from a window of its image-similarity ranking: rank 1 is the most similar *other* image
-(cosine of CLIP image features, or of a trained run's target-role WCB features with --checkpoint; the source
-itself excluded, ties by gallery order), and the window LO..HI (inclusive) skips near-duplicates and unrelated
-images alike. The modification text comes from the two images' captions through a small set of templates chosen
-at random. SPN captions the images with an MLLM; here the captions are an input file {image name: caption}, so
-any captioner can produce it (the toy benchmark ships exact ones in image_captions.json). FashionIQ pairs images
-within each category. The output is what `train.py --extra-triplets FILE` reads: a JSON list of
-{reference, target, text} (+ category for FashionIQ).
+More positives (`python spn.py ...`, this file): new training triplets made from images. Each source image (every
+unique training image, or with --references-only the training references) is paired with a target drawn at random
+from a window of its image-similarity ranking: rank 1 is the most similar *other* image (cosine of CLIP image
+features, or of a trained run's target-role WCB features with --checkpoint; the source itself excluded, ties by
+gallery order), and the window LO..HI (inclusive) skips near-duplicates and unrelated images alike. The modification
+text comes from the two images' captions through a small set of templates chosen at random. SPN captions the
+images with an MLLM; here the captions are an input file {image name: caption}, so any captioner can produce it (the
+toy benchmark ships exact ones in image_captions.json). FashionIQ pairs images within each category. The output is
+what `train.py --extra-triplets FILE` reads: a JSON list of {reference, target, text} (+ category for FashionIQ).
 
     python spn.py --dataset toy --checkpoint runs/X/best.pt --out extra.json
     python spn.py --dataset cirr --data-root DIR --captions caps.json --clip ViT-B/32 --out extra.json
 """
 
+import argparse
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import data
 import evaluate
 import runtime
 import toy
+from encode import Encoder, ImageSource, encode_images
 from model import CIRModel, load_clip, make_transform
-from runtime import atomic_save, log
-
-
-# -----------------------------------------------------------------------------
-# more negatives: the frozen image side and the static bank
-
-@torch.no_grad()
-def cache_image_tokens(enc, gallery):
-    """Image tokens (N, 1+m, D) of every training image, fp16, computed once (each process encodes its share):
-    with the image tower frozen they never change, so each epoch costs only the text side and the WCB heads."""
-    return evaluate.encode_gallery(enc, gallery, tokens=True).half().cpu()
-
-
-def build_bank(enc, gallery, path, reuse=False):
-    """SPN stage 2: f_ref and the normalised target features b of every unique training image, once (each process
-    encodes its share, every process holds them all), cached to `path` and reused when the run resumes.
-    Returns f_ref (N, D), bank (N, D)."""
-    if reuse and path.exists():
-        c = torch.load(path, map_location="cpu", weights_only=True)
-        return c["ref"], c["bank"].to(enc.device)
-    f_ref, f_tar = evaluate.encode_gallery(enc, gallery)
-    bank = F.normalize(f_tar.float(), dim=-1)
-    if enc.rank == 0:
-        atomic_save({"ref": f_ref.cpu(), "bank": bank.cpu()}, path)
-    return f_ref.cpu(), bank.to(enc.device)
-
-
-def frozen_image_side(enc, train, args, bank_path, reuse=False):
-    """With a frozen image side the loader gives image indices, and these caches give their rows: image tokens of
-    every training image (--encoder text), or SPN's f_ref and bank (--stage 2), read from bank_path when reuse
-    (a resumed run). train: the training triplets, with .gallery (the same image list). Returns cache, bank."""
-    if list(train.gallery.images) != list(train.images):
-        raise RuntimeError("train gallery and triplets disagree on the image list")
-    t = time.perf_counter()
-    if args.stage == 2:
-        cache, bank = build_bank(enc, train.gallery, bank_path, reuse)
-        log(f"SPN bank: {len(bank)} training images x {bank.shape[1]} dims, "
-            f"{bank.numel() * bank.element_size() / 2**20:.1f} MiB per process (every rank holds it all), "
-            f"{time.perf_counter() - t:.1f} s", enc.rank)
-        return cache, bank
-    cache = cache_image_tokens(enc, train.gallery)
-    log(f"cached image tokens {tuple(cache.shape)} fp16, {cache.numel() * 2 / 2**20:.0f} MiB, "
-        f"{time.perf_counter() - t:.1f} s", enc.rank)
-    return cache, None
 
 
 # -----------------------------------------------------------------------------
@@ -189,16 +144,17 @@ def main(argv=None):
         model, transform_name = runtime.build_model(ckpt), ckpt["args"].get("transform")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
-    transform = make_transform(transform_name or ("clip" if a.dataset == "toy" else "targetpad"),
-                               model.clip.image_resolution)
-    kw = dict(view="gallery", transform=transform, skip_missing=a.skip_missing)
+    preset = runtime.defaults(a.dataset)
+    s = argparse.Namespace(**{**vars(preset), "data_root": root, "categories": a.categories, "noise": 0.0,
+                              "skip_missing": a.skip_missing})
+    gallery = runtime.dataset(s, "train")
+    transform = make_transform(transform_name or preset.transform, model.clip.image_resolution)
     if a.dataset == "fashioniq":
-        gallery = data.FashionIQ(root, a.categories, "train", **kw)
         pools = {c: gallery.category_images[c] for c in a.categories}  # pair garments of one category only
     else:                                                      # CIRR, the toy, Shoes: one pool
-        gallery = (data.Shoes if a.dataset == "shoes" else data.CIRR)(root, "train", **kw)
         pools = {None: gallery.images}
-    _, feats = evaluate.encode_gallery(evaluate.Encoder(model, a.batch_size, device, a.workers), gallery)  # (N, D)
+    enc = Encoder(model, a.batch_size, device, a.workers)
+    _, feats = encode_images(enc, ImageSource.files(gallery, transform))                 # (N, D)
     feats = feats.cpu()
 
     triplets = []
@@ -216,7 +172,7 @@ def main(argv=None):
 
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(triplets, indent=1))
+    runtime.atomic_write(out, json.dumps(triplets, indent=1))
     print(f"wrote {len(triplets)} generated triplets to {out} (window {a.window[0]}..{a.window[1]}, "
           f"{a.per_image} per image, seed {a.seed}); use: train.py --extra-triplets {out}. Examples:")
     for t in triplets[:3]:

@@ -12,6 +12,7 @@ of the README's Files tables.
 """
 
 from pathlib import Path
+import functools
 import glob
 import hashlib
 import json
@@ -35,11 +36,15 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from bench import reference_clip  # OpenAI's clip package, imported around its pkg_resources check
+from tools.bench import reference_clip  # OpenAI's clip package, imported around its pkg_resources check
 import tokenizer as TK
+import audit
 import data
 import toy
-from loss import bank_nce, gallery_nce, info_nce, soft_nce
+import triplets
+import encode
+from encode import Encoder, ImageSource
+from loss import gallery_nce, info_nce, soft_nce
 from loss import text_nce as loss_text_nce
 import nfb
 from nfb import NoiseFilter, clean_probability, detection_metrics, fit_gmm, minmax
@@ -102,7 +107,7 @@ def micro_clip(tmp_path_factory):
 def fresh_process_messages():
     """data.say prints a dataset's layout and noise lines once per process: each test starts as a
     fresh process."""
-    data._SAID.clear()
+    triplets._SAID.clear()
 
 
 def _free_port():
@@ -438,14 +443,15 @@ def test_cir_model_is_the_clip_sum_without_wcb_and_at_init():
         want_t = F.normalize(ref.encode_image(b), dim=-1)
         for wcb in (False, True):
             model = CIRModel(clip, wcb=wcb).eval()
-            q, t, pen = model(text, ref_images=a, tgt_images=b)
+            q, t, pen = model(text, a, b)                                   # images
             assert _close(q, want_q) and _close(t, want_t) and (pen == 0) == (not wcb)
             tok_a, tok_b = model.image_tokens(a), model.image_tokens(b)
-            q2, t2, _ = model(text, ref_tokens=tok_a, tgt_tokens=tok_b)
+            q2, t2, _ = model(text, tok_a, tok_b)                             # a frozen tower's tokens
             assert _close(q2, q) and _close(t2, t)
             f_ref, _ = model.image_features(model.image_tokens(a), "ref")
-            q3, t3, _ = model(text, ref_feats=f_ref)
+            q3, t3, _ = model(text, f_ref)                                    # SPN stage 2: f_ref, no target
             assert _close(q3, q) and t3 is None
+            assert _close(M.compose(model.text_features(text)[0], f_ref), q)
     assert not clip.logit_scale.requires_grad              # τ is fixed: CLIP's scale is not trained
     assert sum(k.startswith("wcb_") for k in CIRModel(clip, wcb=False).state_dict()) == 0
 
@@ -873,33 +879,26 @@ def test_soft_label_weight_is_w_times_cross_entropy_everywhere():
     w = torch.rand(B, generator=torch.Generator().manual_seed(2))
     ref = w * F.cross_entropy(q @ t.T / tau, pos, reduction="none")
     assert torch.allclose(soft_nce(q, t, w, tau, pos=pos, reduction="none", soft="weight"), ref, atol=1e-5)
-    assert torch.allclose(bank_nce(q, t, pos, tau, w=w, reduction="none", soft="weight"), ref, atol=1e-5)
     with pytest.raises(ValueError, match="soft must be one of"):
         soft_nce(q, t, w, tau, pos=pos, soft="drop")
 
 
-def test_bank_nce_hand_computed():
-    # q0 = (1, 0), q1 = (0, 1); bank rows (1, 0), (0, 1), (-1, 0); tau = 0.5
+def test_nce_over_a_bank_hand_computed():
+    """SPN stage 2's L_bank: info_nce / soft_nce with the bank as the candidates and pos its target rows.
+    q0 = (1, 0), q1 = (0, 1); bank rows (1, 0), (0, 1), (-1, 0); tau = 0.5"""
     # logits: q0 -> [2, 0, -2], q1 -> [0, 2, 0]; targets 0 and 1
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     idx = torch.tensor([0, 1])
     # loss0 = log(1 + e^-2 + e^-4) = 0.1429316...; loss1 = log(1 + 2 e^-2) = 0.2395448...
-    hard = bank_nce(q, bank, idx, 0.5, reduction="none")
+    hard = info_nce(q, bank, 0.5, pos=idx, reduction="none")
     assert torch.allclose(hard, torch.tensor([0.14293163, 0.23954477]), atol=1e-6)
     # soft, w = (0.5, 1): loss0 = -0.5 log p00 - 0.25 (log p01 + log p02)
     #   log Z0 = 2 + 0.1429316 = 2.1429316; log p = [-0.1429316, -2.1429316, -4.1429316]
     #   loss0 = 0.0714658 + 0.25 * 6.2858633 = 1.6429316; loss1 unchanged
-    soft = bank_nce(q, bank, idx, 0.5, w=torch.tensor([0.5, 1.0]), soft="spread", reduction="none")
+    soft = soft_nce(q, bank, torch.tensor([0.5, 1.0]), 0.5, pos=idx, soft="spread", reduction="none")
     assert torch.allclose(soft, torch.tensor([1.64293163, 0.23954477]), atol=1e-6)
-    assert torch.allclose(bank_nce(q, bank, idx, 0.5), hard.mean())
-
-
-def test_bank_nce_with_batch_targets_equals_info_nce():
-    q, t = _qt(8)
-    w = torch.rand(8)
-    assert torch.allclose(bank_nce(q, t, torch.arange(8), 0.02), info_nce(q, t, 0.02), atol=1e-6)
-    assert torch.allclose(bank_nce(q, t, torch.arange(8), 0.02, w=w), soft_nce(q, t, w, 0.02), atol=1e-6)
+    assert torch.allclose(info_nce(q, bank, 0.5, pos=idx), hard.mean())
 
 
 def test_gallery_nce_is_cross_entropy_with_the_reference_removed():
@@ -911,17 +910,17 @@ def test_gallery_nce_is_cross_entropy_with_the_reference_removed():
     logits[torch.arange(1, 12), ref[1:]] = float("-inf")
     want = F.cross_entropy(logits, tgt, reduction="none")
     assert torch.allclose(gallery_nce(q, g, tgt, 0.05, exclude=ref, chunk=5), want, atol=1e-5)
-    assert torch.allclose(evaluate.score_triplets(q, g, tgt, ref, 0.05, chunk=7)["loss"], want, atol=1e-5)
+    assert torch.allclose(audit.score_triplets(q, g, tgt, ref, 0.05, chunk=7)["loss"], want, atol=1e-5)
 
 
 def test_losses_under_autocast_are_fp32_and_close():
     q, t = _qt(16, D=32)
     w = torch.rand(16)
-    ref = [info_nce(q, t, 0.01), soft_nce(q, t, w, 0.01), bank_nce(q, t, torch.arange(16), 0.01, w=w)]
+    ref = [info_nce(q, t, 0.01), soft_nce(q, t, w, 0.01), soft_nce(q, t, w, 0.01, pos=torch.arange(16))]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         qb, tb = (q @ torch.eye(32)), (t @ torch.eye(32))   # bf16 activations, as from the model
         assert qb.dtype == torch.bfloat16
-        out = [info_nce(qb, tb, 0.01), soft_nce(qb, tb, w, 0.01), bank_nce(qb, tb, torch.arange(16), 0.01, w=w)]
+        out = [info_nce(qb, tb, 0.01), soft_nce(qb, tb, w, 0.01), soft_nce(qb, tb, w, 0.01, pos=torch.arange(16))]
     for o, r in zip(out, ref):
         assert o.dtype == torch.float32 and abs(o.item() - r.item()) < 0.05 * max(1.0, r.item())
     out[1].backward()                                       # gradients flow back to the fp32 leaves
@@ -1088,15 +1087,14 @@ def real_cirr(request, tmp_path_factory):
 
 def test_cirr_val_real_counts(real_cirr, capsys):
     cirr_root, src = real_cirr
-    trip = data.CIRR(cirr_root, "val", return_images=False)
-    gal = data.CIRR(cirr_root, "val", view="gallery")
+    trip = data.CIRR(cirr_root, "val")
     assert "CIRR release layout (img_raw/)" in capsys.readouterr().out
     rows = json.loads((src / "captions/cap.rc2.val.json").read_text())
     split = list(json.loads((src / "image_splits/split.rc2.val.json").read_text()))
     if is_full(src):                                            # the release's counts
         assert (len(rows), len(split)) == (4181, 2297)
     assert len(trip) == len(trip.triplets) == len(rows)
-    assert len(gal) == len(split) and trip.images == gal.images == split and trip.index == gal.index
+    assert trip.images == split and trip.index == {n: j for j, n in enumerate(split)}
     for t, r in zip(trip.triplets, rows):
         assert t["reference"] in t["members"] and t["target"] in t["members"] and len(set(t["members"])) == 6
         assert t["text"] == r["caption"] and t["target"] == r["target_hard"] and t["pairid"] == r["pairid"]
@@ -1104,22 +1102,17 @@ def test_cirr_val_real_counts(real_cirr, capsys):
             assert trip.paths[n].is_file()
     assert not trip.noisy.any() and trip.noisy.shape == (len(rows),)
     with pytest.raises(ValueError, match="training split"):
-        data.CIRR(cirr_root, "val", noise=data.Noise(0.1))
-    ref, text, tgt, i = trip[7]
+        data.CIRR(cirr_root, "val", noise=triplets.Noise(0.1))
+    ref, text, tgt, i = trip[7]                                  # the one item shape: indices and text
     t = trip.triplets[7]
     assert (trip.images[ref], text, trip.images[tgt], i) == (t["reference"], t["text"], t["target"], 7)
-    i, im = gal[5]
-    assert i == 5 and im.shape == (3, 4, 4) and im.dtype == torch.float32
-    # val items carry names (the evaluator takes image features from the gallery); eval_collate batches them
-    t0 = trip.triplets[0]
-    assert data.CIRR(cirr_root, "val")[0] == (t0["reference"], t0["text"], t0["target"], tuple(t0["members"]), 0)
-    batch = next(iter(DataLoader(data.CIRR(cirr_root, "val"), batch_size=4, collate_fn=data.eval_collate)))
-    assert batch[0] == [t["reference"] for t in trip.triplets[:4]] and batch[3][1] == trip.triplets[1]["members"]
+    im = ImageSource.files(trip, None).load([5])                 # images by index, through the image source
+    assert im.shape == (1, 3, 4, 4) and im.dtype == torch.float32
 
 
 def test_cirr_test1_real_counts(real_cirr):
     cirr_root, src = real_cirr
-    trip = data.CIRR(cirr_root, "test1", return_images=False)
+    trip = data.CIRR(cirr_root, "test1")
     rows = json.loads((src / "captions/cap.rc2.test1.json").read_text())
     split = json.loads((src / "image_splits/split.rc2.test1.json").read_text())
     if is_full(src):                                            # the release's counts
@@ -1127,9 +1120,8 @@ def test_cirr_test1_real_counts(real_cirr):
     assert len(trip) == len(rows) and len(trip.images) == len(split)
     assert all(t["target"] is None for t in trip.triplets) and (trip.tgt_idx == -1).all()
     assert all(t["reference"] in t["members"] for t in trip.triplets)
-    assert trip[0][2] == -1
-    ref, text, tgt, members, i = data.CIRR(cirr_root, "test1")[3]
-    assert tgt == "" and ref in members and i == 3
+    ref, text, tgt, i = trip[3]                                   # no target: -1
+    assert tgt == -1 and trip.images[ref] in trip.triplets[3]["members"] and i == 3
 
 
 @pytest.mark.parametrize("ann_sub,img_sub,label", [("", "img_raw", "CIRR release layout"),
@@ -1138,7 +1130,7 @@ def test_cirr_test1_real_counts(real_cirr):
                                                    ("cirr", "cirr/img_raw", "custom layout")])
 def test_cirr_layout_variants(tmp_path, capsys, ann_sub, img_sub, label):
     root = make_cirr(tmp_path, ("val",), ann_sub, img_sub)
-    ds = data.CIRR(root, "val", view="gallery")
+    ds = data.CIRR(root, "val")
     out = capsys.readouterr().out
     assert label in out and len(out.strip().splitlines()) == 1
     assert ds.images == list(json.loads((CIRR_ANN / "image_splits/split.rc2.val.json").read_text()))
@@ -1146,17 +1138,16 @@ def test_cirr_layout_variants(tmp_path, capsys, ann_sub, img_sub, label):
 
 
 def test_cirr_says_its_layout_once_per_process(cirr_root, capsys):
-    """The layout line is printed by the first dataset of a split, not by every view or copy of
-    it."""
-    data.CIRR(cirr_root, "val", view="gallery")
-    data.CIRR(cirr_root, "val", view="gallery")
-    data.CIRR(cirr_root, "val", return_images=False)
-    data.CIRR(cirr_root, "test1", return_images=False)
+    """The layout line is printed by the first dataset of a split, not by every copy of it."""
+    data.CIRR(cirr_root, "val")
+    data.CIRR(cirr_root, "val")
+    data.CIRR(cirr_root, "val")
+    data.CIRR(cirr_root, "test1")
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"CIRR val: CIRR release layout (img_raw/): annotations {cirr_root}, images "
                      f"{cirr_root / 'img_raw'}", lines[1]] and lines[1].startswith("CIRR test1: ")
-    data._SAID.clear()                              # what a new process remembers: nothing
-    data.CIRR(cirr_root, "val", view="gallery")
+    triplets._SAID.clear()                              # what a new process remembers: nothing
+    data.CIRR(cirr_root, "val")
     assert capsys.readouterr().out.splitlines() == lines[:1]
 
 
@@ -1178,12 +1169,14 @@ def make_cirr_train(tmp, n_rows=300):
 
 def test_cirr_train_split_nested_folders(tmp_path):
     rows = make_cirr_train(tmp_path)
-    ds = data.CIRR(tmp_path, "train", transform=lambda im: torch.zeros(3, 8, 8))
+    ds = data.CIRR(tmp_path, "train")
     ref, text, tgt, i = ds[11]
-    assert ref.shape == tgt.shape == (3, 8, 8) and text == rows[11]["caption"] and i == 11
-    batch = next(iter(DataLoader(ds, batch_size=5)))
-    assert batch[0].shape == (5, 3, 8, 8) and list(batch[3]) == [0, 1, 2, 3, 4]
-    noisy = data.CIRR(tmp_path, "train", noise=data.Noise(0.3, "target", 5), return_images=False)
+    assert (ds.images[ref], text, ds.images[tgt], i) == (rows[11]["reference"], rows[11]["caption"],
+                                                         rows[11]["target_hard"], 11)
+    images = ImageSource.files(ds, lambda im: torch.zeros(3, 8, 8))      # read in the loader's workers
+    batch = next(iter(DataLoader(ds, batch_size=5, collate_fn=functools.partial(train.collate, images=images))))
+    assert batch[1].shape == batch[2].shape == (5, 3, 8, 8) and list(batch[3]) == [0, 1, 2, 3, 4]
+    noisy = data.CIRR(tmp_path, "train", noise=triplets.Noise(0.3, "target", 5))
     assert int(noisy.noisy.sum()) == 90
     for t, t0, f in zip(noisy.triplets, ds.triplets, noisy.noisy):
         assert (t["target"] != t0["target"]) == bool(f)
@@ -1202,16 +1195,15 @@ def test_fashioniq_val_real_counts(ann, tmp_path, capsys):
     if is_full(src):                                            # the release's counts
         assert counts == {"dress": (2017, 3817), "shirt": (2038, 6346), "toptee": (1961, 5373)}
     for c, (nt, ni) in counts.items():
-        trip = data.FashionIQ(fiq_root, (c,), "val", return_images=False)
-        gal = data.FashionIQ(fiq_root, c, "val", view="gallery")
-        assert len(trip) == nt and len(gal) == ni and trip.images == gal.images
+        trip = data.FashionIQ(fiq_root, (c,), "val")
+        assert len(trip) == nt and len(trip.images) == ni
         # every candidate and target is in the category's own val split (checked on the real files)
         assert trip.images == split[c]
         assert all(t["reference"] in trip.index and t["target"] in trip.index for t in trip.triplets)
         assert all(t["category"] == c and t["members"] is None for t in trip.triplets)
-        assert all(p.is_file() and p.suffix == ".png" for p in gal.paths.values())
+        assert all(p.is_file() and p.suffix == ".png" for p in trip.paths.values())
     assert "(.png)" in capsys.readouterr().out
-    both = data.FashionIQ(fiq_root, CATS, "val", return_images=False)
+    both = data.FashionIQ(fiq_root, CATS, "val")
     assert len(both) == sum(nt for nt, _ in counts.values())
     shared = len(set(split["shirt"]) & set(split["toptee"]))   # images of two categories are kept once
     assert len(both.images) == len(set().union(*split.values())) == sum(ni for _, ni in counts.values()) - shared
@@ -1220,7 +1212,7 @@ def test_fashioniq_val_real_counts(ann, tmp_path, capsys):
 
 
 def test_fashioniq_text(fiq_root):
-    ds = data.FashionIQ(fiq_root, ("dress",), "val", return_images=False)
+    ds = data.FashionIQ(fiq_root, ("dress",), "val")
     rows = json.loads((FIQ_ANN / "captions/cap.dress.val.json").read_text())
     c0, c1 = (c.strip(".?, ") for c in rows[0]["captions"])
     assert ds.triplets[0]["text"] == f"{c0} and {c1}" and ds[0][1] == ds[0][1] == f"{c0} and {c1}"
@@ -1228,7 +1220,7 @@ def test_fashioniq_text(fiq_root):
     assert data.fiq_text(["is red.", " has dots, "]) == "is red and has dots"
     assert data.fiq_text(["", "is grey"]) == "is grey"  # an empty caption (3 in val) is left out
     # training: both orders or either caption alone, governed by the torch RNG
-    tr = data.FashionIQ(fiq_root, ("dress",), "val", return_images=False, random_text=True)
+    tr = data.FashionIQ(fiq_root, ("dress",), "val", random_text=True)
     torch.manual_seed(0)
     seen = {tr[0][1] for _ in range(200)}
     assert seen == {f"{c0} and {c1}", f"{c1} and {c0}", c0, c1}
@@ -1240,21 +1232,23 @@ def test_fashioniq_text(fiq_root):
 
 def test_fashioniq_test_split_and_jpg_subfolder(tmp_path, capsys):
     root = make_fiq(tmp_path, "test", ("dress",), ".jpg", ann_sub="fashionIQ_dataset")
-    ds = data.FashionIQ(root, "dress", "test", return_images=False)
+    ds = data.FashionIQ(root, "dress", "test")
     assert "(.jpg)" in capsys.readouterr().out
     rows, split = (json.loads((FIQ_ANN / f).read_text()) for f in ("captions/cap.dress.test.json",
                                                                     "image_splits/split.dress.test.json"))
     assert len(ds) == len(rows) and ds.images == split and all(t["target"] is None for t in ds.triplets)
     assert all(p.suffix == ".jpg" and p.is_file() for p in ds.paths.values()) and (ds.tgt_idx == -1).all()
-    assert ds[0][2] == -1 and data.FashionIQ(root, "dress", "test")[0][2] == ""
+    assert ds[0][2] == -1
 
 
 def test_fashioniq_train_items(tmp_path):
     root = make_fiq(tmp_path, "train", ("dress",))
     ds = data.FashionIQ(root, "dress", "train")
     ref, text, tgt, i = ds[3]
-    assert ref.shape == tgt.shape == (3, 4, 4) and isinstance(text, str) and i == 3
-    n = data.FashionIQ(root, "dress", "train", noise=data.Noise(0.2, "target", 1), return_images=False)
+    t = ds.triplets[3]
+    assert (ds.images[ref], ds.images[tgt], i) == (t["reference"], t["target"], 3) and isinstance(text, str)
+    assert ImageSource.files(ds, None).load([ref, tgt]).shape == (2, 3, 4, 4)
+    n = data.FashionIQ(root, "dress", "train", noise=triplets.Noise(0.2, "target", 1))
     assert int(n.noisy.sum()) == round(0.2 * len(json.loads((FIQ_ANN / "captions/cap.dress.train.json").read_text())))
 
 
@@ -1326,24 +1320,22 @@ def test_shoes_real_counts(ann, tmp_path, capsys):
         n_trip, n_img, n_self = len(both), len(names), sum(a == b for a, b in (_pair(r) for _, r in both))
         if is_full(src):                                        # the release's counts
             assert (n_trip, n_img, n_self) == {"train": (8990, 10000, 26), "test": (1761, 4658, 1)}[split]
-        trip = data.Shoes(shoes_root, split, return_images=False)
-        gal = data.Shoes(shoes_root, split, view="gallery")
+        trip = data.Shoes(shoes_root, split)
         out = capsys.readouterr().out
         assert "Attribute Discovery layout (womens_<category>/<0|1>/)" in out
         assert f"{n_trip} triplets ({n_self} with reference = target) over {n_img} images" in out
-        assert len(trip) == n_trip and len(gal) == n_img and n_self >= 1
-        assert gal.images == trip.images == names
+        assert len(trip) == n_trip and len(trip.images) == n_img and n_self >= 1
+        assert trip.images == names
         assert [(t["pairid"], t["reference"], t["target"], t["text"]) for t in trip.triplets] == [
             (i, *_pair(r), r["RelativeCaption"].strip()) for i, r in both]
         assert trip.n_self_pairs == n_self
-        for n, p in gal.paths.items():   # found by name, in its category's womens_<category>/<0|1>/
+        for n, p in trip.paths.items():  # found by name, in its category's womens_<category>/<0|1>/
             assert p.name == n and p.is_file() and n.startswith("img_" + p.parent.parent.name + "_")
         assert all(t["members"] is None and t["category"] is None for t in trip.triplets)
     t = trip.triplets[0]
-    assert data.Shoes(shoes_root, "test")[0] == (t["reference"], t["text"], t["target"], (), 0)
-    ref, text, tgt, i = data.Shoes(shoes_root, "train")[3]
-    assert ref.shape == tgt.shape == (3, 4, 4) and isinstance(text, str) and i == 3
-    assert gal[2][1].shape == (3, 4, 4)
+    ref, text, tgt, i = data.Shoes(shoes_root, "test")[0]
+    assert (trip.images[ref], text, trip.images[tgt], i) == (t["reference"], t["text"], t["target"], 0)
+    assert ImageSource.files(trip, None).load([2]).shape == (1, 3, 4, 4)
 
 
 def test_shoes_repeated_rows_kept_once(tmp_path, capsys):
@@ -1351,7 +1343,7 @@ def test_shoes_repeated_rows_kept_once(tmp_path, capsys):
     test = set(_shoes_names("test"))
     first = next(i for i, r in enumerate(rows) if r["ImageName"] in test)
     root = make_shoes(tmp_path, ("test",), rows=rows + [rows[first], rows[0], rows[first]])
-    ds = data.Shoes(root, "test", return_images=False)
+    ds = data.Shoes(root, "test")
     out = capsys.readouterr().out
     assert len(ds) == len(_shoes_triplets("test")) and "3 repeated rows of relative_captions_shoes.json kept once" in out
     pairids = [t["pairid"] for t in ds.triplets]
@@ -1369,7 +1361,7 @@ def test_shoes_layout_variants(tmp_path, capsys, monkeypatch, top, ann_sub, flat
     root = make_shoes(tmp_path, ("test",), top, ann_sub, flat)
     stats, real_stat = [], os.stat
     monkeypatch.setattr(os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
-    gal = data.Shoes(root, "test", view="gallery")
+    gal = data.Shoes(root, "test")
     monkeypatch.undo()
     out = capsys.readouterr().out
     assert label in out and f"annotations {tmp_path / ann_sub}".rstrip("/") in out
@@ -1389,13 +1381,12 @@ def test_shoes_missing_images(tmp_path, capsys):
     assert len(msg.splitlines()) == 1 and f"3 of {n_img} images named in" in msg
     assert "eval_im_names.txt" in msg and all(n in msg for n in gone) and "--skip-missing" in msg
     capsys.readouterr()
-    ds = data.Shoes(root, "test", skip_missing=True, return_images=False)
+    ds = data.Shoes(root, "test", skip_missing=True)
     out = capsys.readouterr().out
     expect = [_pair(r) for r in rows if not set(_pair(r)) & gone]
     assert [(t["reference"], t["target"]) for t in ds.triplets] == expect
     assert f"{len(rows) - len(expect)} of {len(rows)} triplets dropped" in out and "3 missing images dropped" in out
-    gal = data.Shoes(root, "test", view="gallery", skip_missing=True)
-    assert len(gal) == n_img - 3 and not gone & set(gal.images) and gal.images == ds.images
+    assert len(ds.images) == n_img - 3 and not gone & set(ds.images)
     # no image at all: a wrong root, whatever skip_missing says
     bare = make_shoes(tmp_path / "bare", ())
     with pytest.raises(FileNotFoundError, match=f"none of the {n_img} images of eval_im_names.txt"):
@@ -1437,20 +1428,19 @@ def test_shoes_bad_root_one_line(tmp_path, micro_clip, capsys):
 def test_shoes_noise_kinds_and_partial_refused(shoes_root, tmp_path, capsys):
     """--noise works on Shoes; it has no subsets, so --noise-kind partial is one clear line before
     anything loads."""
-    ds = data.Shoes(shoes_root, "train", return_images=False)
-    n = data.Shoes(shoes_root, "train", noise=data.Noise(0.3, "shuffle", 0), return_images=False)
+    ds = data.Shoes(shoes_root, "train")
+    n = data.Shoes(shoes_root, "train", noise=triplets.Noise(0.3, "shuffle", 0))
     for f in ("reference", "text", "target"):
         assert sorted(t[f] for t in n.triplets) == sorted(t[f] for t in ds.triplets)
     assert [bool(c) for c in _changed(n.triplets, ds.triplets)] == n.noisy.tolist()
     assert 0.9 * round(0.3 * len(ds)) < int(n.noisy.sum()) <= round(0.3 * len(ds))
-    target = data.Shoes(shoes_root, "train", noise=data.Noise(0.2, "target", 1),
-                        return_images=False)
+    target = data.Shoes(shoes_root, "train", noise=triplets.Noise(0.2, "target", 1))
     assert int(target.noisy.sum()) == round(0.2 * len(ds)) == round(0.2 * len(_shoes_triplets("train")))
     with pytest.raises(ValueError, match="partial.*has none"):
-        data.Shoes(shoes_root, "train", noise=data.Noise(0.3, "partial", 0), return_images=False)
+        data.Shoes(shoes_root, "train", noise=triplets.Noise(0.3, "partial", 0))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:            # train.settings: before any data or model
-        train.settings(["--dataset", "shoes", "--noise", "0.2", "--noise-kind", "partial",
+        runtime.settings(["--dataset", "shoes", "--noise", "0.2", "--noise-kind", "partial",
                         "--data-root", str(tmp_path)])     # an empty folder: nothing to load
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1
@@ -1470,14 +1460,13 @@ def test_missing_images_error_and_skip(tmp_path, capsys):
     assert f"3 of {n_img} images are missing" in msg and "skip_missing=True" in msg and "--skip-missing" in msg
     assert gone[0] in msg and str(root / "img_raw" / "dev" / f"{gone[0]}.png") in msg
     capsys.readouterr()
-    ds = data.CIRR(root, "val", skip_missing=True, return_images=False)
+    ds = data.CIRR(root, "val", skip_missing=True)
     out = capsys.readouterr().out
     # evaluation needs whole subsets: a query goes when its reference, target or any member is missing
     expect = [r for r in rows if not {r["reference"], r["target_hard"], *r["img_set"]["members"]} & set(gone)]
     assert len(ds) == len(expect) and [t["pairid"] for t in ds.triplets] == [r["pairid"] for r in expect]
     assert f"{len(rows) - len(expect)} of {len(rows)} triplets dropped" in out and "3 missing images dropped" in out
-    gal = data.CIRR(root, "val", view="gallery", skip_missing=True)
-    assert len(gal) == n_img - 3 and not set(gone) & set(gal.images) and gal.images == ds.images
+    assert len(ds.images) == n_img - 3 and not set(gone) & set(ds.images)
 
 
 def test_missing_fashioniq_skip(tmp_path, capsys):
@@ -1495,13 +1484,14 @@ def test_missing_fashioniq_skip(tmp_path, capsys):
 
 def test_corrupt_image_names_path(tmp_path):
     root = make_cirr(tmp_path, ("val",))
-    ds = data.CIRR(root, "val", view="gallery")
+    ds = data.CIRR(root, "val")
     p = ds.paths[ds.images[3]]
     p.unlink()  # a hard link: replace it, do not write through it
     p.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    ds[2]
+    images = ImageSource.files(ds, None)
+    images.load([2])
     with pytest.raises(OSError, match=re.escape(str(p))):
-        ds[3]
+        images.load([3])
 
 
 def test_wrong_root(tmp_path):
@@ -1521,31 +1511,26 @@ def test_wrong_root(tmp_path):
         data.CIRR(root, "test")
 
 
-# ---- data.dataset: the loader a run's settings name ----------------------------------------------
+# ---- runtime.dataset: the dataset a run's settings name ------------------------------------------
 
 def test_dataset_of_a_runs_settings(toy_root, fiq_root, shoes_root):
-    """data.dataset: the loader the settings name, the injected noise on the training triplets
+    """runtime.dataset: the dataset the settings name, the injected noise on the training triplets
     only."""
     s = SimpleNamespace(dataset="toy", data_root=toy_root, categories=CATS, skip_missing=False,
                         noise=0.2, noise_kind="text", seed=1, extra_triplets=None)
-    train_set = data.dataset(s, "train", "triplets", return_images=False)
-    want = data.CIRR(toy_root, "train", noise=data.Noise(0.2, "text", 1), return_images=False)
+    train_set = runtime.dataset(s, "train")
+    want = data.CIRR(toy_root, "train", noise=triplets.Noise(0.2, "text", 1))
     assert train_set.triplets == want.triplets and torch.equal(train_set.noisy, want.noisy)
-    assert train_set[0] == want[0]
-    assert data.dataset(s, "train", "triplets")[0][0].shape == (3, 32, 32)      # images by default
-    gallery = data.dataset(s, "train", "gallery", transform=lambda im: 0)
-    own = data.CIRR(toy_root, "train", return_images=False).noisy         # the toy's own noise only
-    assert gallery.images == want.images and gallery[3] == (3, 0)
-    assert torch.equal(gallery.noisy, own)
+    assert train_set[0] == want[0] and train_set.images == want.images
     # evaluation splits carry no noise
-    val = data.dataset(s, "val", "triplets", return_images=False)
-    assert val.triplets == data.CIRR(toy_root, "val", return_images=False).triplets
+    val = runtime.dataset(s, "val")
+    assert val.triplets == data.CIRR(toy_root, "val").triplets
     s.dataset, s.data_root, s.categories = "fashioniq", fiq_root, ("dress", "shirt")
-    fiq = data.dataset(s, "val", "triplets", return_images=False)
-    want = data.FashionIQ(fiq_root, ("dress", "shirt"), "val", return_images=False)
+    fiq = runtime.dataset(s, "val")
+    want = data.FashionIQ(fiq_root, ("dress", "shirt"), "val")
     assert fiq.triplets == want.triplets
     s.dataset, s.data_root = "shoes", shoes_root
-    assert data.dataset(s, "test", "gallery").images == _shoes_names("test")
+    assert runtime.dataset(s, "test").images == _shoes_names("test")
 
 
 # ---- noise injection -----------------------------------------------------------------------------
@@ -1558,21 +1543,21 @@ def test_inject_noise():
     trips = _trips()
     images = [f"i{k}" for k in range(50)]
     for p in (0.1, 0.25, 0.5, 0.8, 1.0):
-        new, flags = data.inject_noise(trips, images, data.Noise(p, "target", 3))
+        new, flags = triplets.inject_noise(trips, images, triplets.Noise(p, "target", 3))
         assert int(flags.sum()) == round(p * 200) and flags.dtype == torch.bool
         for t, t0, f in zip(new, trips, flags):
             assert (t["target"] != t0["target"]) == bool(f) and t["reference"] == t0["reference"]
             if f:
                 assert t["target"] in images and t["target"] != t0["reference"]
-        new2, flags2 = data.inject_noise(trips, images, data.Noise(p, "target", 3))
+        new2, flags2 = triplets.inject_noise(trips, images, triplets.Noise(p, "target", 3))
         assert new2 == new and torch.equal(flags, flags2)
-    assert (data.inject_noise(trips, images, data.Noise(0.5, "target", 4))[0]
-            != data.inject_noise(trips, images, data.Noise(0.5, "target", 3))[0])
+    assert (triplets.inject_noise(trips, images, triplets.Noise(0.5, "target", 4))[0]
+            != triplets.inject_noise(trips, images, triplets.Noise(0.5, "target", 3))[0])
     assert trips == _trips()  # input untouched
-    same, flags = data.inject_noise(trips, images, data.Noise(0.0, "shuffle", 1))
+    same, flags = triplets.inject_noise(trips, images, triplets.Noise(0.0, "shuffle", 1))
     assert all(a is b for a, b in zip(same, trips)) and len(same) == 200 and not flags.any()
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        data.inject_noise(trips, images, data.Noise(1.5))
+        triplets.inject_noise(trips, images, triplets.Noise(1.5))
 
 
 def _changed(new, old):
@@ -1585,8 +1570,8 @@ def test_shuffle_noise_permutes_three_fields_in_three_parts(tmp_path, p):
     permuted within a part. Every field keeps its multiset; a triplet changes in at most one field; a triplet whose
     value the permutation left equal (CIRR references repeat) is clean."""
     rows = make_cirr_train(tmp_path, 300)
-    ds = data.CIRR(tmp_path, "train", return_images=False)
-    noisy = data.CIRR(tmp_path, "train", noise=data.Noise(p, "shuffle", 7), return_images=False)
+    ds = data.CIRR(tmp_path, "train")
+    noisy = data.CIRR(tmp_path, "train", noise=triplets.Noise(p, "shuffle", 7))
     old, new = ds.triplets, noisy.triplets
     for f in ("reference", "text", "target"):
         assert sorted(t[f] for t in new) == sorted(t[f] for t in old)
@@ -1598,25 +1583,25 @@ def test_shuffle_noise_permutes_three_fields_in_three_parts(tmp_path, p):
     assert all(v <= -(-k // 3) for v in per_field.values())           # one third of the chosen at most
     assert k - 30 <= int(noisy.noisy.sum()) <= k                    # fixed points and equal values are few
     assert all(t["captions"] == [t["text"]] for t in new)           # the text moves with its caption
-    again = data.CIRR(tmp_path, "train", noise=data.Noise(p, "shuffle", 7), return_images=False)
+    again = data.CIRR(tmp_path, "train", noise=triplets.Noise(p, "shuffle", 7))
     assert again.triplets == new and torch.equal(again.noisy, noisy.noisy)
 
 
 def test_partial_text_and_target_noise(tmp_path):
     make_cirr_train(tmp_path, 300)
-    ds = data.CIRR(tmp_path, "train", return_images=False)
-    partial = data.CIRR(tmp_path, "train", noise=data.Noise(0.4, "partial", 1), return_images=False)
+    ds = data.CIRR(tmp_path, "train")
+    partial = data.CIRR(tmp_path, "train", noise=triplets.Noise(0.4, "partial", 1))
     assert int(partial.noisy.sum()) == 120
     for t, t0, f in zip(partial.triplets, ds.triplets, partial.noisy):
         assert _changed([t], [t0])[0] == (("target",) if f else ())
         if f:        # a near miss: another image of the query's own subset, never its reference
             assert t["target"] in t0["members"] and t["target"] != t0["reference"]
-    text = data.CIRR(tmp_path, "train", noise=data.Noise(0.4, "text", 1), return_images=False)
+    text = data.CIRR(tmp_path, "train", noise=triplets.Noise(0.4, "text", 1))
     assert int(text.noisy.sum()) == 120
     texts = {t["text"] for t in ds.triplets}
     for t, t0, f in zip(text.triplets, ds.triplets, text.noisy):
         assert _changed([t], [t0])[0] == (("text",) if f else ()) and t["text"] in texts
-    target = data.CIRR(tmp_path, "train", noise=data.Noise(0.4, "target", 1), return_images=False)
+    target = data.CIRR(tmp_path, "train", noise=triplets.Noise(0.4, "target", 1))
     assert all(_changed([t], [t0])[0] == (("target",) if f else ())
                for t, t0, f in zip(target.triplets, ds.triplets, target.noisy))
 
@@ -1624,15 +1609,15 @@ def test_partial_text_and_target_noise(tmp_path):
 def test_fashioniq_noise_kinds(tmp_path):
     """FashionIQ: shuffle moves the caption pair as one text; it has no subsets, so partial is refused."""
     root = make_fiq(tmp_path, "train", ("dress",))
-    ds = data.FashionIQ(root, "dress", "train", return_images=False)
-    n = data.FashionIQ(root, "dress", "train", noise=data.Noise(0.3, "shuffle", 0), return_images=False)
+    ds = data.FashionIQ(root, "dress", "train")
+    n = data.FashionIQ(root, "dress", "train", noise=triplets.Noise(0.3, "shuffle", 0))
     pairs = {tuple(t["captions"]): t["text"] for t in ds.triplets}
     assert all(pairs[tuple(t["captions"])] == t["text"] for t in n.triplets)
     assert 0 < int(n.noisy.sum()) <= round(0.3 * len(ds))
     with pytest.raises(ValueError, match="partial.*has none"):
-        data.FashionIQ(root, "dress", "train", noise=data.Noise(0.3, "partial", 0), return_images=False)
+        data.FashionIQ(root, "dress", "train", noise=triplets.Noise(0.3, "partial", 0))
     with pytest.raises(ValueError, match="noise-kind"):
-        data.check_noise(data.Noise(0.3, "swap"))
+        triplets.check_noise(triplets.Noise(0.3, "swap"))
 
 
 # ---- toy.py: the toy benchmark -------------------------------------------------------------------
@@ -1753,20 +1738,20 @@ def test_toy_noise_and_cirr_loader(toy_root, capsys):
     assert "flat layout" in capsys.readouterr().out
     assert ds.noisy.tolist() == flags and len(ds) == 160 and len(ds.images) == 32 * 6
     ref, text, tgt, i = ds[0]
-    assert ref.shape == (3, 32, 32) and text == rows[0]["caption"]
-    both = data.CIRR(toy_root, "train", noise=data.Noise(0.5, "shuffle", 2), return_images=False)
-    _, injected = data.inject_noise(ds.triplets, ds.images, data.Noise(0.5, "shuffle", 2))
+    assert (ds.images[ref], text, ds.images[tgt]) == (rows[0]["reference"], rows[0]["caption"], rows[0]["target_hard"])
+    assert ImageSource.files(ds, None).load([ref]).shape == (1, 3, 32, 32)
+    both = data.CIRR(toy_root, "train", noise=triplets.Noise(0.5, "shuffle", 2))
+    _, injected = triplets.inject_noise(ds.triplets, ds.images, triplets.Noise(0.5, "shuffle", 2))
     assert torch.equal(both.noisy, ds.noisy | injected)
-    val = data.CIRR(toy_root, "val", return_images=False)
+    val = data.CIRR(toy_root, "val")
     assert len(val) == 40 and len(val.images) == 8 * 6 and all(t["target"] in t["members"] for t in val.triplets)
-    assert len(data.CIRR(toy_root, "test1", view="gallery")) == 48
+    assert len(data.CIRR(toy_root, "test1").images) == 48
 
 
 def test_extra_triplets(toy_root, tmp_path):
     extra = [dict(reference="train-0-1", target="train-1-2", text="a large red circle instead of a square")]
     (tmp_path / "extra.json").write_text(json.dumps(extra))
-    ds = data.CIRR(toy_root, "train", noise=data.Noise(0.5), extra_triplets=tmp_path / "extra.json",
-                   return_images=False)
+    ds = data.CIRR(toy_root, "train", noise=triplets.Noise(0.5), extra_triplets=tmp_path / "extra.json")
     assert len(ds) == 161 and ds.triplets[-1]["text"] == extra[0]["text"] and not ds.noisy[-1]
     assert ds[160] == (ds.index["train-0-1"], extra[0]["text"], ds.index["train-1-2"], 160)
     with pytest.raises(ValueError, match="training images"):
@@ -1824,19 +1809,19 @@ def test_toy_edit_type_matches_the_scene_change(toy_root):
 def test_settings_resolve_presets_then_stage_2_then_the_command_line(tmp_path):
     """The dataset's presets fill what the command line leaves open, stage 2's presets go over
     them, and a flag given wins over both; nothing is read but --init's existence."""
-    s = train.settings(["--dataset", "cirr", "--data-root", str(tmp_path)])
+    s = runtime.settings(["--dataset", "cirr", "--data-root", str(tmp_path)])
     assert (s.clip, s.epochs, s.lr, s.lr_wcb, s.tau) == ("RN50x4", 10, 2e-6, 1e-4, 0.01)
     assert (s.transform, s.amp, s.workers, s.cache_images, s.group_batches, s.noise) == (
         "targetpad", "auto", 2, False, False, 0.0)
     init = tmp_path / "best.pt"
     init.write_bytes(b"")                           # only its existence is checked here
-    s = train.settings(["--dataset", "cirr", "--data-root", str(tmp_path), "--stage", "2",
+    s = runtime.settings(["--dataset", "cirr", "--data-root", str(tmp_path), "--stage", "2",
                         "--init", str(init), "--tau", "0.03", "--workers", "0"])
     assert (s.epochs, s.lr, s.lr_wcb, s.tau, s.workers, s.wd) == (3, 2e-5, 1e-4, 0.03, 0, 0.05)
-    toy_s = train.settings([])
+    toy_s = runtime.settings([])
     assert (toy_s.dataset, toy_s.clip, toy_s.tau, toy_s.cache_images, toy_s.data_root) == (
         "toy", "tiny", 0.05, True, None)          # the toy's folder is chosen when the run is built
-    assert vars(train.defaults("toy")) == vars(toy_s)
+    assert vars(runtime.defaults("toy")) == vars(toy_s)
 
 
 def _settings_errors(toy_dir):
@@ -1869,7 +1854,7 @@ def test_settings_errors_are_one_line_naming_the_flag(tmp_path, capsys):
     command line itself)."""
     for flags, expect in _settings_errors(tmp_path / "toy"):
         with pytest.raises(SystemExit) as e:
-            train.settings(flags)
+            runtime.settings(flags)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1, (flags, err)
         assert err[0].startswith(f"error: {expect}"), (flags, err)
@@ -1881,17 +1866,17 @@ def test_settings_given_again_on_resume_are_checked(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "last.pt").write_bytes(b"")               # settings only look for it: args.json holds the run's
-    (run / "args.json").write_text(json.dumps(vars(train.defaults("toy"))))
+    (run / "args.json").write_text(json.dumps(vars(runtime.defaults("toy"))))
     with pytest.raises(SystemExit) as e:
-        train.settings(["--resume", str(run), "--workers", "-1"])
+        runtime.settings(["--resume", str(run), "--workers", "-1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err == ["error: --workers -1: must be >= 0"]
 
 
 def test_stage_2_carries_stage_1_soft_labels_over_only_for_the_same_triplets(capsys):
     """train.carry_over: the noise filter takes stage 1's labels (no warm-up) when both stages
-    read the same training triplets (same noise, noise kind, seed, missing images, extra
-    triplets, count); else it warms up."""
+    read the same training triplets (runtime.same_triplets: same noise, noise kind, seed, missing
+    images, extra triplets, and the count); else it warms up."""
     settings = dict(noise=0.2, noise_kind="shuffle", seed=0, skip_missing=False,
                     extra_triplets=None, warmup_epochs=1, init="s1/best.pt")
     stage1 = NoiseFilter(10, warmup_epochs=0)
@@ -1900,7 +1885,7 @@ def test_stage_2_carries_stage_1_soft_labels_over_only_for_the_same_triplets(cap
     def carried(init_args=settings, nfb=stage1.state_dict(), n=10, **change):
         args = SimpleNamespace(**{**settings, **change})
         fresh = NoiseFilter(n, warmup_epochs=1)
-        run = train.Run(args, *[None] * 6, fresh, list(range(n)), None, None, [], None, Path("."))
+        run = train.Run(args, *[None] * 6, fresh, list(range(n)), None, [], None, Path("."))
         train.carry_over(run, dict(args=init_args, nfb=nfb))
         if run.nfb.active(0):
             assert torch.equal(run.nfb.weights, stage1.weights)
@@ -1915,9 +1900,6 @@ def test_stage_2_carries_stage_1_soft_labels_over_only_for_the_same_triplets(cap
         assert f"its triplets differ ({next(iter(change))})" in capsys.readouterr().out
     assert not carried(n=12) and "its triplets differ (count)" in capsys.readouterr().out
     assert not carried(nfb=None) and "it has no NFB" in capsys.readouterr().out
-    # a stage-1 run from before --noise-kind existed corrupted targets
-    old = {k: v for k, v in settings.items() if k != "noise_kind"}
-    assert carried(old, noise_kind="target") and not carried(old)
 
 
 def test_epoch_order_sees_only_kept_triplets_as_often_as_a_full_epoch():
@@ -1996,9 +1978,9 @@ def test_e2e_resume_takes_the_runs_own_settings(toy_run):
     saved = json.loads((toy_run / "args.json").read_text())
     # not presets
     assert (saved["epochs"], saved["batch_size"], saved["noise"], saved["workers"]) == (2, 32, 0, 0)
-    s = train.settings(["--resume", str(toy_run)])
+    s = runtime.settings(["--resume", str(toy_run)])
     assert vars(s) == {**saved, "resume": str(toy_run / "last.pt")}
-    s = train.settings(["--resume", str(toy_run / "last.pt"), "--workers", "3", "--amp", "none"])
+    s = runtime.settings(["--resume", str(toy_run / "last.pt"), "--workers", "3", "--amp", "none"])
     assert vars(s) == {**saved, "resume": str(toy_run / "last.pt"), "workers": 3, "amp": "none"}
 
 
@@ -2074,8 +2056,9 @@ def _step_run(model, net, rank=0, world=1):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     amp, scaler = runtime.autocast("auto", torch.device("cpu"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return train.Run(args, model, net, opt, sched, scaler, amp, None, None, None, None, [], None,
-                     Path("."), rank, world)
+    images = SimpleNamespace(bank=None)                          # the batch is given: only the bank is read
+    return train.Run(args, model, net, opt, sched, scaler, amp, None, None, images, [], None, Path("."), rank,
+                     world)
 
 
 def _ddp_worker(rank, world, port, batch, state, out):
@@ -2203,7 +2186,7 @@ def test_e2e_corrupt_image_in_a_loader_worker_gives_one_line(toy_root, micro_cli
     bad = root / next(iter(split.values()))
     bad.write_bytes(bad.read_bytes()[:40])                        # a truncated PNG
     code, err = _cli("train.py", "--data-root", str(root), "--clip", str(micro_clip), "--workers", "1",
-                     "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "run"))
+                     "--epochs", "1", "--batch-size", "32", "--no-nfb", "--out", str(tmp_path / "run"))
     err = [line for line in err if line.strip() and "%|" not in line]    # progress bars and their clearing
     assert code != 0 and len(err) == 1, err
     assert err[0].startswith(f"error: cannot read image {bad}") and "--skip-missing" in err[0], err
@@ -2359,14 +2342,17 @@ def _sharded_encodings(state, root, rank=0, world=1, bank_path=None):
     images, 20 of 40 queries, 96 of 192 training images)."""
     model = CIRModel(CLIP(**MICRO))
     model.load_state_dict(state)
-    enc = evaluate.Encoder(model, batch_size=4, workers=0, rank=rank, world=world)
+    enc = Encoder(model, batch_size=4, workers=0, rank=rank, world=world)
     transform = M.make_transform("clip", MICRO["image_resolution"])
     s = SimpleNamespace(dataset="toy", data_root=root, categories=None, skip_missing=False)
     feats = {}
-    metrics = evaluate.evaluate_sets(enc, evaluate.eval_sets(s, "val", transform), "toy", feats)
-    gallery = data.CIRR(root, "train", view="gallery", transform=transform)
-    tokens = spn.cache_image_tokens(enc, gallery)
-    f_ref, bank = spn.build_bank(enc, gallery, bank_path)
+    sets = [(name, ImageSource.files(ds, transform), ds) for name, ds in evaluate.eval_sets(s, "val")]
+    metrics = evaluate.evaluate_sets(enc, sets, "toy", feats)
+    train_set = data.CIRR(root, "train")
+    files = ImageSource.files(train_set, transform)
+    tokens = ImageSource.tokens(train_set, enc, files).cache
+    spn_side = ImageSource.features(train_set, enc, files, bank_path)
+    f_ref, bank = spn_side.cache, spn_side.bank
     q, g = feats["cirr"]
     return dict(metrics=metrics, q=q, g=g, tokens=tokens, f_ref=f_ref, bank=bank)
 
@@ -2418,7 +2404,7 @@ def sharded(toy_root, tmp_path_factory):
 
 
 def test_e2e_validation_sharded_over_two_processes_matches_one(sharded):
-    """evaluate.Encoder under DDP: each rank encodes its share of the val images and queries, the
+    """Encoder under DDP: each rank encodes its share of the val images and queries, the
     rows are gathered in order, and every rank's metrics are one process's."""
     one, ranks, _ = sharded
     d = MICRO["embed_dim"]
@@ -2467,7 +2453,7 @@ def test_audit_scores_and_order_hand_made():
     g = F.normalize(torch.tensor([[1.0, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0.6, 0.8], [0, 0.1, 1]]), dim=-1)
     q = F.normalize(torch.tensor([[1.0, 0.3, 0], [0.1, 1, 0.2], [0.3, 0, 1], [0.5, 0.4, 0.25]]), dim=-1)
     ref, tgt, tau = torch.tensor([0, 2, 4, 1]), torch.tensor([1, 3, 0, 1]), 0.1
-    s = evaluate.score_triplets(q, g, tgt, ref, tau, k=3, chunk=3)
+    s = audit.score_triplets(q, g, tgt, ref, tau, k=3, chunk=3)
     for i in range(4):
         sims = [(q[i] @ g[j]).item() for j in range(5)]
         keep = [j for j in range(5) if j != ref[i] or ref[i] == tgt[i]]
@@ -2488,7 +2474,7 @@ def test_audit_scores_and_order_hand_made():
                                                                         [0, 1, 2], [1, 2, 3]]),
                   views=dict(query=loss, text=text), view_w=dict(query=torch.tensor([0.9, 0.1, 0.9, 0.8, 0.5]),
                                                                  text=torch.tensor([1.0, 0.7, 0.9, 0.1, 0.6])))
-    rows = evaluate.audit_rows(trips, scores, "cirr", w_train=torch.tensor([1.0, 0.0, 1.0, 0.5, 0.25]))
+    rows = audit.audit_rows(trips, scores, "cirr", w_train=torch.tensor([1.0, 0.0, 1.0, 0.5, 0.25]))
     assert [r["index"] for r in rows] == [1, 3, 4, 2, 0]
     assert rows[0] == dict(index=1, pairid=11, subset=0, reference="im1", text="edit 1", target="im3",
                            w=pytest.approx(0.1), loss=5.0, rank=8, top3=["im0", "im2", "im3"],
@@ -2496,7 +2482,7 @@ def test_audit_scores_and_order_hand_made():
                            flagged_by=["query"], w_train=0.0, noise="target")
     assert [r["flagged_by"] for r in rows] == [["query"], ["text"], [], [], []]     # why each is suspect
     assert [r["noise"] for r in rows] == ["target", "clean", "text", "clean", "clean"]
-    s = evaluate.audit_summary(trips, scores, "shoes")                     # Shoes: totals, no breakdown
+    s = audit.audit_summary(trips, scores, "shoes")                     # Shoes: totals, no breakdown
     assert (s["flagged"], s["noisy"], s["precision@2"], s["recall@5"]) == (2, 2, 0.5, 1.0)
     assert s["flagged_by_field"] == {"clean": pytest.approx(100 / 3), "text": 0.0, "target": 100.0}
     assert s["flagged_by_view"] == dict(query=1, text=1)
@@ -2541,7 +2527,7 @@ def test_e2e_audit_finds_the_injected_noise_of_a_trained_run(audit_run, capsys):
     assert s["flagged_by_field"]["target"] > 2 * s["flagged_by_field"]["clean"]
     assert sum(c["n"] for c in s["by"].values()) == 480
     assert set(s["by"]) <= {"color", "size", "shape", "add", "remove", "move"}
-    evaluate.print_audit_summary(s, "toy train")
+    audit.print_audit_summary(s, "toy train")
     printed = capsys.readouterr().out
     assert f"480 triplets, {s['flagged']} flagged" in printed and f"precision@{k} " in printed
     with Image.open(out / "audit.png") as im:       # 24 rows in two blocks: a page, not a strip
@@ -2574,9 +2560,10 @@ def test_e2e_audit_rows_match_the_caption_file_and_the_checkpoint(audit_run):
     assert [r["w_train"] for r in by_index] == pytest.approx(ckpt["nfb"]["weights"].tolist())
     assert s["flagged_train"] == int((ckpt["nfb"]["weights"] < 0.5).sum()) > 0
     model = runtime.build_model(ckpt).eval()
-    gallery = data.CIRR(root, "train", view="gallery", transform=M.make_transform("clip", 32))
-    trips = data.CIRR(root, "train", return_images=False, noise=data.Noise(0.3, "target", 0))
-    q, g = evaluate.set_features(evaluate.Encoder(model, 128, workers=0), gallery, trips)
+    trips = data.CIRR(root, "train", noise=triplets.Noise(0.3, "target", 0))
+    gallery = trips
+    q, g = encode.query_features(Encoder(model, 128, workers=0), ImageSource.files(trips, M.make_transform("clip", 32)),
+                                 trips)
     for r in rows[:5] + rows[-5:]:
         sims = (F.normalize(q[[r["index"]]], dim=-1) @ F.normalize(g, dim=-1).T)[0].tolist()
         ranked = sorted((j for j, n in enumerate(gallery.images) if n != r["reference"]), key=lambda j: -sims[j])
@@ -2594,12 +2581,12 @@ def test_audit_zero_shot_clip(toy_root, micro_clip, tmp_path):
     s = evaluate.main(["--audit", "--clip", str(micro_clip), "--dataset", "toy", "--data-root", str(toy_root),
                        "--noise", "0.2", "--noise-kind", "text", "--workers", "0", "--out", str(tmp_path / "zs")])
     rows = _audit_rows(tmp_path / "zs")
-    ds = data.CIRR(toy_root, "train", return_images=False, noise=data.Noise(0.2, "text", 0))
+    ds = data.CIRR(toy_root, "train", noise=triplets.Noise(0.2, "text", 0))
     assert len(rows) == len(ds) == 160 and not any("w_train" in r for r in rows) and "flagged_train" not in s
     truth = {r["index"]: r["noise"] for r in rows}
-    assert [truth[i] for i in range(160)] == [data.NOISE_FIELDS[f] for f in ds.noise_field.tolist()]
+    assert [truth[i] for i in range(160)] == [triplets.NOISE_FIELDS[f] for f in ds.noise_field.tolist()]
     assert {"text", "target"} <= set(truth.values())           # injected text noise, the toy's own target noise
-    assert s["tau"] == train.DEFAULTS["toy"]["tau"] and s["gmm"] == "sklearn"
+    assert s["tau"] == runtime.PRESETS["toy"]["tau"] and s["gmm"] == "sklearn"
     assert (tmp_path / "zs" / "audit.png").is_file()
 
 
@@ -2655,7 +2642,7 @@ def test_e2e_audit_bad_input_one_line_before_encoding(audit_run, toy_root, micro
 
     def encoding(*a, **k):
         raise AssertionError("encoding started")
-    monkeypatch.setattr(evaluate, "encode_gallery", encoding)
+    monkeypatch.setattr(encode, "encode_images", encoding)
     zero_shot = ["--clip", str(micro_clip), "--dataset", "toy", "--data-root", str(toy_root)]
     for flags, expect in (
             (["--checkpoint", best, "--split", "test1"], "--audit --split test1"),
@@ -2694,19 +2681,19 @@ def test_e2e_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, toy_run
     # the cached bank = the normalised target-role feature of every training image, one image at a time
     bank = torch.load(out / "bank.pt", weights_only=True)
     model = runtime.build_model(torch.load(stage1 / "best.pt", weights_only=True)).eval()
-    gallery = data.CIRR(toy_root, "train", view="gallery",
-                        transform=M.make_transform("clip", model.clip.image_resolution))
+    gallery = data.CIRR(toy_root, "train")
+    images = ImageSource.files(gallery, M.make_transform("clip", model.clip.image_resolution))
     assert len(bank["bank"]) == len(gallery.images)
     with torch.no_grad():
-        for i in (0, 7, len(gallery) - 1):
-            tok = model.image_tokens(gallery[i][1][None])
+        for i in (0, 7, len(gallery.images) - 1):
+            tok = model.image_tokens(images.load([i]))
             assert torch.allclose(bank["bank"][i], F.normalize(model.image_features(tok, "tar")[0], dim=-1)[0],
                                   atol=1e-5)
             assert torch.allclose(bank["ref"][i], model.image_features(tok, "ref")[0][0], atol=1e-5)
 
 
 def test_e2e_token_cache_and_bank_sharded_over_two_processes_match_one(sharded):
-    """spn.cache_image_tokens and spn.build_bank under DDP: every rank holds every training
+    """ImageSource.tokens and ImageSource.features (SPN's bank) under DDP: every rank holds every training
     image's tokens, f_ref and bank row, as one process computes them; rank 0 alone writes
     bank.pt."""
     one, ranks, out = sharded
@@ -2803,13 +2790,13 @@ def test_window_edges_and_bad_input():
 
 
 def test_generated_triplets_load_through_dataset(toy_root, tmp_path):
-    base = data.CIRR(toy_root, "train", return_images=False)
+    base = data.CIRR(toy_root, "train")
     caps = json.loads((toy_root / "image_captions.json").read_text())
     feats = torch.randn(len(base.images), 16, generator=torch.Generator().manual_seed(0))
     out = generate_triplets(feats, base.images, caps, window=(10, 50), per_image=2, seed=0)
     path = tmp_path / "extra.json"
     path.write_text(json.dumps(out))
-    ds = data.CIRR(toy_root, "train", extra_triplets=path, return_images=False)
+    ds = data.CIRR(toy_root, "train", extra_triplets=path)
     assert len(ds) == len(base) + len(out) == len(base) + 2 * len(base.images)
     ref, text, tgt, i = ds[len(base)]
     assert (ds.images[ref], text, ds.images[tgt]) == (out[0]["reference"], out[0]["text"], out[0]["target"])
@@ -2824,10 +2811,10 @@ def test_spn_cli_with_clip_and_with_checkpoint(toy_root, micro_clip, tmp_path, c
     trips = spn.main(common + ["--clip", str(micro_clip), "--out", str(out), "--seed", "5"])
     assert "wrote" in capsys.readouterr().out
     rows = json.loads(out.read_text())
-    base = data.CIRR(toy_root, "train", return_images=False)
+    base = data.CIRR(toy_root, "train")
     assert rows == trips and len(rows) == len(base.images)
     assert all(set(r) == {"reference", "target", "text"} and r["reference"] != r["target"] for r in rows)
-    with_extra = data.CIRR(toy_root, "train", extra_triplets=out, return_images=False)
+    with_extra = data.CIRR(toy_root, "train", extra_triplets=out)
     assert len(with_extra) == len(base) + len(rows)
     # --references-only: one per training reference; a run checkpoint (WCB target-role features) works as well
     ckpt = dict(model=CIRModel(M.load_clip(micro_clip, device="cpu")[0], wcb=True).state_dict(),
@@ -2852,7 +2839,7 @@ def test_spn_cli_bad_inputs(toy_root, micro_clip, tmp_path, capsys):
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps({k: v for k, v in caps.items() if k not in drop}))
     args = common + ["--clip", str(micro_clip), "--captions", str(partial), "--window", "2", "5"]
-    n_train = len(data.CIRR(toy_root, "train", return_images=False).images)
+    n_train = len(data.CIRR(toy_root, "train").images)
     with pytest.raises(ValueError, match=f"3 of {n_train} images have no caption.*train-0-1"):
         spn.main(args)
     rows = spn.main(args + ["--skip-missing-captions"])
@@ -2903,7 +2890,7 @@ def test_spn_cli_fashioniq_pairs_within_category(micro_clip, tmp_path):
                      "--window", "1", "4", "--workers", "0"])
     assert len(rows) == 24 and {r["category"] for r in rows} == {"dress", "shirt"}
     assert all(r["reference"].startswith(r["category"]) and r["target"].startswith(r["category"]) for r in rows)
-    ds = data.FashionIQ(root, ("dress", "shirt"), "train", extra_triplets=out, return_images=False)
+    ds = data.FashionIQ(root, ("dress", "shirt"), "train", extra_triplets=out)
     assert len(ds) == 12 + 24 and ds.triplets[-1]["category"] == "shirt"
 
 
@@ -2951,13 +2938,12 @@ def test_checkpoints_load_in_one_line_and_build_the_model(tmp_path):
         for head in (model.wcb_txt, model.wcb_ref, model.wcb_tar):
             head.alpha.fill_(0.5)
     args = dict(no_wcb=False, wcb_maps=3, wcb_hidden=8)
-    runtime.atomic_save(dict(model=model.state_dict(), args=args), tmp_path / "best.pt")
+    runtime.atomic_write(tmp_path / "best.pt", dict(model=model.state_dict(), args=args))
     assert not (tmp_path / "best.pt.tmp").exists()
     again = runtime.build_model(runtime.load_checkpoint(tmp_path / "best.pt")).eval()
     text, images = tokenize(["make the circle red", "remove the square"]), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        for a, b in zip(model(text, ref_images=images, tgt_images=images),
-                        again(text, ref_images=images, tgt_images=images)):
+        for a, b in zip(model(text, images, images), again(text, images, images)):
             assert torch.equal(a, b)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save(model.clip.state_dict(), tmp_path / "clip.pt")
@@ -2989,17 +2975,17 @@ def test_plots_are_pngs_of_their_layout(toy_root, tmp_path):
     loss histogram is not drawn when nothing was seen or no GMM was fitted."""
     losses, noisy = _bimodal(300, 0.3, 0)
     stats = NoiseFilter(300, warmup_epochs=0).update(losses, 0)
-    runtime.loss_histogram(losses, stats, tmp_path / "hist.png", 0, noisy)
-    runtime.loss_histogram(torch.full((300,), math.nan), stats, tmp_path / "unseen.png")
-    runtime.loss_histogram(losses, dict(stats, means=[math.nan, math.nan]), tmp_path / "nofit.png")
+    train.loss_histogram(losses, stats, tmp_path / "hist.png", 0, noisy)
+    train.loss_histogram(torch.full((300,), math.nan), stats, tmp_path / "unseen.png")
+    train.loss_histogram(losses, dict(stats, means=[math.nan, math.nan]), tmp_path / "nofit.png")
     history = [dict(epoch=e, metrics={"R@1": 10.0 + e, "Rsubset@1": 30.0 + e, "avg": 20.0})
                for e in range(3)]
-    runtime.recall_curves(history, tmp_path / "recall.png")
+    train.recall_curves(history, tmp_path / "recall.png")
     img = sorted(toy_root.rglob("*.png"))[:5]
-    runtime.query_grid([(img[0], "make it red", [(img[1], False), (img[2], True)]),
+    evaluate.query_grid([(img[0], "make it red", [(img[1], False), (img[2], True)]),
                         (img[3], "remove the square", [(img[4], True)])], tmp_path / "grid.png")
     rows = [(img[k], f"edit {k}", img[k + 1], img[k + 2], f"#{k + 1}") for k in range(3)]
-    runtime.audit_sheet(rows, tmp_path / "sheet.png")
+    audit.audit_sheet(rows, tmp_path / "sheet.png")
     sizes = {"hist": (660, 385), "recall": (660, 385), "grid": (540, 400), "sheet": (864, 200)}
     for name, size in sizes.items():
         with Image.open(tmp_path / f"{name}.png") as im:
@@ -3012,7 +2998,7 @@ def test_plots_are_pngs_of_their_layout(toy_root, tmp_path):
 # ==================================================================================================
 
 def test_e2e_study_grid_resumes_and_reports(toy_root, tmp_path):
-    import study
+    from tools import study
     argv = ["--noise", "0", "partial:0.4", "--methods", "infonce", "oracle", "ncl+spn", "--seeds", "0", "--epochs",
             "1", "--workers", "0", "--data-root", str(toy_root), "--out", str(tmp_path / "st")]
     study.main(argv)
@@ -3050,11 +3036,11 @@ def test_e2e_bench_train_runs_on_the_training_api(toy_root, micro_clip, tmp_path
     the NFB's views and validation: on the shared toy and micro CLIP it prints its three tables,
     every time positive. (Its speed is measured by bench.py, never here: the matmul peak is a
     stand-in.)"""
-    import bench
-    settings = train.settings
+    from tools import bench
+    settings = runtime.settings
     ours = ["--data-root", str(toy_root), "--clip", str(micro_clip), "--batch-size", "32",
             "--workers", "0"]
-    monkeypatch.setattr(train, "settings", lambda argv: settings([*argv, *ours]))
+    monkeypatch.setattr(runtime, "settings", lambda argv: settings([*argv, *ours]))
     monkeypatch.setattr(bench, "matmul_peak", lambda: 1e12)
     # its run folder
     monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda prefix: str(tmp_path / prefix))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from data import Noise, inject_noise
+from triplets import Noise, inject_noise
 
 TOY_SHAPES = ("circle", "square", "triangle")
 TOY_COLORS = {"red": (220, 50, 50), "green": (50, 185, 70), "blue": (60, 95, 240), "yellow": (235, 215, 40),

@@ -1,21 +1,22 @@
 """Benchmarks behind the README's speed tables. Each prints a small table; ratios are measured within one run.
 
-    python bench.py clip        our CLIP vs OpenAI's reference code, same random weights (CPU fp32)
-    python bench.py data        toy generation, loader throughput (0 / 2 workers), building the val datasets
-    python bench.py method      GMM fit (scikit-learn vs torch EM), soft NCE vs InfoNCE, bank NCE
-    python bench.py train       a toy training step split into data / forward / backward, its FLOP/s against the
+    python -m tools.bench clip        our CLIP vs OpenAI's reference code, same random weights (CPU fp32)
+    python -m tools.bench data        toy generation, loader throughput (0 / 2 workers), building the val datasets
+    python -m tools.bench method      GMM fit (scikit-learn vs torch EM), soft NCE vs InfoNCE, bank NCE
+    python -m tools.bench train       a toy training step split into data / forward / backward, its FLOP/s against the
                                 machine's fp32 matmul peak, the NFB's share of an epoch (--nfb-losses train vs
                                 gallery), cached vs uncached image tokens (--encoder text)
-    python bench.py retrieval   ranking CIRR's val queries against galleries of 2,297 to 100k images
-    python bench.py memory      peak memory and FLOPs of a real-data training step (RN50x4, ViT-B/32), traced with
+    python -m tools.bench retrieval   ranking CIRR's val queries against galleries of 2,297 to 100k images
+    python -m tools.bench memory      peak memory and FLOPs of a real-data training step (RN50x4, ViT-B/32), traced with
                                 fake tensors on the CPU: the GPU recipe's memory estimate
-    python bench.py all         everything (about 10 minutes on 2 cores)
+    python -m tools.bench all         everything (about 10 minutes on 2 cores)
 
 Speed is checked here, never in the tests. Numbers depend on the machine: the README names the one it used.
 """
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import random
@@ -34,10 +35,13 @@ from torch.utils.data import DataLoader
 
 import data
 import model as M
+import runtime
 import toy
+import train
+from encode import ImageSource
 
 # The real annotation files: the full ones where NCLCIR_ANNOTATIONS names their folder, else the excerpts in testdata/
-ANNOTATIONS = Path(os.environ.get("NCLCIR_ANNOTATIONS") or Path(__file__).resolve().parent / "testdata")
+ANNOTATIONS = Path(os.environ.get("NCLCIR_ANNOTATIONS") or Path(__file__).resolve().parent.parent / "testdata")
 
 
 def _time(fn, reps=1):
@@ -148,14 +152,16 @@ def bench_data(args):
         root = toy.make_toy(tmp / "toy")                                  # the default sizes
         n_img = sum(1 for _ in root.rglob("*.png"))
         rows.append((f"toy generation (default sizes, {n_img:,} images)", f"{time.perf_counter() - t:.1f} s"))
-        ds = data.CIRR(root, "train", transform=M.make_transform("clip", toy.TOY_IMAGE_SIZE))
+        ds = data.CIRR(root, "train")
+        images = ImageSource.files(ds, M.make_transform("clip", toy.TOY_IMAGE_SIZE))
         for workers in (0, 2):
             it = iter(DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                                 generator=torch.Generator().manual_seed(0)))
+                                 generator=torch.Generator().manual_seed(0),
+                                 collate_fn=functools.partial(train.collate, images=images)))
             next(it)                                                       # workers started: not counted
             t, n = time.perf_counter(), 0
             for _ in range(batches):
-                ref, _, tgt, _ = next(it)
+                _, ref, tgt, _ = next(it)
                 n += len(ref) + len(tgt)
             dt = time.perf_counter() - t
             rows.append((f"toy train loader, {workers} workers, batch {batch}", f"{n / dt:,.0f} images/s"))
@@ -166,10 +172,10 @@ def bench_data(args):
         shutil.copytree(ANNOTATIONS / "cirr", cirr)
         rel = json.loads((cirr / "image_splits/split.rc2.val.json").read_text()).values()
         _placeholders(cirr / "img_raw", rel, png)
-        for view in ("triplets", "gallery"):
-            t = time.perf_counter()
-            n = len(data.CIRR(cirr, "val", view=view))
-            rows.append((f"build CIRR val {view} ({n:,} items)", f"{(time.perf_counter() - t) * 1e3:.0f} ms"))
+        t = time.perf_counter()
+        ds = data.CIRR(cirr, "val")
+        rows.append((f"build CIRR val ({len(ds):,} triplets, {len(ds.images):,} images)",
+                     f"{(time.perf_counter() - t) * 1e3:.0f} ms"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _table("data (1 thread for the main process)", ("what", "result"), rows)
@@ -179,7 +185,7 @@ def bench_data(args):
 # method: the NFB's GMM and the losses
 
 def bench_method(args):
-    from loss import bank_nce, info_nce, soft_nce
+    from loss import info_nce, soft_nce
     from nfb import fit_gmm, minmax
     rows = []
     for n in (30_000, 1_000_000):
@@ -205,8 +211,8 @@ def bench_method(args):
     q = F.normalize(torch.randn(256, 640), dim=-1).requires_grad_()
     bank = F.normalize(torch.randn(30_000, 640), dim=-1)
     idx, w = torch.randint(0, 30_000, (256,)), torch.rand(256)
-    th = _time(lambda: bank_nce(q, bank, idx, 0.02).backward(), 3)
-    tsb = _time(lambda: bank_nce(q, bank, idx, 0.02, w=w).backward(), 3)
+    th = _time(lambda: info_nce(q, bank, 0.02, pos=idx).backward(), 3)
+    tsb = _time(lambda: soft_nce(q, bank, w, 0.02, pos=idx).backward(), 3)
     _table("SPN stage 2: bank NCE, B = 256 over a 30k x 640 bank", ("labels", "ms"),
            [("hard", f"{th * 1e3:.1f}"), ("soft", f"{tsb * 1e3:.1f}")])
 
@@ -226,14 +232,13 @@ def matmul_peak():
 
 def bench_train(args):
     import evaluate
-    import train
     steps = args.steps
     out = tempfile.mkdtemp(prefix="bench_train_")
-    run = train.build(train.settings(["--out", out, "--max-steps", str(steps), "--no-plots", "--no-nfb"]))
+    run = train.build(runtime.settings(["--out", out, "--max-steps", str(steps), "--no-plots", "--no-nfb"]))
     a, n_steps = run.args, len(run.train) // run.args.batch_size
     # FLOPs of one step (matrix products: forward and backward), counted on a real batch
     from torch.utils.flop_counter import FlopCounterMode
-    batch = train.to_device(next(iter(train.make_loader(run, 0))), run)
+    batch = train.on_device(run, next(iter(train.make_loader(run, 0))))
     with FlopCounterMode(display=False) as fc:
         train.train_step(run, batch, None)
     flops = fc.get_total_flops()
@@ -268,7 +273,7 @@ def bench_train(args):
            rows)
     # --encoder text: the image tower frozen and its tokens computed once, against fine-tuning both towers
     t = time.perf_counter()
-    run = train.build(train.settings(["--out", out, "--max-steps", str(steps), "--no-plots", "--no-nfb",
+    run = train.build(runtime.settings(["--out", out, "--max-steps", str(steps), "--no-plots", "--no-nfb",
                                       "--encoder", "text"]))
     t_build = time.perf_counter() - t
     train.train_epoch(run, 0)
@@ -326,14 +331,14 @@ def _traced_step(cfg, encoder, batch, bf16):
         res, patch = cfg["image_resolution"], cfg["vision_patch_size"] or 32     # ModifiedResNet: stride 32
         tokens = torch.randint(1, 49407, (batch, 77))
         if encoder == "both":
-            images = dict(ref_images=torch.randn(batch, 3, res, res), tgt_images=torch.randn(batch, 3, res, res))
+            images = (torch.randn(batch, 3, res, res), torch.randn(batch, 3, res, res))
         else:                               # --encoder text: image tokens (B, 1+m, D) from the cache
             shape = (batch, 1 + (res // patch) ** 2, cfg["embed_dim"])
-            images = dict(ref_tokens=torch.randn(shape), tgt_tokens=torch.randn(shape))
+            images = (torch.randn(shape), torch.randn(shape))
 
         def step():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                q, t, pen = model(tokens, **images)
+                q, t, pen = model(tokens, *images)
                 loss = (q @ t.t()).float().logsumexp(dim=1).mean() + pen
             loss.backward()
             opt.step()

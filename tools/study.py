@@ -1,12 +1,12 @@
 """The noise-robustness study on the toy benchmark: noise x method x seed, one training run per cell.
 
-    python study.py                          # the grid (docs/results.md), under an hour on 2 cores
-    python study.py --report runs/study      # only the tables and plots, from the finished cells
-    python study.py --noise 0 0.4 --methods ncl ncl+spn ncl+pos ncl+pos+spn --seeds 0     # SPN on the toy
+    python -m tools.study                          # the grid (docs/results.md), under an hour on 2 cores
+    python -m tools.study --report runs/study      # only the tables and plots, from the finished cells
+    python -m tools.study --noise 0 0.4 --methods ncl ncl+spn ncl+pos ncl+pos+spn --seeds 0     # SPN on the toy
 
 Noise settings: a number is that fraction of training triplets corrupted with the field's shuffle protocol (TME,
 CVPR 2025: references, texts or targets permuted among the chosen triplets); `kind:ratio` picks another kind of
-data.inject_noise, e.g. `partial:0.4` (40% near-miss targets from the query's own group).
+triplets.inject_noise, e.g. `partial:0.4` (40% near-miss targets from the query's own group).
 
 Methods (each is train.py with some flags; README: "What follows the paper"):
     infonce       CLIP4Cir's sum baseline: no WCB, no NFB
@@ -46,6 +46,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import triplets  # noqa: E402
 import runtime  # noqa: E402
 import spn  # noqa: E402
 import toy  # noqa: E402
@@ -76,7 +77,7 @@ def parse_noise(s):
     """'0.2' -> ('shuffle', 0.2); 'partial:0.4' -> ('partial', 0.4)."""
     kind, _, ratio = s.rpartition(":")
     kind = kind or "shuffle"
-    data.check_noise(data.Noise(float(ratio), kind))
+    triplets.check_noise(triplets.Noise(float(ratio), kind))
     return kind, float(ratio)
 
 
@@ -115,7 +116,7 @@ def run_cell(method, kind, ratio, seed, a, out):
         argv = stage1 + ["--extra-triplets", str(run / "positives.json")]
     else:
         argv = stage1 + METHODS[method] + ["--no-plots"]
-    epochs = train.settings(argv).epochs
+    epochs = runtime.settings(argv).epochs
     log = run / "log.jsonl"
     if not log.is_file() or len(log.read_text().splitlines()) < epochs:     # new, or killed: (re)start / resume
         resume = ["--resume", str(run)] if (run / "last.pt").is_file() else []
@@ -132,8 +133,7 @@ def flags(run):
     if nfb is None:
         return None
     a = json.loads((run / "args.json").read_text())
-    noise = data.Noise(a["noise"], a.get("noise_kind", "target"), a["seed"])
-    ds = data.CIRR(a["data_root"], "train", noise=noise, return_images=False)
+    ds = data.CIRR(a["data_root"], "train", noise=triplets.Noise(a["noise"], a["noise_kind"], a["seed"]))
     flagged, noisy = (nfb["weights"] < 0.5)[:len(ds)], ds.noisy
     edits = [toy.edit_type(t["text"]) for t in ds.triplets]
     pct = lambda sel: 100 * flagged[sel].float().mean().item() if sel.any() else None
@@ -150,7 +150,7 @@ def views(last):
             (k[len("nfb_view_"):-len("_loss_auc")], k[:-len("loss_auc")], k) for k in last
             if k.startswith("nfb_view_") and k.endswith("_loss_auc")]:
         by = last.get(prefix + "flagged_by_field") or []
-        out[name] = dict(auc=last.get(auc), **{f: by[k] for k, f in enumerate(data.NOISE_FIELDS) if k < len(by)})
+        out[name] = dict(auc=last.get(auc), **{f: by[k] for k, f in enumerate(triplets.NOISE_FIELDS) if k < len(by)})
     return out or None
 
 
@@ -215,7 +215,7 @@ def tables(cells):
             continue
         for name in vs[0]:
             vals = [fmt([v[name].get("auc") for v in vs if name in v], 3)] + [
-                fmt([v[name].get(f) for v in vs if name in v]) for f in data.NOISE_FIELDS]
+                fmt([v[name].get(f) for v in vs if name in v]) for f in triplets.NOISE_FIELDS]
             det.append(f"| {noise_label(*key[1:])} | {key[0]} | {name} | " + " | ".join(vals) + " |")
     if len(det) > 2:
         out.append("Detection after the last epoch: the decision (combined: a pair is flagged when any view of "

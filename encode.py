@@ -1,0 +1,187 @@
+"""Features, computed in one place: every image of a split through the image tower once (both roles from one pass),
+the distinct texts once, the queries; under torchrun each process encodes its share and every process gets all rows.
+
+The image source turns image indices (into a split's .images) into what the model takes, wherever the images are:
+    files     read and transformed from disk by the loader's workers (real data)
+    pixels    decoded once into a uint8 tensor (--cache-images; the toy): no file is opened again
+    tokens    a frozen image tower's tokens, computed once (--encoder text): each step costs the text side only
+    features  SPN stage 2: every image's reference feature f_ref, and the bank of normalised target features
+A dataset item is always (ref index, text, target index, i); `load` runs in the loader's workers (files: the
+images; otherwise the indices themselves) and `inputs` gives the model its input on the device.
+"""
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision.transforms.functional import to_tensor
+
+from triplets import load_image, subset_rows
+import runtime
+from model import compose, normalize_pixels, tokenize
+from nfb import PairFeatures
+
+
+@dataclass
+class Encoder:
+    """How features are computed: the model, the batch size, the device, the loader's workers, autocast. Under
+    torchrun (world > 1) every rank encodes its contiguous share of the images or queries and the rows are
+    gathered, so each rank ends with all of them, in order, in 1/world of the time."""
+    model: nn.Module
+    batch_size: int = 128
+    device: torch.device = torch.device("cpu")
+    workers: int = 2
+    amp: object = None
+    rank: int = 0
+    world: int = 1
+
+    def share(self, n):
+        """This rank's rows of n: a contiguous range (every row, in one process)."""
+        return torch.tensor_split(torch.arange(n), self.world)[self.rank]
+
+
+class ImageSource:
+    """A split's images by index (ds.images order), as files, decoded pixels, cached tokens or SPN's features."""
+
+    def __init__(self, ds, kind, transform=None, cache=None, bank=None):
+        self.images, self.paths, self.kind = ds.images, ds.paths, kind
+        self.transform, self.cache, self.bank = transform, cache, bank
+
+    @classmethod
+    def files(cls, ds, transform=None):
+        """Images read from disk by index: transform (PIL image -> tensor), or the image as it is (to_tensor)."""
+        return cls(ds, "files", transform or to_tensor)
+
+    @classmethod
+    def pixels(cls, ds, transform, workers=0, rank=0):
+        """Every image decoded once, (N, 3, H, W) uint8: transform must end in uint8 (make_transform(pixels=True))."""
+        t = time.perf_counter()
+        files = cls.files(ds, transform)
+        pixels = torch.cat(list(_batches(files, range(len(ds.images)), 256, workers)))
+        if pixels.dtype != torch.uint8:
+            raise ValueError("ImageSource.pixels needs a uint8 transform: model.make_transform(..., pixels=True)")
+        runtime.log(f"decoded {ds.split} images once: {tuple(pixels.shape)} uint8, {pixels.numel() / 2**20:.0f} "
+                    f"MiB, {time.perf_counter() - t:.1f} s", rank)
+        return cls(ds, "pixels", cache=pixels)
+
+    @classmethod
+    def tokens(cls, ds, enc, images):
+        """--encoder text: the image tokens (N, 1+m, D) of every image, fp16, computed once from `images` (a
+        files or pixels source of the same split): with the tower frozen they never change."""
+        t = time.perf_counter()
+        tok = encode_images(enc, images, tokens=True).half().cpu()
+        runtime.log(f"cached image tokens {tuple(tok.shape)} fp16, {tok.numel() * 2 / 2**20:.0f} MiB, "
+                    f"{time.perf_counter() - t:.1f} s", enc.rank)
+        return cls(ds, "tokens", cache=tok)
+
+    @classmethod
+    def features(cls, ds, enc, images, path, reuse=False):
+        """SPN stage 2: f_ref and the normalised target features (the bank) of every image, once, from `images`;
+        saved to `path` by rank 0 and read back when the run resumes (reuse)."""
+        if reuse and path.exists():
+            c = torch.load(path, map_location="cpu", weights_only=True)
+            return cls(ds, "features", cache=c["ref"], bank=c["bank"].to(enc.device))
+        t = time.perf_counter()
+        f_ref, f_tar = encode_images(enc, images)
+        bank = F.normalize(f_tar.float(), dim=-1)
+        if enc.rank == 0:
+            runtime.atomic_write(path, {"ref": f_ref.cpu(), "bank": bank.cpu()})
+        runtime.log(f"SPN bank: {len(bank)} training images x {bank.shape[1]} dims, "
+                    f"{bank.numel() * bank.element_size() / 2**20:.1f} MiB per process (every rank holds it all), "
+                    f"{time.perf_counter() - t:.1f} s", enc.rank)
+        return cls(ds, "features", cache=f_ref.cpu(), bank=bank.to(enc.device))
+
+    def load(self, idx):
+        """In the loader's workers: indices (a list) -> images (B, 3, H, W) read from disk, or the indices (B,)."""
+        if self.kind != "files":
+            return torch.as_tensor(idx)
+        return torch.stack([self.transform(load_image(self.paths[self.images[i]])) for i in idx])
+
+    def inputs(self, x, device, role="ref"):
+        """What `load` gave -> the model's input on the device: images (B, 3, H, W), tokens (B, 1+m, D), or in SPN
+        stage 2 f_ref (B, D) for the references and the rows of the bank for the targets. The caches stay in CPU
+        memory: only the batch's rows move (uint8 pixels: 4x less to copy)."""
+        nb = device.type == "cuda"
+        if self.kind == "files" or self.kind == "features" and role == "tgt":
+            return x.to(device, non_blocking=nb)
+        rows = self.cache[x].to(device, non_blocking=nb)
+        return normalize_pixels(rows) if self.kind == "pixels" else rows.float()
+
+
+def _batches(source, rows, batch_size, workers):
+    """source.load over `rows` in batches: files in the loader's workers, caches directly (no loader: nothing to
+    read, and a loader would draw from the global random stream)."""
+    rows = list(rows)
+    chunks = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+    if source.kind != "files":
+        return map(source.load, chunks)
+    return DataLoader(chunks, batch_size=None, num_workers=workers, collate_fn=source.load,
+                      pin_memory=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def encode_images(enc, source, tokens=False):
+    """Every image of a source through the model once. -> (f_ref (N, D), f_tar (N, D)) in .images order: the
+    reference-role and target-role WCB features of each image (features: f_ref and the bank); or, with tokens=True,
+    the tokens (N, 1+m, D)."""
+    model = enc.model.eval()
+    if source.kind == "features":
+        return source.cache, source.bank
+    n = len(source.images)
+    out = []
+    for x in _batches(source, enc.share(n).tolist(), enc.batch_size, enc.workers):
+        with enc.amp or nullcontext():
+            x = source.inputs(x, enc.device)
+            tok = x if source.kind == "tokens" else model.image_tokens(x)          # (B, 1+m, D)
+            out.append(tok.half() if tokens else
+                       torch.stack([model.image_features(tok, "ref")[0], model.image_features(tok, "tar")[0]]).float())
+    if tokens:
+        return runtime.gather_rows(torch.cat(out), n)
+    out = runtime.gather_rows(torch.cat(out, dim=1).transpose(0, 1), n)                  # (N, 2, D)
+    return out[:, 0].contiguous(), out[:, 1].contiguous()
+
+
+@torch.no_grad()
+def encode_texts(enc, texts):
+    """f_txt (Q, D) fp32, the WCB-compensated text feature of every text (list of str)."""
+    model = enc.model.eval()
+    ctx = model.clip.context_length
+    rows = enc.share(len(texts)).tolist()
+    out = []
+    for s in range(0, len(rows), enc.batch_size):
+        tokens = tokenize([texts[i] for i in rows[s:s + enc.batch_size]], ctx, truncate=True).to(enc.device)
+        with enc.amp or nullcontext():
+            out.append(model.text_features(tokens)[0].float())
+    return runtime.gather_rows(torch.cat(out), len(texts))
+
+
+def check_finite(*feats):
+    """NaN compares false with everything, so NaN features would rank every target first: refuse them."""
+    if not all(torch.isfinite(f).all() for f in feats):
+        raise ValueError("non-finite (NaN/inf) features: the model diverged; lower the learning rate or use "
+                         "--amp none / fp32")
+
+
+@torch.no_grad()
+def query_features(enc, source, trips):
+    """Query features (Q, D) and normalised target-role image features (N, D) of a triplet set and its images."""
+    f_ref, f_tar = encode_images(enc, source)
+    q = compose(encode_texts(enc, [t["text"] for t in trips.triplets]), f_ref[trips.ref_idx].float())
+    return q, F.normalize(f_tar.float(), dim=-1)
+
+
+@torch.no_grad()
+def pair_features(enc, source, trips):
+    """nfb.PairFeatures of every triplet of `trips` and the images of its split: the images encoded once (both
+    roles), the distinct texts once, the subsets where the dataset has them (triplets.subset_rows)."""
+    f_ref, f_tar = encode_images(enc, source)
+    texts = [t["text"] for t in trips.triplets]
+    distinct = list(dict.fromkeys(texts))
+    row = {x: k for k, x in enumerate(distinct)}
+    return PairFeatures(f_txt=encode_texts(enc, distinct), text_idx=torch.tensor([row[x] for x in texts]),
+                        f_ref=f_ref[trips.ref_idx].float(), gallery=F.normalize(f_tar.float(), dim=-1),
+                        tgt_idx=trips.tgt_idx, ref_idx=trips.ref_idx, subsets=subset_rows(trips))

@@ -1,0 +1,278 @@
+"""A split of composed-retrieval triplets as a dataset, the ground truth of its noise, and injected noise.
+
+- TripletDataset: what every dataset is (CIRR, FashionIQ, Shoes in data.py, the toy in CIRR's layout): .triplets,
+  .images (the split's gallery), item i = (ref index, text, target index, i) on every split; images are read by
+  index (encode.ImageSource). Missing images are found once, when a dataset is built (one directory listing per
+  folder, no image opened): an error by default, or with skip_missing=True the affected triplets (and gallery
+  images) are dropped, with a printed count. A corrupt image fails when read, naming its path.
+- inject_noise: corrupt round(p*N) training triplets (Noise(ratio, kind, seed)): the field's "shuffle" protocol,
+  a random wrong target, a wrong text, or a near-miss target from the query's own subset; the flags (.noisy, and
+  which field: .noise_field) are the ground truth against which the noise filter's detection is scored.
+"""
+import json
+import os
+import random
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+_SAID = set()
+
+
+def say(message):
+    """Print a message once per process: a dataset is built several times (views, splits, the study's cells), and
+    its layout or noise line says the same each time."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# images on disk
+
+def load_image(path):
+    """PIL RGB image; a missing or corrupt file raises one error naming its path."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() forces the decode here, so a truncated file fails now
+    except Exception as e:  # PIL raises several types (OSError, SyntaxError, ValueError, DecompressionBombError)
+        raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}. Replace the file, or delete it and "
+                      f"build the dataset with skip_missing=True (--skip-missing)") from e
+
+
+def _listdir(folder):
+    """Names in a folder (a set; empty if the folder does not exist). One scandir: no per-file stat."""
+    try:
+        with os.scandir(folder) as it:
+            return {e.name for e in it}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def find_missing(paths):
+    """Names of `paths` ({name: Path}) whose file does not exist, in dict order. One listing per parent folder."""
+    listings = {}
+    missing = []
+    for name, p in paths.items():
+        parent = p.parent
+        if parent not in listings:
+            listings[parent] = _listdir(parent)
+        if p.name not in listings[parent]:
+            missing.append(name)
+    return missing
+
+
+def _missing_message(what, missing, paths, root):
+    eg = "\n".join(f"  {n}: {paths[n]}" for n in missing[:5])
+    return (f"{what}: {len(missing)} of {len(paths)} images are missing under {root}, e.g.\n{eg}\n"
+            f"Download them, or pass skip_missing=True (--skip-missing) to drop the triplets that use them.")
+
+
+# -----------------------------------------------------------------------------
+# synthetic label noise
+
+NOISE_KINDS = ("shuffle", "target", "text", "partial")
+NOISE_FIELDS = ("clean", "reference", "text", "target")     # what a noisy triplet had replaced
+
+
+class Noise(NamedTuple):
+    """Injected training noise: `ratio` of the triplets corrupted the `kind` way, chosen with `seed`."""
+    ratio: float
+    kind: str = "shuffle"
+    seed: int = 0
+
+
+def check_noise(noise, has_subsets=True, what="--noise"):
+    """A clear error for a noise setting that cannot work, before any data is read."""
+    if not 0.0 <= noise.ratio <= 1.0:
+        raise ValueError(f"{what} {noise.ratio}: the fraction of corrupted training triplets must be in [0, 1]")
+    if noise.kind not in NOISE_KINDS:
+        raise ValueError(f"--noise-kind {noise.kind!r}: choose one of {', '.join(NOISE_KINDS)}")
+    if noise.kind == "partial" and not has_subsets:
+        raise ValueError("--noise-kind partial draws the wrong target from the query's own subset, and this dataset "
+                         "has none (CIRR and the toy do); choose --noise-kind shuffle, target or text")
+
+
+def inject_noise(triplets, images, noise):
+    """Corrupt round(ratio * N) of N training triplets, chosen with noise.seed. Returns (new_triplets, noisy (N,)
+    bool); the input is not modified, and ratio 0 returns the same triplet objects and all-False flags.
+
+      shuffle  the field's protocol (TME, CVPR 2025; ConeSep, HABIT and INTENT use the same): the chosen triplets,
+               in the random order they were drawn, are cut into three equal parts; within the first the reference
+               images are shuffled among them, within the second the modification texts (FashionIQ: the caption
+               pair as one), within the third the target images. A triplet the shuffle leaves unchanged (a fixed
+               point, or an equal value: references repeat) counts as clean, so at most round(ratio * N) are
+               noisy. TME keeps no flags; here they are the ground truth the noise filter is scored against.
+      target   each chosen triplet gets a random other image of `images` as target (never its target or reference)
+      text     each chosen triplet gets the modification text of a random other triplet (a different text)
+      partial  a near miss: the target is replaced by another image of the triplet's own subset ("members": CIRR's
+               img_set, the toy's group), never its reference or target; triplets without such an image are not
+               chosen
+    """
+    check_noise(noise)
+    n = len(triplets)
+    noisy = torch.zeros(n, dtype=torch.bool)
+    new = list(triplets)
+    rng = random.Random(noise.seed)
+    pool = list(range(n))
+    if noise.kind == "partial":
+        pool = [i for i, t in enumerate(triplets) if _near_misses(t)]
+        if not pool and noise.ratio > 0:
+            raise ValueError("--noise-kind partial needs subsets (img_set members) with a third image")
+    k = min(round(noise.ratio * n), len(pool))
+    if k == 0:
+        return new, noisy
+    chosen = rng.sample(pool, k)
+    if noise.kind == "shuffle":
+        cut = [0, k // 3, 2 * k // 3, k]                    # TME's cuts: the last third takes the remainder
+        parts = [chosen[cut[j]:cut[j + 1]] for j in range(3)]
+        for part, fields in zip(parts, (("reference",), ("text", "captions"), ("target",))):
+            perm = part[:]
+            rng.shuffle(perm)
+            for i, j in zip(part, perm):
+                new[i] = {**triplets[i], **{f: triplets[j][f] for f in fields}}
+    else:
+        if noise.kind in ("target", "text") and len(set(images)) < 3:
+            raise ValueError("inject_noise needs at least 3 distinct images")
+        for i in sorted(chosen):
+            new[i] = {**triplets[i], **_corrupt(triplets[i], noise.kind, triplets, images, rng)}
+    for i in chosen:
+        noisy[i] = any(new[i].get(f) != triplets[i].get(f) for f in ("reference", "text", "target"))
+    return new, noisy
+
+
+def _field(t, t0):
+    """Which field of triplet t0 the noise changed in t: an index into NOISE_FIELDS."""
+    return next((i for i, f in enumerate(NOISE_FIELDS) if i and t.get(f) != t0.get(f)), 0)
+
+
+def _near_misses(t):
+    return [m for m in (t.get("members") or ()) if m not in (t["reference"], t["target"])]
+
+
+def _corrupt(t, kind, triplets, images, rng):
+    """The replaced fields of one triplet under a per-triplet noise kind (rejection sampling ends quickly)."""
+    if kind == "partial":
+        return {"target": rng.choice(_near_misses(t))}
+    if kind == "text":
+        for _ in range(1000):
+            o = triplets[rng.randrange(len(triplets))]
+            if o["text"] != t["text"]:
+                return {"text": o["text"], "captions": o["captions"]}
+        return {}                                           # every text is the same: nothing to corrupt
+    while True:
+        cand = images[rng.randrange(len(images))]
+        if cand != t["target"] and cand != t["reference"]:
+            return {"target": cand}
+
+
+# -----------------------------------------------------------------------------
+# the dataset of a split
+
+class TripletDataset(Dataset):
+    """A split of a composed-retrieval dataset (CIRR, FashionIQ, Shoes, the toy): .triplets (dicts), .images (every
+    image of the split, in split-file order: the gallery), .paths {name: Path}, .index {name: row of .images},
+    .ref_idx / .tgt_idx (n,) rows of .images (-1: no target, on a test split), .noisy / .noise_field (n,) the ground
+    truth of injected noise. Item i is (ref_idx, text, tgt_idx, i) on every split: images are read by their index
+    (encode.ImageSource), names and subsets are in .triplets. FashionIQ's training split draws one of the caption
+    combinations at each access (its _text)."""
+
+    def _setup(self, name, root, split, found, skip_missing=False, noise=None, extra_triplets=None):
+        """found: what the dataset's layout gave (images, {name: path}, triplets, the stored noise flags)."""
+        images, paths, triplets, stored_noisy = found
+        self.split = split
+        train = split == "train"
+
+        # Missing images: one listing per folder. Default: a clear error. skip_missing: drop and report.
+        missing = find_missing({n: paths[n] for n in images})
+        if missing:
+            if not skip_missing:
+                raise FileNotFoundError(_missing_message(f"{name} {split}", missing, paths, root))
+            gone = set(missing)
+            images = [n for n in images if n not in gone]
+            # Evaluation needs the whole subset (every query ranks the same number of members); training does not.
+            subsets = not train and any(t["members"] for t in triplets)
+            uses = (lambda t: (t["reference"], t["target"], *(t["members"] or ()))) if subsets else \
+                (lambda t: (t["reference"], t["target"]))
+            keep = [i for i, t in enumerate(triplets) if not any(n in gone for n in uses(t))]
+            say(f"{name} {split}: skip_missing: {len(missing)} missing images dropped from the gallery "
+                f"({len(images)} left); {len(triplets) - len(keep)} of {len(triplets)} triplets dropped "
+                f"because their reference{', target or a subset member' if subsets else ' or target'} is missing")
+            triplets = [triplets[i] for i in keep]
+            stored_noisy = [stored_noisy[i] for i in keep]
+            if not images or not triplets:
+                raise FileNotFoundError(f"{name} {split}: nothing left after dropping missing images under {root}")
+        self.images = images
+        self.index = {n: i for i, n in enumerate(images)}
+        self.paths = {n: paths[n] for n in images}
+
+        # Injected noise (training only), on top of any noise the data set stores itself (the toy's "noisy" key).
+        noisy = torch.tensor(stored_noisy, dtype=torch.bool)
+        field = noisy.long() * NOISE_FIELDS.index("target")       # the toy's own noise replaces targets
+        if noise is not None and noise.ratio:
+            if not train:
+                raise ValueError(f"{name}: injected noise is for the training split, not {split!r}")
+            check_noise(noise, has_subsets=any(t["members"] for t in triplets))
+            clean, (triplets, injected) = triplets, inject_noise(triplets, images, noise)
+            field = torch.where(injected, torch.tensor([_field(t, t0) for t, t0 in zip(triplets, clean)]), field)
+            say(f"{name} {split}: injected {noise.kind} noise: {int(injected.sum())} of {len(triplets)} triplets "
+                f"corrupted (ratio {noise.ratio}, seed {noise.seed})")
+            noisy = noisy | injected
+        if extra_triplets is not None:  # generated positives (SPN), appended after the noise: never corrupted
+            extra = _read_extra(extra_triplets, self.index, name)
+            triplets = triplets + extra
+            noisy = torch.cat([noisy, torch.zeros(len(extra), dtype=torch.bool)])
+            field = torch.cat([field, torch.zeros(len(extra), dtype=torch.long)])
+            src = extra_triplets if isinstance(extra_triplets, (str, Path)) else "a list"
+            say(f"{name} {split}: {len(extra)} extra triplets appended from {src}")
+        self.triplets = triplets
+        self.noisy = noisy                                       # (N,) bool, the ground truth of the noise
+        self.noise_field = field                                 # (N,) index into NOISE_FIELDS: what was corrupted
+        self.ref_idx = torch.tensor([self.index[t["reference"]] for t in triplets], dtype=torch.long)  # (N,)
+        self.tgt_idx = torch.tensor([self.index[t["target"]] if t["target"] is not None else -1
+                                     for t in triplets], dtype=torch.long)                          # (N,)
+
+    def __len__(self):
+        return len(self.triplets)
+
+    def __getitem__(self, i):
+        return int(self.ref_idx[i]), self._text(self.triplets[i]), int(self.tgt_idx[i]), i
+
+    def _text(self, t):
+        return t["text"]
+
+
+def _read_extra(extra, index, name):
+    """Extra training triplets: a JSON file (or a list) of {reference, target, text|caption}; names must be
+    training images."""
+    rows = json.loads(Path(extra).read_text()) if isinstance(extra, (str, Path)) else extra
+    out = []
+    for r in rows:
+        text = r.get("text", r.get("caption"))
+        if r.get("reference") not in index or r.get("target") not in index or text is None:
+            raise ValueError(f"{name}: extra triplet {r} needs 'reference' and 'target' among the training images "
+                             f"and a 'text' (file: {extra})")
+        out.append(dict(reference=r["reference"], target=r["target"], text=text, captions=[text], members=None,
+                        pairid=None, category=r.get("category")))
+    return out
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download it") from None
+
+
+def subset_rows(ds):
+    """(n, M) gallery rows of each triplet's subset (CIRR's img_set, the toy's group): its target first, then the
+    other members but its reference, -1 padding; None when a triplet has no subset (FashionIQ, Shoes)."""
+    if not ds.triplets or not all(t.get("members") for t in ds.triplets):
+        return None
+    rows = [list(dict.fromkeys([t["target"], *(m for m in t["members"] if m != t["reference"])]))
+            for t in ds.triplets]
+    width = max(map(len, rows))
+    return torch.tensor([[ds.index[m] for m in r] + [-1] * (width - len(r)) for r in rows])
