@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
+import data
 import runtime
 import toy
 from encode import ImageSource, check_finite, pair_features
 from loss import drop_reference, rank_of, similarities
 from model import compose, make_transform
 from nfb import decide_views, detection_metrics, pair_views
-from triplets import NOISE_FIELDS, Noise, check_noise
+from triplets import NOISE_FIELDS, Noise, as_row, check_noise
 
 AUDIT_SHEET = 24          # rows of the contact sheet
 AUDIT_K = (100, 500)      # precision@k / recall@k, besides k = the number of known noisy triplets
@@ -40,7 +41,7 @@ def audit_settings(run_args, dataset, root, **given):
     replaces them where not None. -> dict of a training run's settings: tau, gmm, nfb_gate, ..."""
     s = {**vars(runtime.defaults(dataset)), **run_args}
     s.update(dataset=dataset, data_root=root, **{k: v for k, v in given.items() if v is not None})
-    check_noise(Noise(s["noise"], s["noise_kind"], s["seed"]), has_subsets=dataset in ("cirr", "toy"))
+    check_noise(Noise(s["noise"], s["noise_kind"], s["seed"]), has_subsets=dataset in ("cirr", "toy", "triplets"))
     return s
 
 
@@ -157,6 +158,8 @@ def audit_groups(trips, dataset):
         return "category", [t["category"] for t in trips.triplets]
     if dataset == "cirr":
         return "subset", [t.get("subset") for t in trips.triplets]
+    if dataset == "triplets" and all(t.get("category") for t in trips.triplets):
+        return "category", [t["category"] for t in trips.triplets]
     return None
 
 
@@ -263,7 +266,7 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
         raise SystemExit(f"error: --audit --split {split}: the {dataset} {split} split has no "
                          f"public targets to audit; use --split train (the default) or val")
     out_dir = check_writable(out_dir)
-    trips = runtime.dataset(argparse.Namespace(**s), split)
+    trips = data.dataset(argparse.Namespace(**s), split)
     if (trips.tgt_idx < 0).any():
         raise SystemExit(f"error: --audit --split {split}: the {dataset} {split} split has no "
                          f"targets; use --split train (the default) or val")
@@ -295,6 +298,8 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
     sheet = [(paths[r["reference"]], r["text"], paths[r["target"]], paths[r["top3"][0]],
               _sheet_label(k, r)) for k, r in enumerate(rows[:AUDIT_SHEET])]
     audit_sheet(sheet, out_dir / f"{name}.png")
+    if dataset == "triplets" and split == "train":          # your own triplets: a cleaned copy, and what it left out
+        summary.update(clean_copy(trips, scores, rows, s, out_dir))
     summary.update({f"time_{k}": v for k, v in times.items()}, time_total=time.perf_counter() - t0)
     summary_json = json.dumps(runtime.strict_json(summary), indent=1)
     (out_dir / f"{name}_summary.json").write_text(summary_json)
@@ -306,6 +311,26 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
           f"{times['decode']:.1f} s, encoding {times['encode']:.1f} s, ranking and GMM "
           f"{times['rank']:.1f} s")
     return summary
+
+
+def clean_copy(trips, scores, rows, s, out_dir):
+    """Your own triplets: clean.jsonl, the training file in the same format without the triplets whose w is below
+    s["clean_below"] (0.5), and removed.jsonl, the removed rows with their scores (w, loss, each view's, and why),
+    most suspicious first; written atomically. Prints the one command that trains on the cleaned copy.
+    -> dict(kept, removed) for the summary."""
+    w = scores["w"]
+    drop = w < s["clean_below"]
+    keep = [as_row(t, f) for t, f, d in zip(trips.triplets, trips.noise_field.tolist(), drop.tolist()) if not d]
+    removed = [{**as_row(trips.triplets[r["index"]], int(trips.noise_field[r["index"]])),
+                **{k: r[k] for k in ("w", "loss", "rank", "views", "flagged_by")}} for r in rows if drop[r["index"]]]
+    runtime.atomic_write(out_dir / "clean.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
+    runtime.atomic_write(out_dir / "removed.jsonl", "".join(json.dumps(runtime.strict_json(r)) + "\n"
+                                                             for r in removed))
+    preset = f" --preset {s['preset']}" if s.get("preset") else ""
+    print(f"wrote {out_dir / 'clean.jsonl'} ({len(keep):,} triplets kept) and removed.jsonl ({len(removed):,} with "
+          f"w < {s['clean_below']}); train on the cleaned copy:\n  python train.py --dataset triplets --data-root "
+          f"{s['data_root']} --train-file {out_dir / 'clean.jsonl'}{preset}")
+    return dict(kept=len(keep), removed=len(removed), clean_below=s["clean_below"])
 
 
 # -----------------------------------------------------------------------------

@@ -12,11 +12,16 @@ triplets.TripletDataset. The toy benchmark (toy.py) is written in CIRR's layout,
   found by file name below <root>: the Attribute Discovery archive's womens_<category>/<0|1>/<name>.jpg, possibly
   under one more folder (attributedata/), or a flat folder.
 """
+import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 
+import runtime
+import toy
+import triplets
 from triplets import TripletDataset, _read_json, say
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")  # FashionIQ copies use .png or .jpg; the first found wins in this order
@@ -369,3 +374,86 @@ def _shoes_layout(root, paths):
         k = kind(p.relative_to(root).parts[:-1])
         counts[k] = counts.get(k, 0) + 1
     return max(counts, key=counts.get)
+
+
+# -----------------------------------------------------------------------------
+# the dataset a run's settings name
+
+def dataset(s, split):
+    """The split of the dataset the settings s name (s.dataset, data_root, categories, skip_missing; for the training
+    split also noise, noise_kind, seed, extra_triplets, train_file): CIRR (and the toy, written in CIRR's layout),
+    FashionIQ, Shoes, or your own triplets (triplets.Triplets)."""
+    kw = dict(skip_missing=s.skip_missing)
+    if split == "train":
+        kw.update(noise=triplets.Noise(s.noise, s.noise_kind, s.seed), extra_triplets=s.extra_triplets)
+    if s.dataset == "fashioniq":
+        return FashionIQ(s.data_root, s.categories, split, **kw)
+    if s.dataset == "shoes":
+        return Shoes(s.data_root, split, **kw)
+    if s.dataset == "triplets":
+        return triplets.Triplets(s.data_root, split, file=s.train_file if split == "train" else None, **kw)
+    return CIRR(s.data_root, split, **kw)
+
+
+# -----------------------------------------------------------------------------
+# converters: CIRR, FashionIQ, Shoes and the toy in the triplet format (python data.py convert ...)
+
+CONVERT_SPLITS = {"cirr": ("train", "val", "test1"), "toy": ("train", "val", "test1"), "fashioniq": FIQ_SPLITS,
+                  "shoes": ("train", "test")}
+FORMAT_SPLIT = {"test1": "test", "test": "test"}     # the triplet format's name of a split; Shoes' test is its val
+
+
+def convert(s, out, splits=None):
+    """Write the dataset the settings s name (dataset, data_root, categories, skip_missing, noise, noise_kind,
+    seed) in the triplet format into `out`: train.jsonl, val.jsonl, test.jsonl (where the dataset has the split;
+    Shoes validates on its test split, written as val.jsonl). Image paths relative to `out`; CIRR's and the toy's
+    img_set as subset; FashionIQ's category and caption pair, CIRR's pairid kept; the training split's noise, the
+    toy's own and any injected, as the noisy key (the replaced field). splits: the dataset's own names (default:
+    all of CONVERT_SPLITS). Returns {split in the format: number of rows}."""
+    out = Path(out)
+    written = {}
+    for split in splits or CONVERT_SPLITS[s.dataset]:
+        ds = dataset(s, split)
+        name = "val" if s.dataset == "shoes" and split == "test" else FORMAT_SPLIT.get(split, split)
+        rel = lambda n: os.path.relpath(ds.paths[n], out)
+        keep = lambda t: dict(category=t["category"], captions=t["captions"]) if t.get("category") else {}
+        rows = [triplets.as_row({**t, "row": keep(t)}, f, rel) for t, f in zip(ds.triplets, ds.noise_field.tolist())]
+        runtime.atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        written[name] = len(rows)
+    return written
+
+
+def main(argv=None):
+    p = runtime.ArgumentParser("""Data tools.
+
+    python data.py convert --dataset cirr --data-root DIR --out OUT     # CIRR, FashionIQ, Shoes, the toy in the
+                                                                       # triplet format (train.jsonl, val.jsonl)
+    python data.py convert --dataset toy --noise 0.3 --out OUT          # the toy, 30% of its training triplets
+                                                                       # corrupted, the truth as 'noisy'""")
+    p.add_argument("command", choices=["convert"])
+    p.add_argument("--dataset", required=True, choices=list(CONVERT_SPLITS))
+    p.add_argument("--data-root", default=None, help="the dataset's folder (toy: the default toy set if omitted)")
+    p.add_argument("--out", required=True, help="the folder for train.jsonl, val.jsonl, test.jsonl")
+    p.add_argument("--categories", nargs="+", default=list(FIQ_CATEGORIES))
+    p.add_argument("--skip-missing", action="store_true", help="leave out triplets whose images are missing")
+    p.add_argument("--noise", type=float, default=0.0, help="corrupt this share of the training triplets")
+    p.add_argument("--noise-kind", default="shuffle", choices=triplets.NOISE_KINDS)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.dataset == "toy":                           # generated on first use
+        a.data_root = str(toy.toy_root(a.data_root))
+    if not a.data_root or not Path(a.data_root).expanduser().is_dir():
+        p.error(f"--data-root {a.data_root}: no such folder; point it at the {a.dataset} dataset folder")
+    triplets.check_noise(triplets.Noise(a.noise, a.noise_kind, a.seed), has_subsets=a.dataset in ("cirr", "toy"))
+    a.extra_triplets = a.train_file = None
+    written = convert(a, a.out)
+    print(f"wrote {', '.join(f'{k}.jsonl ({v:,} rows)' for k, v in written.items())} in {a.out}; train on it: "
+          f"python train.py --dataset triplets --data-root {a.out}" + (" --preset toy" if a.dataset == "toy" else ""))
+    return written
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (OSError, ValueError) as e:   # bad input: one line, no traceback
+        sys.exit(f"error: {runtime.error_line(e)}")

@@ -8,11 +8,19 @@ The image source turns image indices (into a split's .images) into what the mode
     features  SPN stage 2: every image's reference feature f_ref, and the bank of normalised target features
 A dataset item is always (ref index, text, target index, i); `load` runs in the loader's workers (files: the
 images; otherwise the indices themselves) and `inputs` gives the model its input on the device.
+
+A folder of images (evaluate.py --query --gallery DIR) is a gallery too: folder_features encodes it once and keeps the
+features in a cache file while the folder and the model are unchanged.
 """
 
+import hashlib
+import json
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -185,3 +193,48 @@ def pair_features(enc, source, trips):
     return PairFeatures(f_txt=encode_texts(enc, distinct), text_idx=torch.tensor([row[x] for x in texts]),
                         f_ref=f_ref[trips.ref_idx].float(), gallery=F.normalize(f_tar.float(), dim=-1),
                         tgt_idx=trips.tgt_idx, ref_idx=trips.ref_idx, subsets=subset_rows(trips))
+
+
+# -----------------------------------------------------------------------------
+# a folder of images as a gallery: its features computed once, kept while the folder and the model are unchanged
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def scan_folder(folder):
+    """Every image file below `folder` (any depth, hidden folders skipped): [(path relative to folder, size,
+    mtime_ns)] in sorted order."""
+    out, todo = [], [Path(folder)]
+    while todo:
+        with os.scandir(todo.pop()) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    todo.append(Path(e.path))
+                elif os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES:
+                    st = e.stat()
+                    out.append((os.path.relpath(e.path, folder), st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
+@torch.no_grad()
+def folder_features(enc, folder, transform, model_id, cache_dir):
+    """(names, f_tar (N, D) normalised) of every image below `folder`, read from `cache_dir` when the same model
+    (model_id: what identifies its weights) saw the same files (names, sizes, times), else computed and saved there
+    atomically. -> names (relative paths), features, the cache file, whether it was read."""
+    listing = scan_folder(folder)
+    if not listing:
+        raise FileNotFoundError(f"--gallery {folder}: no image ({', '.join(IMAGE_SUFFIXES)}) in it or below it")
+    key = hashlib.sha256(json.dumps([model_id, str(Path(folder).resolve()), listing]).encode()).hexdigest()[:16]
+    cache = Path(cache_dir).expanduser() / f"{Path(folder).resolve().name}-{key}.pt"
+    names = [n for n, _, _ in listing]
+    if cache.is_file():
+        c = torch.load(cache, map_location="cpu", weights_only=True)
+        if c["names"] == names:
+            return names, c["features"], cache, True
+    view = SimpleNamespace(images=names, paths={n: Path(folder) / n for n in names}, split=Path(folder).name)
+    _, f_tar = encode_images(enc, ImageSource.files(view, transform))
+    features = F.normalize(f_tar.float(), dim=-1).cpu()
+    runtime.atomic_write(cache, dict(names=names, features=features, model=model_id))
+    return names, features, cache, False

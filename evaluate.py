@@ -35,11 +35,12 @@ import audit
 import data
 import runtime
 import toy
+import encode
+import triplets
 from encode import Encoder, ImageSource, check_finite, query_features
 from loss import drop_reference, rank_of, similarities
-from model import CIRModel, load_clip, make_transform
+from model import CIRModel, compose, load_clip, make_transform
 from runtime import EVAL_SPLIT
-from triplets import NOISE_KINDS
 
 CHUNK = 1024  # queries scored at once: memory is CHUNK x gallery floats
 
@@ -82,30 +83,37 @@ def _ranks(q, g, tgt, exclude=None, chunk=CHUNK):
 # -----------------------------------------------------------------------------
 # the three protocols
 
-def cirr_metrics(query_feats, gallery_feats, gallery_names, reference_names, target_names, members,
+def cirr_metrics(query_feats, gallery_feats, gallery_names, reference_names, target_names, members=None,
                  chunk=CHUNK):
     """CIRR recall (percent). query_feats (Q, D), gallery_feats (G, D); names are lists; members[i] is the
-    query's img_set.members (it contains the reference, which is removed here as in the official protocol)."""
+    query's img_set.members (it contains the reference, which is removed here as in the official protocol), or
+    members=None: no subsets, no Recall_subset. Subsets may differ in size (the triplet format's)."""
     index = {n: i for i, n in enumerate(gallery_names)}
     ref = _lookup(index, reference_names, "reference images")                 # (Q,)
     tgt = _lookup(index, target_names, "target images")                       # (Q,)
-    sub = [[index[m] for m in ms if m != r] for ms, r in zip(members, reference_names)]
-    if any(len(s) != len(sub[0]) for s in sub):
-        raise ValueError("every query needs the same number of subset members")
-    sub = torch.tensor(sub, dtype=torch.long)                                 # (Q, 5)
-    if not (sub == tgt[:, None]).any(1).all():
-        raise ValueError("a target image is missing from its query's subset members")
+    sub = None
+    if members is not None:
+        rows = [[index[m] for m in ms if m != r] for ms, r in zip(members, reference_names)]
+        width = max(map(len, rows))
+        sub = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)   # (Q, 5): CIRR's 5
+        if not (sub == tgt[:, None]).any(1).all():
+            raise ValueError("a target image is missing from its query's subset members")
     ranks, sub_ranks = [], []
     for s, sims in _ranked(query_feats, gallery_feats, ref, chunk):          # the reference removed
-        t, m = tgt[s:s + len(sims)].to(sims.device), sub[s:s + len(sims)].to(sims.device)
+        t = tgt[s:s + len(sims)].to(sims.device)
         ranks.append(rank_of(sims, t).cpu())
-        # Restricted ranking: the members' scores in gallery-index order keep the stable-sort tie rule.
-        m_sorted, _ = m.sort(dim=1)                                           # (C, 5)
-        pos = (m_sorted == t[:, None]).long().argmax(1)                       # target's column in the subset
-        sub_ranks.append(rank_of(sims.gather(1, m_sorted), pos).cpu())
-    ranks, sub_ranks = torch.cat(ranks), torch.cat(sub_ranks)
+        if sub is not None:
+            # Restricted ranking: the members' scores in gallery-index order keep the stable-sort tie rule;
+            # padding (-1, sorted first) scores -inf and so never ranks ahead of the target
+            m_sorted, _ = sub[s:s + len(sims)].to(sims.device).sort(dim=1)     # (C, 5)
+            scores = sims.gather(1, m_sorted.clamp(min=0)).masked_fill(m_sorted < 0, float("-inf"))
+            pos = (m_sorted == t[:, None]).long().argmax(1)                  # target's column in the subset
+            sub_ranks.append(rank_of(scores, pos).cpu())
+    ranks = torch.cat(ranks)
     out = {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in (1, 5, 10, 50)}
-    out.update({f"Rsubset@{k}": 100.0 * (sub_ranks < k).double().mean().item() for k in (1, 2, 3)})
+    if sub is not None:
+        sub_ranks = torch.cat(sub_ranks)
+        out.update({f"Rsubset@{k}": 100.0 * (sub_ranks < k).double().mean().item() for k in (1, 2, 3)})
     return out
 
 
@@ -141,17 +149,18 @@ def format_metrics(m):
 def eval_sets(s, split):
     """[(name, triplets)] of the settings s (dataset, data_root, categories, skip_missing): one for CIRR (and the
     toy) and for Shoes, one per FashionIQ category (its own gallery)."""
-    per = [("shoes" if s.dataset == "shoes" else "cirr", s)]
+    per = [(s.dataset if s.dataset in ("shoes", "triplets") else "cirr", s)]
     if s.dataset == "fashioniq":
         per = [(c, SimpleNamespace(**{**vars(s), "categories": (c,)})) for c in s.categories]
-    return [(name, runtime.dataset(c, split)) for name, c in per]
+    return [(name, data.dataset(c, split)) for name, c in per]
 
 
 def evaluate_sets(enc, sets, dataset, feats=None):
     """Validation metrics of the model on [(name, ImageSource, triplets)]. CIRR: R@K, Rsubset@K, avg =
     (R@5 + Rsubset@1)/2. FashionIQ: per category '<cat>_R@10', '<cat>_R@50', their means 'R@10', 'R@50', and avg.
-    Shoes: R@1, R@10, R@50 and avg = their mean. feats: an optional dict that receives each set's (query, gallery)
-    features, for reuse."""
+    Shoes: R@1, R@10, R@50 and avg = their mean. Your own triplets: CIRR's protocol over the images of the split
+    (Rsubset@K where every row has a subset), avg = the mean of R@1/5/10/50. feats: an optional dict that receives
+    each set's (query, gallery) features, for reuse."""
     out = {}
     for name, images, trips in sets:
         q, g = query_features(enc, images, trips)
@@ -163,15 +172,18 @@ def evaluate_sets(enc, sets, dataset, feats=None):
             out.update({f"{name}_{k}": v for k, v in m.items()})
         elif dataset == "shoes":
             out.update(shoes_metrics(q, g, trips.images, [t["reference"] for t in tr], [t["target"] for t in tr]))
-        else:
+        else:                                           # CIRR, the toy, your own triplets (subsets where given)
+            members = [t["members"] for t in tr] if all(t["members"] for t in tr) else None
             out.update(cirr_metrics(q, g, trips.images, [t["reference"] for t in tr], [t["target"] for t in tr],
-                                    [t["members"] for t in tr]))
+                                    members))
     if dataset == "fashioniq":
         for k in ("R@10", "R@50"):
             out[k] = sum(out[f"{n}_{k}"] for n, _, _ in sets) / len(sets)
         out["avg"] = (out["R@10"] + out["R@50"]) / 2
     elif dataset == "shoes":
         out["avg"] = (out["R@1"] + out["R@10"] + out["R@50"]) / 3
+    elif dataset == "triplets":
+        out["avg"] = sum(out[f"R@{k}"] for k in (1, 5, 10, 50)) / 4
     else:
         out["avg"] = (out["R@5"] + out["Rsubset@1"]) / 2
     return out
@@ -261,11 +273,27 @@ def main(argv=None):
                    "finds suspicious, and why (audit.jsonl, audit.png; --split to audit another split)")
     p.add_argument("--noise", type=float, default=None,
                    help="--audit: injected noise (default: the run's; zero-shot: the training default's)")
-    p.add_argument("--noise-kind", default=None, help="--audit: " + ", ".join(NOISE_KINDS))
+    p.add_argument("--noise-kind", default=None, help="--audit: " + ", ".join(triplets.NOISE_KINDS))
+    p.add_argument("--clean-below", type=float, default=0.5, help="--audit of your own triplets: clean.jsonl leaves "
+                   "out the triplets whose w is below this (removed.jsonl lists them)")
     p.add_argument("--out", default=None, help="metrics JSON file (default next to the checkpoint; zero-shot: "
                    "none unless given); with --audit the folder for its files (default: the run folder)")
+    p.add_argument("--query", default=None, help="your own query: a reference image (with --text, --gallery)")
+    p.add_argument("--text", default=None, help="--query: the modification text")
+    p.add_argument("--queries", default=None, help="many queries: a .jsonl of {reference, text, target?}, image "
+                   "paths relative to its folder (with --gallery)")
+    p.add_argument("--gallery", default=None, help="--query: a folder of images (any depth) to search")
+    p.add_argument("--top", type=int, default=5, help="--query: hits to show")
+    p.add_argument("--cache-dir", default="~/.cache/ncl-cir/galleries", help="--query: where the gallery's "
+                   "features are kept (reused while the folder and the model are unchanged; delete to recompute)")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.clip and a.checkpoint:
+        raise SystemExit("error: --clip (zero-shot CLIP) and --checkpoint (a trained run) name two models; pass one")
+    if a.query or a.queries:
+        return query(a, device)
+    if not 0 < a.clean_below <= 1:
+        raise SystemExit(f"error: --clean-below {a.clean_below}: a clean probability, in (0, 1]")
     if a.audit and a.submission:
         raise SystemExit("error: --audit lists a split's suspect triplets, --submission writes "
                          "CIRR's test-server files: run them one at a time")
@@ -302,7 +330,7 @@ def main(argv=None):
     if a.audit:
         s = audit.audit_settings(run_args, dataset, root, noise=a.noise, noise_kind=a.noise_kind,
                                  categories=categories, skip_missing=a.skip_missing or None,
-                                 transform=transform_name)
+                                 transform=transform_name, clean_below=a.clean_below)
         if not (a.out or path):
             raise SystemExit("error: a zero-shot --audit needs --out DIR, the folder for audit.jsonl and audit.png")
         return audit.audit(enc, s, ckpt, a.split or "train", Path(a.out) if a.out else path.parent)
@@ -353,6 +381,73 @@ def main(argv=None):
         query_grid(rows, grid)
         print(f"query grid written to {grid}")
     return metrics
+
+
+# -----------------------------------------------------------------------------
+# your own query: a reference image and a text against a folder of images
+
+def query(a, device):
+    """python evaluate.py --query IMAGE --text TEXT --gallery DIR (or --queries FILE): the model's top hits in the
+    folder, best first, one line each with the image's path last, and a picture (--out, default query.png). The
+    query image itself, if it is in the folder, is not returned. Bad input stops before any model runs."""
+    if not a.gallery or not Path(a.gallery).expanduser().is_dir():
+        raise SystemExit(f"error: --gallery {a.gallery}: no such folder; pass the folder of images to search")
+    if a.query and not (a.text or "").strip():
+        raise SystemExit("error: --query needs --text, the modification text")
+    if a.queries:
+        root = Path(a.queries).expanduser().parent
+        qs = [(root / str(row.get("reference", "")), str(row.get("text", "")).strip(),
+               root / str(row["target"]) if row.get("target") else None) for _, row in triplets.read_rows(a.queries)]
+    else:
+        qs = [(Path(a.query).expanduser(), a.text.strip(), None)]
+    for ref, text, _ in qs:                      # every query image readable and every text given, before the model
+        triplets.load_image(ref)
+        if not text:
+            raise SystemExit(f"error: {a.queries}: a query without a text ({ref})")
+    gallery = Path(a.gallery).expanduser()
+    if not encode.scan_folder(gallery):
+        raise SystemExit(f"error: --gallery {gallery}: no image ({', '.join(encode.IMAGE_SUFFIXES)}) in it or below it")
+    if a.clip:
+        model, source = CIRModel(load_clip(a.clip, device="cpu")[0], wcb=False), Path(a.clip)
+        run_args = {}
+    else:
+        source = Path(a.checkpoint) if a.checkpoint else latest_best()
+        ckpt = runtime.load_checkpoint(source)
+        model, run_args = runtime.build_model(ckpt), ckpt["args"]
+    model = model.to(device).eval()
+    transform_name = a.transform or run_args.get("transform", "clip")
+    transform = make_transform(transform_name, model.clip.image_resolution)
+    st = source.stat() if source.is_file() else None     # the model: its file (name, size, time) or released name
+    model_id = [str(source.resolve()) if st else str(source), st and st.st_size, st and st.st_mtime_ns,
+                transform_name, model.clip.image_resolution]
+    enc = Encoder(model, a.batch_size, device, a.workers)
+    names, g, cache, hit = encode.folder_features(enc, gallery, transform, model_id, a.cache_dir)
+    print(f"gallery {gallery}: {len(names):,} images, features {'read from' if hit else 'computed and kept in'} {cache} "
+          "(delete it to recompute)")
+    index = {str((gallery / n).resolve()): i for i, n in enumerate(names)}
+    with torch.no_grad():
+        images = torch.stack([transform(triplets.load_image(ref)) for ref, _, _ in qs]).to(device)
+        f_ref, _ = model.image_features(model.image_tokens(images), "ref")
+        q = compose(encode.encode_texts(enc, [t for _, t, _ in qs]), f_ref.float())
+    exclude = torch.tensor([index.get(str(ref.resolve()), -1) for ref, _, _ in qs])   # the query image itself
+    top = topk(q, g, a.top, exclude=exclude)
+    hits, shown = 0, []
+    for (ref, text, target), row in zip(qs, top.tolist()):
+        sims = (F.normalize(q[len(shown)], dim=-1) @ g[row].T).tolist()
+        print(f"query {ref}: {text!r}")
+        for k, (j, sim) in enumerate(zip(row, sims), start=1):
+            print(f"  {k:>3}  {sim:.4f}  {gallery / names[j]}")
+        found = target is not None and str(target.resolve()) in {str((gallery / names[j]).resolve()) for j in row}
+        hits += found
+        shown.append((ref, text, [(gallery / names[j], target is not None and str((gallery / names[j]).resolve()) ==
+                                   str(target.resolve())) for j in row]))
+    n_targets = sum(t is not None for _, _, t in qs)
+    if n_targets:
+        print(f"target within the top {a.top}: {hits} of {n_targets} queries ({100 * hits / n_targets:.1f}%)")
+    out = Path(a.out or "query.png")
+    query_grid(shown[:8], out)
+    print(f"picture written to {out}")
+    return dict(hits=hits, queries=len(qs), with_target=n_targets, top=top, names=names)
 
 
 # -----------------------------------------------------------------------------

@@ -94,10 +94,8 @@ class CIRModel(nn.Module):
 
     @staticmethod
     def _head(wcb, x, mask, g):
-        if wcb is None:
-            return g, g.new_zeros(())
-        f, penalty, _ = wcb(x, mask, g)
-        return f, penalty
+        """The WCB head's compensated feature and penalty, or (without the WCB) the global token g and 0."""
+        return (g, g.new_zeros(())) if wcb is None else wcb(x, mask, g)[:2]
 
 
 # ----------------------------------------------------------------------------------------------------------------

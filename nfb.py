@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from loss import gallery_nce, text_nce
+from model import compose
 
 MAX_ITER, TOL, REG_COVAR = 10, 1e-2, 5e-4
 MIN_SAMPLES = 10
@@ -151,15 +152,13 @@ def second_mode(losses, x, fit):
                 Gaussians (excess ~ 0); noise adds a mode the Gamma cannot follow (excess > 0)
       width     s1 / s0, the noisy component's std over the clean one's: label noise adds a *wide* mode (a wrong
                 target lands anywhere in the ranking), while a clean distribution that grows a second hump with
-                training (hard against easy edits) splits into two components of about the same width
-      ashman_d  sqrt(2)|mu1 - mu0| / sqrt(s0^2 + s1^2) of the two components (> 2: clearly apart)."""
+                training (hard against easy edits) splits into two components of about the same width"""
     x = x.detach().reshape(-1).double().cpu()
     m, sd, pi = fit["means"], fit["stds"], fit["weights"]
-    d = math.sqrt(2) * abs(m[1] - m[0]).item() / math.sqrt((sd ** 2).sum().item())
     lp = -0.5 * (math.log(2 * math.pi) + (sd ** 2).log() + (x[:, None] - m) ** 2 / sd ** 2) + pi.log()  # (N, 2)
     span = (losses.max() - losses.min()).double().item()                 # density on x -> density on losses
     ll_gmm = lp.logsumexp(1).mean().item() - math.log(span)
-    return dict(excess=ll_gmm - gamma_loglik(losses.cpu()), width=(sd[1] / sd[0]).item(), ashman_d=d)
+    return dict(excess=ll_gmm - gamma_loglik(losses.cpu()), width=(sd[1] / sd[0]).item())
 
 
 def is_noise(mode, gate, width):
@@ -176,7 +175,7 @@ def decide(losses, backend="sklearn", gate=0.0, width=0.0):
     x = minmax(losses)
     fit = fit_gmm(x, backend)
     fitted = math.isfinite(fit["means"][0])
-    mode = second_mode(losses, x, fit) if fitted else dict(excess=math.nan, width=math.nan, ashman_d=math.nan)
+    mode = second_mode(losses, x, fit) if fitted else dict(excess=math.nan, width=math.nan)
     gated = not is_noise(mode, gate, width)                              # no noise-like mode: every w = 1
     w = torch.ones(x.numel(), device=losses.device) if gated else fit["clean"].to(losses.device)
     return dict(w=w, x=x, fit=fit, mode=dict(mode, gated=gated))
@@ -229,8 +228,7 @@ def pair_views(pf, names, tau, text_temp=0.25, inverted=True):
       change  the text against the visual change normalize(t_i - normalize(f_ref_i)): -log softmax over the texts
       subset  near misses: -log softmax of the target among the pair's subset (CIRR's img_set), the same q_i
       gain    how much the text helps: l^gallery of q_i minus that of the reference alone, normalize(f_ref_i)"""
-    f_txt = pf.f_txt[pf.text_idx.to(pf.f_txt.device)]                                   # (n, D)
-    q = F.normalize(f_txt + pf.f_ref, dim=-1)                                            # (n, D)
+    q = compose(pf.f_txt[pf.text_idx.to(pf.f_txt.device)], pf.f_ref)                    # (n, D) the queries
     t = pf.gallery[pf.tgt_idx.to(pf.gallery.device)]                                     # (n, D)
     out = {}
     for name in names:
@@ -374,13 +372,13 @@ class NoiseFilter:
     def state_dict(self):
         """Plain tensors and python types only: torch.load(weights_only=True) reads it back."""
         return dict(n=self.n, warmup_epochs=self.warmup_epochs, backend=self.backend, gate=self.gate,
-                    width=self.width, views=list(self.views), gate_by=self.gate_by, weights=self.weights.cpu(), noisy_gt=self.noisy_gt, gt_field=self.gt_field,
-                    history=list(self.history))
+                    width=self.width, views=list(self.views), gate_by=self.gate_by, weights=self.weights.cpu(),
+                    noisy_gt=self.noisy_gt, gt_field=self.gt_field, history=list(self.history))
 
     def load_state_dict(self, sd):
         if sd["n"] != self.n:
             raise ValueError(f"nfb.py: checkpoint has a noise filter for {sd['n']} pairs, this run has {self.n}")
         self.warmup_epochs, self.backend = sd["warmup_epochs"], sd["backend"]
         self.weights, self.noisy_gt, self.history = sd["weights"].float(), sd["noisy_gt"], list(sd["history"])
-        self.gate, self.width, self.gt_field = sd.get("gate", 0.0), sd.get("width", 0.0), sd.get("gt_field")
-        self.views, self.gate_by = tuple(sd.get("views", ("query",))), sd.get("gate_by", "first")
+        self.gate, self.width, self.gt_field = sd["gate"], sd["width"], sd["gt_field"]
+        self.views, self.gate_by = tuple(sd["views"]), sd["gate_by"]

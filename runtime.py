@@ -4,8 +4,7 @@ checkpoints that survive a kill, logs a script reads.
   settings     PRESETS per dataset, the flags of train.py (parser), settings (resolved and checked in one
                place, before any data or model: the command line, then a resumed run's own, then SPN stage 2's
                and the dataset's presets), defaults (a dataset's settings with nothing given), EVAL_SPLIT (the
-               split that validation and evaluate.py use), dataset (the split the settings name), same_triplets
-               (do two runs train on the same triplets?)
+               split that validation and evaluate.py use), same_triplets (do two runs train on the same triplets?)
   processes    setup_distributed (plain python, or torchrun: NCCL on GPUs, Gloo on CPUs), gather_with_grad
                (the global batch's targets for every rank's queries), gather_rows, merge_losses (the NFB's
                per-pair losses of all ranks, so every rank fits the same GMM)
@@ -31,7 +30,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data
 import triplets
 from loss import SOFT_FORMS
 from model import TINY_CONFIGS, CIRModel, available_models, build_clip
@@ -48,23 +46,28 @@ REAL = dict(clip="RN50x4", epochs=10, batch_size=128, lr=2e-6, lr_wcb=1e-4, wd=0
 PRESETS = {
     "toy": dict(clip="tiny", epochs=7, batch_size=128, lr=1e-3, lr_wcb=1e-3, wd=0.05, tau=0.05, noise=0.3,
                 transform="clip", warmup_epochs=1, lr_warmup=0.05, cache_images=True, group_batches=True),
-    "cirr": REAL, "fashioniq": REAL, "shoes": REAL,
+    "cirr": REAL, "fashioniq": REAL, "shoes": REAL, "triplets": REAL,
 }
 RUN = dict(amp="auto", workers=2)  # not tied to a dataset; on --resume the run's own values unless given again
 # SPN stage 2: SPN's settings for CLIP4Cir on real data; the toy's CLIP is trained from scratch
 STAGE2 = {"toy": dict(epochs=3, lr=1e-4, lr_wcb=1e-4), "cirr": dict(epochs=3, lr=2e-5, tau=0.02)}
-STAGE2.update(fashioniq=STAGE2["cirr"], shoes=STAGE2["cirr"])
+STAGE2.update(fashioniq=STAGE2["cirr"], shoes=STAGE2["cirr"], triplets=STAGE2["cirr"])
 # The split that validation during training and evaluate.py use: Shoes has no val split, and its papers (and so
 # this project) validate on test.
-EVAL_SPLIT = {"toy": "val", "cirr": "val", "fashioniq": "val", "shoes": "test"}
+EVAL_SPLIT = {"toy": "val", "cirr": "val", "fashioniq": "val", "shoes": "test", "triplets": "val"}
 # what makes a run's training triplets: two runs with these equal train on the same triplets
-TRIPLETS = ("dataset", "categories", "noise", "noise_kind", "seed", "skip_missing", "extra_triplets")
+TRIPLETS = ("dataset", "categories", "noise", "noise_kind", "seed", "skip_missing", "extra_triplets", "train_file")
 
 
 def parser(description=None):
     p = ArgumentParser(description)
     p.add_argument("--dataset", default="toy", choices=list(PRESETS))
-    p.add_argument("--data-root", default=None, help="dataset folder (toy: generated there if missing)")
+    p.add_argument("--data-root", default=None, help="dataset folder (toy: generated there if missing; triplets: "
+                   "the folder of train.jsonl, val.jsonl)")
+    p.add_argument("--train-file", default=None, help="--dataset triplets: another training file than "
+                   "<data-root>/train.jsonl, e.g. an audit's clean.jsonl (image paths relative to --data-root)")
+    p.add_argument("--preset", default=None, choices=list(PRESETS), help="take another dataset's presets (e.g. "
+                   "--dataset triplets --preset toy: the toy's tiny CLIP and schedule)")
     p.add_argument("--categories", nargs="+", default=["dress", "shirt", "toptee"], help="FashionIQ categories")
     p.add_argument("--clip", default=None, help="OpenAI model name, a checkpoint path, or a tiny config")
     p.add_argument("--encoder", default="both", choices=["both", "text"],
@@ -164,7 +167,8 @@ def defaults(dataset):
 
 def resolve(args):
     """Fill what the command line left open from stage 2's and the dataset's presets."""
-    presets = dict(PRESETS[args.dataset], **RUN, **(STAGE2[args.dataset] if args.stage == 2 else {}))
+    preset = args.preset or args.dataset
+    presets = dict(PRESETS[preset], **RUN, **(STAGE2[preset] if args.stage == 2 else {}))
     for k, v in presets.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -203,9 +207,12 @@ def check(args, p):
          f"--data-root {args.data_root}: " + ("a file, not a folder" if args.data_root and
                                               Path(args.data_root).expanduser().exists() else "no such folder")
          + f"; point it at the {args.dataset} dataset folder"),
-        (not args.oracle or args.noise or args.dataset == "toy",
+        (not args.oracle or args.noise or args.dataset in ("toy", "triplets"),
          f"--oracle trains on the triplets known to be clean, and without injected noise (--noise > 0) nothing "
          f"about {args.dataset}'s triplets is known; add --noise"),
+        (not args.train_file or args.dataset == "triplets" and Path(args.train_file).expanduser().is_file(),
+         f"--train-file {args.train_file}: " + ("no such file" if args.dataset == "triplets" else
+                                                "only with --dataset triplets") + "; pass an audit's clean.jsonl"),
         (args.init or args.clip in TINY_CONFIGS or args.clip in available_models() or Path(args.clip).is_file(),
          f"--clip {args.clip}: not a released model ({', '.join(available_models())}) nor a file"),
     ]
@@ -213,7 +220,7 @@ def check(args, p):
         if not ok:
             p.error(message)
     try:
-        triplets.check_noise(noise_of(args), has_subsets=args.dataset in ("cirr", "toy"))
+        triplets.check_noise(noise_of(args), has_subsets=args.dataset in ("cirr", "toy", "triplets"))
     except ValueError as e:
         p.error(str(e))
     if not args.no_nfb and args.warmup_epochs >= args.epochs and int(os.environ.get("RANK", 0)) == 0:
@@ -223,20 +230,6 @@ def check(args, p):
 
 def noise_of(args):
     return triplets.Noise(args.noise, args.noise_kind, args.seed)
-
-
-def dataset(s, split):
-    """The split of the dataset the settings s name (s.dataset, data_root, categories, skip_missing; for the training
-    split also noise, noise_kind, seed, extra_triplets): CIRR (and the toy, written in CIRR's layout), FashionIQ or
-    Shoes."""
-    kw = dict(skip_missing=s.skip_missing)
-    if split == "train":
-        kw.update(noise=noise_of(s), extra_triplets=s.extra_triplets)
-    if s.dataset == "fashioniq":
-        return data.FashionIQ(s.data_root, s.categories, split, **kw)
-    if s.dataset == "shoes":
-        return data.Shoes(s.data_root, split, **kw)
-    return data.CIRR(s.data_root, split, **kw)
 
 
 def same_triplets(a, b):
@@ -319,6 +312,7 @@ def atomic_write(path, obj):
     """Write to a temp file in the same folder, then rename: a run killed mid-write leaves the old file intact (or
     none). obj: text (str), or anything torch.save takes (a checkpoint)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if isinstance(obj, str):
         tmp.write_text(obj)

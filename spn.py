@@ -147,7 +147,7 @@ def main(argv=None):
     preset = runtime.defaults(a.dataset)
     s = argparse.Namespace(**{**vars(preset), "data_root": root, "categories": a.categories, "noise": 0.0,
                               "skip_missing": a.skip_missing})
-    gallery = runtime.dataset(s, "train")
+    gallery = data.dataset(s, "train")
     transform = make_transform(transform_name or preset.transform, model.clip.image_resolution)
     if a.dataset == "fashioniq":
         pools = {c: gallery.category_images[c] for c in a.categories}  # pair garments of one category only

@@ -1277,14 +1277,14 @@ def _shoes_triplets(split, src=SHOES_ANN):
 
 
 def make_shoes(tmp, splits=("train", "test"), top="", ann_sub="", flat=False, drop=(), rows=None,
-               names=None, src=SHOES_ANN):
-    """A Shoes root under tmp: annotations in tmp/ann_sub (the real files of src, or `rows` / `names`
+               names=None):
+    """A Shoes root under tmp: annotations in tmp/ann_sub (the excerpt's files, or `rows` / `names`
     {split: [name]} written in their format), one tiny JPEG hard-linked under every image name of
     `splits` but `drop`: tmp/top/womens_<category>/<0|1>/<name> as the archive unpacks, or flat."""
     ann = tmp / ann_sub
     ann.mkdir(parents=True, exist_ok=True)
-    rows = _shoes_rows(src) if rows is None else rows
-    names = names or {s: _shoes_names(s, src) for s in data.SHOES_SPLITS}
+    rows = _shoes_rows() if rows is None else rows
+    names = names or {s: _shoes_names(s) for s in data.SHOES_SPLITS}
     (ann / "relative_captions_shoes.json").write_text(json.dumps(rows))
     for s, f in data.SHOES_SPLIT_FILES.items():
         (ann / f).write_text("\n".join(names[s]) + "\n")
@@ -1308,7 +1308,7 @@ def test_shoes_real_counts(ann, tmp_path, capsys):
     plain filter of the real file here), 27 self-pairs (26 + 1), no exact repeat, every name a file;
     the excerpt: the same filter."""
     src = ann / "shoes"
-    shoes_root = make_shoes(tmp_path, src=src)
+    shoes_root = make_shoes(tmp_path, rows=_shoes_rows(src), names={s: _shoes_names(s, src) for s in data.SHOES_SPLITS})
     rows = _shoes_rows(src)
     keys = [(r["ReferenceImageName"], r["ImageName"], r["RelativeCaption"]) for r in rows]
     assert len(set(keys)) == len(rows) == (10751 if is_full(src) else len(rows))
@@ -1518,19 +1518,119 @@ def test_dataset_of_a_runs_settings(toy_root, fiq_root, shoes_root):
     only."""
     s = SimpleNamespace(dataset="toy", data_root=toy_root, categories=CATS, skip_missing=False,
                         noise=0.2, noise_kind="text", seed=1, extra_triplets=None)
-    train_set = runtime.dataset(s, "train")
+    train_set = data.dataset(s, "train")
     want = data.CIRR(toy_root, "train", noise=triplets.Noise(0.2, "text", 1))
     assert train_set.triplets == want.triplets and torch.equal(train_set.noisy, want.noisy)
     assert train_set[0] == want[0] and train_set.images == want.images
     # evaluation splits carry no noise
-    val = runtime.dataset(s, "val")
+    val = data.dataset(s, "val")
     assert val.triplets == data.CIRR(toy_root, "val").triplets
     s.dataset, s.data_root, s.categories = "fashioniq", fiq_root, ("dress", "shirt")
-    fiq = runtime.dataset(s, "val")
+    fiq = data.dataset(s, "val")
     want = data.FashionIQ(fiq_root, ("dress", "shirt"), "val")
     assert fiq.triplets == want.triplets
     s.dataset, s.data_root = "shoes", shoes_root
-    assert runtime.dataset(s, "test").images == _shoes_names("test")
+    assert data.dataset(s, "test").images == _shoes_names("test")
+
+
+# ---- triplets.Triplets: your own triplets --------------------------------------------------------
+
+def _own_triplets(tmp, rows, name="train.jsonl"):
+    """A folder of the triplet format: the rows as JSON lines (or CSV), a tiny PNG under every image path they
+    name."""
+    png = _tiny_png(tmp)
+    names = {r[k] for r in rows for k in ("reference", "target") if r.get(k)}
+    for n in names | {m for r in rows for m in r.get("subset") or ()}:
+        if not (tmp / n).exists():
+            _link(png, tmp / n)
+    if name.endswith(".csv"):
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        lines = [",".join(keys)] + [",".join("|".join(v) if isinstance(v, list) else str(v)
+                                             for v in (r.get(k, "") for k in keys)) for r in rows]
+        (tmp / name).write_text("\n".join(lines) + "\n")
+    else:
+        (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp
+
+
+def test_triplet_format_reads_its_rows(tmp_path, capsys):
+    """Rows in, triplets out: images relative to the folder (any depth), the gallery in order of first use,
+    subsets, ids, known noise (true: a replaced target; or the field), other keys kept; a repeated row kept once and
+    a row whose reference is its target kept, both counted; CSV reads the same."""
+    rows = [dict(reference="a/1.png", text="make it red", target="b/2.png", subset=["b/2.png", "c/3.png"], id="q1",
+                 source="crowd"),
+            dict(reference="c/3.png", text=" remove the dog ", target="a/1.png", noisy=True),
+            dict(reference="b/2.png", text="same", target="b/2.png", noisy="text"),
+            dict(reference="a/1.png", text="make it red", target="b/2.png", subset=["b/2.png", "c/3.png"], id="q9")]
+    root = _own_triplets(tmp_path / "own", rows)
+    ds = triplets.Triplets(root, "train")
+    out = capsys.readouterr().out
+    assert "3 triplets (1 with reference = target) over 3 images; 1 repeated rows kept once" in out
+    assert ds.images == ["a/1.png", "b/2.png", "c/3.png"] and ds.paths["c/3.png"] == root / "c/3.png"
+    assert [(t["reference"], t["text"], t["target"]) for t in ds.triplets] == [
+        ("a/1.png", "make it red", "b/2.png"), ("c/3.png", "remove the dog", "a/1.png"), ("b/2.png", "same", "b/2.png")]
+    assert [t["pairid"] for t in ds.triplets] == ["q1", 2, 3] and ds.triplets[0]["row"] == dict(source="crowd")
+    assert ds.triplets[0]["members"] == ["b/2.png", "c/3.png"] and ds.triplets[1]["members"] is None
+    assert ds.noise_field.tolist() == [0, 3, 2] and ds.noisy.tolist() == [False, True, True]
+    assert ds[1] == (2, "remove the dog", 0, 1) and (ds.n_self_pairs, ds.n_repeated) == (1, 1)
+    assert triplets.as_row(ds.triplets[0]) == dict(reference="a/1.png", text="make it red", target="b/2.png",
+                                                   subset=["b/2.png", "c/3.png"], id="q1", source="crowd")
+    csv_root = _own_triplets(tmp_path / "csv", rows[:3], name="val.csv")
+    val = triplets.Triplets(csv_root, "val")
+    assert [t["text"] for t in val.triplets] == [t["text"] for t in ds.triplets]
+    assert val.triplets[0]["members"] == ["b/2.png", "c/3.png"] and val.noise_field.tolist() == [0, 3, 2]
+
+
+def test_triplet_format_bad_rows_are_one_line_naming_file_row_and_key(tmp_path):
+    good = dict(reference="a.png", text="make it red", target="b.png")
+    cases = [
+        ({**good, "target": None}, "row 2: no 'target'"),
+        ({k: v for k, v in good.items() if k != "text"}, "row 2: no 'text'"),
+        ({**good, "text": "  "}, "row 2: an empty 'text'"),
+        ({**good, "reference": "gone.png"}, "row 2, key 'reference': gone.png does not exist"),
+        ({**good, "subset": "a.png|c.png"}, "row 2, key 'subset': the subset does not hold the target b.png"),
+        ({**good, "noisy": "maybe"}, "row 2, key 'noisy': 'maybe'"),
+    ]
+    for k, (bad, expect) in enumerate(cases):
+        root = _own_triplets(tmp_path / str(k), [good, {**good, "reference": "c.png", "target": "a.png"}])
+        (root / "val.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            triplets.Triplets(root, "val")
+        msg = str(e.value)
+        assert msg.startswith(str(root / "val.jsonl")) and expect in msg and "\n" not in msg, (bad, msg)
+    root = _own_triplets(tmp_path / "more", [good])
+    (root / "train.jsonl").write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"train.jsonl row 2: not a JSON object"):
+        triplets.Triplets(root, "train")
+    with pytest.raises(FileNotFoundError, match="no val.jsonl or val.csv in"):
+        triplets.Triplets(root, "val")
+    (root / "train.jsonl").write_text(json.dumps({**good, "reference": "gone.png"}) + "\n" + json.dumps(good) + "\n")
+    kept = triplets.Triplets(root, "train", skip_missing=True)             # the triplet that uses it is dropped
+    assert [t["reference"] for t in kept.triplets] == ["a.png"]
+
+
+def test_converted_excerpts_equal_the_loaders_triplets(tmp_path, cirr_root, fiq_root, shoes_root):
+    """python data.py convert: CIRR, FashionIQ and Shoes excerpts in the triplet format read back as the original
+    loaders' triplets (images by path), subsets and FashionIQ's categories included."""
+    cases = [("cirr", cirr_root, "val", "val"), ("fashioniq", fiq_root, "val", "val"),
+             ("shoes", shoes_root, "test", "val")]
+    for dataset, root, split, name in cases:
+        s = SimpleNamespace(dataset=dataset, data_root=root, categories=list(CATS), skip_missing=False, noise=0.0,
+                            noise_kind="shuffle", seed=0, extra_triplets=None, train_file=None)
+        want = data.dataset(s, split)
+        out = tmp_path / dataset
+        written = data.convert(s, out, splits=(split,))        # the excerpts' val (Shoes: test) splits
+        got = triplets.Triplets(out, name)
+        path = lambda n: str((out / n).resolve())
+        assert [(path(t["reference"]), t["text"], path(t["target"])) for t in got.triplets] == [
+            (str(want.paths[t["reference"]].resolve()), t["text"], str(want.paths[t["target"]].resolve()))
+            for t in want.triplets], dataset
+        assert written[name] == len(want)
+        if dataset == "cirr":
+            assert [[path(m) for m in t["members"]] for t in got.triplets] == [
+                [str(want.paths[m].resolve()) for m in t["members"]] for t in want.triplets]
+        if dataset == "fashioniq":
+            assert [t["category"] for t in got.triplets] == [t["category"] for t in want.triplets]
 
 
 # ---- noise injection -----------------------------------------------------------------------------
@@ -1835,6 +1935,9 @@ def _settings_errors(toy_dir):
         (["--nfb-views", "text", "query", *toy_args], "--nfb-views text query: list each view once, query first"),
         (["--nfb-views", "query", "text", "text", *toy_args], "--nfb-views query text text"),
         (["--nfb-text-temp", "0", *toy_args], "--nfb-text-temp 0.0"),
+        (["--train-file", "clean.jsonl", *toy_args], "--train-file clean.jsonl: only with --dataset triplets"),
+        (["--dataset", "triplets", "--data-root", str(toy_dir.parent), "--train-file", "nope.jsonl"],
+         "--train-file nope.jsonl: no such file"),
         (["--noise", "1.5", *toy_args], "--noise 1.5"),
         (["--noise-kind", "swap", *toy_args], "--noise-kind 'swap'"),
         (["--wcb-maps", "1", *toy_args], "--wcb-maps 1"),
@@ -2272,6 +2375,13 @@ def test_metrics_against_loop(seed):
     fiq = fashioniq_metrics(q, g, names, tgts, chunk=9)
     loop = _loop_metrics(q, g, names, ["none"] * Q, tgts, members)
     assert fiq == pytest.approx({"R@10": loop["R@10"], "R@50": loop["R@50"]}, abs=1e-9)
+    # your own triplets: subsets of different sizes (2 to 6 images), and none at all (no Recall_subset)
+    ragged = [m[:rng.randint(2, 6)] for m in members]
+    ragged = [m if tgt in m else m + [tgt] for m, tgt in zip(ragged, tgts)]
+    assert cirr_metrics(q, g, names, refs, tgts, ragged, chunk=7) == pytest.approx(
+        _loop_metrics(q, g, names, refs, tgts, ragged), abs=1e-9)
+    plain = cirr_metrics(q, g, names, refs, tgts, None, chunk=7)
+    assert plain == pytest.approx({k: v for k, v in ref.items() if k.startswith("R@")}, abs=1e-9)
 
 
 def test_shoes_metrics_hand_made():
@@ -2630,6 +2740,82 @@ def test_audit_fashioniq_and_shoes_identifiers(micro_clip, tmp_path):
     for r in rows:
         raw = shoes_rows[r["row"]]
         assert (r["reference"], r["target"], r["text"]) == (*_pair(raw), raw["RelativeCaption"].strip())
+
+
+def test_e2e_own_triplets_train_audit_clean_and_train_on_the_cleaned_copy(toy_root, micro_clip, tmp_path, capsys):
+    """The toy in the triplet format with 30% shuffle noise written into its training file (data.py convert
+    --noise): train on it, audit it (clean.jsonl without the triplets of w < 0.5, removed.jsonl with their scores,
+    the command that trains on the cleaned copy), then train on clean.jsonl with --train-file."""
+    own = tmp_path / "own"
+    data.main(["convert", "--dataset", "toy", "--data-root", str(toy_root), "--out", str(own), "--noise", "0.3"])
+    assert "train.jsonl (160 rows), val.jsonl (40 rows), test.jsonl (40 rows)" in capsys.readouterr().out
+    ds = triplets.Triplets(own, "train")
+    shuffled = data.CIRR(toy_root, "train", noise=triplets.Noise(0.3))
+    assert torch.equal(ds.noise_field, shuffled.noise_field)              # the truth travels in the file
+    common = ["--dataset", "triplets", "--data-root", str(own), "--preset", "toy", "--clip", str(micro_clip),
+              "--batch-size", "32", "--workers", "0", "--noise", "0", "--lr", "2e-3", "--lr-wcb", "2e-3"]
+    out = train.main(common + ["--epochs", "3", "--out", str(tmp_path / "run")])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert set(log[-1]["metrics"]) == {"R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3", "avg"}
+    assert log[-1]["score"] == pytest.approx(sum(log[-1]["metrics"][f"R@{k}"] for k in (1, 5, 10, 50)) / 4)
+    capsys.readouterr()
+    s = evaluate.main(["--audit", "--checkpoint", str(out / "last.pt"), "--workers", "0"])
+    printed = capsys.readouterr().out
+    kept = [json.loads(line) for line in (out / "clean.jsonl").read_text().splitlines()]
+    removed = [json.loads(line) for line in (out / "removed.jsonl").read_text().splitlines()]
+    rows = {r["index"]: r for r in _audit_rows(out)}
+    assert len(kept) + len(removed) == 160 == s["kept"] + s["removed"] and s["removed"] == s["flagged"]
+    assert all(r["w"] < 0.5 and set(r) >= {"reference", "text", "target", "w", "loss", "views", "flagged_by"}
+               for r in removed)
+    assert sorted(r["id"] for r in kept + removed) == sorted(t["pairid"] for t in ds.triplets)
+    assert all(rows[i]["w"] >= 0.5 for i, t in enumerate(ds.triplets) if t["pairid"] in {r["id"] for r in kept})
+    assert f"--train-file {out / 'clean.jsonl'} --preset toy" in printed
+    again = train.main(common + ["--epochs", "1", "--max-steps", "1", "--train-file", str(out / "clean.jsonl"),
+                                 "--no-nfb", "--out", str(tmp_path / "clean")])
+    assert json.loads((again / "args.json").read_text())["train_file"] == str(out / "clean.jsonl")
+    assert f"Triplets train: {out / 'clean.jsonl'}: {len(kept)} triplets" in capsys.readouterr().out
+
+
+def test_e2e_query_your_own_images(toy_root, micro_clip, tmp_path, capsys, monkeypatch):
+    """evaluate.py --query IMAGE --text TEXT --gallery DIR, zero-shot: one line per hit, best first, the path last;
+    the query image, which is in the gallery, is not returned; the gallery's features are computed once and read
+    back while the folder and the model are unchanged; a picture; --queries scores the targets it is given. Bad
+    input is one line before any model is loaded."""
+    gallery = toy_root / "dev"
+    ref = sorted(gallery.glob("*.png"))[0]
+    args = ["--clip", str(micro_clip), "--gallery", str(gallery), "--workers", "0", "--top", "4",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "q.png")]
+    res = evaluate.main(["--query", str(ref), "--text", "make the circle red", *args])
+    printed = capsys.readouterr().out.splitlines()
+    hits = [line.split() for line in printed if line.startswith("  ")]
+    assert len(hits) == 4 and [int(h[0]) for h in hits] == [1, 2, 3, 4]
+    assert all(Path(h[-1]).is_file() and Path(h[-1]) != ref for h in hits)
+    assert [float(h[1]) for h in hits] == sorted((float(h[1]) for h in hits), reverse=True)
+    assert "computed and kept in" in printed[0] and (tmp_path / "q.png").is_file()
+    cache = list((tmp_path / "cache").glob("*.pt"))
+    assert len(cache) == 1 and len(res["names"]) == len(list(gallery.glob("*.png")))
+    evaluate.main(["--query", str(ref), "--text", "make the circle red", *args])
+    assert "read from" in capsys.readouterr().out.splitlines()[0]
+    # many queries at once: the toy's val triplets, their targets known
+    rows = json.loads((toy_root / "captions/cap.rc2.val.json").read_text())[:6]
+    (tmp_path / "queries.jsonl").write_text("".join(json.dumps(dict(
+        reference=os.path.relpath(gallery / f"{r['reference']}.png", tmp_path), text=r["caption"],
+        target=os.path.relpath(gallery / f"{r['target_hard']}.png", tmp_path))) + "\n" for r in rows))
+    res = evaluate.main(["--queries", str(tmp_path / "queries.jsonl"), *args])
+    assert res["queries"] == res["with_target"] == 6 and 0 <= res["hits"] <= 6
+    assert f"target within the top 4: {res['hits']} of 6" in capsys.readouterr().out
+    # bad input: one line, and no model loaded
+    monkeypatch.setattr(evaluate, "load_clip", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.png").write_text("not an image")
+    for flags, expect in (
+            (["--query", str(ref), "--text", "x", "--gallery", str(tmp_path / "empty")], "no image"),
+            (["--query", str(ref), "--text", "x", "--gallery", str(tmp_path / "nowhere")], "no such folder"),
+            (["--query", str(ref), "--gallery", str(gallery)], "--query needs --text"),
+            (["--query", str(tmp_path / "notes.png"), "--text", "x", "--gallery", str(gallery)], "cannot read image")):
+        with pytest.raises((SystemExit, OSError)) as e:
+            evaluate.main([*flags, "--clip", str(micro_clip)])
+        assert expect in str(e.value) and "\n" not in str(e.value), (flags, str(e.value))
 
 
 def test_e2e_audit_bad_input_one_line_before_encoding(audit_run, toy_root, micro_clip, tmp_path,

@@ -24,12 +24,14 @@ TOY_CELLS = ("top left", "top middle", "top right", "middle left", "center", "mi
              "bottom middle", "bottom right")
 TOY_BACKGROUND = (40, 40, 40)
 TOY_IMAGE_SIZE = 64
-TOY_MAX_OBJECTS = 3
-TOY_GROUP_SIZE = 6         # subset members per group: the base scene + 5 one-edit neighbours
-TOY_N_TRAIN = 6000         # training triplets (1,200 groups, 7,200 images)
-TOY_N_VAL = 1335           # val queries (267 groups: a 1,602-image gallery)
-TOY_N_TEST = 1335          # test1 queries
-TOY_NOISE = 0.0            # fraction of training triplets whose target the generator replaces (ground truth kept)
+# the generator's sizes (make_toy's keywords) and their defaults
+TOY = dict(n_train=6000,       # training triplets (1,200 groups, 7,200 images)
+           n_val=1335,         # val queries (267 groups: a 1,602-image gallery)
+           n_test=1335,        # test1 queries
+           noise=0.0,          # fraction of training triplets whose target the generator replaces (truth kept)
+           image_size=TOY_IMAGE_SIZE,
+           max_objects=3,
+           group_size=6)       # subset members per group: the base scene + 5 one-edit neighbours
 TOY_VERSION = 1            # bump when the generator's output changes: ensure_toy then regenerates
 TOY_ROOT = Path(__file__).resolve().parent / "data" / "toy"  # data/ is git-ignored
 
@@ -156,11 +158,10 @@ def _make_groups(rng, n_groups, group_size, max_objects, used):
     return groups
 
 
-def make_toy(root, seed=0, n_train=TOY_N_TRAIN, n_val=TOY_N_VAL, n_test=TOY_N_TEST, noise=TOY_NOISE,
-             image_size=TOY_IMAGE_SIZE, max_objects=TOY_MAX_OBJECTS, group_size=TOY_GROUP_SIZE):
-    """Write the toy benchmark into `root` in CIRR's layout; deterministic from `seed` (same arguments ->
-    byte-identical files). n_*: number of triplets (queries) per split; noise: fraction of training triplets whose
-    target is replaced by a random other training image (ground truth kept). Returns Path(root).
+def make_toy(root, seed=0, **sizes):
+    """Write the toy benchmark into `root` in CIRR's layout; deterministic from `seed` and `sizes` (TOY's keywords:
+    same arguments -> byte-identical files). n_*: number of triplets (queries) per split; noise: fraction of training
+    triplets whose target is replaced by a random other training image (ground truth kept). Returns Path(root).
 
     A CSS-style (Vo et al., 2019) composed-retrieval set: a scene is 1-3 objects on a 3x3 grid, each object a
     (shape, colour, size, cell) with shape in {circle, square, triangle}, colour in {red, green, blue, yellow, purple,
@@ -192,6 +193,8 @@ def make_toy(root, seed=0, n_train=TOY_N_TRAIN, n_val=TOY_N_VAL, n_test=TOY_N_TE
         toy_test1_targets.json                      {pairid: target} (the toy's test answers, absent from CIRR)
         toy_params.json                             the generator's parameters (written last: marks a complete set)
     """
+    params = _toy_params(seed, sizes)
+    n_train, n_val, n_test, noise, image_size, max_objects, group_size = (params[k] for k in TOY)
     if not 1 <= max_objects <= len(TOY_CELLS) or group_size < 2:
         raise ValueError("make_toy: need 1 <= max_objects <= 9 and group_size >= 2")
     root = Path(root)
@@ -241,14 +244,16 @@ def make_toy(root, seed=0, n_train=TOY_N_TRAIN, n_val=TOY_N_VAL, n_test=TOY_N_TE
     _write_json(root / "scenes.json", {n: [dict(shape=o[0], color=o[1], size=o[2], cell=TOY_CELLS[o[3]]) for o in s]
                                        for n, s in all_scenes.items()})
     _write_json(root / "toy_test1_targets.json", test_targets)
-    _write_json(root / "toy_params.json", _toy_params(seed, n_train, n_val, n_test, noise, image_size, max_objects,
-                                                      group_size))
+    _write_json(root / "toy_params.json", params)
     return root
 
 
-def _toy_params(seed, n_train, n_val, n_test, noise, image_size, max_objects, group_size):
-    return dict(version=TOY_VERSION, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, noise=noise,
-                image_size=image_size, max_objects=max_objects, group_size=group_size)
+def _toy_params(seed, sizes):
+    """The generator's parameters (what toy_params.json records): TOY with `sizes` given."""
+    unknown = set(sizes) - set(TOY)
+    if unknown:
+        raise ValueError(f"make_toy: unknown sizes {sorted(unknown)}; the toy's are {', '.join(TOY)}")
+    return dict(version=TOY_VERSION, seed=seed, **{**TOY, **sizes})
 
 
 def _write_json(path, obj):
@@ -256,13 +261,12 @@ def _write_json(path, obj):
     path.write_text(json.dumps(obj))
 
 
-def ensure_toy(root=None, seed=0, n_train=TOY_N_TRAIN, n_val=TOY_N_VAL, n_test=TOY_N_TEST, noise=TOY_NOISE,
-               image_size=TOY_IMAGE_SIZE, max_objects=TOY_MAX_OBJECTS, group_size=TOY_GROUP_SIZE):
+def ensure_toy(root=None, seed=0, **sizes):
     """The toy benchmark at `root` (default: default_toy_root()), generated only if missing or made with other
     parameters. Generation goes to a temporary sibling folder renamed into place, so a crash leaves no half set.
     Refuses to replace a non-empty folder that is not a toy set. Returns the Path."""
     root = Path(root) if root is not None else default_toy_root()
-    params = _toy_params(seed, n_train, n_val, n_test, noise, image_size, max_objects, group_size)
+    params = _toy_params(seed, sizes)
     marker = root / "toy_params.json"
     if marker.is_file():
         try:
@@ -277,7 +281,7 @@ def ensure_toy(root=None, seed=0, n_train=TOY_N_TRAIN, n_val=TOY_N_VAL, n_test=T
     print(f"toy benchmark: generating in {root} ({params})", flush=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    make_toy(tmp, seed, n_train, n_val, n_test, noise, image_size, max_objects, group_size)
+    make_toy(tmp, seed, **sizes)
     if root.exists():
         shutil.rmtree(root)  # an older toy set (its marker was checked above)
     os.replace(tmp, root)

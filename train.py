@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import data
 import evaluate
 import runtime
 import toy
@@ -87,7 +88,10 @@ def build(args):
         if world > 1:
             dist.barrier()
         args.data_root = str(toy.toy_root(args.data_root))
-    train = runtime.dataset(args, "train")      # the annotations only: no image is read, no model loaded yet
+    train = data.dataset(args, "train")      # the annotations only: no image is read, no model loaded yet
+    if args.oracle and not train.noisy.any():
+        sys.exit(f"error: --oracle trains on the triplets known to be clean, and no training triplet is marked noisy "
+                 f"(the triplet format's 'noisy' key) nor corrupted (--noise); add --noise")
     if len(train) < args.batch_size:
         sys.exit(f"error: --batch-size {args.batch_size} is larger than the {len(train)} training triplets: an "
                  f"epoch would have no step; pass --batch-size {max(2, len(train) // 2)} or less")

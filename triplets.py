@@ -1,4 +1,5 @@
-"""A split of composed-retrieval triplets as a dataset, the ground truth of its noise, and injected noise.
+"""A split of composed-retrieval triplets as a dataset, the ground truth of its noise, injected noise, and the plain
+triplet format for your own data.
 
 - TripletDataset: what every dataset is (CIRR, FashionIQ, Shoes in data.py, the toy in CIRR's layout): .triplets,
   .images (the split's gallery), item i = (ref index, text, target index, i) on every split; images are read by
@@ -8,7 +9,12 @@
 - inject_noise: corrupt round(p*N) training triplets (Noise(ratio, kind, seed)): the field's "shuffle" protocol,
   a random wrong target, a wrong text, or a near-miss target from the query's own subset; the flags (.noisy, and
   which field: .noise_field) are the ground truth against which the noise filter's detection is scored.
+- Triplets: your own triplets, <root>/{train,val,test}.jsonl (or .csv), one row per triplet: reference, text,
+  target (image paths relative to <root>), optionally subset (a list of image paths: CIRR's img_set), id, noisy
+  (true, or the replaced field), any other key (kept, and carried into the audit).
 """
+import csv
+import io
 import json
 import os
 import random
@@ -209,9 +215,11 @@ class TripletDataset(Dataset):
         self.index = {n: i for i, n in enumerate(images)}
         self.paths = {n: paths[n] for n in images}
 
-        # Injected noise (training only), on top of any noise the data set stores itself (the toy's "noisy" key).
-        noisy = torch.tensor(stored_noisy, dtype=torch.bool)
-        field = noisy.long() * NOISE_FIELDS.index("target")       # the toy's own noise replaces targets
+        # Injected noise (training only), on top of any noise the data set stores itself (the toy's "noisy" key: a
+        # replaced target; the triplet format's: true or the replaced field's name)
+        field = torch.tensor([NOISE_FIELDS.index("target") if f is True else int(f) for f in stored_noisy],
+                             dtype=torch.long)
+        noisy = field > 0
         if noise is not None and noise.ratio:
             if not train:
                 raise ValueError(f"{name}: injected noise is for the training split, not {split!r}")
@@ -276,3 +284,128 @@ def subset_rows(ds):
             for t in ds.triplets]
     width = max(map(len, rows))
     return torch.tensor([[ds.index[m] for m in r] + [-1] * (width - len(r)) for r in rows])
+
+
+# -----------------------------------------------------------------------------
+# the plain triplet format: your own data
+
+FORMAT_KEYS = ("reference", "text", "target")          # every row's; a test split may leave target out
+OPTIONAL_KEYS = ("subset", "id", "noisy")
+FORMAT_SPLITS = ("train", "val", "test")
+
+
+class Triplets(TripletDataset):
+    """Your own triplets (--dataset triplets --data-root DIR): DIR/<split>.jsonl, or .csv, or `file`. A JSON-lines
+    row (or CSV row with these columns) holds reference, text and target, image paths relative to DIR; subset (a
+    list of image paths; CSV: separated by |) enables Recall_subset, whole-group batches and partial noise; id names
+    the triplet (default: its row number, from 1); noisy (true, or the replaced field: reference / text / target)
+    marks known noise, for --oracle and the detection's score; other keys are kept in .triplets[i]["row"]. The
+    gallery of a split is every image its rows name, in the order they first appear. A repeated row is kept once and
+    counted, a row whose reference is its target kept and counted (as Shoes); a missing key, an empty text, an image
+    that does not exist (without skip_missing) or a validation subset without its target is one line naming file,
+    row and key."""
+
+    def __init__(self, root, split="train", skip_missing=False, noise=None, extra_triplets=None, file=None):
+        root = Path(root).expanduser()
+        if split not in FORMAT_SPLITS:
+            raise ValueError(f"Triplets: split must be one of {FORMAT_SPLITS}, got {split!r}")
+        path = Path(file).expanduser() if file else next(
+            (root / f"{split}{e}" for e in (".jsonl", ".csv") if (root / f"{split}{e}").is_file()), None)
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"Triplets: no {file or f'{split}.jsonl or {split}.csv'} in {root}: write one row "
+                                    "per triplet with reference, text, target (image paths relative to the folder)")
+        triplets, stored, paths, seen = [], [], {}, set()
+        repeated = self_pairs = 0
+        for r, row in read_rows(path):
+            t, field = _parse_row(row, path, r, split)
+            key = (t["reference"], t["text"], t["target"], tuple(t["members"] or ()))
+            if key in seen:
+                repeated += 1
+                continue
+            seen.add(key)
+            self_pairs += t["reference"] == t["target"]
+            triplets.append(t)
+            stored.append(field)
+            for k, n in (("reference", t["reference"]), ("target", t["target"]), *(("subset", m) for m in
+                                                                                  t["members"] or ())):
+                if n is not None and n not in paths:
+                    paths[n] = root / n
+                    if not skip_missing and not paths[n].is_file():
+                        raise FileNotFoundError(f"{path} row {r}, key '{k}': {n} does not exist under {root}; add "
+                                                "the image, or pass skip_missing=True (--skip-missing) to drop the "
+                                                "triplets that use missing images")
+        if not triplets:
+            raise ValueError(f"{path}: no triplet; write one JSON object per line with reference, text, target")
+        say(f"Triplets {split}: {path}: {len(triplets)} triplets ({self_pairs} with reference = target) over "
+            f"{len(paths)} images" + (f"; {repeated} repeated rows kept once" if repeated else ""))
+        self.file, self.n_self_pairs, self.n_repeated = path, self_pairs, repeated
+        self._setup("Triplets", root, split, (list(paths), paths, triplets, stored), skip_missing, noise,
+                    extra_triplets)
+
+
+def read_rows(path):
+    """[(row number from 1, dict)] of a .jsonl (one JSON object per line; blank lines skipped) or .csv file."""
+    text = Path(path).read_text()
+    if Path(path).suffix == ".csv":
+        return [(r, dict(row)) for r, row in enumerate(csv.DictReader(io.StringIO(text)), start=1)]
+    out = []
+    for r, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} row {r}: not a JSON object ({e.msg}); one triplet per line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} row {r}: not a JSON object; one triplet per line")
+        out.append((r, row))
+    return out
+
+
+def _parse_row(row, path, r, split):
+    """One row of the format -> (triplet dict, its stored noise: False or a NOISE_FIELDS index). A test split may
+    leave the target out; a validation row's subset must hold its target (Recall_subset ranks it there)."""
+    need_target = split != "test"
+    for k in FORMAT_KEYS if need_target else FORMAT_KEYS[:2]:
+        if k not in row or row[k] is None:
+            raise ValueError(f"{path} row {r}: no '{k}'; every row needs reference, text and target")
+    text = str(row["text"]).strip()
+    if not text:
+        raise ValueError(f"{path} row {r}: an empty 'text'; every row needs reference, text and target")
+    if not str(row["reference"]) or need_target and not str(row["target"]):
+        raise ValueError(f"{path} row {r}: an empty image path; every row needs reference, text and target")
+    target = str(row["target"]) if row.get("target") not in (None, "") else None
+    members = row.get("subset")
+    if isinstance(members, str):
+        members = [m for m in members.split("|") if m] if members else None
+    if members is not None:
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ValueError(f"{path} row {r}: 'subset' must be a list of image paths")
+        if split != "train" and target is not None and target not in members:
+            raise ValueError(f"{path} row {r}, key 'subset': the subset does not hold the target {target}")
+    noisy = row.get("noisy", False)
+    if isinstance(noisy, str) and noisy.lower() in ("", "false", "0", "true", "1"):
+        noisy = noisy.lower() in ("true", "1")
+    if noisy not in (True, False) and noisy not in NOISE_FIELDS[1:]:
+        raise ValueError(f"{path} row {r}, key 'noisy': {noisy!r}; true, false or the replaced field "
+                         f"({', '.join(NOISE_FIELDS[1:])})")
+    field = NOISE_FIELDS.index(noisy) if isinstance(noisy, str) else noisy
+    keep = {k: v for k, v in row.items() if k not in FORMAT_KEYS + OPTIONAL_KEYS}
+    t = dict(pairid=row.get("id", r), reference=str(row["reference"]), target=target, text=text, captions=[text],
+             members=members, category=keep.get("category"), row=keep)
+    return t, field
+
+
+def as_row(t, field=0, name=lambda n: n):
+    """A triplet (dict) as a row of the format: reference, text, target, subset, id, its noise (field: a
+    NOISE_FIELDS index, 0 for clean), its other keys; name maps image names to the paths the row holds."""
+    row = dict(reference=name(t["reference"]), text=t["text"])
+    if t["target"] is not None:
+        row["target"] = name(t["target"])
+    if t.get("members"):
+        row["subset"] = [name(m) for m in t["members"]]
+    if t.get("pairid") is not None:
+        row["id"] = t["pairid"]
+    if field:
+        row["noisy"] = NOISE_FIELDS[field]
+    return {**row, **t.get("row", {})}
