@@ -90,8 +90,8 @@ def build(args):
         args.data_root = str(toy.toy_root(args.data_root))
     train = data.dataset(args, "train")      # the annotations only: no image is read, no model loaded yet
     if args.oracle and not train.noisy.any():
-        sys.exit(f"error: --oracle trains on the triplets known to be clean, and no training triplet is marked noisy "
-                 f"(the triplet format's 'noisy' key) nor corrupted (--noise); add --noise")
+        sys.exit("error: --oracle trains on the triplets known to be clean, and no training triplet is marked noisy "
+                 "(the triplet format's 'noisy' key) nor corrupted (--noise); add --noise")
     if len(train) < args.batch_size:
         sys.exit(f"error: --batch-size {args.batch_size} is larger than the {len(train)} training triplets: an "
                  f"epoch would have no step; pass --batch-size {max(2, len(train) // 2)} or less")
