@@ -1936,6 +1936,7 @@ def _settings_errors(toy_dir):
         (["--nfb-views", "query", "text", "text", *toy_args], "--nfb-views query text text"),
         (["--nfb-text-temp", "0", *toy_args], "--nfb-text-temp 0.0"),
         (["--train-file", "clean.jsonl", *toy_args], "--train-file clean.jsonl: only with --dataset triplets"),
+        (["--data-root", str(REPO / "README.md")], f"--data-root {REPO / 'README.md'}: a file, not a folder"),
         (["--dataset", "triplets", "--data-root", str(toy_dir.parent), "--train-file", "nope.jsonl"],
          "--train-file nope.jsonl: no such file"),
         (["--noise", "1.5", *toy_args], "--noise 1.5"),
@@ -1962,6 +1963,27 @@ def test_settings_errors_are_one_line_naming_the_flag(tmp_path, capsys):
         assert e.value.code == 2 and len(err) == 1, (flags, err)
         assert err[0].startswith(f"error: {expect}"), (flags, err)
     assert not (tmp_path / "toy").exists()
+
+
+def test_settings_warn_when_the_warm_up_leaves_no_epoch_to_the_filter(capsys):
+    """--warmup-epochs at or past --epochs: the filter's labels would never be used; one warning line (an error would
+    stop the short runs that mean it), none with --no-nfb."""
+    runtime.settings(["--epochs", "2", "--warmup-epochs", "2"])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "warning: --warmup-epochs 2 >= --epochs 2: every epoch is a warm-up, the noise filter's labels are never "
+        "used (pass --no-nfb, or more --epochs)"]
+    runtime.settings(["--epochs", "2", "--warmup-epochs", "2", "--no-nfb"])
+    runtime.settings(["--epochs", "2", "--warmup-epochs", "1"])
+    assert capsys.readouterr().err == ""
+
+
+def test_batch_larger_than_the_training_set_is_one_line_before_the_model(toy_root, tmp_path, monkeypatch, capsys):
+    """An epoch of 0 steps would report metrics of an untrained model: refused, before a CLIP is loaded."""
+    monkeypatch.setattr(train, "load_clip", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data-root", str(toy_root), "--batch-size", "256", "--out", str(tmp_path / "run")])
+    assert str(e.value) == ("error: --batch-size 256 is larger than the 160 training triplets: an epoch would have "
+                            "no step; pass --batch-size 80 or less")
 
 
 def test_settings_given_again_on_resume_are_checked(tmp_path, capsys):
@@ -2137,6 +2159,9 @@ def test_e2e_shoes_train_evaluate_and_spn(micro_clip, tmp_path, capsys):
     zero = evaluate.main(["--clip", str(micro_clip), "--dataset", "shoes", "--data-root", str(root),
                           "--workers", "0", "--out", str(tmp_path / "zs.json")])
     assert set(zero) == set(m) and (tmp_path / "zs.json").is_file()
+    before = set(Path.cwd().iterdir())                  # zero-shot without --out: nothing written where we stand
+    evaluate.main(["--clip", str(micro_clip), "--dataset", "shoes", "--data-root", str(root), "--workers", "0"])
+    assert set(Path.cwd().iterdir()) == before and "pass --out FILE to save the metrics" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no val split"):
         evaluate.main(["--checkpoint", str(out / "best.pt"), "--split", "val", "--workers", "0"])
     train_names = (root / "train_im_names.txt").read_text().split()
