@@ -84,7 +84,13 @@ class CIRModel(nn.Module):
         return self._head(self.wcb_txt, x, mask, g)
 
     def image_tokens(self, images):
-        return self.clip.encode_image_tokens(images)                      # (B, 1+m, D), token 0 = global
+        """(B, 3, H, W) -> (B, 1+m, D), token 0 = global. Each distinct image goes through the tower once (a group
+        batch repeats its reference), except where BatchNorm in training normalises by the batch as it is."""
+        if self.training and isinstance(self.clip.visual, ModifiedResNet):
+            return self.clip.encode_image_tokens(images)
+        once, rows = distinct(images)                                     # (U, 3, H, W), (B,) or None
+        tok = self.clip.encode_image_tokens(once)                         # (U, 1+m, D)
+        return tok if rows is None else tok[rows]
 
     def image_features(self, tokens, role):
         """Image tokens (B, 1+m, D) -> f (B, D), penalty. role 'ref': I*_ref = I_ref ⊗ Att_ref; 'tar' likewise."""
@@ -96,6 +102,22 @@ class CIRModel(nn.Module):
     def _head(wcb, x, mask, g):
         """The WCB head's compensated feature and penalty, or (without the WCB) the global token g and 0."""
         return (g, g.new_zeros(())) if wcb is None else wcb(x, mask, g)[:2]
+
+
+def distinct(x):
+    """x (N, ...) -> (u (U, ...), rows (N,)) with u[rows] equal to x element for element, or (x, None) when nothing
+    repeats. Rows are matched by an integer checksum of their float32 bits (exact arithmetic: equal rows, equal
+    sums), then compared, so a collision costs only the sharing."""
+    if x.dtype != torch.float32 or len(x) < 2:
+        return x, None
+    bits = x.flatten(1).contiguous().view(torch.int32)                           # (N, P) the exact bit patterns
+    weights = torch.arange(1, bits.shape[1] + 1, device=x.device, dtype=torch.int32) * 40503 | 1
+    _, rows = (bits * weights).sum(1).unique(return_inverse=True)                # (N,) int32 products wrap exactly
+    n = torch.arange(len(x), device=x.device)
+    first = torch.full((int(rows.max()) + 1,), len(x), device=x.device).scatter_reduce(0, rows, n, "amin")  # (U,)
+    if len(first) == len(x) or not torch.equal(x[first][rows], x):
+        return x, None
+    return x[first], rows
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -456,6 +456,44 @@ def test_cir_model_is_the_clip_sum_without_wcb_and_at_init():
     assert sum(k.startswith("wcb_") for k in CIRModel(clip, wcb=False).state_dict()) == 0
 
 
+def test_each_distinct_image_goes_through_the_tower_once(monkeypatch):
+    """A group batch repeats its reference: the tower sees each distinct image once, and q, t and every gradient
+    are those of the whole batch; with BatchNorm in training (ModifiedResNet) the batch is kept whole."""
+    x = torch.rand(6, 3, 8, 8)
+    x[1], x[4] = x[0], x[0]
+    u, rows = M.distinct(x)
+    assert len(u) == 4 and torch.equal(u[rows], x)
+    assert M.distinct(torch.rand(5, 3, 8, 8))[1] is None                       # all distinct: nothing to share
+    torch.manual_seed(0)
+    model = CIRModel(M.load_clip("tiny", device="cpu")[0]).train()
+    text = M.tokenize(["a red cube", "bigger", "a blue ball", "remove it"])
+    ref = torch.rand(1, 3, 48, 48).expand(4, -1, -1, -1).clone()            # one reference, four queries
+    tgt = torch.rand(4, 3, 48, 48)
+
+    def step():
+        seen = []
+        hook = model.clip.visual.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+        model.zero_grad()
+        q, t, pen = model(text, ref, tgt)
+        (q @ t.t()).logsumexp(1).mean().add(pen).backward()
+        hook.remove()
+        return seen, q.detach(), t.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    seen, q, t, grads = step()
+    assert seen == [5]                                                       # 1 reference + 4 targets, not 8
+    monkeypatch.setattr(M, "distinct", lambda x: (x, None))                  # every image through the tower
+    seen2, q2, t2, grads2 = step()
+    assert seen2 == [8] and _close(q, q2) and _close(t, t2)
+    assert len(grads) == len(grads2) and all(_close(g, g2) for g, g2 in zip(grads, grads2))
+    monkeypatch.undo()
+    resnet = CIRModel(M.load_clip("tiny-rn", device="cpu")[0]).train()
+    seen = []
+    resnet.clip.visual.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+    big = torch.rand(1, 3, 64, 64).expand(4, -1, -1, -1)                     # tiny-rn's 64 px
+    resnet(text, big, torch.rand(4, 3, 64, 64))
+    assert seen == [8]
+
+
 # ---- tokenizer.py --------------------------------------------------------------------------------
 
 def _all_captions(ann):
@@ -3257,8 +3295,8 @@ def test_e2e_bench_train_runs_on_the_training_api(toy_root, micro_clip, tmp_path
     monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda prefix: str(tmp_path / prefix))
     bench.bench_train(SimpleNamespace(steps=2))
     out = capsys.readouterr().out
-    titles = ("toy training step (batch 32", "the step's arithmetic", "NFB per epoch (5 steps",
-              "--encoder text")
+    titles = ("toy training step (batch 32", "the step's arithmetic", "what makes the step fast",
+              "NFB per epoch (5 steps", "--encoder text")
     for title in titles:
         assert title in out, title
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}

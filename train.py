@@ -114,7 +114,9 @@ def build(args):
     images, val = image_sources(args, enc, train, out / "bank.pt", resume is not None)
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(param_groups(model, args), betas=(0.9, 0.98), eps=1e-6)
+    # one fused kernel for all parameters (CUDA; CPU since torch 2.4): the per-tensor loop was a tenth of a CPU step
+    fused = device.type == "cuda" or device.type == "cpu" and torch.__version__ >= (2, 4)
+    opt = torch.optim.AdamW(param_groups(model, args), betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
     steps = min(len(train) // args.batch_size, args.max_steps or math.inf)
     total = max(1, steps * args.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.lr_warmup * total)))

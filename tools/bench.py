@@ -254,6 +254,23 @@ def bench_train(args):
     _table("the step's arithmetic against this machine's fp32 matmul peak (both measured in this run)",
            ("GFLOP / step", "achieved GFLOP/s", "matmul peak GFLOP/s", "share of peak"),
            [(f"{flops / 1e9:.1f}", f"{flops / step / 1e9:.0f}", f"{peak / 1e9:.0f}", f"{100 * flops / step / peak:.0f}%")])
+    # a group batch repeats its reference: the tower sees each distinct image once (model.distinct), or all 2B
+    share, M.distinct = M.distinct, lambda x: (x, None)
+    t = time.perf_counter()
+    train.train_epoch(run, 2)
+    every = (time.perf_counter() - t) / steps
+    M.distinct = share
+    # AdamW over the step's gradients: the per-tensor loop, foreach, one fused kernel (train.py takes fused)
+    params = [p for g in run.opt.param_groups for p in g["params"]]
+    adam = {kind: _time(lambda o=torch.optim.AdamW(params, **{kind: True} if kind else {}): o.step(), 5)
+            for kind in ("", "foreach", "fused")}
+    _table("what makes the step fast (same run)", ("variant", "s/step", "vs this code"),
+           [("this code: each distinct image once, fused AdamW", f"{step:.3f}", "1.00x"),
+            ("every image of the batch through the tower", f"{every:.3f}", f"{every / step:.2f}x"),
+            ("AdamW as a per-tensor loop instead of fused", f"{step - adam['fused'] + adam['']:.3f}",
+             f"{(step - adam['fused'] + adam['']) / step:.2f}x"),
+            ("AdamW foreach instead of fused", f"{step - adam['fused'] + adam['foreach']:.3f}",
+             f"{(step - adam['fused'] + adam['foreach']) / step:.2f}x")])
     # the NFB's cost per epoch: the GMM fit alone (losses recorded in the step), or the views after the epoch (a
     # no-grad pass over every training image and the distinct texts, then the views' matrix products) + the fit
     from nfb import VIEWS, NoiseFilter
