@@ -25,7 +25,8 @@ import runtime
 import toy
 from encode import ImageSource, check_finite, pair_features
 from loss import drop_reference, rank_of, similarities
-from model import compose, make_transform
+from model import compose
+from preprocess import make_transform
 from nfb import decide_views, detection_metrics, pair_views
 from triplets import NOISE_FIELDS, Noise, as_row, check_noise
 
@@ -41,7 +42,7 @@ def audit_settings(run_args, dataset, root, **given):
     replaces them where not None. -> dict of a training run's settings: tau, gmm, nfb_gate, ..."""
     s = {**vars(runtime.defaults(dataset)), **run_args}
     s.update(dataset=dataset, data_root=root, **{k: v for k, v in given.items() if v is not None})
-    check_noise(Noise(s["noise"], s["noise_kind"], s["seed"]), has_subsets=dataset in ("cirr", "toy", "triplets"))
+    check_noise(Noise(s["noise"], s["noise_kind"], s["seed"]), has_subsets=dataset in runtime.SUBSETS)
     return s
 
 
@@ -91,7 +92,7 @@ def audit_scores(enc, images, trips, s, times=None, chunk=CHUNK):
     check_finite(q, pf.gallery)
     t1 = time.perf_counter()
     out = score_triplets(q, pf.gallery, trips.tgt_idx, trips.ref_idx, s["tau"], k=3, chunk=chunk)  # O(chunk x N)
-    names = [v for v in s["nfb_views"] if v != "subset" or pf.subsets is not None]
+    names = [v for v in s["nfb_views"] if v != "subset" or pf.subsets is not None]          # pair_views' own rule
     views = pair_views(pf, [v for v in names if v != "query"], s["tau"], s["nfb_text_temp"], s["nfb_text_inverted"])
     views = {"query": out["loss"], **{k: v.cpu() for k, v in views.items()}}
     w, per_view = decide_views(views, names, s["gmm"], s["nfb_gate"], s["nfb_width"], s["nfb_gate_by"])
@@ -273,7 +274,7 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
     w_train = None                             # the run's NFB labels, if of these very triplets
     if ckpt is not None and ckpt.get("nfb") is not None and split == "train":
         w_train = ckpt["nfb"]["weights"].float()
-        changed = runtime.same_triplets(s, ckpt["args"])
+        changed = runtime.triplet_changes(s, ckpt["args"])
         if changed or len(w_train) != len(trips):
             print(f"audit: the run's NFB labels {len(w_train)} triplets, this split {len(trips)} "
                   f"({', '.join(changed) or 'other data'} changed): not reported")
@@ -336,14 +337,6 @@ def clean_copy(trips, scores, rows, s, out_dir):
 # -----------------------------------------------------------------------------
 # the contact sheet
 
-def _pyplot():
-    """matplotlib on the Agg backend (no display on training machines), imported when a figure is drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def audit_sheet(rows, path, blocks=2):
     """The noise audit's contact sheet: one row per suspect triplet, most suspicious first: the reference image, the
     modification text (wrapped) under a label line (identifier, w, the target's rank, the truth where known), the
@@ -352,7 +345,7 @@ def audit_sheet(rows, path, blocks=2):
     from PIL import Image
     per = math.ceil(len(rows) / blocks)
     blocks = math.ceil(len(rows) / per)
-    plt = _pyplot()
+    plt = runtime.pyplot()
     fig, axes = plt.subplots(per, 4 * blocks, figsize=(5.4 * blocks, 1.25 * per), squeeze=False,
                              gridspec_kw=dict(width_ratios=[1, 1.35, 1, 1] * blocks))
     for ax in axes.flat:

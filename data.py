@@ -22,12 +22,12 @@ import torch
 import runtime
 import toy
 import triplets
+from runtime import FIQ_CATEGORIES
 from triplets import TripletDataset, _read_json, say
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")  # FashionIQ copies use .png or .jpg; the first found wins in this order
 CIRR_SPLITS = ("train", "val", "test1")
 FIQ_SPLITS = ("train", "val", "test")
-FIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
 
 # -----------------------------------------------------------------------------
@@ -414,7 +414,7 @@ def convert(s, out, splits=None):
     written = {}
     for split in splits or CONVERT_SPLITS[s.dataset]:
         ds = dataset(s, split)
-        name = "val" if s.dataset == "shoes" and split == "test" else FORMAT_SPLIT.get(split, split)
+        name = "val" if split == runtime.EVAL_SPLIT[s.dataset] else FORMAT_SPLIT.get(split, split)
         rel = lambda n: os.path.relpath(ds.paths[n], out)
         keep = lambda t: dict(category=t["category"], captions=t["captions"]) if t.get("category") else {}
         rows = [triplets.as_row({**t, "row": keep(t)}, f, rel) for t, f in zip(ds.triplets, ds.noise_field.tolist())]
@@ -444,7 +444,7 @@ def main(argv=None):
         a.data_root = str(toy.toy_root(a.data_root))
     if not a.data_root or not Path(a.data_root).expanduser().is_dir():
         p.error(f"--data-root {a.data_root}: no such folder; point it at the {a.dataset} dataset folder")
-    triplets.check_noise(triplets.Noise(a.noise, a.noise_kind, a.seed), has_subsets=a.dataset in ("cirr", "toy"))
+    triplets.check_noise(triplets.Noise(a.noise, a.noise_kind, a.seed), has_subsets=a.dataset in runtime.SUBSETS)
     a.extra_triplets = a.train_file = None
     written = convert(a, a.out)
     print(f"wrote {', '.join(f'{k}.jsonl ({v:,} rows)' for k, v in written.items())} in {a.out}; train on it: "

@@ -30,7 +30,8 @@ from torchvision.transforms.functional import to_tensor
 
 from triplets import load_image, subset_rows
 import runtime
-from model import compose, normalize_pixels, tokenize
+from model import compose
+from preprocess import normalize_pixels, tokenize
 from nfb import PairFeatures
 
 
@@ -71,7 +72,7 @@ class ImageSource:
         files = cls.files(ds, transform)
         pixels = torch.cat(list(_batches(files, range(len(ds.images)), 256, workers)))
         if pixels.dtype != torch.uint8:
-            raise ValueError("ImageSource.pixels needs a uint8 transform: model.make_transform(..., pixels=True)")
+            raise ValueError("ImageSource.pixels needs a uint8 transform: preprocess.make_transform(..., pixels=True)")
         runtime.log(f"decoded {ds.split} images once: {tuple(pixels.shape)} uint8, {pixels.numel() / 2**20:.0f} "
                     f"MiB, {time.perf_counter() - t:.1f} s", rank)
         return cls(ds, "pixels", cache=pixels)
@@ -111,7 +112,7 @@ class ImageSource:
 
     def inputs(self, x, device, role="ref"):
         """What `load` gave -> the model's input on the device: images (B, 3, H, W), tokens (B, 1+m, D), or in SPN
-        stage 2 f_ref (B, D) for the references and the rows of the bank for the targets. The caches stay in CPU
+        stage 2 f_ref (B, D) for the references and the targets' row numbers in the bank. The caches stay in CPU
         memory: only the batch's rows move (uint8 pixels: 4x less to copy)."""
         nb = device.type == "cuda"
         if self.kind == "files" or self.kind == "features" and role == "tgt":
@@ -137,8 +138,8 @@ def encode_images(enc, source, tokens=False):
     reference-role and target-role WCB features of each image (features: f_ref and the bank); or, with tokens=True,
     the tokens (N, 1+m, D)."""
     model = enc.model.eval()
-    if source.kind == "features":
-        return source.cache, source.bank
+    if source.kind == "features":                        # f_ref lives in CPU memory, the bank on the device
+        return source.cache.to(enc.device), source.bank
     n = len(source.images)
     out = []
     for x in _batches(source, enc.share(n).tolist(), enc.batch_size, enc.workers):

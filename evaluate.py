@@ -39,7 +39,8 @@ import encode
 import triplets
 from encode import Encoder, ImageSource, check_finite, query_features
 from loss import drop_reference, rank_of, similarities
-from model import CIRModel, compose, load_clip, make_transform
+from model import CIRModel, compose, load_clip
+from preprocess import make_transform
 from runtime import EVAL_SPLIT
 
 CHUNK = 1024  # queries scored at once: memory is CHUNK x gallery floats
@@ -425,10 +426,10 @@ def query(a, device):
     print(f"gallery {gallery}: {len(names):,} images, features {'read from' if hit else 'computed and kept in'} {cache} "
           "(delete it to recompute)")
     index = {str((gallery / n).resolve()): i for i, n in enumerate(names)}
-    with torch.no_grad():
-        images = torch.stack([transform(triplets.load_image(ref)) for ref, _, _ in qs]).to(device)
-        f_ref, _ = model.image_features(model.image_tokens(images), "ref")
-        q = compose(encode.encode_texts(enc, [t for _, t, _ in qs]), f_ref.float())
+    refs = [str(ref) for ref, _, _ in qs]             # the query images, batched as any split's images
+    f_ref, _ = encode.encode_images(enc, ImageSource.files(SimpleNamespace(images=refs, paths=dict(zip(refs, refs))),
+                                                           transform))
+    q = compose(encode.encode_texts(enc, [t for _, t, _ in qs]), f_ref.float())
     exclude = torch.tensor([index.get(str(ref.resolve()), -1) for ref, _, _ in qs])   # the query image itself
     top = topk(q, g, a.top, exclude=exclude)
     hits, shown = 0, []
@@ -451,22 +452,14 @@ def query(a, device):
 
 
 # -----------------------------------------------------------------------------
-# the query grid of --show
-
-def _pyplot():
-    """matplotlib on the Agg backend (no display on training machines), imported when a figure is drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
+# the picture of --query and --queries
 
 def query_grid(rows, path):
     """One row per query: the reference image, its modification text, then the top-k retrieved images with the
     true target framed in green. rows: [(ref_path, text, [(path, is_target), ...])]."""
     from PIL import Image
     k = max(len(r[2]) for r in rows)
-    plt = _pyplot()
+    plt = runtime.pyplot()
     fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.8 * (k + 1), 2.0 * len(rows)), squeeze=False)
     for ax_row, (ref, text, hits) in zip(axes, rows):
         with Image.open(ref) as im:

@@ -1,7 +1,7 @@
 """The model of NCL-CIR (Gao et al., ICASSP 2025): CLIP with three Weight Compensation Blocks (wcb.py), and CLIP
 itself, from scratch (Radford et al., 2021).
 
-Reads top to bottom (the BPE tokenizer is in tokenizer.py; `tokenize` is re-exported here):
+Reads top to bottom (what CLIP reads, tokens and transformed images, comes from preprocess.py):
   0. CIRModel       the composed-retrieval model: q = normalize(f_txt + f_ref) for a query (compose) and
                     t = normalize(f_tar) for a candidate target, each f a WCB-compensated CLIP feature
   1. the towers     ViT and ModifiedResNet image encoders, causal text transformer (QuickGELU, fp32 LayerNorm);
@@ -10,7 +10,6 @@ Reads top to bottom (the BPE tokenizer is in tokenizer.py; `tokenize` is re-expo
                     outputs the WCB re-weights: every image token, every text token + padding mask
   3. loading        build_clip (architecture inferred from an OpenAI state dict), load_clip (the nine released
                     models, downloaded and hash-checked, any .pt path, or a randomly initialised tiny config)
-  4. preprocessing  CLIP's transform and CLIP4Cir's target-pad transform (make_transform)
 
 Parameter names and shapes are OpenAI's, so their checkpoints load unchanged and ours load in their code."""
 
@@ -21,17 +20,14 @@ import urllib.error
 import urllib.request
 import warnings
 from collections import OrderedDict
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
-from tokenizer import tokenize  # noqa: F401  (re-exported: model.tokenize)
+from preprocess import make_transform
 from wcb import WCB
 
 
@@ -530,42 +526,3 @@ def load_clip(name_or_path, device=None, download_root=None):
         except ValueError as e:
             raise ValueError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from None
     return model.to(device), make_transform("clip", model.image_resolution)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Preprocessing
-
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-def _to_rgb(image):
-    return image.convert("RGB")
-
-
-def target_pad(image, target_ratio=1.25):
-    """CLIP4Cir's target pad: black borders, centred, so that long side / short side <= target_ratio; the centre
-    crop then keeps the whole image instead of cutting off the ends of a long garment."""
-    w, h = image.size
-    if max(w, h) / min(w, h) < target_ratio:
-        return image
-    side = max(w, h) / target_ratio
-    pw, ph = max(int((side - w) / 2), 0), max(int((side - h) / 2), 0)
-    return TF.pad(image, [pw, ph, pw, ph], fill=0)
-
-
-def make_transform(name="clip", size=224, target_ratio=1.25, pixels=False):
-    """'clip' | 'targetpad' -> callable(PIL.Image) -> (3, size, size) normalised tensor (picklable, for workers).
-    pixels=True stops before the float conversion: (3, size, size) uint8, what a decoded-image cache stores;
-    normalize_pixels then gives exactly the float tensor of the full transform."""
-    if name not in ("clip", "targetpad"):
-        raise ValueError(f"unknown transform {name!r}; choose 'clip' or 'targetpad'")
-    steps = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), _to_rgb]
-    if name == "targetpad":
-        steps.insert(0, partial(target_pad, target_ratio=target_ratio))
-    steps += [T.PILToTensor()] if pixels else [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
-    return T.Compose(steps)
-
-
-def normalize_pixels(x):
-    """uint8 images (B, 3, H, W) -> float (B, 3, H, W), the same arithmetic as ToTensor + Normalize (bit-equal)."""
-    return TF.normalize(x.float().div(255), CLIP_MEAN, CLIP_STD)

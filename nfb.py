@@ -167,25 +167,15 @@ def is_noise(mode, gate, width):
     return (gate <= 0 or mode["excess"] >= gate) and (width <= 0 or mode["width"] >= width)
 
 
-def decide(losses, backend="sklearn", gate=0.0, width=0.0):
-    """The NFB's decision on finite per-sample losses (N,): min-max normalise, fit the GMM, test for a noise-like
-    second mode (is_noise). -> dict(w (N,) float32 on losses' device: p(clean | loss_i), or 1 everywhere when there
-    is no such mode or the input is degenerate; x the normalised losses; fit; mode: second_mode's statistics and
-    `gated`)."""
+def decide(losses, backend="sklearn"):
+    """One view's GMM on finite per-sample losses (N,): min-max normalise, fit, measure the second mode (the gate's
+    input; decide_views applies the gate). -> dict(w (N,) float32 on losses' device: p(clean | loss_i), 1 everywhere
+    on degenerate input; x the normalised losses; fit; mode: second_mode's statistics)."""
     x = minmax(losses)
     fit = fit_gmm(x, backend)
     fitted = math.isfinite(fit["means"][0])
     mode = second_mode(losses, x, fit) if fitted else dict(excess=math.nan, width=math.nan)
-    gated = not is_noise(mode, gate, width)                              # no noise-like mode: every w = 1
-    w = torch.ones(x.numel(), device=losses.device) if gated else fit["clean"].to(losses.device)
-    return dict(w=w, x=x, fit=fit, mode=dict(mode, gated=gated))
-
-
-def clean_probability(losses, backend="sklearn", gate=0.0, width=0.0):
-    """Soft labels of the NFB in one call. losses (N,) per-sample losses -> w (N,) float32 on losses' device,
-    w_i = p(clean | loss_i); w = 1 when the losses hold no second mode that looks like noise (is_noise) and (with a
-    warning) on degenerate input."""
-    return decide(losses, backend, gate, width)["w"]
+    return dict(w=fit["clean"].to(losses.device), x=x, fit=fit, mode=mode)
 
 
 def detection_metrics(w, noisy):
@@ -226,7 +216,8 @@ def pair_views(pf, names, tau, text_temp=0.25, inverted=True):
       text    l^text_i: which distinct text best explains (reference, target) (loss.text_nce, at tau * text_temp;
               inverted: each text's scores normalised over the pairs first)
       change  the text against the visual change normalize(t_i - normalize(f_ref_i)): -log softmax over the texts
-      subset  near misses: -log softmax of the target among the pair's subset (CIRR's img_set), the same q_i
+      subset  near misses: -log softmax of the target among the pair's subset (CIRR's img_set), the same q_i;
+              left out where the dataset has no subsets (FashionIQ, Shoes)
       gain    how much the text helps: l^gallery of q_i minus that of the reference alone, normalize(f_ref_i)"""
     q = compose(pf.f_txt[pf.text_idx.to(pf.f_txt.device)], pf.f_ref)                    # (n, D) the queries
     t = pf.gallery[pf.tgt_idx.to(pf.gallery.device)]                                     # (n, D)
@@ -240,14 +231,14 @@ def pair_views(pf, names, tau, text_temp=0.25, inverted=True):
             change = F.normalize(t - F.normalize(pf.f_ref, dim=-1), dim=-1)              # (n, D)
             logits = F.normalize(pf.f_txt, dim=-1) @ change.T / (tau * text_temp)         # (U, n)
             out[name] = -logits.log_softmax(0).gather(0, pf.text_idx[None].to(logits.device)).squeeze(0)
-        elif name == "subset":
+        elif name == "subset" and pf.subsets is not None:
             m = pf.subsets.to(q.device)                                                   # (n, M)
             sims = torch.einsum("nd,nmd->nm", q, pf.gallery[m.clamp(min=0)]) / tau
             out[name] = -sims.masked_fill(m < 0, float("-inf")).log_softmax(1)[:, 0]
         elif name == "gain":
             alone = gallery_nce(F.normalize(pf.f_ref, dim=-1), pf.gallery, pf.tgt_idx, tau, exclude=pf.ref_idx)
             out[name] = gallery_nce(q, pf.gallery, pf.tgt_idx, tau, exclude=pf.ref_idx) - alone
-        else:
+        elif name != "subset":
             raise ValueError(f"nfb.py: unknown view {name!r}; choose among {', '.join(VIEWS)}")
     return out
 

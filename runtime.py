@@ -4,14 +4,15 @@ checkpoints that survive a kill, logs a script reads.
   settings     PRESETS per dataset, the flags of train.py (parser), settings (resolved and checked in one
                place, before any data or model: the command line, then a resumed run's own, then SPN stage 2's
                and the dataset's presets), defaults (a dataset's settings with nothing given), EVAL_SPLIT (the
-               split that validation and evaluate.py use), same_triplets (do two runs train on the same triplets?)
+               split that validation and evaluate.py use), triplet_changes (the settings by which two runs'
+               training triplets differ)
   processes    setup_distributed (plain python, or torchrun: NCCL on GPUs, Gloo on CPUs), gather_with_grad
                (the global batch's targets for every rank's queries), gather_rows, merge_losses (the NFB's
                per-pair losses of all ranks, so every rank fits the same GMM)
   checkpoints  atomic_write (temp file + rename), rng_state / set_rng_state (exact resume: torch, Python,
                NumPy and CUDA generators), load_checkpoint (weights_only, one-line errors), build_model
   precision    autocast (bf16 where the GPU has it, else fp16 with a gradient scaler; CPU: fp32)
-  logs         strict_json (NaN -> null in the JSON lines), log (rank 0 only, above the progress bars),
+  logs         strict_json (NaN -> null in the JSON lines), log (rank 0 only, above the progress bars), pyplot,
                error_line (a bad-input error as the one line the command line prints), ArgumentParser (bad
                flags in one line)
 """
@@ -55,6 +56,9 @@ STAGE2.update(fashioniq=STAGE2["cirr"], shoes=STAGE2["cirr"], triplets=STAGE2["c
 # The split that validation during training and evaluate.py use: Shoes has no val split, and its papers (and so
 # this project) validate on test.
 EVAL_SPLIT = {"toy": "val", "cirr": "val", "fashioniq": "val", "shoes": "test", "triplets": "val"}
+FIQ_CATEGORIES = ("dress", "shirt", "toptee")
+# the datasets whose queries carry subsets (CIRR's img_set; the triplet format's optional subset key)
+SUBSETS = ("cirr", "toy", "triplets")
 # what makes a run's training triplets: two runs with these equal train on the same triplets
 TRIPLETS = ("dataset", "categories", "noise", "noise_kind", "seed", "skip_missing", "extra_triplets", "train_file")
 
@@ -68,7 +72,7 @@ def parser(description=None):
                    "<data-root>/train.jsonl, e.g. an audit's clean.jsonl (image paths relative to --data-root)")
     p.add_argument("--preset", default=None, choices=list(PRESETS), help="take another dataset's presets (e.g. "
                    "--dataset triplets --preset toy: the toy's tiny CLIP and schedule)")
-    p.add_argument("--categories", nargs="+", default=["dress", "shirt", "toptee"], help="FashionIQ categories")
+    p.add_argument("--categories", nargs="+", default=list(FIQ_CATEGORIES), help="FashionIQ categories")
     p.add_argument("--clip", default=None, help="OpenAI model name, a checkpoint path, or a tiny config")
     p.add_argument("--encoder", default="both", choices=["both", "text"],
                    help="what of CLIP is fine-tuned: both towers, or the text side (image tokens cached once)")
@@ -220,7 +224,7 @@ def check(args, p):
         if not ok:
             p.error(message)
     try:
-        triplets.check_noise(noise_of(args), has_subsets=args.dataset in ("cirr", "toy", "triplets"))
+        triplets.check_noise(noise_of(args), has_subsets=args.dataset in SUBSETS)
     except ValueError as e:
         p.error(str(e))
     if not args.no_nfb and args.warmup_epochs >= args.epochs and int(os.environ.get("RANK", 0)) == 0:
@@ -232,7 +236,7 @@ def noise_of(args):
     return triplets.Noise(args.noise, args.noise_kind, args.seed)
 
 
-def same_triplets(a, b):
+def triplet_changes(a, b):
     """The settings (dicts) that differ between two runs' training triplets (TRIPLETS); [] when they are the same."""
     return [k for k in TRIPLETS if a.get(k) != b.get(k)]
 
@@ -385,6 +389,14 @@ def strict_json(x):
     if isinstance(x, (list, tuple)):
         return [strict_json(v) for v in x]
     return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def pyplot():
+    """matplotlib on the Agg backend (no display on training machines), imported when a figure is drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def log(msg, rank=0):

@@ -33,7 +33,8 @@ import evaluate
 import runtime
 import toy
 from encode import Encoder, ImageSource, encode_images
-from model import CIRModel, load_clip, make_transform
+from model import CIRModel, load_clip
+from preprocess import make_transform
 
 
 # -----------------------------------------------------------------------------

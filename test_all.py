@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import model as M
 from tools.bench import reference_clip  # OpenAI's clip package, imported around its pkg_resources check
-import tokenizer as TK
+import preprocess as TK
 import audit
 import data
 import toy
@@ -47,13 +47,14 @@ from encode import Encoder, ImageSource
 from loss import gallery_nce, info_nce, soft_nce
 from loss import text_nce as loss_text_nce
 import nfb
-from nfb import NoiseFilter, clean_probability, detection_metrics, fit_gmm, minmax
+from nfb import NoiseFilter, decide, decide_views, detection_metrics, fit_gmm, minmax
 from wcb import WCB, diversity_penalty
 import evaluate
 import runtime
 import train
 from evaluate import check_submission, cirr_metrics, cirr_rankings, fashioniq_metrics, write_submission
-from model import CIRModel, CLIP, tokenize
+from model import CIRModel, CLIP
+from preprocess import tokenize
 import spn
 from spn import TEMPLATES, generate_triplets
 
@@ -105,7 +106,7 @@ def micro_clip(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_process_messages():
-    """data.say prints a dataset's layout and noise lines once per process: each test starts as a
+    """triplets.say prints a dataset's layout and noise lines once per process: each test starts as a
     fresh process."""
     triplets._SAID.clear()
 
@@ -122,7 +123,7 @@ def _cli(script, *args):
 
 
 # ==================================================================================================
-# model.py (CLIP + CIRModel) and tokenizer.py
+# model.py (CLIP + CIRModel) and preprocess.py
 # ==================================================================================================
 
 TEXT = dict(context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2, transformer_layers=2)
@@ -172,7 +173,7 @@ def test_parity_with_reference(kind):
     ours = M.build_clip(ref.state_dict())
     res = SMALL_CLIP[kind]["image_resolution"]
     images = torch.randn(3, 3, res, res)
-    text = M.tokenize(CAPTIONS)
+    text = TK.tokenize(CAPTIONS)
     with torch.no_grad():
         assert _close(ours.encode_image(images), ref.encode_image(images))
         assert _close(ours.encode_text(text), ref.encode_text(text))
@@ -215,7 +216,7 @@ def test_parity_with_reference(kind):
 def test_text_trimming_is_invisible():
     """Positions after the batch's last EOT are cut; a caption's outputs do not depend on its batch-mates."""
     ours = M.build_clip(_reference_model("vit").state_dict())
-    text = M.tokenize(CAPTIONS)
+    text = TK.tokenize(CAPTIONS)
     with torch.no_grad():
         together = ours.encode_text(text)
         alone = torch.cat([ours.encode_text(text[i:i + 1]) for i in range(len(text))])
@@ -248,7 +249,7 @@ def test_tiny_configs(name):
     img = preprocess(Image.new("RGB", (80, 70), (200, 30, 30)))[None]
     res = cfg["image_resolution"]                                  # tiny: 48 px, 3 x 3 patches (the toy's grid)
     assert img.shape == (1, 3, res, res) and res == {"tiny": 48, "tiny-rn": 64}[name]
-    text = M.tokenize(["make the red circle blue", "remove the triangle"])
+    text = TK.tokenize(["make the red circle blue", "remove the triangle"])
     with torch.no_grad():
         assert model.encode_image(img).shape == (1, 128) and model.encode_text(text).shape == (2, 128)
         rebuilt = M.build_clip(model.state_dict())
@@ -286,7 +287,7 @@ def _tiny_reference():
 
 
 def _check_same(model, ref):
-    text, img = M.tokenize(CAPTIONS), torch.randn(2, 3, 32, 32)
+    text, img = TK.tokenize(CAPTIONS), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert _close(model.encode_text(text), ref.encode_text(text))
         assert _close(model.encode_image(img), ref.encode_image(img))
@@ -300,7 +301,7 @@ def test_load_torchscript_archive(tmp_path):
         ref.register_buffer(key, torch.tensor(val))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")                            # tracer's notes on the reference's Python checks
-        traced = torch.jit.trace(ref, (torch.randn(1, 3, 32, 32), M.tokenize("a cat")), check_trace=False)
+        traced = torch.jit.trace(ref, (torch.randn(1, 3, 32, 32), TK.tokenize("a cat")), check_trace=False)
     path = tmp_path / "ViT-tiny.pt"
     traced.save(str(path))
     model, preprocess = M.load_clip(path, device="cpu")
@@ -393,29 +394,29 @@ def test_download_without_network_says_where_to_put_the_file(tmp_path, monkeypat
         M.load_clip("Tiny/1", device="cpu", download_root=tmp_path / "cache")
 
 
-# ---- preprocessing -------------------------------------------------------------------------------
+# ---- preprocess.py: the image transforms -----------------------------------------------------------
 
 def test_clip_transform_matches_reference():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (150, 230, 3), dtype=np.uint8))
     ref = reference_clip().clip._transform(224)
     for im in (img, img.convert("L"), img.convert("RGBA")):
-        assert torch.equal(M.make_transform("clip", 224)(im), ref(im))
+        assert torch.equal(TK.make_transform("clip", 224)(im), ref(im))
     with pytest.raises(ValueError, match="targetpad"):
-        M.make_transform("squash")
+        TK.make_transform("squash")
 
 
 def test_targetpad_transform():
     wide = Image.new("RGB", (300, 100), (255, 255, 255))                # ratio 3 -> padded to 1.25
-    padded = M.target_pad(wide, 1.25)
+    padded = TK.target_pad(wide, 1.25)
     assert padded.size == (300, 100 + 2 * 70) and padded.getpixel((0, 0)) == (0, 0, 0)
     assert padded.getpixel((150, 120)) == (255, 255, 255)               # image centred
-    out = M.make_transform("targetpad", 64)(wide)
-    black = (torch.zeros(3) - torch.tensor(M.CLIP_MEAN)) / torch.tensor(M.CLIP_STD)
+    out = TK.make_transform("targetpad", 64)(wide)
+    black = (torch.zeros(3) - torch.tensor(TK.CLIP_MEAN)) / torch.tensor(TK.CLIP_STD)
     assert out.shape == (3, 64, 64) and torch.allclose(out[:, 0, 32], black, atol=1e-4)   # black border kept
     assert out[:, 32, 32].gt(1).all()                                    # white centre
     square = Image.new("RGB", (110, 100), (10, 200, 30))                 # ratio 1.1 < 1.25: untouched
-    assert torch.equal(M.make_transform("targetpad", 64)(square), M.make_transform("clip", 64)(square))
+    assert torch.equal(TK.make_transform("targetpad", 64)(square), TK.make_transform("clip", 64)(square))
 
 
 @pytest.mark.parametrize("name", ["clip", "targetpad"])
@@ -424,9 +425,9 @@ def test_decoded_pixels_give_the_transform_exactly(name):
     rng = np.random.default_rng(1)
     for size in ((64, 64), (150, 90)):
         img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-        px = M.make_transform(name, 48, pixels=True)(img)
+        px = TK.make_transform(name, 48, pixels=True)(img)
         assert px.dtype == torch.uint8 and px.shape == (3, 48, 48)
-        assert torch.equal(M.normalize_pixels(px[None])[0], M.make_transform(name, 48)(img))
+        assert torch.equal(TK.normalize_pixels(px[None])[0], TK.make_transform(name, 48)(img))
 
 
 # ---- CIRModel: CLIP with three WCB heads ---------------------------------------------------------
@@ -437,7 +438,7 @@ def test_cir_model_is_the_clip_sum_without_wcb_and_at_init():
     cached f_ref give the same q."""
     ref = _reference_model("vit")
     clip = M.build_clip(ref.state_dict())
-    text, a, b = M.tokenize(CAPTIONS[:3]), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    text, a, b = TK.tokenize(CAPTIONS[:3]), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         want_q = F.normalize(ref.encode_text(text) + ref.encode_image(a), dim=-1)
         want_t = F.normalize(ref.encode_image(b), dim=-1)
@@ -466,7 +467,7 @@ def test_each_distinct_image_goes_through_the_tower_once(monkeypatch):
     assert M.distinct(torch.rand(5, 3, 8, 8))[1] is None                       # all distinct: nothing to share
     torch.manual_seed(0)
     model = CIRModel(M.load_clip("tiny", device="cpu")[0]).train()
-    text = M.tokenize(["a red cube", "bigger", "a blue ball", "remove it"])
+    text = TK.tokenize(["a red cube", "bigger", "a blue ball", "remove it"])
     ref = torch.rand(1, 3, 48, 48).expand(4, -1, -1, -1).clone()            # one reference, four queries
     tgt = torch.rand(4, 3, 48, 48)
 
@@ -494,7 +495,7 @@ def test_each_distinct_image_goes_through_the_tower_once(monkeypatch):
     assert seen == [8]
 
 
-# ---- tokenizer.py --------------------------------------------------------------------------------
+# ---- preprocess.py: the tokenizer ------------------------------------------------------------------
 
 def _all_captions(ann):
     caps = []
@@ -525,17 +526,17 @@ def test_tokenizer_edge_cases(context_length):
     clip = reference_clip()
     for text in EDGE:
         want = clip.tokenize(text, context_length, truncate=True)
-        got = M.tokenize(text, context_length, truncate=True)
+        got = TK.tokenize(text, context_length, truncate=True)
         assert got.dtype == torch.long and torch.equal(got, want), text
         try:
             want = clip.tokenize([text], context_length)
         except RuntimeError:
             with pytest.raises(RuntimeError, match="too long"):
-                M.tokenize([text], context_length)
+                TK.tokenize([text], context_length)
         else:
-            assert torch.equal(M.tokenize([text], context_length), want)
-    assert M.tokenize([]).shape == (0, 77)
-    long = M.tokenize("word " * 80, truncate=True)[0]
+            assert torch.equal(TK.tokenize([text], context_length), want)
+    assert TK.tokenize([]).shape == (0, 77)
+    long = TK.tokenize("word " * 80, truncate=True)[0]
     assert long[-1] == 49407 and long.argmax() == 76                 # EOT kept as the last token
 
 
@@ -632,10 +633,10 @@ def test_torch_em_matches_sklearn(seed, ratio):
         assert detection_metrics(b["clean"], noisy)["auc"] >= 0.95
 
 
-def test_clean_probability_device_dtype():
+def test_decide_device_dtype():
     losses, noisy = _bimodal(500, 0.3, 0)
     for backend in ("sklearn", "torch"):
-        w = clean_probability(losses.half(), backend)
+        w = decide(losses.half(), backend)["w"]
         assert w.dtype == torch.float32 and w.shape == (500,) and 0 <= w.min() and w.max() <= 1
         assert w[~noisy].mean() > 0.9 and w[noisy].mean() < 0.1
 
@@ -647,7 +648,7 @@ def test_degenerate_inputs_give_ones_and_warn(case, backend):
          "nan": torch.rand(100).index_fill(0, torch.tensor([3]), math.nan),
          "inf": torch.rand(100).index_fill(0, torch.tensor([7]), math.inf)}[case]
     with pytest.warns(UserWarning, match="nfb.py"):
-        w = clean_probability(x, backend)
+        w = decide(x, backend)["w"]
     assert w.shape == x.shape and (w == 1).all()
 
 
@@ -707,13 +708,13 @@ def test_carry_over_installs_stage_1_labels_without_a_warm_up():
 
 
 @pytest.mark.parametrize("backend", ["sklearn", "torch"])
-def test_clean_probability_never_rises_with_the_loss(backend):
+def test_soft_label_never_rises_with_the_loss(backend):
     """A narrow clean mode and a wide noisy one: the raw GMM posterior of the clean component falls again in the
     far left tail (the wide component out-weighs it there); w is held at the clean mean's value instead."""
     g = torch.Generator().manual_seed(0)
     x = torch.cat([0.3 + 0.02 * torch.randn(700, generator=g), 0.5 + 0.25 * torch.randn(300, generator=g)])
     x = torch.cat([x, torch.tensor([-0.5])])                           # one very easy pair
-    w = clean_probability(x, backend)
+    w = decide(x, backend)["w"]
     order = x.argsort()
     assert (w[order].diff() <= 1e-6).all() and w[-1] == w.max()
     fit = fit_gmm(minmax(x), backend)
@@ -739,10 +740,10 @@ def test_second_mode_gate_keeps_one_skewed_mode_clean():
     fit = fit_gmm(minmax(clean))
     assert (fit["clean"] < 0.5).float().mean() > 0.2                              # the ungated split
     assert nfb.second_mode(clean, minmax(clean), fit)["excess"] < 0.02                 # the Gamma fits as well
-    assert (clean_probability(clean, gate=0.05) == 1).all()
+    assert (decide_views({"q": clean}, ["q"], gate=0.05)[0] == 1).all()
     noisy = torch.cat([clean[:4800], 12 + 2 * torch.randn(1200).abs()])
     assert nfb.second_mode(noisy, minmax(noisy), fit_gmm(minmax(noisy)))["excess"] > 0.1
-    w = clean_probability(noisy, gate=0.05)
+    w = decide_views({"q": noisy}, ["q"], gate=0.05)[0]
     assert (w[4800:] < 0.5).float().mean() > 0.95 and (w[:4800] < 0.5).float().mean() < 0.05
     nf = NoiseFilter(6000, warmup_epochs=0, gate=0.05)
     assert nf.update(clean, 0)["gated"] and (nf.weights == 1).all()
@@ -758,11 +759,11 @@ def test_width_gate_keeps_two_clean_humps_of_one_width_clean():
                        2.64 + 0.59 * torch.randn(3120, generator=g)]).clamp(min=0.05)
     mode = nfb.second_mode(humps, minmax(humps), fit_gmm(minmax(humps)))
     assert mode["excess"] > 0.05 and 0.8 < mode["width"] < 1.25                  # the excess test alone opens
-    assert (clean_probability(humps, gate=0.02) < 0.5).float().mean() > 0.4       # ... and flags half the pairs
-    assert (clean_probability(humps, gate=0.02, width=1.25) == 1).all()          # the width test keeps w = 1
+    assert (decide_views({"q": humps}, ["q"], gate=0.02)[0] < 0.5).float().mean() > 0.4       # ... and flags half the pairs
+    assert (decide_views({"q": humps}, ["q"], gate=0.02, width=1.25)[0] == 1).all()          # the width test keeps w = 1
     assert not nfb.is_noise(mode, 0.02, 1.25) and nfb.is_noise(mode, 0.02, 0) and nfb.is_noise(mode, 0, 0)
     wide = torch.cat([humps[:4800], 12 + 2 * torch.randn(1200, generator=g).abs()])   # wrong targets: far and wide
-    w = clean_probability(wide, gate=0.02, width=1.25)
+    w = decide_views({"q": wide}, ["q"], gate=0.02, width=1.25)[0]
     assert (w[4800:] < 0.5).float().mean() > 0.95
     nf = NoiseFilter(6000, warmup_epochs=0, gate=0.02, width=1.25)
     assert nf.update(humps, 0)["gated"] and not nf.update(wide, 1)["gated"]
@@ -976,7 +977,7 @@ def test_loss_bad_input_messages():
 
 
 # ==================================================================================================
-# data.py (CIRR, FashionIQ, Shoes, noise, missing images) and toy.py
+# data.py (CIRR, FashionIQ, Shoes), triplets.py (the triplet format, noise, missing images) and toy.py
 # ==================================================================================================
 
 CIRR_ANN = EXCERPT / "cirr"
@@ -1448,7 +1449,7 @@ def test_shoes_bad_root_one_line(tmp_path, micro_clip, capsys):
     (root / "train_im_names.txt").write_text("\n")
     with pytest.raises(ValueError, match="train_im_names.txt names no image"):
         data.Shoes(root, "train")
-    with pytest.raises(SystemExit):                # no folder: train.settings stops first, one line
+    with pytest.raises(SystemExit):                # no folder: runtime.settings stops first, one line
         train.main(["--dataset", "shoes", "--data-root", str(tmp_path / "nowhere"),
                     "--clip", str(micro_clip)])
     assert capsys.readouterr().err.strip().splitlines() == [
@@ -1477,7 +1478,7 @@ def test_shoes_noise_kinds_and_partial_refused(shoes_root, tmp_path, capsys):
     with pytest.raises(ValueError, match="partial.*has none"):
         data.Shoes(shoes_root, "train", noise=triplets.Noise(0.3, "partial", 0))
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:            # train.settings: before any data or model
+    with pytest.raises(SystemExit) as e:            # runtime.settings: before any data or model
         runtime.settings(["--dataset", "shoes", "--noise", "0.2", "--noise-kind", "partial",
                         "--data-root", str(tmp_path)])     # an empty folder: nothing to load
     err = capsys.readouterr().err.strip().splitlines()
@@ -1549,10 +1550,10 @@ def test_wrong_root(tmp_path):
         data.CIRR(root, "test")
 
 
-# ---- runtime.dataset: the dataset a run's settings name ------------------------------------------
+# ---- data.dataset: the dataset a run's settings name ---------------------------------------------
 
 def test_dataset_of_a_runs_settings(toy_root, fiq_root, shoes_root):
-    """runtime.dataset: the dataset the settings name, the injected noise on the training triplets
+    """data.dataset: the dataset the settings name, the injected noise on the training triplets
     only."""
     s = SimpleNamespace(dataset="toy", data_root=toy_root, categories=CATS, skip_missing=False,
                         noise=0.2, noise_kind="text", seed=1, extra_triplets=None)
@@ -1991,7 +1992,7 @@ def _settings_errors(toy_dir):
 
 
 def test_settings_errors_are_one_line_naming_the_flag(tmp_path, capsys):
-    """train.settings stops on each setting that cannot work with argparse's exit code and one
+    """runtime.settings stops on each setting that cannot work with argparse's exit code and one
     line; the toy folder named by --data-root is not generated (the subprocess test runs the
     command line itself)."""
     for flags, expect in _settings_errors(tmp_path / "toy"):
@@ -2038,7 +2039,7 @@ def test_settings_given_again_on_resume_are_checked(tmp_path, capsys):
 
 def test_stage_2_carries_stage_1_soft_labels_over_only_for_the_same_triplets(capsys):
     """train.carry_over: the noise filter takes stage 1's labels (no warm-up) when both stages
-    read the same training triplets (runtime.same_triplets: same noise, noise kind, seed, missing
+    read the same training triplets (runtime.triplet_changes: same noise, noise kind, seed, missing
     images, extra triplets, and the count); else it warms up."""
     settings = dict(noise=0.2, noise_kind="shuffle", seed=0, skip_missing=False,
                     extra_triplets=None, warmup_epochs=1, init="s1/best.pt")
@@ -2217,8 +2218,8 @@ def test_e2e_shoes_train_evaluate_and_spn(micro_clip, tmp_path, capsys):
 def _step_run(model, net, rank=0, world=1):
     """The state train_step reads: a hand-made Run around a model (no data: the batch is given).
     SGD, so that the step's update is the gradient itself; clipping far above the gradients'
-    norm."""
-    args = SimpleNamespace(tau=0.05, div_weight=0.1, soft_label="weight", grad_clip=1e6)
+    norm. --nfb-losses train: the step also returns the plain per-pair losses, whose merge is checked."""
+    args = SimpleNamespace(tau=0.05, div_weight=0.1, soft_label="weight", grad_clip=1e6, nfb_losses="train")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     amp, scaler = runtime.autocast("auto", torch.device("cpu"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -2359,7 +2360,7 @@ def test_e2e_corrupt_image_in_a_loader_worker_gives_one_line(toy_root, micro_cli
 
 
 # ==================================================================================================
-# evaluate.py (metrics, submission files, audit)
+# evaluate.py (metrics, submission files, queries) and audit.py
 # ==================================================================================================
 
 # ---- metrics, hand-made cases and a plain loop ---------------------------------------------------
@@ -2516,7 +2517,7 @@ def _sharded_encodings(state, root, rank=0, world=1, bank_path=None):
     model = CIRModel(CLIP(**MICRO))
     model.load_state_dict(state)
     enc = Encoder(model, batch_size=4, workers=0, rank=rank, world=world)
-    transform = M.make_transform("clip", MICRO["image_resolution"])
+    transform = TK.make_transform("clip", MICRO["image_resolution"])
     s = SimpleNamespace(dataset="toy", data_root=root, categories=None, skip_missing=False)
     feats = {}
     sets = [(name, ImageSource.files(ds, transform), ds) for name, ds in evaluate.eval_sets(s, "val")]
@@ -2735,7 +2736,7 @@ def test_e2e_audit_rows_match_the_caption_file_and_the_checkpoint(audit_run):
     model = runtime.build_model(ckpt).eval()
     trips = data.CIRR(root, "train", noise=triplets.Noise(0.3, "target", 0))
     gallery = trips
-    q, g = encode.query_features(Encoder(model, 128, workers=0), ImageSource.files(trips, M.make_transform("clip", 32)),
+    q, g = encode.query_features(Encoder(model, 128, workers=0), ImageSource.files(trips, TK.make_transform("clip", 32)),
                                  trips)
     for r in rows[:5] + rows[-5:]:
         sims = (F.normalize(q[[r["index"]]], dim=-1) @ F.normalize(g, dim=-1).T)[0].tolist()
@@ -2931,7 +2932,7 @@ def test_e2e_stage2_bank_and_only_text_side_trains(toy_root, micro_clip, toy_run
     bank = torch.load(out / "bank.pt", weights_only=True)
     model = runtime.build_model(torch.load(stage1 / "best.pt", weights_only=True)).eval()
     gallery = data.CIRR(toy_root, "train")
-    images = ImageSource.files(gallery, M.make_transform("clip", model.clip.image_resolution))
+    images = ImageSource.files(gallery, TK.make_transform("clip", model.clip.image_resolution))
     assert len(bank["bank"]) == len(gallery.images)
     with torch.no_grad():
         for i in (0, 7, len(gallery.images) - 1):
@@ -3144,7 +3145,7 @@ def test_spn_cli_fashioniq_pairs_within_category(micro_clip, tmp_path):
 
 
 # ==================================================================================================
-# runtime.py (DDP helpers, checkpoints, plots)
+# runtime.py (DDP helpers, checkpoints) and train.py's plots
 # ==================================================================================================
 
 # ---- DDP helpers ---------------------------------------------------------------------------------
@@ -3243,7 +3244,7 @@ def test_plots_are_pngs_of_their_layout(toy_root, tmp_path):
 
 
 # ==================================================================================================
-# study.py and bench.py
+# tools/study.py and tools/bench.py
 # ==================================================================================================
 
 def test_e2e_study_grid_resumes_and_reports(toy_root, tmp_path):
@@ -3281,7 +3282,7 @@ def test_e2e_study_grid_resumes_and_reports(toy_root, tmp_path):
 
 def test_e2e_bench_train_runs_on_the_training_api(toy_root, micro_clip, tmp_path, monkeypatch,
                                                   capsys):
-    """bench.py train builds its run with train.settings / build and times train_epoch,
+    """bench.py train builds its run with runtime.settings / build and times train_epoch,
     the NFB's views and validation: on the shared toy and micro CLIP it prints its three tables,
     every time positive. (Its speed is measured by bench.py, never here: the matmul peak is a
     stand-in.)"""

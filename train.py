@@ -42,11 +42,12 @@ import runtime
 import toy
 from encode import Encoder, ImageSource, pair_features
 from loss import info_nce, soft_nce
-from model import CIRModel, load_clip, make_transform, tokenize
+from model import CIRModel, load_clip
+from preprocess import make_transform, tokenize
 from nfb import VIEWS, NoiseFilter, pair_views
 from runtime import EVAL_SPLIT, atomic_write, gather_with_grad, log, merge_losses, rng_state, set_rng_state, \
     strict_json
-from triplets import TripletDataset, say, subset_rows
+from triplets import TripletDataset, subset_rows
 
 
 # -----------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def build(args):
     if len(train) < args.batch_size:
         sys.exit(f"error: --batch-size {args.batch_size} is larger than the {len(train)} training triplets: an "
                  f"epoch would have no step; pass --batch-size {max(2, len(train) // 2)} or less")
-    if "subset" in args.nfb_views and subset_rows(train) is None:          # FashionIQ, Shoes: no subsets
+    if ("subset" in args.nfb_views or args.nfb_measure) and subset_rows(train) is None:  # FashionIQ, Shoes
         args.nfb_views = [v for v in args.nfb_views if v != "subset"]
         log(f"NFB: {args.dataset} has no subsets (CIRR's img_set): the subset view is left out", rank)
     out = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -215,7 +216,7 @@ def carry_over(run, init):
     """SPN stage 2 starts from stage 1's soft labels when they describe the same training triplets; otherwise the
     NFB warms up again."""
     a = run.args
-    differ = runtime.same_triplets(init["args"], vars(a))
+    differ = runtime.triplet_changes(init["args"], vars(a))
     if init.get("nfb") and not differ and len(init["nfb"]["weights"]) == len(run.train):
         run.nfb.carry_over(init["nfb"])
         log(f"NFB: soft labels of {a.init} carried over ({int((run.nfb.weights < 0.5).sum())} pairs flagged)",
@@ -231,7 +232,7 @@ def carry_over(run, init):
 def train_step(run, batch, w):
     """One optimizer step on a batch (tokens (B, L), ref, tgt, idx (B,)) with soft labels w (B,) or None. ref and tgt
     are the image source's inputs (images, or a frozen tower's tokens); in SPN stage 2 ref is f_ref and tgt the
-    targets' rows of the bank. Returns the loss and the per-pair l_i (B,) (--nfb-losses train fits the GMM to them)."""
+    targets' row numbers in the bank. Returns the loss and the per-pair l_i (B,) (--nfb-losses train fits the GMM to them)."""
     a, (tokens, ref, tgt, _), bank = run.args, batch, run.images.bank
     with run.amp:
         q, t, pen = run.net(tokens, ref, tgt if bank is None else None)  # q = normalize(f_txt + f_ref), t likewise
@@ -252,7 +253,9 @@ def train_step(run, batch, w):
     run.scaler.step(run.opt)
     run.scaler.update()
     run.sched.step()
-    plain = l_i if w is None else info_nce(q, t_all, a.tau, pos=pos, reduction="none")
+    # the plain l_i under soft labels: only --nfb-losses train reads them (a B x N product in SPN's stage 2)
+    plain = l_i if w is None or a.nfb_losses != "train" else info_nce(q.detach(), t_all.detach(), a.tau, pos=pos,
+                                                                      reduction="none")
     return loss.item(), plain.detach().float()
 
 
@@ -264,8 +267,6 @@ def train_epoch(run, epoch):
     per-pair losses (n,) of the training pass (NaN where a pair was not seen)."""
     a, dev = run.args, run.device
     run.model.train()
-    if a.encoder == "text" or a.stage == 2:
-        run.model.clip.visual.eval()                    # frozen tower: BatchNorm statistics stay put too
     keep, w_all = epoch_labels(run, epoch)
     losses = torch.full((len(run.train),), float("nan"), device=dev)
     total, steps, t_data, t_step = 0.0, 0, 0.0, 0.0
@@ -395,11 +396,7 @@ def noise_views(run):
     distinct texts once, each process its share (encode.pair_features)."""
     a = run.args
     pf = pair_features(run.enc, run.images, run.train)
-    names = VIEWS if a.nfb_measure else a.nfb_views
-    if pf.subsets is None and "subset" in names:
-        names = [v for v in names if v != "subset"]
-        say(f"NFB: {a.dataset} has no subsets (CIRR's img_set): the subset view is left out")
-    return pair_views(pf, names, a.tau, a.nfb_text_temp, a.nfb_text_inverted)
+    return pair_views(pf, VIEWS if a.nfb_measure else a.nfb_views, a.tau, a.nfb_text_temp, a.nfb_text_inverted)
 
 
 def save_epoch(run, rec):
@@ -421,14 +418,6 @@ def save_epoch(run, rec):
 # -----------------------------------------------------------------------------
 # plots: a picture of the noise filter's view of the losses, the recall per epoch
 
-def _pyplot():
-    """matplotlib on the Agg backend (no display on training machines), imported when a figure is drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def loss_histogram(losses, stats, path, epoch=None, noisy=None):
     """Histogram of the min-max normalised per-sample losses and the two fitted Gaussians (scaled by their
     mixing weights), as the GMM saw them. losses (n,) may hold NaN (samples not seen this epoch).
@@ -438,7 +427,7 @@ def loss_histogram(losses, stats, path, epoch=None, noisy=None):
     if len(x) == 0 or any(math.isnan(m) for m in stats["means"]):
         return                                       # nothing seen, or the GMM was not fitted (degenerate)
     x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-12)
-    plt = _pyplot()
+    plt = runtime.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = 60
     if noisy is not None:
@@ -466,7 +455,7 @@ def recall_curves(history, path):
     """Validation recalls against the epoch, one line per metric. history: the run's JSON-line records."""
     epochs = [r["epoch"] for r in history]
     keys = [k for k in history[0]["metrics"] if k.startswith(("R@", "Rsubset@"))]
-    plt = _pyplot()
+    plt = runtime.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for k in keys:
         ax.plot(epochs, [r["metrics"][k] for r in history], marker="o", label=k)

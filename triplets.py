@@ -338,7 +338,7 @@ class Triplets(TripletDataset):
             raise ValueError(f"{path}: no triplet; write one JSON object per line with reference, text, target")
         say(f"Triplets {split}: {path}: {len(triplets)} triplets ({self_pairs} with reference = target) over "
             f"{len(paths)} images" + (f"; {repeated} repeated rows kept once" if repeated else ""))
-        self.file, self.n_self_pairs, self.n_repeated = path, self_pairs, repeated
+        self.n_self_pairs, self.n_repeated = self_pairs, repeated
         self._setup("Triplets", root, split, (list(paths), paths, triplets, stored), skip_missing, noise,
                     extra_triplets)
 

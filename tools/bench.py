@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 import data
 import model as M
+import preprocess as TK
 import runtime
 import toy
 import train
@@ -108,7 +109,7 @@ def bench_clip(args):
     torch.set_num_threads(threads)
     clip = reference_clip()
     caps = [t["caption"] for t in json.loads((ANNOTATIONS / "cirr/captions/cap.rc2.val.json").read_text())]
-    text = M.tokenize(random.Random(0).sample(caps, batch))                 # (B, 77)
+    text = TK.tokenize(random.Random(0).sample(caps, batch))                 # (B, 77)
     images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     print(f"CLIP forward, CPU fp32, {threads} threads, batch {batch} at 224 px, median of {reps} interleaved runs; "
           f"text trimmed to {int(text.argmax(-1).max()) + 1} of 77 tokens (other workers may share the CPU)")
@@ -153,7 +154,7 @@ def bench_data(args):
         n_img = sum(1 for _ in root.rglob("*.png"))
         rows.append((f"toy generation (default sizes, {n_img:,} images)", f"{time.perf_counter() - t:.1f} s"))
         ds = data.CIRR(root, "train")
-        images = ImageSource.files(ds, M.make_transform("clip", toy.TOY_IMAGE_SIZE))
+        images = ImageSource.files(ds, TK.make_transform("clip", toy.TOY_IMAGE_SIZE))
         for workers in (0, 2):
             it = iter(DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                  generator=torch.Generator().manual_seed(0),

@@ -1,20 +1,25 @@
-"""OpenAI CLIP's byte-level BPE tokenizer, rewritten (used by model.py, which re-exports `tokenize`).
+"""What CLIP reads: texts as token ids (OpenAI's byte-level BPE tokenizer, rewritten) and images as normalised
+tensors (CLIP's transform and CLIP4Cir's target pad).
 
 tokenize(texts) gives exactly what OpenAI's `clip.tokenize` gives, id for id: the same text cleaning (ftfy, double
 HTML unescape, whitespace collapsed, lower-case), the same pre-split regex, the same 48,894 merges from
 assets/bpe_simple_vocab_16e6.txt.gz (checked against its SHA-256), the same too-long / truncate behaviour.
+make_transform(name, size) gives OpenAI's preprocessing tensor for tensor ('clip'), or CLIP4Cir's target pad before
+it ('targetpad'); with pixels=True it stops at uint8, what a decoded-image cache stores (normalize_pixels finishes).
 """
 
 import gzip
 import hashlib
 import html
 import math
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import ftfy
 import regex
 import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 
 VOCAB = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
@@ -104,3 +109,42 @@ def tokenize(texts, context_length=77, truncate=False):
             ids = ids[:context_length - 1] + [encoder[EOT]]
         rows.append(ids + [0] * (context_length - len(ids)))
     return torch.tensor(rows, dtype=torch.long).reshape(len(texts), context_length)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# images
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def target_pad(image, target_ratio=1.25):
+    """CLIP4Cir's target pad: black borders, centred, so that long side / short side <= target_ratio; the centre
+    crop then keeps the whole image instead of cutting off the ends of a long garment."""
+    w, h = image.size
+    if max(w, h) / min(w, h) < target_ratio:
+        return image
+    side = max(w, h) / target_ratio
+    pw, ph = max(int((side - w) / 2), 0), max(int((side - h) / 2), 0)
+    return TF.pad(image, [pw, ph, pw, ph], fill=0)
+
+
+def make_transform(name="clip", size=224, target_ratio=1.25, pixels=False):
+    """'clip' | 'targetpad' -> callable(PIL.Image) -> (3, size, size) normalised tensor (picklable, for workers).
+    pixels=True stops before the float conversion: (3, size, size) uint8, what a decoded-image cache stores;
+    normalize_pixels then gives exactly the float tensor of the full transform."""
+    if name not in ("clip", "targetpad"):
+        raise ValueError(f"unknown transform {name!r}; choose 'clip' or 'targetpad'")
+    steps = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), _to_rgb]
+    if name == "targetpad":
+        steps.insert(0, partial(target_pad, target_ratio=target_ratio))
+    steps += [T.PILToTensor()] if pixels else [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    return T.Compose(steps)
+
+
+def normalize_pixels(x):
+    """uint8 images (B, 3, H, W) -> float (B, 3, H, W), the same arithmetic as ToTensor + Normalize (bit-equal)."""
+    return TF.normalize(x.float().div(255), CLIP_MEAN, CLIP_STD)
