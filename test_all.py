@@ -2838,6 +2838,11 @@ def test_e2e_own_triplets_train_audit_clean_and_train_on_the_cleaned_copy(toy_ro
                                  "--no-nfb", "--out", str(tmp_path / "clean")])
     assert json.loads((again / "args.json").read_text())["train_file"] == str(out / "clean.jsonl")
     assert f"Triplets train: {out / 'clean.jsonl'}: {len(kept)} triplets" in capsys.readouterr().out
+    # SPN's stage 2 on the same folder: the bank holds every training image, stage 1's soft labels carry over
+    s2 = train.main(common + ["--epochs", "1", "--max-steps", "1", "--stage", "2", "--init", str(out / "last.pt"),
+                              "--out", str(tmp_path / "s2")])
+    assert len(torch.load(s2 / "bank.pt", weights_only=True)["bank"]) == len(ds.images)
+    assert f"NFB: soft labels of {out / 'last.pt'} carried over" in capsys.readouterr().out
 
 
 def test_e2e_query_your_own_images(toy_root, micro_clip, tmp_path, capsys, monkeypatch):
