@@ -24,7 +24,7 @@ import data
 import runtime
 import toy
 from encode import ImageSource, check_finite, pair_features
-from loss import drop_reference, rank_of, similarities
+from loss import CHUNK, drop_reference, rank_of, similarities
 from model import compose
 from preprocess import make_transform
 from nfb import decide_views, detection_metrics, pair_views
@@ -32,7 +32,6 @@ from triplets import NOISE_FIELDS, Noise, as_row, check_noise
 
 AUDIT_SHEET = 24          # rows of the contact sheet
 AUDIT_K = (100, 500)      # precision@k / recall@k, besides k = the number of known noisy triplets
-CHUNK = 1024              # queries scored at once: memory is CHUNK x gallery floats
 
 
 def audit_settings(run_args, dataset, root, **given):

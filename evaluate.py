@@ -38,12 +38,10 @@ import toy
 import encode
 import triplets
 from encode import Encoder, ImageSource, check_finite, query_features
-from loss import drop_reference, rank_of, similarities
+from loss import CHUNK, drop_reference, rank_of, similarities
 from model import CIRModel, compose, load_clip
 from preprocess import make_transform
 from runtime import EVAL_SPLIT
-
-CHUNK = 1024  # queries scored at once: memory is CHUNK x gallery floats
 
 
 # -----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 SOFT_FORMS = ("weight", "spread")       # soft_nce's forms; train.py's --soft-label adds "sample"
+CHUNK = 1024        # queries scored at once against a whole gallery: memory is CHUNK x gallery floats
 
 
 def info_nce(q, t, tau, pos=None, reduction="mean"):
@@ -79,7 +80,7 @@ def rank_of(sims, idx):
 
 
 @torch.no_grad()
-def gallery_nce(q, gallery, tgt, tau, exclude=None, chunk=1024):
+def gallery_nce(q, gallery, tgt, tau, exclude=None, chunk=CHUNK):
     """l^gallery_i: every query ranked over a whole gallery (the NFB's --nfb-losses gallery), j over the gallery
     minus the query's own reference image (exclude, as CIRR's protocol; kept when it is the target itself).
     Within a random batch a near-miss target (an image of the query's own subset, or a wrong text on a true
@@ -97,7 +98,7 @@ def gallery_nce(q, gallery, tgt, tau, exclude=None, chunk=1024):
 
 
 @torch.no_grad()
-def text_nce(f_txt, f_ref, t, text_idx, tau, inverted=True, chunk=1024):
+def text_nce(f_txt, f_ref, t, text_idx, tau, inverted=True, chunk=CHUNK):
     """l^text_i: which text explains pair i? Every distinct training text k composed with i's reference,
     q_ki = normalize(f_txt_k + f_ref_i), is scored against i's target: s_ki = q_ki·t_i / tau. Each text's scores are
     first normalised over the pairs (the inverted softmax: a text that scores high on every pair, a hub, must not win
