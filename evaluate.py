@@ -421,7 +421,8 @@ def query(a, device):
                 transform_name, model.clip.image_resolution]
     enc = Encoder(model, a.batch_size, device, a.workers)
     names, g, cache, hit = encode.folder_features(enc, gallery, transform, model_id, a.cache_dir)
-    print(f"gallery {gallery}: {len(names):,} images, features {'read from' if hit else 'computed and kept in'} {cache} "
+    how = "read from" if hit else "computed and kept in"
+    print(f"gallery {gallery}: {len(names):,} images, features {how} {cache} "
           "(delete it to recompute)")
     index = {str((gallery / n).resolve()): i for i, n in enumerate(names)}
     refs = [str(ref) for ref, _, _ in qs]             # the query images, batched as any split's images

@@ -232,7 +232,8 @@ def carry_over(run, init):
 def train_step(run, batch, w):
     """One optimizer step on a batch (tokens (B, L), ref, tgt, idx (B,)) with soft labels w (B,) or None. ref and tgt
     are the image source's inputs (images, or a frozen tower's tokens); in SPN stage 2 ref is f_ref and tgt the
-    targets' row numbers in the bank. Returns the loss and the per-pair l_i (B,) (--nfb-losses train fits the GMM to them)."""
+    targets' row numbers in the bank. Returns the loss and the per-pair l_i (B,) (--nfb-losses train fits the GMM
+    to them)."""
     a, (tokens, ref, tgt, _), bank = run.args, batch, run.images.bank
     with run.amp:
         q, t, pen = run.net(tokens, ref, tgt if bank is None else None)  # q = normalize(f_txt + f_ref), t likewise
