@@ -2687,6 +2687,24 @@ def _audit_rows(folder, name="audit"):
     return [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
 
 
+def test_e2e_roc_tool_thresholds_each_view_with_the_truth(audit_run, capsys):
+    """python -m tools.roc: a view's threshold set on the clean pairs' losses flags that share of them, and the
+    fields it flags are those a plain loop over the audit's own rows (audit.jsonl: each view's loss, the truth)
+    finds; the decision is the audit's w < 0.5."""
+    from tools import roc
+    root, out, _ = audit_run
+    flags, decision = roc.main([str(out), "--fpr", "0.05", "--data-root", str(root)])
+    rows = sorted(_audit_rows(out), key=lambda r: r["index"])
+    assert "the decision of query + text (w < 0.5)" in capsys.readouterr().out
+    assert decision.tolist() == [r["w"] < 0.5 for r in rows]
+    for (view, fpr), flagged in flags.items():
+        clean = sorted(r["views"][view]["loss"] for r in rows if r["noise"] == "clean")
+        thr = torch.quantile(torch.tensor(clean), 1 - fpr).item()
+        assert flagged.tolist() == [r["views"][view]["loss"] > thr for r in rows]
+        assert sum(f for f, r in zip(flagged.tolist(), rows) if r["noise"] == "clean") == pytest.approx(
+            fpr * len(clean), abs=1)
+
+
 def test_e2e_audit_finds_the_injected_noise_of_a_trained_run(audit_run, capsys):
     """The run's own noise (its --noise, --noise-kind, --seed) is the truth: the most suspicious triplets are
     mostly the corrupted ones, far above the 30% of a random order."""
