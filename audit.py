@@ -83,7 +83,8 @@ def audit_scores(enc, images, trips, s, times=None, chunk=CHUNK):
     """Every triplet of `trips` scored over the images of its split (an ImageSource) -> dict(loss
     (Q,) the query view, rank (Q,) 0-based, top (Q, 3) gallery rows, views {name: (Q,)} the NFB's views of the
     settings s (nfb_views, tau, nfb_text_temp, nfb_text_inverted), view_w {name: (Q,)} each view's clean
-    probability, w (Q,) the NFB's decision (nfb.decide_views with gmm, nfb_gate, nfb_width, nfb_gate_by)).
+    probability, w (Q,) the NFB's decision (nfb.decide_views with gmm, nfb_gate, nfb_width, nfb_gate_by,
+    nfb_budget)).
     times: an optional dict that receives the seconds spent encoding and ranking."""
     t0 = time.perf_counter()
     pf = pair_features(enc, images, trips)
@@ -94,7 +95,8 @@ def audit_scores(enc, images, trips, s, times=None, chunk=CHUNK):
     names = [v for v in s["nfb_views"] if v != "subset" or pf.subsets is not None]          # pair_views' own rule
     views = pair_views(pf, [v for v in names if v != "query"], s["tau"], s["nfb_text_temp"], s["nfb_text_inverted"])
     views = {"query": out["loss"], **{k: v.cpu() for k, v in views.items()}}
-    w, per_view = decide_views(views, names, s["gmm"], s["nfb_gate"], s["nfb_width"], s["nfb_gate_by"])
+    w, per_view = decide_views(views, names, s["gmm"], s["nfb_gate"], s["nfb_width"], s["nfb_gate_by"],
+                               budget=s["nfb_budget"])
     out.update(w=w.cpu(), views=views, view_w={k: v[0].cpu() for k, v in per_view.items()})
     if times is not None:
         times.update(encode=t1 - t0, rank=time.perf_counter() - t1)
@@ -290,7 +292,7 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
     rows = audit_rows(trips, scores, dataset, w_train)
     summary = audit_summary(trips, scores, dataset, w_train)
     summary.update({k: s[k] for k in ("tau", "gmm", "nfb_gate", "nfb_width", "nfb_views", "nfb_gate_by",
-                                      "nfb_text_temp", "nfb_text_inverted")})
+                                      "nfb_budget", "nfb_text_temp", "nfb_text_inverted")})
     name = "audit" if split == "train" else f"audit_{split}"
     jsonl = out_dir / f"{name}.jsonl"
     runtime.atomic_write(jsonl, "".join(json.dumps(runtime.strict_json(r)) + "\n" for r in rows))

@@ -124,6 +124,9 @@ def parser(description=None):
     p.add_argument("--nfb-gate-by", default="first", choices=["first", "each"],
                    help="first: the query view's gate says whether there is noise, then each view joins whose noisy "
                    "component is the wider; each: every view passes both tests on its own")
+    p.add_argument("--nfb-budget", type=float, default=0.0,
+                   help="beyond the decision, flag this share of the pairs it keeps, those ranked highest by any "
+                   "decision view (a budget of clean pairs the GMM's conservative threshold leaves unspent; 0: off)")
     p.add_argument("--nfb-text-temp", type=float, default=0.25,
                    help="the text view's temperature, a fraction of --tau: many texts describe one edit equally "
                    "well, a sharp softmax asks whether the pair's own text is among the best")
@@ -197,6 +200,8 @@ def check(args, p):
          f"--nfb-views {' '.join(args.nfb_views)}: list each view once, query first (its loss says whether there is "
          "noise at all), e.g. --nfb-views query text"),
         (args.nfb_text_temp > 0, f"--nfb-text-temp {args.nfb_text_temp}: a fraction of --tau, > 0"),
+        (0 <= args.nfb_budget < 0.5, f"--nfb-budget {args.nfb_budget}: a share of the kept pairs, in [0, 0.5) "
+                                     f"(0.02: the 2% the noise filter may spend on clean pairs)"),
         (args.wcb_maps >= 2, f"--wcb-maps {args.wcb_maps}: the WCB needs K >= 2 weight maps to be diverse"),
         (args.workers >= 0, f"--workers {args.workers}: must be >= 0"),
         (args.max_steps is None or args.max_steps >= 1, f"--max-steps {args.max_steps}: must be >= 1"),

@@ -869,6 +869,27 @@ def test_decide_views_gate_first_view_decides_whether_there_is_noise():
         nf.update(dict(query=noisy_q), 1)
 
 
+def test_budget_flags_the_highest_ranked_kept_pairs_by_any_view_and_never_on_clean_data():
+    """spend_budget by hand: of the pairs the decision keeps (w >= 0.5, finite in every view), the budget share with
+    the highest max-over-views rank is flagged (w = 0), the rest untouched. In decide_views it only acts when the
+    gate is open: clean data stays untouched."""
+    w = torch.tensor([1.0, 0.9, 0.2, 1.0, 1.0, 0.7, 1.0, 1.0, 1.0, 1.0, 1.0])
+    q = torch.tensor([0.1, 0.2, 9.0, 0.3, 0.4, 0.5, 0.6, 0.7, 5.0, 0.8, float("nan")])
+    t = torch.tensor([0.9, 0.1, 9.0, 8.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    # kept: every index but 2 (w < 0.5) and 10 (NaN): 9 pairs; 0.25 of them -> 2 flagged: 3 (top text rank) and
+    # 8 (top query rank), both rank 8 of 0..8 in one view
+    out = nfb.spend_budget(w, dict(query=q, text=t), 0.25)
+    expect = w.clone()
+    expect[[3, 8]] = 0.0
+    assert torch.equal(out, expect) and w[3] == 1.0                                  # w itself is not changed
+    assert torch.equal(nfb.spend_budget(w, dict(query=q, text=t), 0.1), w)          # int(0.9) = 0 pairs
+    torch.manual_seed(0)
+    clean = torch.distributions.Gamma(2.0, 1.0).sample((6000,))
+    w0, _ = nfb.decide_views(dict(query=clean, text=clean.flip(0)), ["query", "text"], gate=0.02, width=1.25,
+                             budget=0.02)
+    assert (w0 == 1).all()
+
+
 # ==================================================================================================
 # loss.py
 # ==================================================================================================
@@ -1974,6 +1995,7 @@ def _settings_errors(toy_dir):
         (["--nfb-views", "text", "query", *toy_args], "--nfb-views text query: list each view once, query first"),
         (["--nfb-views", "query", "text", "text", *toy_args], "--nfb-views query text text"),
         (["--nfb-text-temp", "0", *toy_args], "--nfb-text-temp 0.0"),
+        (["--nfb-budget", "0.5", *toy_args], "--nfb-budget 0.5: a share of the kept pairs"),
         (["--train-file", "clean.jsonl", *toy_args], "--train-file clean.jsonl: only with --dataset triplets"),
         (["--data-root", str(REPO / "README.md")], f"--data-root {REPO / 'README.md'}: a file, not a folder"),
         (["--dataset", "triplets", "--data-root", str(toy_dir.parent), "--train-file", "nope.jsonl"],

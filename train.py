@@ -124,6 +124,8 @@ def build(args):
     nfb = None if args.no_nfb else NoiseFilter(len(train), args.warmup_epochs, args.gmm, gate=args.nfb_gate,
                                                width=args.nfb_width, views=args.nfb_views, gate_by=args.nfb_gate_by,
                                                noisy_gt=train.noise_field if train.noisy.any() else None)
+    if nfb is not None:
+        nfb.budget = args.nfb_budget
     run = Run(args, model, net, opt, sched, scaler, amp, nfb, train, images, val, enc, out, rank, world, device)
     if resume is not None:
         restore(run, resume)

@@ -59,7 +59,7 @@ METHODS = {"infonce": ["--no-wcb", *NFB_OFF], "wcb": NFB_OFF, "ncl": ["--nfb-mea
            # ablations: one choice of the noise filter back to an alternative (README: "What follows the paper")
            "ncl-query": ["--nfb-views", "query"], "ncl+change": [*TEXT, "change"], "ncl+subset": [*TEXT, "subset"],
            "ncl+gain": [*TEXT, "gain"], "ncl-flat": ["--no-nfb-text-inverted"], "ncl-temp1": ["--nfb-text-temp", "1"],
-           "ncl-each": ["--nfb-gate-by", "each"],
+           "ncl-each": ["--nfb-gate-by", "each"], "ncl+budget": ["--nfb-budget", "0.02"],
            "ncl-spread": ["--soft-label", "spread"], "ncl-weight": ["--soft-label", "weight"],
            "ncl-nogate": ["--nfb-gate", "0", "--nfb-width", "0"], "ncl-batchloss": ["--nfb-losses", "train"],
            "ncl+spn": [], "ncl+pos": [], "ncl+pos+spn": []}
@@ -67,7 +67,7 @@ CORE = ["wcb", "ncl", "oracle"]
 # each ablation where its choice matters, with the seeds of --ablation-seeds: the views, the text view's form and
 # the gate under heavy noise
 ABLATIONS = {"ncl-query": ["0.5", "0.8", "partial:0.4"], "ncl+change": ["0.5"], "ncl+subset": ["0.5"], "ncl+gain": ["0.5"],
-             "ncl-flat": ["0.5"], "ncl-temp1": ["0.5"], "ncl-each": ["0.5"]}
+             "ncl-flat": ["0.5"], "ncl-temp1": ["0.5"], "ncl-each": ["0.5"], "ncl+budget": ["0.5"]}
 NOISE = ["0", "0.2", "0.5", "0.8", "partial:0.4"]
 METRICS = ("R@1", "R@5", "R@10", "Rsubset@1")
 EDITS = ("color", "size", "shape", "add", "remove", "move")
