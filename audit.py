@@ -103,6 +103,14 @@ def audit_scores(enc, images, trips, s, times=None, chunk=CHUNK):
     return out
 
 
+def split_images(trips, s, enc):
+    """The split's images as the run read them: decoded once into RAM with --cache-images (the toy), else files."""
+    res = enc.model.clip.image_resolution
+    if s["cache_images"]:
+        return ImageSource.pixels(trips, make_transform(s["transform"], res, pixels=True), enc.workers)
+    return ImageSource.files(trips, make_transform(s["transform"], res))
+
+
 def suspicion_order(w, loss):
     """Most suspicious first: ascending w; ties (w saturates at 0 and 1) by descending loss, then
     by index. w, loss (Q,) -> list of Q indices."""
@@ -282,11 +290,7 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
             w_train = None
 
     t0 = time.perf_counter()
-    res = enc.model.clip.image_resolution
-    if s["cache_images"]:                      # as the run: decoded once into RAM (the toy)
-        images = ImageSource.pixels(trips, make_transform(s["transform"], res, pixels=True), enc.workers)
-    else:
-        images = ImageSource.files(trips, make_transform(s["transform"], res))
+    images = split_images(trips, s, enc)
     times = dict(decode=time.perf_counter() - t0)
     scores = audit_scores(enc, images, trips, s, times, chunk)
     rows = audit_rows(trips, scores, dataset, w_train)

@@ -19,9 +19,8 @@ import torch
 import audit
 import data
 import runtime
-from encode import Encoder, ImageSource
+from encode import Encoder
 from nfb import VIEWS
-from preprocess import make_transform
 
 FIELDS = ("clean", "reference", "text", "target")       # triplets.noise_field's codes 0..3
 
@@ -53,10 +52,7 @@ def main(argv=None):
                  f"score against")
     model = runtime.build_model(ckpt).eval()
     enc = Encoder(model, 256, torch.device("cpu"), 0)
-    res = model.clip.image_resolution
-    images = (ImageSource.pixels(trips, make_transform(s["transform"], res, pixels=True), 0) if s["cache_images"]
-              else ImageSource.files(trips, make_transform(s["transform"], res)))
-    out = audit.audit_scores(enc, images, trips, s)
+    out = audit.audit_scores(enc, audit.split_images(trips, s, enc), trips, s)
     field, clean = trips.noise_field.long(), trips.noise_field == 0
     res = {}
     print(f"\n{a.run}: {len(trips):,} training pairs, {int((~clean).sum()):,} noisy; % flagged of "
