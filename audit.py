@@ -308,34 +308,44 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
         summary.update(clean_copy(trips, scores, rows, s, out_dir))
     summary.update({f"time_{k}": v for k, v in times.items()}, time_total=time.perf_counter() - t0)
     summary_json = json.dumps(runtime.strict_json(summary), indent=1)
-    (out_dir / f"{name}_summary.json").write_text(summary_json)
+    runtime.atomic_write(out_dir / f"{name}_summary.json", summary_json)
     noise = (f" ({s['noise_kind']} noise {s['noise']}, seed {s['seed']})"
              if split == "train" and s["noise"] else "")
     print_audit_summary(summary, f"{dataset} {split}{noise}")
-    print(f"wrote {jsonl} ({len(rows):,} rows, most suspicious first) and {name}.png "
-          f"({len(sheet)} rows) in {summary['time_total']:.1f} s: decoding images "
+    print(f"wrote {jsonl} ({len(rows):,} rows, most suspicious first), {name}.png ({len(sheet)} rows) and "
+          f"{name}_summary.json in {summary['time_total']:.1f} s: decoding images "
           f"{times['decode']:.1f} s, encoding {times['encode']:.1f} s, ranking and GMM "
           f"{times['rank']:.1f} s")
     return summary
 
 
 def clean_copy(trips, scores, rows, s, out_dir):
-    """Your own triplets: clean.jsonl, the training file in the same format without the triplets whose w is below
-    s["clean_below"] (0.5), and removed.jsonl, the removed rows with their scores (w, loss, each view's, and why),
-    most suspicious first; written atomically. Prints the one command that trains on the cleaned copy.
-    -> dict(kept, removed) for the summary."""
-    w = scores["w"]
-    drop = w < s["clean_below"]
-    keep = [as_row(t, f) for t, f, d in zip(trips.triplets, trips.noise_field.tolist(), drop.tolist()) if not d]
-    removed = [{**as_row(trips.triplets[r["index"]], int(trips.noise_field[r["index"]])),
-                **{k: r[k] for k in ("w", "loss", "rank", "views", "flagged_by")}} for r in rows if drop[r["index"]]]
+    """Your own triplets: clean.jsonl, the rows of the training file as they are there, without the triplets whose
+    w is below s["clean_below"] (0.5), and removed.jsonl, the rows left out, most suspicious first, each with its
+    scores under "audit" (its line in the file, w, loss, rank, each view's, and why); written atomically. Only rows
+    of the file read: generated positives (--extra-triplets) are in neither, and when the audit injected noise
+    (--noise) into its copy of the triplets it scored no row of the file, so it writes neither and says so. Prints
+    the one command that trains on the cleaned copy. -> dict(kept, removed) for the summary."""
+    file = Path(s["train_file"] or Path(s["data_root"]) / "train.jsonl")
+    if s["noise"]:
+        print(f"no clean.jsonl: the audit scored the triplets of {file.name} with --noise {s['noise']} injected in "
+              "memory, not the file's own rows; audit with --noise 0 to clean the file")
+        return {}
+    drop = (scores["w"] < s["clean_below"]).tolist()
+    own = [i for i, t in enumerate(trips.triplets) if "source" in t]
+    keep = [trips.triplets[i]["source"] for i in own if not drop[i]]
+    why = ("w", "loss", "rank", "views", "flagged_by")
+    removed = [{**trips.triplets[r["index"]]["source"],
+                "audit": {"line": trips.triplets[r["index"]]["line"], **{k: r[k] for k in why}}}
+               for r in rows if drop[r["index"]] and "source" in trips.triplets[r["index"]]]
     runtime.atomic_write(out_dir / "clean.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
     runtime.atomic_write(out_dir / "removed.jsonl", "".join(json.dumps(runtime.strict_json(r)) + "\n"
                                                              for r in removed))
     preset = f" --preset {s['preset']}" if s.get("preset") else ""
-    print(f"wrote {out_dir / 'clean.jsonl'} ({len(keep):,} triplets kept) and removed.jsonl ({len(removed):,} with "
-          f"w < {s['clean_below']}); train on the cleaned copy:\n  python train.py --dataset triplets --data-root "
-          f"{s['data_root']} --train-file {out_dir / 'clean.jsonl'}{preset}")
+    print(f"wrote {out_dir / 'clean.jsonl'} ({len(keep):,} rows of {file.name} kept, each as it is there) and "
+          f"removed.jsonl ({len(removed):,} with w < {s['clean_below']}); train on the cleaned copy:\n"
+          f"  python train.py --dataset triplets --data-root {s['data_root']} --train-file "
+          f"{out_dir / 'clean.jsonl'}{preset}")
     return dict(kept=len(keep), removed=len(removed), clean_below=s["clean_below"])
 
 

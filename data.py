@@ -81,7 +81,7 @@ class CIRR(TripletDataset):
     truth) fills .noisy.
     """
 
-    def __init__(self, root, split="train", skip_missing=False, noise=None, extra_triplets=None):
+    def __init__(self, root, split="train", skip_missing=False, noise=None, extra_triplets=None, name="CIRR"):
         root = Path(root).expanduser()
         if split not in CIRR_SPLITS:
             raise ValueError(f"CIRR: split must be one of {CIRR_SPLITS}, got {split!r}")
@@ -103,7 +103,8 @@ class CIRR(TripletDataset):
                 f"CIRR: annotations found in {ann}, but no {split} images: expected e.g. {eg} under one of "
                 + ", ".join(str(c) for c in cands) + ". Point --data-root at the folder holding img_raw/ or dev/.")
         paths = {n: img_root / os.path.normpath(r) for n, r in rel.items()}
-        say(f"CIRR {split}: {_cirr_layout(root, ann, img_root)}: annotations {ann}, images {img_root}")
+        layout = "" if name == "toy" else f"{_cirr_layout(root, ann, img_root)}: "
+        say(f"{name} {split}: {layout}annotations {ann}, images {img_root}")
 
         triplets, noisy = [], []
         for r in _read_json(ann / cap):
@@ -116,7 +117,7 @@ class CIRR(TripletDataset):
                                  captions=[r["caption"]], members=list(members) if members else None, category=None,
                                  subset=r.get("img_set", {}).get("id")))
             noisy.append(bool(r.get("noisy", False)))
-        self._setup("CIRR", root, split, (names, paths, triplets, noisy), skip_missing, noise, extra_triplets)
+        self._setup(name, root, split, (names, paths, triplets, noisy), skip_missing, noise, extra_triplets)
 
 
 def _cirr_layout(root, ann, img_root):
@@ -392,7 +393,7 @@ def dataset(s, split):
         return Shoes(s.data_root, split, **kw)
     if s.dataset == "triplets":
         return triplets.Triplets(s.data_root, split, file=s.train_file if split == "train" else None, **kw)
-    return CIRR(s.data_root, split, **kw)
+    return CIRR(s.data_root, split, name="toy" if s.dataset == "toy" else "CIRR", **kw)
 
 
 # -----------------------------------------------------------------------------
@@ -448,7 +449,8 @@ def main(argv=None):
     a.extra_triplets = a.train_file = None
     written = convert(a, a.out)
     print(f"wrote {', '.join(f'{k}.jsonl ({v:,} rows)' for k, v in written.items())} in {a.out}; train on it: "
-          f"python train.py --dataset triplets --data-root {a.out}" + (" --preset toy" if a.dataset == "toy" else ""))
+          f"python train.py --dataset triplets --data-root {a.out}" + (" --preset toy" if a.dataset == "toy" else "")
+          + (f" (its {a.noise:.0%} injected noise is in train.jsonl's 'noisy' key)" if a.noise else ""))
     return written
 
 

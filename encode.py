@@ -20,7 +20,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -219,11 +218,52 @@ def scan_folder(folder):
     return sorted(out)
 
 
+class _Readable:
+    """A loader's collate for a folder of images: (images (B, 3, H, W), readable (B,) bool); an unreadable file
+    becomes a zero image, marked False, so one bad file does not stop the gallery."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __call__(self, names):
+        images, ok = [], []
+        for n in names:
+            try:
+                images.append(self.transform(load_image(self.paths[n])))
+                ok.append(True)
+            except OSError:
+                ok.append(False)
+        shape = images[0].shape if images else None
+        blank = lambda: torch.zeros(shape) if shape is not None else None
+        it = iter(images)
+        stacked = [next(it) if good else blank() for good in ok]
+        return (torch.stack(stacked) if shape is not None else None), torch.tensor(ok)
+
+
+@torch.no_grad()
+def _encode_folder(enc, paths, names, transform):
+    """Target-role features (N, D) of a folder's images, in `names` order, and which were readable (N,) bool."""
+    model = enc.model.eval()
+    chunks = [names[s:s + enc.batch_size] for s in range(0, len(names), enc.batch_size)]
+    loader = DataLoader(chunks, batch_size=None, num_workers=enc.workers, collate_fn=_Readable(paths, transform))
+    feats, ok = [], []
+    for x, good in loader:
+        if x is None:                                    # not one readable image in the batch
+            feats.append(torch.zeros(len(good), enc.model.clip.embed_dim))
+        else:
+            with enc.amp or nullcontext():
+                feats.append(model.image_features(model.image_tokens(x.to(enc.device)), "tar")[0].float().cpu())
+        ok.append(good)
+    return torch.cat(feats), torch.cat(ok)
+
+
 @torch.no_grad()
 def folder_features(enc, folder, transform, model_id, cache_dir):
-    """(names, f_tar (N, D) normalised) of every image below `folder`, read from `cache_dir` when the same model
-    (model_id: what identifies its weights) saw the same files (names, sizes, times), else computed and saved there
-    atomically. -> names (relative paths), features, the cache file, whether it was read."""
+    """(names, f_tar (N, D) normalised, skipped) of every readable image below `folder`, read from `cache_dir` when
+    the same model (model_id: what identifies its weights) saw the same files (names, sizes, times), else computed
+    and saved there atomically; skipped: the files that could not be read (no feature of theirs is kept, so a
+    replaced file is read again). -> names (relative paths), features, skipped, the cache file, whether it was
+    read."""
     listing = scan_folder(folder)
     if not listing:
         raise FileNotFoundError(f"--gallery {folder}: no image ({', '.join(IMAGE_SUFFIXES)}) in it or below it")
@@ -232,10 +272,13 @@ def folder_features(enc, folder, transform, model_id, cache_dir):
     names = [n for n, _, _ in listing]
     if cache.is_file():
         c = torch.load(cache, map_location="cpu", weights_only=True)
-        if c["names"] == names:
-            return names, c["features"], cache, True
-    view = SimpleNamespace(images=names, paths={n: Path(folder) / n for n in names}, split=Path(folder).name)
-    _, f_tar = encode_images(enc, ImageSource.files(view, transform))
-    features = F.normalize(f_tar.float(), dim=-1).cpu()
-    runtime.atomic_write(cache, dict(names=names, features=features, model=model_id))
-    return names, features, cache, False
+        if sorted(c["names"] + c.get("skipped", [])) == names:
+            return c["names"], c["features"], c.get("skipped", []), cache, True
+    f_tar, ok = _encode_folder(enc, {n: Path(folder) / n for n in names}, names, transform)
+    readable = [n for n, good in zip(names, ok.tolist()) if good]
+    skipped = [n for n, good in zip(names, ok.tolist()) if not good]
+    if not readable:
+        raise OSError(f"--gallery {folder}: none of its {len(names)} image files could be read")
+    features = F.normalize(f_tar[ok], dim=-1)
+    runtime.atomic_write(cache, dict(names=readable, features=features, skipped=skipped, model=model_id))
+    return readable, features, skipped, cache, False

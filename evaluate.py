@@ -24,6 +24,7 @@ Usage
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -338,7 +339,9 @@ def main(argv=None):
     transform = make_transform(transform_name, model.clip.image_resolution)
     sets = [(name, ImageSource.files(ds, transform), ds) for name, ds in eval_sets(s, a.split)]
 
-    if dataset in ("cirr", "toy") and a.split.startswith("test"):
+    if dataset == "toy" and a.split == "test1" and not a.submission:   # the toy keeps its test answers aside
+        sets = [(name, images, toy.with_answers(ds, root)) for name, images, ds in sets]
+    elif dataset in ("cirr", "toy") and a.split.startswith("test"):
         if not a.submission:
             raise SystemExit(f"error: the {a.split} split has no public targets; pass --submission DIR to write "
                              f"the CIRR evaluation server's files")
@@ -387,30 +390,28 @@ def main(argv=None):
 
 def query(a, device):
     """python evaluate.py --query IMAGE --text TEXT --gallery DIR (or --queries FILE): the model's top hits in the
-    folder, best first, one line each with the image's path last, and a picture (--out, default query.png). The
-    query image itself, if it is in the folder, is not returned. Bad input stops before any model runs."""
+    folder, best first, one line each with the image's path last (--queries: the first QUERIES_SHOWN queries, then
+    the count); every query's hits and its target's rank, where its row names one, in a JSON-lines file (--queries),
+    and a picture of the first --show queries (default 8), a missed target drawn at its row's end. The files go
+    beside the checkpoint (zero-shot: the working directory), or --out PICTURE.png (the hits beside it, .jsonl).
+    The query image itself, if it is in the folder, is not returned; unreadable files of the folder are skipped and
+    named. Bad input stops before any model runs."""
     if not a.gallery or not Path(a.gallery).expanduser().is_dir():
         raise SystemExit(f"error: --gallery {a.gallery}: no such folder; pass the folder of images to search")
-    if a.query and not (a.text or "").strip():
+    if a.query and a.text is None:
         raise SystemExit("error: --query needs --text, the modification text")
-    if a.queries:
-        root = Path(a.queries).expanduser().parent
-        qs = [(root / str(row.get("reference", "")), str(row.get("text", "")).strip(),
-               root / str(row["target"]) if row.get("target") else None) for _, row in triplets.read_rows(a.queries)]
-    else:
-        qs = [(Path(a.query).expanduser(), a.text.strip(), None)]
-    for ref, text, _ in qs:                      # every query image readable and every text given, before the model
-        triplets.load_image(ref)
-        if not text:
-            raise SystemExit(f"error: {a.queries}: a query without a text ({ref})")
-    gallery = Path(a.gallery).expanduser()
+    if a.query and not a.text.strip():
+        raise SystemExit("error: --text is empty: give the modification text, e.g. --text \"with a red collar\"")
+    qs = read_queries(a)
+    gallery = Path(os.path.abspath(Path(a.gallery).expanduser()))
     if not encode.scan_folder(gallery):
         raise SystemExit(f"error: --gallery {gallery}: no image ({', '.join(encode.IMAGE_SUFFIXES)}) in it or below it")
+    source = Path(a.clip) if a.clip else Path(a.checkpoint) if a.checkpoint else latest_best()
+    out = Path(a.out) if a.out else (source.parent if a.checkpoint or not a.clip else Path(".")) / (
+        f"queries_{Path(a.queries).stem}.png" if a.queries else "query.png")
     if a.clip:
-        model, source = CIRModel(load_clip(a.clip, device="cpu")[0], wcb=False), Path(a.clip)
-        run_args = {}
+        model, run_args = CIRModel(load_clip(a.clip, device="cpu")[0], wcb=False), {}
     else:
-        source = Path(a.checkpoint) if a.checkpoint else latest_best()
         ckpt = runtime.load_checkpoint(source)
         model, run_args = runtime.build_model(ckpt), ckpt["args"]
     model = model.to(device).eval()
@@ -420,34 +421,81 @@ def query(a, device):
     model_id = [str(source.resolve()) if st else str(source), st and st.st_size, st and st.st_mtime_ns,
                 transform_name, model.clip.image_resolution]
     enc = Encoder(model, a.batch_size, device, a.workers)
-    names, g, cache, hit = encode.folder_features(enc, gallery, transform, model_id, a.cache_dir)
-    how = "read from" if hit else "computed and kept in"
-    print(f"gallery {gallery}: {len(names):,} images, features {how} {cache} "
-          "(delete it to recompute)")
-    index = {str((gallery / n).resolve()): i for i, n in enumerate(names)}
+    names, g, skipped, cache, hit = encode.folder_features(enc, gallery, transform, model_id, a.cache_dir)
+    print(f"gallery {gallery}: {len(names):,} images, features {'read from' if hit else 'computed and kept in'} "
+          f"{cache} (delete it to recompute)")
+    if skipped:
+        print(f"gallery {gallery}: {len(skipped)} unreadable file{'s' * (len(skipped) > 1)} skipped: "
+              + ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""))
+    paths = [gallery / n for n in names]
+    index = {str(p): i for i, p in enumerate(paths)}
     refs = [str(ref) for ref, _, _ in qs]             # the query images, batched as any split's images
     f_ref, _ = encode.encode_images(enc, ImageSource.files(SimpleNamespace(images=refs, paths=dict(zip(refs, refs))),
                                                            transform))
     q = compose(encode.encode_texts(enc, [t for _, t, _ in qs]), f_ref.float())
-    exclude = torch.tensor([index.get(str(ref.resolve()), -1) for ref, _, _ in qs])   # the query image itself
+    exclude = torch.tensor([index.get(str(ref), -1) for ref, _, _ in qs])         # the query image itself
+    tgt = torch.tensor([index.get(str(t), -1) if t else -1 for _, _, t in qs])     # -1: none, or not in the folder
     top = topk(q, g, a.top, exclude=exclude)
-    hits, shown = 0, []
-    for (ref, text, target), row in zip(qs, top.tolist()):
-        sims = (F.normalize(q[len(shown)], dim=-1) @ g[row].T).tolist()
-        print(f"query {ref}: {text!r}")
-        for k, (j, sim) in enumerate(zip(row, sims), start=1):
-            print(f"  {k:>3}  {sim:.4f}  {gallery / names[j]}")
-        found = target is not None and str(target.resolve()) in {str((gallery / names[j]).resolve()) for j in row}
-        hits += found
-        shown.append((ref, text, [(gallery / names[j], target is not None and str((gallery / names[j]).resolve()) ==
-                                   str(target.resolve())) for j in row]))
-    n_targets = sum(t is not None for _, _, t in qs)
-    if n_targets:
-        print(f"target within the top {a.top}: {hits} of {n_targets} queries ({100 * hits / n_targets:.1f}%)")
-    out = Path(a.out or "query.png")
-    query_grid(shown[:8], out)
-    print(f"picture written to {out}")
-    return dict(hits=hits, queries=len(qs), with_target=n_targets, top=top, names=names)
+    ranks = _ranks(q, g, tgt.clamp(min=0), exclude) + 1                              # (Q,) 1-based
+    results = []
+    for k, ((ref, text, target), row) in enumerate(zip(qs, top.tolist())):
+        sims = (F.normalize(q[k], dim=-1) @ g[row].T).tolist()
+        results.append(dict(reference=str(ref), text=text, target=str(target) if target else None,
+                            target_rank=int(ranks[k]) if tgt[k] >= 0 else None,
+                            hits=[dict(path=str(paths[j]), similarity=round(sim, 6)) for j, sim in zip(row, sims)]))
+    for r in results[:QUERIES_SHOWN if a.queries else 1]:
+        print(f"query {r['reference']}: {r['text']!r}" + (f" (target rank {r['target_rank']:,})"
+                                                          if r["target_rank"] else ""))
+        for k, h in enumerate(r["hits"], start=1):
+            print(f"  {k:>3}  {h['similarity']:.4f}  {h['path']}")
+    with_target = [r for r in results if r["target"]]
+    hits = sum(r["target_rank"] is not None and r["target_rank"] <= a.top for r in with_target)
+    if a.queries:
+        runtime.atomic_write(out.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in results))
+        print(f"{len(results):,} queries" + (f", {len(results) - QUERIES_SHOWN:,} more than printed" if
+                                             len(results) > QUERIES_SHOWN else "")
+              + f": every query's hits in {out.with_suffix('.jsonl')}")
+    if with_target:
+        lost = sum(r["target_rank"] is None for r in with_target)
+        print(f"target within the top {a.top}: {hits} of {len(with_target)} queries "
+              f"({100 * hits / len(with_target):.1f}%)" + (f"; {lost} targets are not in the folder" if lost else ""))
+    rows = [(Path(r["reference"]), r["text"], [(Path(h["path"]), h["path"] == r["target"]) for h in r["hits"]],
+             (Path(r["target"]), r["target_rank"]) if r["target"] and not any(h["path"] == r["target"]
+                                                                          for h in r["hits"]) else None)
+            for r in results[:a.show or 8]]
+    query_grid(rows, out)
+    print(f"picture of {len(rows)} quer{'ies' if len(rows) > 1 else 'y'} written to {out}"
+          + (f" (--show N for more)" if len(results) > len(rows) else ""))
+    return dict(hits=hits, queries=len(qs), with_target=len(with_target), top=top, names=names, results=results,
+                skipped=skipped, picture=out)
+
+
+QUERIES_SHOWN = 3          # --queries: the queries whose hits are printed (all of them are in the .jsonl file)
+
+
+def read_queries(a):
+    """[(reference path, text, target path or None)] of --query / --queries, paths absolute and normalised; every
+    query image readable and every text given, in one line naming the row, before any model is loaded."""
+    if a.queries:
+        file = Path(a.queries).expanduser()
+        if not file.is_file():
+            raise SystemExit(f"error: --queries {a.queries}: no such file; one JSON object a line with reference, "
+                             "text (and target)")
+        norm = lambda n: Path(os.path.abspath(file.parent / str(n)))
+        rows = [(norm(row.get("reference", "")), str(row.get("text", "")).strip(),
+                 norm(row["target"]) if row.get("target") else None, f"{a.queries} row {r}")
+                for r, row in triplets.read_rows(file)]
+    else:
+        rows = [(Path(os.path.abspath(Path(a.query).expanduser())), a.text.strip(), None, "--query")]
+    for ref, text, _, where in rows:
+        if not text:
+            raise SystemExit(f"error: {where}: no text; every query needs a reference image and a text")
+        try:
+            triplets.load_image(ref)
+        except OSError as e:
+            raise SystemExit(f"error: {where}: cannot read the query image {ref} "
+                             f"({type(e.__cause__ or e).__name__}); pass an image file") from None
+    return [r[:3] for r in rows]
 
 
 # -----------------------------------------------------------------------------
@@ -455,12 +503,14 @@ def query(a, device):
 
 def query_grid(rows, path):
     """One row per query: the reference image, its modification text, then the top-k retrieved images with the
-    true target framed in green. rows: [(ref_path, text, [(path, is_target), ...])]."""
+    true target framed in green; a target the top-k missed comes last, framed in red, with its rank. rows:
+    [(ref_path, text, [(path, is_target), ...], (target_path, rank or None) or None)]; the 4th item is optional."""
     from PIL import Image
-    k = max(len(r[2]) for r in rows)
+    rows = [(*r, None) if len(r) == 3 else r for r in rows]
+    k = max(len(r[2]) + (r[3] is not None) for r in rows)
     plt = runtime.pyplot()
     fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.8 * (k + 1), 2.0 * len(rows)), squeeze=False)
-    for ax_row, (ref, text, hits) in zip(axes, rows):
+    for ax_row, (ref, text, hits, missed) in zip(axes, rows):
         with Image.open(ref) as im:
             ax_row[0].imshow(im.convert("RGB"))
         ax_row[0].set_title("reference", fontsize=7)
@@ -475,6 +525,14 @@ def query_grid(rows, path):
                 for side in ax.spines.values():
                     side.set_edgecolor("green" if is_target else "white")
                     side.set_linewidth(4 if is_target else 0)
+            elif j == len(hits) and missed is not None and Path(missed[0]).is_file():
+                with Image.open(missed[0]) as im:
+                    ax.imshow(im.convert("RGB"))
+                ax.set_title("target" + (f", rank {missed[1]:,}" if missed[1] else ", not in the folder"),
+                             fontsize=7, color="red")
+                for side in ax.spines.values():
+                    side.set_edgecolor("red")
+                    side.set_linewidth(4)
         for ax in ax_row:
             ax.set_xticks([])
             ax.set_yticks([])

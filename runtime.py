@@ -42,14 +42,21 @@ from nfb import VIEWS
 
 # The datasets' presets; every one can be overridden on the command line (None = take it from here). The three
 # real datasets share CLIP4Cir's recipe; the toy trains a tiny CLIP from scratch.
-REAL = dict(clip="RN50x4", epochs=10, batch_size=128, lr=2e-6, lr_wcb=1e-4, wd=0.05, tau=0.01, noise=0.0,
+# A preset is a recipe (model, schedule, input pipeline), never data: it injects no noise. Noise enters only through
+# --noise, and the toy benchmark's own default (TOY_NOISE: the benchmark is a noisy one) belongs to --dataset toy.
+REAL = dict(clip="RN50x4", epochs=10, batch_size=128, lr=2e-6, lr_wcb=1e-4, wd=0.05, tau=0.01,
             transform="targetpad", warmup_epochs=1, lr_warmup=0.05, cache_images=False, group_batches=False)
 PRESETS = {
-    "toy": dict(clip="tiny", epochs=7, batch_size=128, lr=1e-3, lr_wcb=1e-3, wd=0.05, tau=0.05, noise=0.3,
+    "toy": dict(clip="tiny", epochs=7, batch_size=128, lr=1e-3, lr_wcb=1e-3, wd=0.05, tau=0.05,
                 transform="clip", warmup_epochs=1, lr_warmup=0.05, cache_images=True, group_batches=True),
     "cirr": REAL, "fashioniq": REAL, "shoes": REAL, "triplets": REAL,
 }
+TOY_NOISE = 0.3             # --noise of --dataset toy when none is given (every other dataset: 0)
 RUN = dict(amp="auto", workers=2)  # not tied to a dataset; on --resume the run's own values unless given again
+# --resume applies these when given again (--epochs extends the run); any other setting given with a value other
+# than the run's own is refused
+RESUME_FLAGS = ("epochs", "amp", "workers", "plots")
+PATHS = ("data_root", "train_file", "init", "extra_triplets")   # stored absolute: a run is read from any folder
 # SPN stage 2: SPN's settings for CLIP4Cir on real data; the toy's CLIP is trained from scratch
 STAGE2 = {"toy": dict(epochs=3, lr=1e-4, lr_wcb=1e-4), "cirr": dict(epochs=3, lr=2e-5, tau=0.02)}
 STAGE2.update(fashioniq=STAGE2["cirr"], shoes=STAGE2["cirr"], triplets=STAGE2["cirr"])
@@ -65,31 +72,35 @@ TRIPLETS = ("dataset", "categories", "noise", "noise_kind", "seed", "skip_missin
 
 def parser(description=None):
     p = ArgumentParser(description)
-    p.add_argument("--dataset", default="toy", choices=list(PRESETS))
-    p.add_argument("--data-root", default=None, help="dataset folder (toy: generated there if missing; triplets: "
-                   "the folder of train.jsonl, val.jsonl)")
+    p.add_argument("--dataset", default="toy", choices=list(PRESETS), help="the benchmark, or triplets: your own")
+    p.add_argument("--data-root", default=None, help="dataset folder (toy: data/toy beside the code, generated on "
+                   "first use; triplets: the folder of train.jsonl, val.jsonl); stored absolute in the run")
     p.add_argument("--train-file", default=None, help="--dataset triplets: another training file than "
                    "<data-root>/train.jsonl, e.g. an audit's clean.jsonl (image paths relative to --data-root)")
-    p.add_argument("--preset", default=None, choices=list(PRESETS), help="take another dataset's presets (e.g. "
-                   "--dataset triplets --preset toy: the toy's tiny CLIP and schedule)")
+    p.add_argument("--preset", default=None, choices=list(PRESETS), help="take another dataset's recipe (e.g. "
+                   "--dataset triplets --preset toy: the toy's tiny CLIP and schedule, without its noise); default: "
+                   "the dataset's own")
     p.add_argument("--categories", nargs="+", default=list(FIQ_CATEGORIES), help="FashionIQ categories")
-    p.add_argument("--clip", default=None, help="OpenAI model name, a checkpoint path, or a tiny config")
+    p.add_argument("--clip", default=None, help="OpenAI model name (" + ", ".join(available_models()) + "), a "
+                   "checkpoint path, or a tiny config trained from scratch (" + ", ".join(TINY_CONFIGS) + ")")
     p.add_argument("--encoder", default="both", choices=["both", "text"],
                    help="what of CLIP is fine-tuned: both towers, or the text side (image tokens cached once)")
-    p.add_argument("--transform", default=None, choices=["clip", "targetpad"])
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--transform", default=None, choices=["clip", "targetpad"],
+                   help="image preprocessing: CLIP's resize and centre crop, or CLIP4Cir's target pad (pad to square)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs to train (with --resume: extends the run)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (split over the processes)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of CLIP's weights")
     p.add_argument("--lr-wcb", type=float, default=None, help="learning rate of the WCB heads")
     p.add_argument("--wd", type=float, default=None, help="AdamW weight decay (matrices only)")
     p.add_argument("--lr-warmup", type=float, default=None, help="fraction of the steps with linear LR warm-up")
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global L2 norm of the gradients")
     p.add_argument("--tau", type=float, default=None, help="temperature of the logits q·t/τ")
     p.add_argument("--amp", default=None, choices=["auto", "bf16", "fp16", "none"], help="autocast, GPU only (auto)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (2)")
     p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
                    help="decode every image once into RAM as uint8 at the model's resolution (toy: on)")
-    p.add_argument("--noise", type=float, default=None, help="fraction of training triplets to corrupt")
+    p.add_argument("--noise", type=float, default=None, help="fraction of training triplets to corrupt in memory "
+                   f"(the files are never changed); default 0, the toy benchmark's {TOY_NOISE}")
     p.add_argument("--noise-kind", default="shuffle", help="how: " + ", ".join(triplets.NOISE_KINDS)
                    + " (shuffle: the field's protocol; see triplets.inject_noise)")
     p.add_argument("--group-batches", action=argparse.BooleanOptionalAction, default=None,
@@ -104,7 +115,8 @@ def parser(description=None):
     p.add_argument("--div-weight", type=float, default=0.1, help="λ of the WCB diversity penalty")
     p.add_argument("--no-nfb", action="store_true", help="no Noise-pair Filter Block (plain InfoNCE throughout)")
     p.add_argument("--warmup-epochs", type=int, default=None, help="epochs of plain InfoNCE before the first GMM")
-    p.add_argument("--gmm", default="sklearn", choices=["sklearn", "torch"])
+    p.add_argument("--gmm", default="sklearn", choices=["sklearn", "torch"],
+                   help="the NFB's GMM: scikit-learn's, or the same EM in torch (on the losses' device)")
     p.add_argument("--soft-label", default="sample", choices=["sample", *SOFT_FORMS],
                    help="L^soft_NCE (loss.py): sample pair i into an epoch with probability w_i; weight its l_i by "
                    "w_i; or spread 1 - w_i over the other targets")
@@ -139,32 +151,98 @@ def parser(description=None):
     p.add_argument("--init", default=None, help="checkpoint to start from (required by --stage 2)")
     p.add_argument("--extra-triplets", default=None, help="generated positives (spn.py) added to training")
     # run
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<time>)")
+    p.add_argument("--seed", type=int, default=0, help="model init, data order, injected noise, the NFB's draws")
+    p.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<time> in the working directory, "
+                   "where evaluate.py looks for the latest run)")
     p.add_argument("--resume", default=None, help="run folder or last.pt to continue")
     p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (debug)")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="recall curves and the NFB's loss histograms as PNGs in the run folder")
+    p.add_argument("--print-settings", action="store_true",
+                   help="print every setting these flags resolve to (the presets filled in) and exit")
+    for action in p._actions:                          # the preset-dependent defaults, said in --help
+        if action.dest in PRESETS["toy"] and action.help:
+            toy, real = PRESETS["toy"][action.dest], REAL[action.dest]
+            action.help += f" (preset: toy {toy}, real data {real})" if toy != real else f" (preset: {toy})"
     return p
 
 
 def settings(argv=None, description=None):
     """Every setting of a training run, resolved and checked before any data or model is touched. The command line
-    wins; then, for --resume, the run's own settings (its args.json; --amp / --workers may be given again); then
-    stage 2's and the dataset's presets; flags newer than a resumed run take their defaults."""
+    wins; then, for --resume, the run's own settings (resumed); then stage 2's and the dataset's presets; flags
+    newer than a resumed run take their defaults. Paths are stored absolute. --print-settings prints them, exits."""
     p = parser(description)
     args = p.parse_args(argv)
     if args.resume:
-        path = Path(args.resume) / "last.pt" if Path(args.resume).is_dir() else Path(args.resume)
-        if not path.is_file():
-            p.error(f"--resume {args.resume}: no {path}; pass a run folder holding last.pt (or the file itself)")
-        saved = json.loads((path.parent / "args.json").read_text()) if (path.parent / "args.json").is_file() \
-            else load_checkpoint(path, "--resume")["args"]
-        given = {k: getattr(args, k) for k in RUN if getattr(args, k) is not None}
-        base = vars(defaults(saved["dataset"]))          # flags newer than the run take their defaults
-        args = argparse.Namespace(**{**base, **saved, **given, "resume": str(path), "out": str(path.parent)})
+        args = resumed(args, given(p, argv), p)
     check(resolve(args), p)                           # a resumed run's settings, with what was given again, too
+    if args.resume and not args.print_settings:
+        finished(args)
+    for k in PATHS:
+        if getattr(args, k):
+            setattr(args, k, str(Path(getattr(args, k)).expanduser().resolve()))
+    if args.print_settings:
+        print(describe(args))
+        sys.exit(0)
     return args
+
+
+def given(p, argv):
+    """{dest: value} of the flags named on the command line (defaults left out)."""
+    q = parser(p.description)
+    for action in q._actions:
+        action.default = argparse.SUPPRESS
+    return vars(q.parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def resumed(args, flags, p):
+    """--resume: the run's own settings (its args.json, else last.pt's), with the flags of RESUME_FLAGS given again
+    applied; any other flag given with another value than the run's is refused in one line."""
+    path = Path(args.resume) / "last.pt" if Path(args.resume).is_dir() else Path(args.resume)
+    if not path.is_file():
+        p.error(f"--resume {args.resume}: no {path}; pass a run folder holding last.pt (or the file itself)")
+    saved = json.loads((path.parent / "args.json").read_text()) if (path.parent / "args.json").is_file() \
+        else load_checkpoint(path, "--resume", mmap=True)["args"]
+    saved = {**vars(defaults(saved["dataset"])), **saved}     # flags newer than the run take their defaults
+    run = path.parent
+    for k, v in flags.items():
+        if k in RESUME_FLAGS or k in ("resume", "print_settings") or same(k, v, saved.get(k)):
+            continue
+        if k == "out" and same("data_root", v, str(run)):
+            continue
+        p.error(f"--resume {run}: --{k.replace('_', '-')} {v} differs from the run's {saved.get(k)}; a resumed "
+                f"run keeps its settings (only --{', --'.join(f.replace('_', '-') for f in RESUME_FLAGS)} may "
+                "change): leave it out, or start a new run with --out DIR")
+    return argparse.Namespace(**{**saved, **{k: flags[k] for k in RESUME_FLAGS if k in flags},
+                                 "resume": str(path), "out": str(run), "print_settings": args.print_settings})
+
+
+def finished(args):
+    """A resumed run that has trained its --epochs already stops here, in one line, before any data or model
+    (last.pt is mapped, not read)."""
+    ckpt = load_checkpoint(args.resume, "--resume", mmap=True)
+    done, planned = ckpt["epoch"] + 1, ckpt["args"]["epochs"]
+    if args.epochs <= done:
+        more = f" with --epochs {args.epochs}" if args.epochs != planned else ""
+        print(f"{Path(args.resume).parent}: the run has trained {done} epoch{'s' * (done > 1)} of its {planned}; "
+              f"nothing to resume{more} (pass --epochs N > {done} to train it longer)")
+        sys.exit(0)
+
+
+def same(key, a, b):
+    """A flag's value given again equals the run's (paths compared where they point)."""
+    if key in PATHS and a is not None and b is not None:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return a == b or isinstance(a, (list, tuple)) and list(a) == list(b or ())
+
+
+def describe(args):
+    """The settings as lines of `key=value` within 100 characters (FashionIQ's categories only for FashionIQ)."""
+    import textwrap
+    skip = () if args.dataset == "fashioniq" else ("categories",)
+    items = " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in skip and k != "print_settings")
+    return "settings:\n" + textwrap.fill(items, 100, initial_indent="  ", subsequent_indent="  ",
+                                          break_on_hyphens=False)
 
 
 def defaults(dataset):
@@ -175,7 +253,8 @@ def defaults(dataset):
 def resolve(args):
     """Fill what the command line left open from stage 2's and the dataset's presets."""
     preset = args.preset or args.dataset
-    presets = dict(PRESETS[preset], **RUN, **(STAGE2[preset] if args.stage == 2 else {}))
+    noise = TOY_NOISE if args.dataset == "toy" else 0.0       # the data's, whatever the recipe
+    presets = dict(PRESETS[preset], noise=noise, **RUN, **(STAGE2[preset] if args.stage == 2 else {}))
     for k, v in presets.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -232,7 +311,8 @@ def check(args, p):
         triplets.check_noise(noise_of(args), has_subsets=args.dataset in SUBSETS)
     except ValueError as e:
         p.error(str(e))
-    if not args.no_nfb and args.warmup_epochs >= args.epochs and int(os.environ.get("RANK", 0)) == 0:
+    # stage 2 may carry stage 1's labels over (no warm-up): train.carry_over warns when it cannot
+    if not args.no_nfb and args.stage == 1 and args.warmup_epochs >= args.epochs and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: every epoch is a warm-up, "
               "the noise filter's labels are never used (pass --no-nfb, or more --epochs)", file=sys.stderr)
 
@@ -346,14 +426,15 @@ def set_rng_state(s):
         torch.cuda.set_rng_state(s["cuda"])        # this process's GPU (the machine may have another count)
 
 
-def load_checkpoint(path, flag="--checkpoint"):
-    """A run's checkpoint (best.pt / last.pt), loaded with weights_only=True. Clear errors, no tracebacks."""
+def load_checkpoint(path, flag="--checkpoint", mmap=False):
+    """A run's checkpoint (best.pt / last.pt), loaded with weights_only=True. Clear errors, no tracebacks.
+    mmap: the tensors are mapped, not read (a look at the settings and the epoch costs next to nothing)."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"error: checkpoint {path} not found (train one with `python train.py`, "
                          f"then pass {flag} runs/<run>/{'last' if flag == '--resume' else 'best'}.pt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}); it may be truncated "
                          f"or corrupt: use the run's other file (best.pt / last.pt) or retrain") from None
@@ -397,10 +478,13 @@ def strict_json(x):
 
 
 def pyplot():
-    """matplotlib on the Agg backend (no display on training machines), imported when a figure is drawn."""
+    """matplotlib on the Agg backend (no display on training machines), imported when a figure is drawn. A user's
+    text may hold characters its font lacks (an emoji): they are drawn as boxes, without a warning per glyph."""
+    import warnings
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from")
     return plt
 
 
@@ -409,11 +493,22 @@ def log(msg, rank=0):
         tqdm.write(msg)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help says each flag's default (flags whose default is a preset's say so in their own help)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings and \
+                "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line, `error: <flag and fix>`, instead of the usage block."""
 
     def __init__(self, description):
-        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        super().__init__(description=description, formatter_class=HelpFormatter)
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")

@@ -18,6 +18,7 @@ what `train.py --extra-triplets FILE` reads: a JSON list of {reference, target, 
 
     python spn.py --dataset toy --checkpoint runs/X/best.pt --out extra.json
     python spn.py --dataset cirr --data-root DIR --captions caps.json --clip ViT-B/32 --out extra.json
+    python spn.py --dataset triplets --data-root DIR --captions caps.json --checkpoint runs/X/best.pt --out extra.json
 """
 
 import argparse
@@ -105,9 +106,11 @@ def read_captions(path):
 
 def main(argv=None):
     p = runtime.ArgumentParser(__doc__)
-    p.add_argument("--dataset", default="toy", choices=["toy", "cirr", "fashioniq", "shoes"])
+    p.add_argument("--dataset", default="toy", choices=["toy", "cirr", "fashioniq", "shoes", "triplets"],
+                   help="the benchmark, or triplets: your own (the images of its train.jsonl)")
     p.add_argument("--data-root", default=None, help="dataset folder (toy: the default toy set if omitted)")
-    p.add_argument("--captions", default=None, help="JSON {image name: caption} (toy: <root>/image_captions.json)")
+    p.add_argument("--captions", default=None, help="JSON {image name: caption}, names as the dataset writes them "
+                   "(triplets: paths relative to --data-root; toy: <root>/image_captions.json)")
     p.add_argument("--out", required=True, help="output JSON, for train.py --extra-triplets")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--clip", default=None, help="image features from CLIP: OpenAI name or state-dict path")
@@ -132,7 +135,7 @@ def main(argv=None):
     if not Path(root).is_dir():                                # before a CLIP is loaded (or downloaded)
         raise SystemExit(f"error: --data-root {root}: no such folder; pass the {a.dataset} dataset folder")
     if not a.captions and a.dataset != "toy":
-        raise SystemExit("error: --captions FILE is required for cirr / fashioniq / shoes (JSON {image name: "
+        raise SystemExit(f"error: --captions FILE is required for --dataset {a.dataset} (JSON {{image name: "
                          "caption})")
     captions = read_captions(a.captions or Path(root) / "image_captions.json")
 

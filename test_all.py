@@ -2059,12 +2059,52 @@ def test_settings_given_again_on_resume_are_checked(tmp_path, capsys):
     assert e.value.code == 2 and err == ["error: --workers -1: must be >= 0"]
 
 
-def test_stage_2_carries_stage_1_soft_labels_over_only_for_the_same_triplets(capsys):
+def test_help_says_defaults_and_print_settings_resolves_them(tmp_path, capsys, monkeypatch):
+    """--help names every flag's default (the preset-dependent ones for the toy and real data); --print-settings
+    prints what the flags resolve to, wrapped within 100 characters, with FashionIQ's categories only for FashionIQ,
+    and paths absolute; then exits."""
+    with pytest.raises(SystemExit):
+        runtime.settings(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expect in ("epochs to train (with --resume: extends the run) (preset: toy 7, real data 10)",
+                   "(default: 1.0)", "(default: sklearn)", "ViT-B/32", "tiny-s",
+                   "max global L2 norm of the gradients", "fraction of training triplets to corrupt in memory"):
+        assert expect in text, expect
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "own").mkdir()
+    with pytest.raises(SystemExit) as e:
+        runtime.settings(["--dataset", "triplets", "--data-root", "own", "--print-settings"])
+    lines = capsys.readouterr().out.splitlines()
+    assert e.value.code == 0 and lines[0] == "settings:" and all(len(line) <= 100 for line in lines)
+    text = " ".join(lines)
+    assert f"data_root={tmp_path / 'own'}" in text and "categories=" not in text and "noise=0.0" in text
+    assert "clip=RN50x4" in text
+
+
+def test_messages_say_what_was_done(toy_root, capsys, monkeypatch):
+    """The epoch line says when the gate found no noise (not an AUC of 0.5); a dataset's lines are printed by
+    rank 0 only under torchrun; the toy's loader line names no CIRR layout."""
+    assert train.nfb_line(dict(nfb_n_noisy=0, nfb_gated=True, nfb_auc=0.5)) == \
+        " | NFB gate shut: no noise-like mode, every w = 1"
+    assert train.nfb_line(dict(nfb_n_noisy=7, nfb_gated=False, nfb_auc=0.91)) == " | NFB noisy 7 AUC 0.910"
+    assert train.nfb_line(dict(loss=1.0)) == ""
+    monkeypatch.setenv("RANK", "1")
+    triplets.say("a dataset line")
+    monkeypatch.setenv("RANK", "0")
+    triplets.say("a dataset line")
+    assert capsys.readouterr().out == "a dataset line\n"
+    s = runtime.defaults("toy")
+    s.data_root, s.noise = str(toy_root), 0.0
+    data.dataset(s, "val")
+    assert capsys.readouterr().out.startswith(f"toy val: annotations {toy_root}")
+
+
+def test_stage_2_carries_stage_1_soft_labels_over_only_for_the_same_triplets(capsys, tmp_path):
     """train.carry_over: the noise filter takes stage 1's labels (no warm-up) when both stages
     read the same training triplets (runtime.triplet_changes: same noise, noise kind, seed, missing
     images, extra triplets, and the count); else it warms up."""
     settings = dict(noise=0.2, noise_kind="shuffle", seed=0, skip_missing=False,
-                    extra_triplets=None, warmup_epochs=1, init="s1/best.pt")
+                    extra_triplets=None, warmup_epochs=1, epochs=3, init="s1/best.pt")
     stage1 = NoiseFilter(10, warmup_epochs=0)
     stage1.weights = torch.linspace(0, 1, 10)
 
@@ -2086,6 +2126,12 @@ def test_stage_2_carries_stage_1_soft_labels_over_only_for_the_same_triplets(cap
         assert f"its triplets differ ({next(iter(change))})" in capsys.readouterr().out
     assert not carried(n=12) and "its triplets differ (count)" in capsys.readouterr().out
     assert not carried(nfb=None) and "it has no NFB" in capsys.readouterr().out
+    # one epoch: a warm-up only where the labels are not carried over, and only then the warning
+    assert carried(epochs=1) and capsys.readouterr().err == ""
+    assert not carried(epochs=1, seed=1) and "every epoch is a warm-up" in capsys.readouterr().err
+    (tmp_path / "best.pt").write_bytes(b"")
+    runtime.settings(["--stage", "2", "--init", str(tmp_path / "best.pt"), "--epochs", "1"])
+    assert capsys.readouterr().err == ""                 # settings leave stage 2's warning to carry_over
 
 
 def test_epoch_order_sees_only_kept_triplets_as_often_as_a_full_epoch():
@@ -2126,6 +2172,9 @@ def test_e2e_train_and_evaluate_reproduces(toy_run, tmp_path):
     metrics = evaluate.main(["--checkpoint", str(out / "best.pt"), "--workers", "0", "--show", "3"])
     assert metrics == pytest.approx(best["metrics"], abs=1e-6)
     assert (out / "show_toy_val.png").is_file() and (out / "metrics_toy_val.json").is_file()
+    # the toy's test1 split keeps its answers aside (toy_test1_targets.json): scored like val
+    test = evaluate.main(["--checkpoint", str(out / "best.pt"), "--split", "test1", "--workers", "0"])
+    assert set(test) == set(best["metrics"]) and 0 <= test["R@1"] <= test["R@50"] <= 100
     # CIRR-format test-server files from the toy's test1 split
     paths = evaluate.main(["--checkpoint", str(out / "best.pt"), "--split", "test1", "--workers", "0",
                            "--submission", str(tmp_path / "sub")])
@@ -2158,16 +2207,31 @@ def test_e2e_resume_is_exact(toy_root, micro_clip, toy_run, tmp_path, monkeypatc
     assert a["history"][-1]["metrics"] == b["history"][-1]["metrics"]
 
 
-def test_e2e_resume_takes_the_runs_own_settings(toy_run):
-    """--resume: the settings are the run's args.json, whatever the dataset's presets say; only
-    --amp and --workers may be given again."""
+def test_e2e_resume_takes_the_runs_own_settings(toy_run, capsys):
+    """--resume: the settings are the run's args.json, whatever the dataset's presets say; --epochs, --amp,
+    --workers and --plots given again are applied (--epochs extends the run); any other setting given with another
+    value is refused in one line naming it; a finished run says so and stops before anything is loaded."""
     saved = json.loads((toy_run / "args.json").read_text())
     # not presets
     assert (saved["epochs"], saved["batch_size"], saved["noise"], saved["workers"]) == (2, 32, 0, 0)
-    s = runtime.settings(["--resume", str(toy_run)])
-    assert vars(s) == {**saved, "resume": str(toy_run / "last.pt")}
-    s = runtime.settings(["--resume", str(toy_run / "last.pt"), "--workers", "3", "--amp", "none"])
-    assert vars(s) == {**saved, "resume": str(toy_run / "last.pt"), "workers": 3, "amp": "none"}
+    with pytest.raises(SystemExit) as e:
+        runtime.settings(["--resume", str(toy_run)])
+    assert e.value.code == 0 and capsys.readouterr().out == (
+        f"{toy_run}: the run has trained 2 epochs of its 2; nothing to resume (pass --epochs N > 2 to train it "
+        "longer)\n")
+    s = runtime.settings(["--resume", str(toy_run / "last.pt"), "--epochs", "3", "--workers", "3", "--amp", "none"])
+    assert vars(s) == {**saved, "resume": str(toy_run / "last.pt"), "epochs": 3, "workers": 3, "amp": "none",
+                       "print_settings": False}
+    s = runtime.settings(["--resume", str(toy_run), "--epochs", "3", "--noise", "0", "--data-root",
+                          os.path.relpath(saved["data_root"])])          # the run's own values: accepted
+    assert s.epochs == 3 and s.data_root == saved["data_root"]
+    for flags, name in ((["--noise", "0.1"], "--noise 0.1"), (["--lr", "0.5"], "--lr 0.5"),
+                        (["--no-nfb"], "--no-nfb True")):
+        with pytest.raises(SystemExit) as e:
+            runtime.settings(["--resume", str(toy_run), "--epochs", "3", *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: --resume {toy_run}: {name} "
+                                                                         "differs from the run's"), err
 
 
 def test_e2e_text_only_training_caches_tokens_and_freezes_images(toy_root, micro_clip, tmp_path):
@@ -2206,7 +2270,7 @@ def test_e2e_shoes_train_evaluate_and_spn(micro_clip, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Shoes test: Attribute Discovery layout" in printed
     assert printed.count("NFB: shoes has no subsets (CIRR's img_set): the subset view is left out") == 1
-    assert "shuffle noise: 8 of 48" in printed
+    assert "--noise 0.2: shuffle noise injected into 8 of 48 triplets, in memory" in printed
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     m = log[0]["metrics"]
     assert set(m) == {"R@1", "R@10", "R@50", "avg"} and log[0]["score"] == m["avg"]
@@ -2848,17 +2912,21 @@ def test_audit_fashioniq_and_shoes_identifiers(micro_clip, tmp_path):
 
 def test_e2e_own_triplets_train_audit_clean_and_train_on_the_cleaned_copy(toy_root, micro_clip, tmp_path, capsys):
     """The toy in the triplet format with 30% shuffle noise written into its training file (data.py convert
-    --noise): train on it, audit it (clean.jsonl without the triplets of w < 0.5, removed.jsonl with their scores,
-    the command that trains on the cleaned copy), then train on clean.jsonl with --train-file."""
+    --noise): train on it with the toy's preset, audit it (clean.jsonl without the triplets of w < 0.5,
+    removed.jsonl with their scores, the command that trains on the cleaned copy), then train on clean.jsonl with
+    that command. No step changes a row: the preset injects nothing, and every row the audit writes is a row of
+    train.jsonl as it is there."""
     own = tmp_path / "own"
     data.main(["convert", "--dataset", "toy", "--data-root", str(toy_root), "--out", str(own), "--noise", "0.3"])
     assert "train.jsonl (160 rows), val.jsonl (40 rows), test.jsonl (40 rows)" in capsys.readouterr().out
     ds = triplets.Triplets(own, "train")
     shuffled = data.CIRR(toy_root, "train", noise=triplets.Noise(0.3))
     assert torch.equal(ds.noise_field, shuffled.noise_field)              # the truth travels in the file
+    capsys.readouterr()
     common = ["--dataset", "triplets", "--data-root", str(own), "--preset", "toy", "--clip", str(micro_clip),
-              "--batch-size", "32", "--workers", "0", "--noise", "0", "--lr", "2e-3", "--lr-wcb", "2e-3"]
+              "--batch-size", "32", "--workers", "0", "--lr", "2e-3", "--lr-wcb", "2e-3"]
     out = train.main(common + ["--epochs", "3", "--out", str(tmp_path / "run")])
+    assert "injected" not in capsys.readouterr().out and json.loads((out / "args.json").read_text())["noise"] == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert set(log[-1]["metrics"]) == {"R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3", "avg"}
     assert log[-1]["score"] == pytest.approx(sum(log[-1]["metrics"][f"R@{k}"] for k in (1, 5, 10, 50)) / 4)
@@ -2869,15 +2937,24 @@ def test_e2e_own_triplets_train_audit_clean_and_train_on_the_cleaned_copy(toy_ro
     removed = [json.loads(line) for line in (out / "removed.jsonl").read_text().splitlines()]
     rows = {r["index"]: r for r in _audit_rows(out)}
     assert len(kept) + len(removed) == 160 == s["kept"] + s["removed"] and s["removed"] == s["flagged"]
-    assert all(r["w"] < 0.5 and set(r) >= {"reference", "text", "target", "w", "loss", "views", "flagged_by"}
+    file_rows = [json.loads(line) for line in (own / "train.jsonl").read_text().splitlines()]
+    assert kept == [r for r in file_rows if r in kept]                   # rows of the file, unchanged, in order
+    assert sorted(map(json.dumps, kept + [{k: v for k, v in r.items() if k != "audit"} for r in removed])) == \
+        sorted(map(json.dumps, file_rows))
+    assert all(r["audit"]["w"] < 0.5 and set(r["audit"]) >= {"line", "w", "loss", "views", "flagged_by"}
+               and file_rows[r["audit"]["line"] - 1] == {k: v for k, v in r.items() if k != "audit"}
                for r in removed)
+    assert f"and audit_summary.json in" in printed
     assert sorted(r["id"] for r in kept + removed) == sorted(t["pairid"] for t in ds.triplets)
     assert all(rows[i]["w"] >= 0.5 for i, t in enumerate(ds.triplets) if t["pairid"] in {r["id"] for r in kept})
-    assert f"--train-file {out / 'clean.jsonl'} --preset toy" in printed
-    again = train.main(common + ["--epochs", "1", "--max-steps", "1", "--train-file", str(out / "clean.jsonl"),
-                                 "--no-nfb", "--out", str(tmp_path / "clean")])
+    command = next(line for line in printed.splitlines() if line.strip().startswith("python train.py"))
+    assert command.split()[2:] == ["--dataset", "triplets", "--data-root", str(own), "--train-file",
+                                   str(out / "clean.jsonl"), "--preset", "toy"]
+    again = train.main(command.split()[2:] + common[6:] + ["--epochs", "1", "--max-steps", "1", "--no-nfb",
+                                                            "--out", str(tmp_path / "clean")])
     assert json.loads((again / "args.json").read_text())["train_file"] == str(out / "clean.jsonl")
-    assert f"Triplets train: {out / 'clean.jsonl'}: {len(kept)} triplets" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"Triplets train: {out / 'clean.jsonl'}: {len(kept)} triplets" in printed and "injected" not in printed
     # SPN's stage 2 on the same folder: the bank holds every training image, stage 1's soft labels carry over
     s2 = train.main(common + ["--epochs", "1", "--max-steps", "1", "--stage", "2", "--init", str(out / "last.pt"),
                               "--out", str(tmp_path / "s2")])
@@ -2910,9 +2987,34 @@ def test_e2e_query_your_own_images(toy_root, micro_clip, tmp_path, capsys, monke
     (tmp_path / "queries.jsonl").write_text("".join(json.dumps(dict(
         reference=os.path.relpath(gallery / f"{r['reference']}.png", tmp_path), text=r["caption"],
         target=os.path.relpath(gallery / f"{r['target_hard']}.png", tmp_path))) + "\n" for r in rows))
-    res = evaluate.main(["--queries", str(tmp_path / "queries.jsonl"), *args])
+    res = evaluate.main(["--queries", str(tmp_path / "queries.jsonl"), *args, "--show", "2"])
     assert res["queries"] == res["with_target"] == 6 and 0 <= res["hits"] <= 6
-    assert f"target within the top 4: {res['hits']} of 6" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"target within the top 4: {res['hits']} of 6" in printed
+    assert len([line for line in printed.splitlines() if line.startswith("query ")]) == evaluate.QUERIES_SHOWN
+    written = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    assert written == res["results"] and len(written) == 6
+    for r, row in zip(written, rows):                  # paths normalised; the target's rank against the hits
+        assert r["reference"] == str(gallery / f"{row['reference']}.png") and ".." not in r["target"]
+        found = [k for k, h in enumerate(r["hits"], 1) if h["path"] == r["target"]]
+        assert found == ([r["target_rank"]] if r["target_rank"] <= 4 else [])
+    with Image.open(tmp_path / "q.png") as im:                              # --show 2: two rows
+        assert im.size[1] == 2 * 2.0 * 100
+    # a gallery with an unreadable file: the query answers, names it, and does not cache it
+    mixed = tmp_path / "mixed"
+    shutil.copytree(gallery, mixed)
+    (mixed / "broken.png").write_bytes(b"not a png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = evaluate.main(["--query", str(ref), "--text", "make it red 🎈", *args[:3], str(mixed), *args[4:]])
+    assert not [w for w in caught if "Glyph" in str(w.message)]             # an emoji drawn without a warning
+    printed = capsys.readouterr().out
+    assert "1 unreadable file skipped: broken.png" in printed and res["skipped"] == ["broken.png"]
+    assert str(mixed / "broken.png") not in {h["path"] for h in res["results"][0]["hits"]}
+    cached = torch.load(next(p for p in (tmp_path / "cache").glob("*.pt") if p.stat().st_mtime_ns ==
+                             max(q.stat().st_mtime_ns for q in (tmp_path / "cache").glob("*.pt"))),
+                        weights_only=True)
+    assert "broken.png" not in cached["names"] and cached["skipped"] == ["broken.png"]
     # bad input: one line, and no model loaded
     monkeypatch.setattr(evaluate, "load_clip", lambda *a, **k: pytest.fail("a model was loaded"))
     (tmp_path / "empty").mkdir()
@@ -2921,7 +3023,9 @@ def test_e2e_query_your_own_images(toy_root, micro_clip, tmp_path, capsys, monke
             (["--query", str(ref), "--text", "x", "--gallery", str(tmp_path / "empty")], "no image"),
             (["--query", str(ref), "--text", "x", "--gallery", str(tmp_path / "nowhere")], "no such folder"),
             (["--query", str(ref), "--gallery", str(gallery)], "--query needs --text"),
-            (["--query", str(tmp_path / "notes.png"), "--text", "x", "--gallery", str(gallery)], "cannot read image")):
+            (["--query", str(ref), "--text", " ", "--gallery", str(gallery)], "--text is empty"),
+            (["--query", str(tmp_path / "notes.png"), "--text", "x", "--gallery", str(gallery)],
+             "cannot read the query image")):
         with pytest.raises((SystemExit, OSError)) as e:
             evaluate.main([*flags, "--clip", str(micro_clip)])
         assert expect in str(e.value) and "\n" not in str(e.value), (flags, str(e.value))
@@ -3121,6 +3225,26 @@ def test_spn_cli_with_clip_and_with_checkpoint(toy_root, micro_clip, tmp_path, c
     assert len(rows) == 2 * len(refs) and {r["reference"] for r in rows} == refs
 
 
+def test_spn_cli_on_your_own_triplets(toy_root, micro_clip, tmp_path, capsys):
+    """spn.py --dataset triplets: positives over the images of a triplet folder's train.jsonl, names as the rows
+    write them, read back by the folder's training split."""
+    own = tmp_path / "own"
+    data.main(["convert", "--dataset", "toy", "--data-root", str(toy_root), "--out", str(own)])
+    ds = triplets.Triplets(own, "train")
+    toy_caps = json.loads((toy_root / "image_captions.json").read_text())
+    caps = {n: toy_caps[Path(n).stem] for n in ds.images}
+    (tmp_path / "caps.json").write_text(json.dumps(caps))
+    rows = spn.main(["--dataset", "triplets", "--data-root", str(own), "--captions", str(tmp_path / "caps.json"),
+                     "--clip", str(micro_clip), "--window", "3", "8", "--workers", "0", "--out",
+                     str(tmp_path / "extra.json")])
+    assert len(rows) == len(ds.images) and {r["reference"] for r in rows} == set(ds.images)
+    more = triplets.Triplets(own, "train", extra_triplets=tmp_path / "extra.json")
+    assert len(more) == len(ds) + len(rows)
+    with pytest.raises(SystemExit) as e:
+        spn.main(["--dataset", "triplets", "--data-root", str(own), "--clip", str(micro_clip), "--out", "x.json"])
+    assert str(e.value) == "error: --captions FILE is required for --dataset triplets (JSON {image name: caption})"
+
+
 def test_spn_cli_bad_inputs(toy_root, micro_clip, tmp_path, capsys):
     torch.set_num_threads(1)
     common = ["--dataset", "toy", "--data-root", str(toy_root), "--out", str(tmp_path / "x.json"),
@@ -3281,7 +3405,7 @@ def test_plots_are_pngs_of_their_layout(toy_root, tmp_path):
                         (img[3], "remove the square", [(img[4], True)])], tmp_path / "grid.png")
     rows = [(img[k], f"edit {k}", img[k + 1], img[k + 2], f"#{k + 1}") for k in range(3)]
     audit.audit_sheet(rows, tmp_path / "sheet.png")
-    sizes = {"hist": (660, 385), "recall": (660, 385), "grid": (540, 400), "sheet": (864, 200)}
+    sizes = {"hist": (660, 385), "recall": (924, 385), "grid": (540, 400), "sheet": (864, 200)}
     for name, size in sizes.items():
         with Image.open(tmp_path / f"{name}.png") as im:
             assert im.format == "PNG" and im.size == size, name

@@ -93,13 +93,16 @@ def build(args):
     if args.oracle and not train.noisy.any():
         sys.exit("error: --oracle trains on the triplets known to be clean, and no training triplet is marked noisy "
                  "(the triplet format's 'noisy' key) nor corrupted (--noise); add --noise")
+    if args.oracle:
+        log(f"--oracle: training on the {int((~train.noisy).sum())} triplets known to be clean only "
+            f"({int(train.noisy.sum())} noisy left out), as many steps as on all {len(train)}", rank)
     if len(train) < args.batch_size:
         sys.exit(f"error: --batch-size {args.batch_size} is larger than the {len(train)} training triplets: an "
                  f"epoch would have no step; pass --batch-size {max(2, len(train) // 2)} or less")
     if ("subset" in args.nfb_views or args.nfb_measure) and subset_rows(train) is None:  # FashionIQ, Shoes
         args.nfb_views = [v for v in args.nfb_views if v != "subset"]
         log(f"NFB: {args.dataset} has no subsets (CIRR's img_set): the subset view is left out", rank)
-    out = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()   # working directory's
     args.out = str(out)
     resume = runtime.load_checkpoint(args.resume, "--resume") if args.resume else None
     init = resume or (runtime.load_checkpoint(args.init, "--init") if args.init else None)
@@ -109,7 +112,7 @@ def build(args):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-        log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+        log(runtime.describe(args))
     amp, scaler = runtime.autocast(args.amp, device)
     enc = Encoder(model, args.batch_size, device, args.workers, amp, rank, world)
     images, val = image_sources(args, enc, train, out / "bank.pt", resume is not None)
@@ -211,6 +214,9 @@ def restore(run, resume):
     if run.rank == 0:   # the log as of the checkpoint: an epoch logged after it will be trained (and logged) again
         atomic_write(run.out / "log.jsonl", "".join(json.dumps(strict_json(r)) + "\n" for r in resume["history"]))
     log(f"resumed {run.out} after epoch {resume['epoch']}", run.rank)
+    if resume["args"]["epochs"] != run.args.epochs:
+        log(f"--epochs {run.args.epochs} (the run had {resume['args']['epochs']}): the learning rate follows the "
+            f"cosine schedule of {run.args.epochs} epochs from the step reached", run.rank)
     run.start, run.best, run.history = resume["epoch"] + 1, resume["best"], resume["history"]
 
 
@@ -226,6 +232,9 @@ def carry_over(run, init):
     else:
         why = "it has no NFB" if not init.get("nfb") else f"its triplets differ ({', '.join(differ) or 'count'})"
         log(f"NFB: stage-1 soft labels not carried over: {why}; warm-up of {a.warmup_epochs} epoch(s)", run.rank)
+        if a.warmup_epochs >= a.epochs and run.rank == 0:
+            print(f"warning: --warmup-epochs {a.warmup_epochs} >= --epochs {a.epochs}: every epoch is a warm-up, "
+                  "the noise filter's labels are never used (pass --no-nfb, or more --epochs)", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -273,8 +282,9 @@ def train_epoch(run, epoch):
     keep, w_all = epoch_labels(run, epoch)
     losses = torch.full((len(run.train),), float("nan"), device=dev)
     total, steps, t_data, t_step = 0.0, 0, 0.0, 0.0
-    bar = tqdm(make_loader(run, epoch, keep=keep), desc=f"epoch {epoch}", disable=run.rank != 0, leave=False,
-               dynamic_ncols=True)
+    loader = make_loader(run, epoch, keep=keep)
+    bar = tqdm(loader, desc=f"epoch {epoch}", total=min(len(loader), a.max_steps or len(loader)),
+               disable=run.rank != 0, leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
     for batch in bar:
         batch = on_device(run, batch)
@@ -402,6 +412,17 @@ def noise_views(run):
     return pair_views(pf, VIEWS if a.nfb_measure else a.nfb_views, a.tau, a.nfb_text_temp, a.nfb_text_inverted)
 
 
+def nfb_line(rec):
+    """The NFB's part of an epoch's log line: the pairs it flags (and its AUC where the noise is known), or that
+    its gate found no noise."""
+    if "nfb_n_noisy" not in rec:
+        return ""
+    if rec.get("nfb_gated"):
+        return " | NFB gate shut: no noise-like mode, every w = 1"
+    auc = f" AUC {rec['nfb_auc']:.3f}" if rec.get("nfb_auc") is not None else ""
+    return f" | NFB noisy {rec['nfb_n_noisy']}{auc}"
+
+
 def save_epoch(run, rec):
     """best.pt (on a new best), then last.pt, then the log line: a kill between two writes never leaves a log or
     a last.pt that claims more than the files before it hold."""
@@ -455,18 +476,22 @@ def loss_histogram(losses, stats, path, epoch=None, noisy=None):
 
 
 def recall_curves(history, path):
-    """Validation recalls against the epoch, one line per metric. history: the run's JSON-line records."""
+    """Validation recalls against the epoch: R@K on the left, Rsubset@K (where the dataset has subsets) on the
+    right, each metric its own marker and line style, so that curves near 100% do not hide one another."""
     epochs = [r["epoch"] for r in history]
-    keys = [k for k in history[0]["metrics"] if k.startswith(("R@", "Rsubset@"))]
+    groups = [[k for k in history[0]["metrics"] if k.startswith(p)] for p in ("R@", "Rsubset@")]
+    groups = [g for g in groups if g]
     plt = runtime.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k in keys:
-        ax.plot(epochs, [r["metrics"][k] for r in history], marker="o", label=k)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("recall (%)")
-    ax.set_title("validation recall")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.5), squeeze=False)
+    for ax, keys in zip(axes[0], groups):
+        for j, k in enumerate(keys):
+            ax.plot(epochs, [r["metrics"][k] for r in history], marker="osd^v"[j % 5],
+                    linestyle=("-", "--", ":", "-.")[j % 4], label=k)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("recall (%)")
+        ax.set_title("validation " + ("Recall_subset" if keys[0].startswith("Rsubset") else "Recall"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -493,9 +518,7 @@ def main(argv=None):
                 recall_curves(run.history, run.out / "recall.png")
             save_epoch(run, rec)
             log(f"epoch {epoch}: loss {rec['loss']:.4f} | " + evaluate.format_metrics(metrics)
-                + (f" | NFB noisy {rec['nfb_n_noisy']}" if run.nfb is not None else "")
-                + (f" AUC {rec['nfb_auc']:.3f}" if rec.get("nfb_auc") is not None else "")
-                + f" | {rec['time_epoch']:.0f} s")
+                + nfb_line(rec) + f" | {rec['time_epoch']:.0f} s")
     if run.rank == 0 and run.history:
         b = max(run.history, key=lambda r: r["score"])
         log(f"\ndone. best epoch {b['epoch']}: " + evaluate.format_metrics(b["metrics"]))

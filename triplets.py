@@ -29,9 +29,9 @@ _SAID = set()
 
 
 def say(message):
-    """Print a message once per process: a dataset is built several times (views, splits, the study's cells), and
-    its layout or noise line says the same each time."""
-    if message not in _SAID:
+    """Print a message once per process, and under torchrun on rank 0 only: a dataset is built several times (views,
+    splits, the study's cells, every rank), and its layout or noise line says the same each time."""
+    if message not in _SAID and os.environ.get("RANK", "0") == "0":
         _SAID.add(message)
         print(message, flush=True)
 
@@ -226,8 +226,8 @@ class TripletDataset(Dataset):
             check_noise(noise, has_subsets=any(t["members"] for t in triplets))
             clean, (triplets, injected) = triplets, inject_noise(triplets, images, noise)
             field = torch.where(injected, torch.tensor([_field(t, t0) for t, t0 in zip(triplets, clean)]), field)
-            say(f"{name} {split}: injected {noise.kind} noise: {int(injected.sum())} of {len(triplets)} triplets "
-                f"corrupted (ratio {noise.ratio}, seed {noise.seed})")
+            say(f"{name} {split}: --noise {noise.ratio}: {noise.kind} noise injected into {int(injected.sum())} of "
+                f"{len(triplets)} triplets, in memory (seed {noise.seed}; --noise 0: none; no file is changed)")
             noisy = noisy | injected
         if extra_triplets is not None:  # generated positives (SPN), appended after the noise: never corrupted
             extra = _read_extra(extra_triplets, self.index, name)
@@ -299,7 +299,8 @@ class Triplets(TripletDataset):
     row (or CSV row with these columns) holds reference, text and target, image paths relative to DIR; subset (a
     list of image paths; CSV: separated by |) enables Recall_subset, whole-group batches and partial noise; id names
     the triplet (default: its row number, from 1); noisy (true, or the replaced field: reference / text / target)
-    marks known noise, for --oracle and the detection's score; other keys are kept in .triplets[i]["row"]. The
+    marks known noise, for --oracle and the detection's score; other keys are kept in .triplets[i]["row"], and the
+    row as read in ["source"] (its line in ["line"]): the audit's cleaned copy writes these rows, never a changed one. The
     gallery of a split is every image its rows name, in the order they first appear. A repeated row is kept once and
     counted, a row whose reference is its target kept and counted (as Shoes); a missing key, an empty text, an image
     that does not exist (without skip_missing) or a validation subset without its target is one line naming file,
@@ -392,7 +393,7 @@ def _parse_row(row, path, r, split):
     field = NOISE_FIELDS.index(noisy) if isinstance(noisy, str) else noisy
     keep = {k: v for k, v in row.items() if k not in FORMAT_KEYS + OPTIONAL_KEYS}
     t = dict(pairid=row.get("id", r), reference=str(row["reference"]), target=target, text=text, captions=[text],
-             members=members, category=keep.get("category"), row=keep)
+             members=members, category=keep.get("category"), row=keep, source=row, line=r)
     return t, field
 
 
