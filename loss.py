@@ -8,6 +8,10 @@ s_ij = q_i t_j / tau; p_ij = softmax_j(s_ij); pos_i is the column of i's own tar
     L^soft_NCE   = (1/B) sum_i -sum_j y_ij log p_ij, soft labels y from the NFB's clean probabilities w_i:
       weight:      y_{i,pos_i} = w_i, 0 elsewhere,                   = (1/B) sum_i w_i l_i               soft_nce
       spread:      y_{i,pos_i} = w_i, (1 - w_i)/(M - 1) elsewhere    (the design brief's first guess)   soft_nce
+      complement:  w_i l_i + (1 - w_i) c_i,  c_i = -sum_{j != pos_i} log(1 - p_ij): a flagged pair teaches only
+                   what its query is not (complementary labels, RCL, Hu et al. TPAMI 2023). c_i pulls the
+                   positive's logit with force p_{i,pos_i} sum_j p_ij / (1 - p_ij), l_i with 1 - p_{i,pos_i}:
+                   a wrong positive, far from its query, is hardly pulled                             soft_nce
       sample:      pair i enters an epoch with probability w_i and the drawn pairs train with L_NCE: the expected
                    objective of `weight` up to normalisation, with every batch full (train.py; the default)
     L_bank       = L_NCE (or L^soft_NCE) with the static bank of every training image's target feature as the M
@@ -25,7 +29,7 @@ at tau = 0.01 a bf16 logit is off by up to ~0.1, more than the loss differences 
 import torch
 import torch.nn.functional as F
 
-SOFT_FORMS = ("weight", "spread")       # soft_nce's forms; train.py's --soft-label adds "sample"
+SOFT_FORMS = ("weight", "spread", "complement")   # soft_nce's forms; train.py's --soft-label adds "sample"
 CHUNK = 1024        # queries scored at once against a whole gallery: memory is CHUNK x gallery floats
 
 
@@ -38,7 +42,8 @@ def info_nce(q, t, tau, pos=None, reduction="mean"):
 
 def soft_nce(q, t, w, tau, pos=None, soft="weight", reduction="mean"):
     """L^soft_NCE with clean probabilities w (B,) from nfb.py (labels: no gradient flows into them).
-    weight: w_i l_i; spread: w_i l_i + (1 - w_i)/(M - 1) * sum_{j != pos_i} -log p_ij. -> scalar or (B,)."""
+    weight: w_i l_i; spread: w_i l_i + (1 - w_i)/(M - 1) * sum_{j != pos_i} -log p_ij; complement: w_i l_i +
+    (1 - w_i) * sum_{j != pos_i} -log(1 - p_ij). -> scalar or (B,)."""
     if soft not in SOFT_FORMS:
         raise ValueError(f"loss.py: soft must be one of {SOFT_FORMS}, got {soft!r}")
     logp = _logits(q, t, tau).log_softmax(dim=1)                         # (B, M)
@@ -50,6 +55,10 @@ def soft_nce(q, t, w, tau, pos=None, soft="weight", reduction="mean"):
     loss = -w * lp_pos
     if soft == "spread":                                                 # the mass 1 - w_i on the other columns
         loss = loss - (1 - w) / max(logp.shape[1] - 1, 1) * (logp.sum(1) - lp_pos)
+    elif soft == "complement":                                           # log(1 - p_ij) = log(-expm1(log p_ij))
+        log_not = torch.log(-torch.expm1(logp.clamp(max=-1e-6)))         # (B, M); p_ij <= 1 - 1e-6
+        c = -(log_not.sum(1) - log_not.gather(1, pos[:, None]).squeeze(1))  # (B,) over j != pos_i
+        loss = loss + (1 - w) * c
     return _reduce(loss, reduction)
 
 

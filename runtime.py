@@ -117,9 +117,10 @@ def parser(description=None):
     p.add_argument("--warmup-epochs", type=int, default=None, help="epochs of plain InfoNCE before the first GMM")
     p.add_argument("--gmm", default="sklearn", choices=["sklearn", "torch"],
                    help="the NFB's GMM: scikit-learn's, or the same EM in torch (on the losses' device)")
-    p.add_argument("--soft-label", default="sample", choices=["sample", *SOFT_FORMS],
+    p.add_argument("--soft-label", default="complement", choices=["sample", *SOFT_FORMS],
                    help="L^soft_NCE (loss.py): sample pair i into an epoch with probability w_i; weight its l_i by "
-                   "w_i; or spread 1 - w_i over the other targets")
+                   "w_i; spread 1 - w_i over the other targets; or complement: a flagged pair teaches only what "
+                   "its query is not, -log(1 - p_ij) over the other targets, weighted by 1 - w_i (RCL)")
     p.add_argument("--nfb-losses", default="gallery", choices=["gallery", "train"],
                    help="per-pair losses for the GMM: every query over every training image after the epoch "
                    "(gallery), or the in-batch losses recorded in the training pass (train)")
@@ -139,6 +140,17 @@ def parser(description=None):
     p.add_argument("--nfb-budget", type=float, default=0.0,
                    help="beyond the decision, flag this share of the pairs it keeps, those ranked highest by any "
                    "decision view (a budget of clean pairs the GMM's conservative threshold leaves unspent; 0: off)")
+    p.add_argument("--nfb-gate-once", action=argparse.BooleanOptionalAction, default=False,
+                   help="once the gate finds noise it stays open: a strict filter lets the model fit the kept pairs "
+                   "so well that the loss's noise mode fades and the gate would shut, letting every pair back")
+    p.add_argument("--nfb-keep", default="gmm", choices=["gmm", "share"],
+                   help="which pairs the decision keeps: gmm, w >= 0.5; share, also at most the share every view "
+                   "finds clean (the product of the views' GMM clean weights): the threshold follows the noise")
+    p.add_argument("--nfb-teacher", default="learner", choices=["learner", "ema"],
+                   help="the model whose features give the views: the learner itself, or an exponential moving "
+                   "average of its weights (a slower second opinion, --nfb-ema-decay per step)")
+    p.add_argument("--nfb-ema-decay", type=float, default=0.99,
+                   help="--nfb-teacher ema: the teacher moves by 1 - decay towards the learner after each step")
     p.add_argument("--nfb-text-temp", type=float, default=0.25,
                    help="the text view's temperature, a fraction of --tau: many texts describe one edit equally "
                    "well, a sharp softmax asks whether the pair's own text is among the best")
@@ -279,6 +291,8 @@ def check(args, p):
          f"--nfb-views {' '.join(args.nfb_views)}: list each view once, query first (its loss says whether there is "
          "noise at all), e.g. --nfb-views query text"),
         (args.nfb_text_temp > 0, f"--nfb-text-temp {args.nfb_text_temp}: a fraction of --tau, > 0"),
+        (0 < args.nfb_ema_decay < 1, f"--nfb-ema-decay {args.nfb_ema_decay}: in (0, 1), e.g. 0.99 (a teacher "
+                                      "about 100 steps behind)"),
         (0 <= args.nfb_budget < 0.5, f"--nfb-budget {args.nfb_budget}: a share of the kept pairs, in [0, 0.5) "
                                      f"(0.02: the 2% the noise filter may spend on clean pairs)"),
         (args.wcb_maps >= 2, f"--wcb-maps {args.wcb_maps}: the WCB needs K >= 2 weight maps to be diverse"),
