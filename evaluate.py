@@ -433,6 +433,7 @@ def query(a, device):
     f_ref, _ = encode.encode_images(enc, ImageSource.files(SimpleNamespace(images=refs, paths=dict(zip(refs, refs))),
                                                            transform))
     q = compose(encode.encode_texts(enc, [t for _, t, _ in qs]), f_ref.float())
+    g = g.to(q.device)                                 # the cache is read to the CPU; the queries are the model's
     exclude = torch.tensor([index.get(str(ref), -1) for ref, _, _ in qs])         # the query image itself
     tgt = torch.tensor([index.get(str(t), -1) if t else -1 for _, _, t in qs])     # -1: none, or not in the folder
     top = topk(q, g, a.top, exclude=exclude)

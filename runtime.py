@@ -349,6 +349,10 @@ def setup_distributed():
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
+        if local >= torch.cuda.device_count():
+            sys.exit(f"error: torchrun started process {local} of a node, and this machine has "
+                     f"{torch.cuda.device_count()} GPU(s): pass --nproc_per_node {torch.cuda.device_count()} (or "
+                     "CUDA_VISIBLE_DEVICES= to train on the CPUs with gloo)")
         torch.cuda.set_device(local)
         dist.init_process_group("nccl")
         return rank, world, torch.device("cuda", local)
