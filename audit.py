@@ -96,7 +96,7 @@ def audit_scores(enc, images, trips, s, times=None, chunk=CHUNK):
     views = pair_views(pf, [v for v in names if v != "query"], s["tau"], s["nfb_text_temp"], s["nfb_text_inverted"])
     views = {"query": out["loss"], **{k: v.cpu() for k, v in views.items()}}
     w, per_view = decide_views(views, names, s["gmm"], s["nfb_gate"], s["nfb_width"], s["nfb_gate_by"],
-                               budget=s["nfb_budget"], keep=s.get("nfb_keep", "gmm"))
+                               budget=s["nfb_budget"])
     out.update(w=w.cpu(), views=views, view_w={k: v[0].cpu() for k, v in per_view.items()})
     if times is not None:
         times.update(encode=t1 - t0, rank=time.perf_counter() - t1)
@@ -296,8 +296,7 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
     rows = audit_rows(trips, scores, dataset, w_train)
     summary = audit_summary(trips, scores, dataset, w_train)
     summary.update({k: s[k] for k in ("tau", "gmm", "nfb_gate", "nfb_width", "nfb_views", "nfb_gate_by",
-                                      "nfb_budget", "nfb_keep", "nfb_text_temp", "nfb_text_inverted")
-                    if k in s})
+                                      "nfb_budget", "nfb_text_temp", "nfb_text_inverted")})
     name = "audit" if split == "train" else f"audit_{split}"
     jsonl = out_dir / f"{name}.jsonl"
     runtime.atomic_write(jsonl, "".join(json.dumps(runtime.strict_json(r)) + "\n" for r in rows))

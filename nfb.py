@@ -243,18 +243,13 @@ def pair_views(pf, names, tau, text_temp=0.25, inverted=True):
     return out
 
 
-def decide_views(views, decision, backend="sklearn", gate=0.0, width=0.0, gate_by="first", prior=None, budget=0.0,
-                 keep="gmm", opened=False):
+def decide_views(views, decision, backend="sklearn", gate=0.0, width=0.0, gate_by="first", prior=None, budget=0.0):
     """The NFB's decision on several views of the same n pairs. views {name: (n,) losses} (NaN: pair not seen, it
     keeps its prior weight), decision: the names the decision uses, the first one the query view. Every view gets
     its GMM (decide); the gate (gate_by="first"): the first view says whether there is noise at all (is_noise, both
     tests), then every view whose noisy component is the wider one takes part; gate_by="each": every view passes
     both tests on its own. A pair's w is the smallest of its decision views' (any view that finds it noisy flags
     it). budget > 0, with the gate open: spend_budget flags that share of the pairs the decision keeps as well.
-    keep="share", with the gate open: the threshold follows the noise (clean_share): the decision keeps at most
-    the share of the pairs that every decision view finds clean, the product of their GMMs' clean weights pi_v,0,
-    the rest flagged by spend_budget's ranks. opened: the gate was open at an earlier refit and stays so (the
-    first view's tests are logged, not applied).
     -> (w (n,), {name: (w_v (n,), decide's dict, seen (n,) bool, finite losses)}) for every view given."""
     per_view = {}
     for name, losses in views.items():
@@ -264,11 +259,10 @@ def decide_views(views, decision, backend="sklearn", gate=0.0, width=0.0, gate_b
         per_view[name] = (decide(fin, backend), seen, fin)               # the GMM, not yet gated
     # A later view never opens the gate on its own: early in training the text view of clean data can show a wide
     # second mode (edits the model has not learnt yet)
-    noise = opened or is_noise(per_view[decision[0]][0]["mode"], gate, width)
+    noise = is_noise(per_view[decision[0]][0]["mode"], gate, width)
     w = None
     for name, (d, seen, fin) in per_view.items():
-        own = is_noise(d["mode"], gate, width) if gate_by == "each" else noise and (
-            opened and name == decision[0] or is_noise(d["mode"], 0, width))
+        own = is_noise(d["mode"], gate, width) if gate_by == "each" else noise and is_noise(d["mode"], 0, width)
         d["mode"]["gated"] = not own
         w_v = (torch.ones(len(seen)) if prior is None else prior).to(seen.device, torch.float32, copy=True)
         w_v[seen] = torch.ones_like(d["w"]).to(seen.device) if not own else d["w"].to(seen.device)
@@ -277,25 +271,7 @@ def decide_views(views, decision, backend="sklearn", gate=0.0, width=0.0, gate_b
             w = w_v if w is None else torch.minimum(w, w_v)
     if budget > 0 and noise:
         w = spend_budget(w, {k: views[k] for k in decision}, budget)
-    if keep == "share" and noise:
-        w = clean_share(w, {k: views[k] for k in decision}, [per_view[k][1]["fit"]["weights"][0] for k in decision])
     return w, per_view
-
-
-def clean_share(w, views, pi_clean):
-    """The threshold that follows the noise. Each view's GMM weighs its clean component, pi_v,0: the share of the
-    pairs that view finds clean. A pair is clean only when every view finds it so, and the views catch different
-    corruptions (the query view a wrong reference or target, the text view a wrong text), so the clean share is
-    taken as the product prod_v pi_v,0, as if the views erred independently. w < 0.5 alone keeps every pair that
-    every view's clean Gaussian covers: at 80% noise about twice the clean share, half of it noise. Keep at most round(prod_v pi_v,0 * n) pairs: the kept pairs
-    ranked highest by any view are flagged too (spend_budget). w (n,), views {name: (n,) losses}, pi_clean [float]
-    -> w (n,)."""
-    share = math.prod(float(p) for p in pi_clean)
-    kept = int((w >= 0.5).sum())
-    target = round(share * len(w))
-    if not math.isfinite(share) or kept <= target or kept == 0:
-        return w
-    return spend_budget(w, views, 1 - target / kept)
 
 
 def spend_budget(w, views, budget):
@@ -326,16 +302,13 @@ class NoiseFilter:
     Losses that are NaN (pair not seen this epoch, e.g. drop_last) keep their previous weight."""
 
     def __init__(self, n, warmup_epochs=1, backend="sklearn", noisy_gt=None, gate=0.0, width=0.0, views=("query",),
-                 gate_by="first", keep="gmm", gate_once=False):
+                 gate_by="first"):
         if backend not in ("sklearn", "torch"):
             raise ValueError(f"nfb.py: backend must be 'sklearn' or 'torch', got {backend!r}")
         self.n, self.warmup_epochs, self.backend = n, warmup_epochs, backend
         self.gate, self.width = gate, width                              # is_noise's two tests
         self.views = tuple(views)                                        # the views the decision uses
         self.gate_by = gate_by                                           # "first" view, or "each" on its own
-        self.keep = keep                    # "gmm": w < 0.5 flags; "share": at most the views' clean share kept
-        self.gate_once = gate_once          # once the gate finds noise it stays open: the data stays noisy
-        self.opened = False                 # the gate was open at an earlier refit
         self.budget = 0.0       # spend_budget's share, set by train.build from --nfb-budget (decide_views)
         self.weights = torch.ones(n)                                     # (n,) soft labels, 1 before any fit
         # ground truth, where known: a flag per pair, or what was corrupted (0 = clean, k > 0: field k)
@@ -360,9 +333,8 @@ class NoiseFilter:
         if any(v.numel() != self.n for v in views.values()):
             raise ValueError(f"nfb.py: got {[v.numel() for v in views.values()]} losses for {self.n} training pairs")
         w, per_view = decide_views(views, self.views, self.backend, self.gate, self.width, self.gate_by, self.weights,
-                                   self.budget, self.keep, self.gate_once and self.opened)
+                                   self.budget)
         applied = self.active(epoch + 1)
-        self.opened = self.opened or not per_view[self.views[0]][1]["mode"]["gated"]
         if applied:
             self.weights = w
         w_q, d, seen, fin = per_view[self.views[0]]
@@ -412,9 +384,7 @@ class NoiseFilter:
     def state_dict(self):
         """Plain tensors and python types only: torch.load(weights_only=True) reads it back."""
         return dict(n=self.n, warmup_epochs=self.warmup_epochs, backend=self.backend, gate=self.gate,
-                    width=self.width, views=list(self.views), gate_by=self.gate_by, keep=self.keep,
-                    gate_once=self.gate_once, opened=self.opened,
-                    weights=self.weights.cpu(),
+                    width=self.width, views=list(self.views), gate_by=self.gate_by, weights=self.weights.cpu(),
                     noisy_gt=self.noisy_gt, gt_field=self.gt_field, history=list(self.history))
 
     def load_state_dict(self, sd):
@@ -423,5 +393,4 @@ class NoiseFilter:
         self.warmup_epochs, self.backend = sd["warmup_epochs"], sd["backend"]
         self.weights, self.noisy_gt, self.history = sd["weights"].float(), sd["noisy_gt"], list(sd["history"])
         self.gate, self.width, self.gt_field = sd["gate"], sd["width"], sd["gt_field"]
-        self.views, self.gate_by, self.keep = tuple(sd["views"]), sd["gate_by"], sd.get("keep", "gmm")
-        self.gate_once, self.opened = sd.get("gate_once", False), sd.get("opened", False)
+        self.views, self.gate_by = tuple(sd["views"]), sd["gate_by"]

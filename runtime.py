@@ -52,6 +52,9 @@ PRESETS = {
     "cirr": REAL, "fashioniq": REAL, "shoes": REAL, "triplets": REAL,
 }
 TOY_NOISE = 0.3             # --noise of --dataset toy when none is given (every other dataset: 0)
+# Flags that were measured, lost and were removed: given again, one line says so and where their numbers are
+DROPPED = "docs/choices.md, 'Tried and dropped'"
+REMOVED = {"--nfb-keep": DROPPED, "--nfb-gate-once": DROPPED, "--nfb-teacher": DROPPED, "--nfb-ema-decay": DROPPED}
 RUN = dict(amp="auto", workers=2)  # not tied to a dataset; on --resume the run's own values unless given again
 # --resume applies these when given again (--epochs extends the run); any other setting given with a value other
 # than the run's own is refused
@@ -117,7 +120,7 @@ def parser(description=None):
     p.add_argument("--warmup-epochs", type=int, default=None, help="epochs of plain InfoNCE before the first GMM")
     p.add_argument("--gmm", default="sklearn", choices=["sklearn", "torch"],
                    help="the NFB's GMM: scikit-learn's, or the same EM in torch (on the losses' device)")
-    p.add_argument("--soft-label", default="complement", choices=["sample", *SOFT_FORMS],
+    p.add_argument("--soft-label", default="sample", choices=["sample", *SOFT_FORMS],
                    help="L^soft_NCE (loss.py): sample pair i into an epoch with probability w_i; weight its l_i by "
                    "w_i; spread 1 - w_i over the other targets; or complement: a flagged pair teaches only what "
                    "its query is not, -log(1 - p_ij) over the other targets, weighted by 1 - w_i (RCL)")
@@ -140,17 +143,6 @@ def parser(description=None):
     p.add_argument("--nfb-budget", type=float, default=0.0,
                    help="beyond the decision, flag this share of the pairs it keeps, those ranked highest by any "
                    "decision view (a budget of clean pairs the GMM's conservative threshold leaves unspent; 0: off)")
-    p.add_argument("--nfb-gate-once", action=argparse.BooleanOptionalAction, default=False,
-                   help="once the gate finds noise it stays open: a strict filter lets the model fit the kept pairs "
-                   "so well that the loss's noise mode fades and the gate would shut, letting every pair back")
-    p.add_argument("--nfb-keep", default="gmm", choices=["gmm", "share"],
-                   help="which pairs the decision keeps: gmm, w >= 0.5; share, also at most the share every view "
-                   "finds clean (the product of the views' GMM clean weights): the threshold follows the noise")
-    p.add_argument("--nfb-teacher", default="learner", choices=["learner", "ema"],
-                   help="the model whose features give the views: the learner itself, or an exponential moving "
-                   "average of its weights (a slower second opinion, --nfb-ema-decay per step)")
-    p.add_argument("--nfb-ema-decay", type=float, default=0.99,
-                   help="--nfb-teacher ema: the teacher moves by 1 - decay towards the learner after each step")
     p.add_argument("--nfb-text-temp", type=float, default=0.25,
                    help="the text view's temperature, a fraction of --tau: many texts describe one edit equally "
                    "well, a sharp softmax asks whether the pair's own text is among the best")
@@ -184,6 +176,9 @@ def settings(argv=None, description=None):
     wins; then, for --resume, the run's own settings (resumed); then stage 2's and the dataset's presets; flags
     newer than a resumed run take their defaults. Paths are stored absolute. --print-settings prints them, exits."""
     p = parser(description)
+    for flag in (a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)):
+        if flag in REMOVED:
+            p.error(f"{flag} was removed: it was measured and lost; its numbers are in {REMOVED[flag]}")
     args = p.parse_args(argv)
     if args.resume:
         args = resumed(args, given(p, argv), p)
@@ -291,8 +286,6 @@ def check(args, p):
          f"--nfb-views {' '.join(args.nfb_views)}: list each view once, query first (its loss says whether there is "
          "noise at all), e.g. --nfb-views query text"),
         (args.nfb_text_temp > 0, f"--nfb-text-temp {args.nfb_text_temp}: a fraction of --tau, > 0"),
-        (0 < args.nfb_ema_decay < 1, f"--nfb-ema-decay {args.nfb_ema_decay}: in (0, 1), e.g. 0.99 (a teacher "
-                                      "about 100 steps behind)"),
         (0 <= args.nfb_budget < 0.5, f"--nfb-budget {args.nfb_budget}: a share of the kept pairs, in [0, 0.5) "
                                      f"(0.02: the 2% the noise filter may spend on clean pairs)"),
         (args.wcb_maps >= 2, f"--wcb-maps {args.wcb_maps}: the WCB needs K >= 2 weight maps to be diverse"),

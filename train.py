@@ -9,9 +9,8 @@
     python train.py --resume runs/X                    # continue a killed run where its last epoch ended
 
 One epoch (README: "The paper and our choices"):
-  1. the NFB's soft labels w (1 during the warm-up) weigh each pair's two lessons (--soft-label complement: w_i of
-     InfoNCE, 1 - w_i of what its query is not) or choose the epoch's pairs (sample: pair i drawn with
-     probability w_i);
+  1. the NFB's soft labels w (1 during the warm-up) choose the epoch's pairs (--soft-label sample: pair i is drawn
+     with probability w_i) or weigh them (weight; complement: w_i of InfoNCE, 1 - w_i of what the query is not);
   2. every step (train_step): q = normalize(f_txt + f_ref), t = normalize(f_tar); loss = L^soft_NCE(q, t, w)
      + λ·diversity (loss.py);
   3. NFB (refit_noise_filter): every training pair's views (its query's loss over every training image, which text
@@ -22,8 +21,6 @@ One epoch (README: "The paper and our choices"):
 The settings (flags, presets, checks) are runtime.py's.
 """
 
-import copy
-import dataclasses
 import functools
 import json
 import math
@@ -78,7 +75,6 @@ class Run:
     start: int = 0                           # the first epoch to train (resume)
     best: float = -1.0
     history: list = field(default_factory=list)
-    teacher: CIRModel | None = None          # --nfb-teacher ema: the views' model, an EMA of `model`
 
 
 def build(args):
@@ -130,13 +126,10 @@ def build(args):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.lr_warmup * total)))
     nfb = None if args.no_nfb else NoiseFilter(len(train), args.warmup_epochs, args.gmm, gate=args.nfb_gate,
                                                width=args.nfb_width, views=args.nfb_views, gate_by=args.nfb_gate_by,
-                                               noisy_gt=train.noise_field if train.noisy.any() else None,
-                                               keep=args.nfb_keep, gate_once=args.nfb_gate_once)
+                                               noisy_gt=train.noise_field if train.noisy.any() else None)
     if nfb is not None:
         nfb.budget = args.nfb_budget
     run = Run(args, model, net, opt, sched, scaler, amp, nfb, train, images, val, enc, out, rank, world, device)
-    if nfb is not None and args.nfb_teacher == "ema":      # a copy that follows the learner slowly, never trained
-        run.teacher = copy.deepcopy(model).requires_grad_(False).eval()
     if resume is not None:
         restore(run, resume)
     elif args.stage == 2 and nfb is not None:
@@ -217,8 +210,6 @@ def restore(run, resume):
     run.scaler.load_state_dict(resume["scaler"])
     if run.nfb is not None:
         run.nfb.load_state_dict(resume["nfb"])
-    if run.teacher is not None:
-        run.teacher.load_state_dict(resume["teacher"])
     set_rng_state(resume["rng"])
     if run.rank == 0:   # the log as of the checkpoint: an epoch logged after it will be trained (and logged) again
         atomic_write(run.out / "log.jsonl", "".join(json.dumps(strict_json(r)) + "\n" for r in resume["history"]))
@@ -274,20 +265,10 @@ def train_step(run, batch, w):
     run.scaler.step(run.opt)
     run.scaler.update()
     run.sched.step()
-    if run.teacher is not None:
-        ema_update(run.teacher, run.model, a.nfb_ema_decay)
     # the plain l_i under soft labels: only --nfb-losses train reads them (a B x N product in SPN's stage 2)
     plain = l_i if w is None or a.nfb_losses != "train" else info_nce(q.detach(), t_all.detach(), a.tau, pos=pos,
                                                                       reduction="none")
     return loss.item(), plain.detach().float()
-
-
-@torch.no_grad()
-def ema_update(teacher, model, decay):
-    """--nfb-teacher ema: theta_teacher <- decay * theta_teacher + (1 - decay) * theta, buffers copied."""
-    torch._foreach_lerp_(list(teacher.parameters()), list(model.parameters()), 1 - decay)
-    for b_t, b in zip(teacher.buffers(), model.buffers()):
-        b_t.copy_(b)
 
 
 # -----------------------------------------------------------------------------
@@ -427,8 +408,7 @@ def noise_views(run):
     the views of --nfb-views (with --nfb-measure every view, for the log); the images through the model once, the
     distinct texts once, each process its share (encode.pair_features)."""
     a = run.args
-    enc = run.enc if run.teacher is None else dataclasses.replace(run.enc, model=run.teacher)
-    pf = pair_features(enc, run.images, run.train)
+    pf = pair_features(run.enc, run.images, run.train)
     return pair_views(pf, VIEWS if a.nfb_measure else a.nfb_views, a.tau, a.nfb_text_temp, a.nfb_text_inverted)
 
 
@@ -454,7 +434,6 @@ def save_epoch(run, rec):
     atomic_write(run.out / "last.pt", dict(
         model=run.model.state_dict(), optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
         scaler=run.scaler.state_dict(), nfb=nfb.state_dict() if nfb else None, epoch=rec["epoch"], best=run.best,
-        teacher=run.teacher.state_dict() if run.teacher is not None else None,
         history=run.history, args=vars(a), rng=rng_state()))
     with open(run.out / "log.jsonl", "a") as f:
         f.write(json.dumps(strict_json(rec)) + "\n")
