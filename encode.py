@@ -226,18 +226,17 @@ class _Readable:
         self.paths, self.transform = paths, transform
 
     def __call__(self, names):
-        images, ok = [], []
+        images = []
         for n in names:
             try:
                 images.append(self.transform(load_image(self.paths[n])))
-                ok.append(True)
             except OSError:
-                ok.append(False)
-        shape = images[0].shape if images else None
-        blank = lambda: torch.zeros(shape) if shape is not None else None
-        it = iter(images)
-        stacked = [next(it) if good else blank() for good in ok]
-        return (torch.stack(stacked) if shape is not None else None), torch.tensor(ok)
+                images.append(None)
+        ok = torch.tensor([x is not None for x in images])
+        if not ok.any():
+            return None, ok
+        blank = torch.zeros_like(images[int(ok.nonzero()[0])])
+        return torch.stack([blank if x is None else x for x in images]), ok
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -176,7 +177,8 @@ def settings(argv=None, description=None):
     wins; then, for --resume, the run's own settings (resumed); then stage 2's and the dataset's presets; flags
     newer than a resumed run take their defaults. Paths are stored absolute. --print-settings prints them, exits."""
     p = parser(description)
-    for flag in (a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)):
+    argv = sys.argv[1:] if argv is None else argv
+    for flag in (a.split("=")[0] for a in argv):
         if flag in REMOVED:
             p.error(f"{flag} was removed: it was measured and lost; its numbers are in {REMOVED[flag]}")
     args = p.parse_args(argv)
@@ -199,7 +201,7 @@ def given(p, argv):
     q = parser(p.description)
     for action in q._actions:
         action.default = argparse.SUPPRESS
-    return vars(q.parse_args(sys.argv[1:] if argv is None else argv))
+    return vars(q.parse_args(argv))
 
 
 def resumed(args, flags, p):
@@ -212,10 +214,9 @@ def resumed(args, flags, p):
         else load_checkpoint(path, "--resume", mmap=True)["args"]
     saved = {**vars(defaults(saved["dataset"])), **saved}     # flags newer than the run take their defaults
     run = path.parent
+    saved["out"] = str(run)                                   # the run folder, wherever it was started from
     for k, v in flags.items():
         if k in RESUME_FLAGS or k in ("resume", "print_settings") or same(k, v, saved.get(k)):
-            continue
-        if k == "out" and same("data_root", v, str(run)):
             continue
         p.error(f"--resume {run}: --{k.replace('_', '-')} {v} differs from the run's {saved.get(k)}; a resumed "
                 f"run keeps its settings (only --{', --'.join(f.replace('_', '-') for f in RESUME_FLAGS)} may "
@@ -238,14 +239,13 @@ def finished(args):
 
 def same(key, a, b):
     """A flag's value given again equals the run's (paths compared where they point)."""
-    if key in PATHS and a is not None and b is not None:
+    if key in (*PATHS, "out") and a is not None and b is not None:
         return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
     return a == b or isinstance(a, (list, tuple)) and list(a) == list(b or ())
 
 
 def describe(args):
     """The settings as lines of `key=value` within 100 characters (FashionIQ's categories only for FashionIQ)."""
-    import textwrap
     skip = () if args.dataset == "fashioniq" else ("categories",)
     items = " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in skip and k != "print_settings")
     return "settings:\n" + textwrap.fill(items, 100, initial_indent="  ", subsequent_indent="  ",
