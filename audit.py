@@ -29,6 +29,7 @@ from model import compose
 from preprocess import make_transform
 from nfb import decide_views, detection_metrics, pair_views
 from triplets import NOISE_FIELDS, Noise, as_row, check_noise
+import util
 
 AUDIT_SHEET = 24          # rows of the contact sheet
 AUDIT_K = (100, 500)      # precision@k / recall@k, besides k = the number of known noisy triplets
@@ -299,7 +300,7 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
                                       "nfb_budget", "nfb_text_temp", "nfb_text_inverted")})
     name = "audit" if split == "train" else f"audit_{split}"
     jsonl = out_dir / f"{name}.jsonl"
-    runtime.atomic_write(jsonl, "".join(json.dumps(runtime.strict_json(r)) + "\n" for r in rows))
+    util.atomic_write(jsonl, "".join(json.dumps(util.strict_json(r)) + "\n" for r in rows))
     paths = trips.paths
     sheet = [(paths[r["reference"]], r["text"], paths[r["target"]], paths[r["top3"][0]],
               _sheet_label(k, r)) for k, r in enumerate(rows[:AUDIT_SHEET])]
@@ -307,8 +308,8 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
     if dataset == "triplets" and split == "train":          # your own triplets: a cleaned copy, and what it left out
         summary.update(clean_copy(trips, scores, rows, s, out_dir))
     summary.update({f"time_{k}": v for k, v in times.items()}, time_total=time.perf_counter() - t0)
-    summary_json = json.dumps(runtime.strict_json(summary), indent=1)
-    runtime.atomic_write(out_dir / f"{name}_summary.json", summary_json)
+    summary_json = json.dumps(util.strict_json(summary), indent=1)
+    util.atomic_write(out_dir / f"{name}_summary.json", summary_json)
     noise = (f" ({s['noise_kind']} noise {s['noise']}, seed {s['seed']})"
              if split == "train" and s["noise"] else "")
     print_audit_summary(summary, f"{dataset} {split}{noise}")
@@ -338,8 +339,8 @@ def clean_copy(trips, scores, rows, s, out_dir):
     removed = [{**trips.triplets[r["index"]]["source"],
                 "audit": {"line": trips.triplets[r["index"]]["line"], **{k: r[k] for k in why}}}
                for r in rows if drop[r["index"]] and "source" in trips.triplets[r["index"]]]
-    runtime.atomic_write(out_dir / "clean.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
-    runtime.atomic_write(out_dir / "removed.jsonl", "".join(json.dumps(runtime.strict_json(r)) + "\n"
+    util.atomic_write(out_dir / "clean.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
+    util.atomic_write(out_dir / "removed.jsonl", "".join(json.dumps(util.strict_json(r)) + "\n"
                                                              for r in removed))
     preset = f" --preset {s['preset']}" if s.get("preset") else ""
     print(f"wrote {out_dir / 'clean.jsonl'} ({len(keep):,} rows of {file.name} kept, each as it is there) and "
@@ -360,7 +361,7 @@ def audit_sheet(rows, path, blocks=2):
     from PIL import Image
     per = math.ceil(len(rows) / blocks)
     blocks = math.ceil(len(rows) / per)
-    plt = runtime.pyplot()
+    plt = util.pyplot()
     fig, axes = plt.subplots(per, 4 * blocks, figsize=(5.4 * blocks, 1.25 * per), squeeze=False,
                              gridspec_kw=dict(width_ratios=[1, 1.35, 1, 1] * blocks))
     for ax in axes.flat:

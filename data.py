@@ -23,7 +23,9 @@ import runtime
 import toy
 import triplets
 from runtime import FIQ_CATEGORIES
-from triplets import TripletDataset, _read_json, say
+from triplets import TripletDataset, _read_json
+import util
+from util import log
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")  # FashionIQ copies use .png or .jpg; the first found wins in this order
 CIRR_SPLITS = ("train", "val", "test1")
@@ -104,7 +106,7 @@ class CIRR(TripletDataset):
                 + ", ".join(str(c) for c in cands) + ". Point --data-root at the folder holding img_raw/ or dev/.")
         paths = {n: img_root / os.path.normpath(r) for n, r in rel.items()}
         layout = "" if name == "toy" else f"{_cirr_layout(root, ann, img_root)}: "
-        say(f"{name} {split}: {layout}annotations {ann}, images {img_root}")
+        log(f"{name} {split}: {layout}annotations {ann}, images {img_root}", once=True)
 
         triplets, noisy = [], []
         for r in _read_json(ann / cap):
@@ -179,8 +181,8 @@ class FashionIQ(TripletDataset):
                                      text=fiq_text(r["captions"]), captions=list(r["captions"]), members=None,
                                      category=c, row=j))
             if extra:
-                say(f"FashionIQ {c} {split}: {len(extra)} caption images are not in split.{c}.{split}.json; "
-                    f"appended to the gallery, e.g. {extra[:3]}")
+                log(f"FashionIQ {c} {split}: {len(extra)} caption images are not in split.{c}.{split}.json; "
+                    f"appended to the gallery, e.g. {extra[:3]}", once=True)
             self.category_images[c] = split_names + extra
             for n in split_names + extra:
                 if n not in seen:
@@ -194,8 +196,8 @@ class FashionIQ(TripletDataset):
         if not any(n in found for n in images):
             raise FileNotFoundError(f"FashionIQ: annotations found in {ann}, but none of the {split} images is in "
                                     f"{img_dir}: expected e.g. {img_dir / (images[0] + '.png')} (or .jpg)")
-        say(f"FashionIQ {split} {'+'.join(categories)}: annotations {ann}, images {img_dir} "
-            f"({'/'.join(exts)})")
+        log(f"FashionIQ {split} {'+'.join(categories)}: annotations {ann}, images {img_dir} "
+            f"({'/'.join(exts)})", once=True)
         self.random_text = split == "train" if random_text is None else random_text   # training: random order
         self._setup("FashionIQ", root, split, (images, paths, triplets, [False] * len(triplets)), skip_missing,
                     noise, extra_triplets)
@@ -314,10 +316,10 @@ class Shoes(TripletDataset):
                 f"(--skip-missing) to drop the triplets that use them")
         paths = {n: found.get(n, root / n) for n in names}
         n_self = sum(t["reference"] == t["target"] for t in triplets)
-        say(f"Shoes {split}: {_shoes_layout(root, found.values())}: {len(triplets)} triplets "
+        log(f"Shoes {split}: {_shoes_layout(root, found.values())}: {len(triplets)} triplets "
             f"({n_self} with reference = target) over {len(names)} images; annotations {ann}"
             + (f"; {repeated} repeated rows of {SHOES_CAPTIONS} kept once" if repeated else "")
-            + (f"; {across} rows with one image outside the split left out" if across else ""))
+            + (f"; {across} rows with one image outside the split left out" if across else ""), once=True)
         self._setup("Shoes", root, split, (names, paths, triplets, [False] * len(triplets)), skip_missing, noise,
                     extra_triplets)
         self.n_self_pairs = sum(t["reference"] == t["target"] for t in self.triplets)
@@ -419,13 +421,13 @@ def convert(s, out, splits=None):
         rel = lambda n: os.path.relpath(ds.paths[n], out)
         keep = lambda t: dict(category=t["category"], captions=t["captions"]) if t.get("category") else {}
         rows = [triplets.as_row({**t, "row": keep(t)}, f, rel) for t, f in zip(ds.triplets, ds.noise_field.tolist())]
-        runtime.atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        util.atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         written[name] = len(rows)
     return written
 
 
 def main(argv=None):
-    p = runtime.ArgumentParser("""Data tools.
+    p = util.ArgumentParser("""Data tools.
 
     python data.py convert --dataset cirr --data-root DIR --out OUT     # CIRR, FashionIQ, Shoes, the toy in the
                                                                        # triplet format (train.jsonl, val.jsonl)
@@ -458,4 +460,4 @@ if __name__ == "__main__":
     try:
         main()
     except (OSError, ValueError) as e:   # bad input: one line, no traceback
-        sys.exit(f"error: {runtime.error_line(e)}")
+        sys.exit(f"error: {util.error_line(e)}")

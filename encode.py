@@ -29,6 +29,7 @@ from torchvision.transforms.functional import to_tensor
 
 from triplets import load_image, subset_rows
 import runtime
+import util
 from model import compose
 from preprocess import normalize_pixels, tokenize
 from nfb import PairFeatures
@@ -72,8 +73,8 @@ class ImageSource:
         pixels = torch.cat(list(_batches(files, range(len(ds.images)), 256, workers)))
         if pixels.dtype != torch.uint8:
             raise ValueError("ImageSource.pixels needs a uint8 transform: preprocess.make_transform(..., pixels=True)")
-        runtime.log(f"decoded {ds.split} images once: {tuple(pixels.shape)} uint8, {pixels.numel() / 2**20:.0f} "
-                    f"MiB, {time.perf_counter() - t:.1f} s", rank)
+        util.log(f"decoded {ds.split} images once: {tuple(pixels.shape)} uint8, {pixels.numel() / 2**20:.0f} "
+                    f"MiB, {time.perf_counter() - t:.1f} s")
         return cls(ds, "pixels", cache=pixels)
 
     @classmethod
@@ -82,8 +83,8 @@ class ImageSource:
         files or pixels source of the same split): with the tower frozen they never change."""
         t = time.perf_counter()
         tok = encode_images(enc, images, tokens=True).half().cpu()
-        runtime.log(f"cached image tokens {tuple(tok.shape)} fp16, {tok.numel() * 2 / 2**20:.0f} MiB, "
-                    f"{time.perf_counter() - t:.1f} s", enc.rank)
+        util.log(f"cached image tokens {tuple(tok.shape)} fp16, {tok.numel() * 2 / 2**20:.0f} MiB, "
+                    f"{time.perf_counter() - t:.1f} s")
         return cls(ds, "tokens", cache=tok)
 
     @classmethod
@@ -97,10 +98,10 @@ class ImageSource:
         f_ref, f_tar = encode_images(enc, images)
         bank = F.normalize(f_tar.float(), dim=-1)
         if enc.rank == 0:
-            runtime.atomic_write(path, {"ref": f_ref.cpu(), "bank": bank.cpu()})
-        runtime.log(f"SPN bank: {len(bank)} training images x {bank.shape[1]} dims, "
+            util.atomic_write(path, {"ref": f_ref.cpu(), "bank": bank.cpu()})
+        util.log(f"SPN bank: {len(bank)} training images x {bank.shape[1]} dims, "
                     f"{bank.numel() * bank.element_size() / 2**20:.1f} MiB per process (every rank holds it all), "
-                    f"{time.perf_counter() - t:.1f} s", enc.rank)
+                    f"{time.perf_counter() - t:.1f} s")
         return cls(ds, "features", cache=f_ref.cpu(), bank=bank.to(enc.device))
 
     def load(self, idx):
@@ -279,5 +280,5 @@ def folder_features(enc, folder, transform, model_id, cache_dir):
     if not readable:
         raise OSError(f"--gallery {folder}: none of its {len(names)} image files could be read")
     features = F.normalize(f_tar[ok], dim=-1)
-    runtime.atomic_write(cache, dict(names=readable, features=features, skipped=skipped, model=model_id))
+    util.atomic_write(cache, dict(names=readable, features=features, skipped=skipped, model=model_id))
     return readable, features, skipped, cache, False

@@ -38,6 +38,7 @@ import runtime
 import toy
 import encode
 import triplets
+import util
 from encode import Encoder, ImageSource, check_finite, query_features
 from loss import CHUNK, drop_reference, rank_of, similarities
 from model import CIRModel, compose, load_clip
@@ -202,7 +203,7 @@ def write_submission(out_dir, pairids, top50, top3, tag="ncl-cir"):
         sub = {"version": "rc2", "metric": metric}
         sub.update({str(p): list(t) for p, t in zip(pairids, tops)})
         path = out_dir / f"{metric}_submission_{tag}.json"
-        runtime.atomic_write(path, json.dumps(sub))
+        util.atomic_write(path, json.dumps(sub))
         paths.append(path)
     return paths
 
@@ -255,7 +256,7 @@ def latest_best(runs="runs"):
 
 
 def main(argv=None):
-    p = runtime.ArgumentParser(__doc__)
+    p = util.ArgumentParser(__doc__)
     p.add_argument("--checkpoint", default=None, help="a run's best.pt (default: the most recent run's)")
     p.add_argument("--clip", default=None, help="zero-shot: OpenAI CLIP name or path, sum fusion, no training")
     p.add_argument("--dataset", default=None, choices=list(EVAL_SPLIT))
@@ -366,7 +367,7 @@ def main(argv=None):
         print(f"  {k:<{width}}  {v:6.2f}")
     out = Path(a.out) if a.out else path.with_name(f"metrics_{dataset}_{a.split}.json") if path else None
     if out is not None:
-        runtime.atomic_write(out, json.dumps(metrics, indent=1))
+        util.atomic_write(out, json.dumps(metrics, indent=1))
         print(f"metrics written to {out}")
     else:
         print("(zero-shot: pass --out FILE to save the metrics)")
@@ -452,7 +453,7 @@ def query(a, device):
     with_target = [r for r in results if r["target"]]
     hits = sum(r["target_rank"] is not None and r["target_rank"] <= a.top for r in with_target)
     if a.queries:
-        runtime.atomic_write(out.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in results))
+        util.atomic_write(out.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in results))
         print(f"{len(results):,} queries" + (f", {len(results) - QUERIES_SHOWN:,} more than printed" if
                                              len(results) > QUERIES_SHOWN else "")
               + f": every query's hits in {out.with_suffix('.jsonl')}")
@@ -509,7 +510,7 @@ def query_grid(rows, path):
     from PIL import Image
     rows = [(*r, None) if len(r) == 3 else r for r in rows]
     k = max(len(r[2]) + (r[3] is not None) for r in rows)
-    plt = runtime.pyplot()
+    plt = util.pyplot()
     fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.8 * (k + 1), 2.0 * len(rows)), squeeze=False)
     for ax_row, (ref, text, hits, missed) in zip(axes, rows):
         with Image.open(ref) as im:
@@ -546,4 +547,4 @@ if __name__ == "__main__":
     try:
         main()
     except (OSError, ValueError) as e:   # bad input: one line, no traceback
-        sys.exit(f"error: {runtime.error_line(e)}")
+        sys.exit(f"error: {util.error_line(e)}")

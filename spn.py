@@ -32,6 +32,7 @@ import torch
 import data
 import evaluate
 import runtime
+import util
 import toy
 from encode import Encoder, ImageSource, encode_images
 from model import CIRModel, load_clip
@@ -105,7 +106,7 @@ def read_captions(path):
 
 
 def main(argv=None):
-    p = runtime.ArgumentParser(__doc__)
+    p = util.ArgumentParser(__doc__)
     p.add_argument("--dataset", default="toy", choices=["toy", "cirr", "fashioniq", "shoes", "triplets"],
                    help="the benchmark, or triplets: your own (the images of its train.jsonl)")
     p.add_argument("--data-root", default=None, help="dataset folder (toy: the default toy set if omitted)")
@@ -176,7 +177,7 @@ def main(argv=None):
 
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    runtime.atomic_write(out, json.dumps(triplets, indent=1))
+    util.atomic_write(out, json.dumps(triplets, indent=1))
     print(f"wrote {len(triplets)} generated triplets to {out} (window {a.window[0]}..{a.window[1]}, "
           f"{a.per_image} per image, seed {a.seed}); use: train.py --extra-triplets {out}. Examples:")
     for t in triplets[:3]:
@@ -188,4 +189,4 @@ if __name__ == "__main__":
     try:
         main()
     except (OSError, ValueError) as e:   # bad input: one line, no traceback
-        sys.exit(f"error: {runtime.error_line(e)}")
+        sys.exit(f"error: {util.error_line(e)}")

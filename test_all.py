@@ -51,6 +51,7 @@ from nfb import NoiseFilter, decide, decide_views, detection_metrics, fit_gmm, m
 from wcb import WCB, diversity_penalty
 import evaluate
 import runtime
+import util
 import train
 from evaluate import check_submission, cirr_metrics, cirr_rankings, fashioniq_metrics, write_submission
 from model import CIRModel, CLIP
@@ -108,7 +109,7 @@ def micro_clip(tmp_path_factory):
 def fresh_process_messages():
     """triplets.say prints a dataset's layout and noise lines once per process: each test starts as a
     fresh process."""
-    triplets._SAID.clear()
+    util._SAID.clear()
 
 
 def _free_port():
@@ -1230,7 +1231,7 @@ def test_cirr_says_its_layout_once_per_process(cirr_root, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"CIRR val: CIRR release layout (img_raw/): annotations {cirr_root}, images "
                      f"{cirr_root / 'img_raw'}", lines[1]] and lines[1].startswith("CIRR test1: ")
-    triplets._SAID.clear()                              # what a new process remembers: nothing
+    util._SAID.clear()                              # what a new process remembers: nothing
     data.CIRR(cirr_root, "val")
     assert capsys.readouterr().out.splitlines() == lines[:1]
 
@@ -1505,7 +1506,7 @@ def test_shoes_bad_root_one_line(tmp_path, micro_clip, capsys):
     with pytest.raises(FileNotFoundError) as e:
         train.main(["--dataset", "shoes", "--data-root", str(tmp_path / "empty"),
                     "--clip", str(micro_clip), "--out", str(tmp_path / "run")])
-    assert len(runtime.error_line(e.value).splitlines()) == 1
+    assert len(util.error_line(e.value).splitlines()) == 1
     assert "relative_captions_shoes.json" in str(e.value)
 
 
@@ -2116,9 +2117,9 @@ def test_messages_say_what_was_done(toy_root, capsys, monkeypatch):
     assert train.nfb_line(dict(nfb_n_noisy=7, nfb_gated=False, nfb_auc=0.91)) == " | NFB noisy 7 AUC 0.910"
     assert train.nfb_line(dict(loss=1.0)) == ""
     monkeypatch.setenv("RANK", "1")
-    triplets.say("a dataset line")
+    util.log("a dataset line", once=True)
     monkeypatch.setenv("RANK", "0")
-    triplets.say("a dataset line")
+    util.log("a dataset line", once=True)
     assert capsys.readouterr().out == "a dataset line\n"
     s = runtime.defaults("toy")
     s.data_root, s.noise = str(toy_root), 0.0
@@ -3387,7 +3388,7 @@ def test_checkpoints_load_in_one_line_and_build_the_model(tmp_path):
         for head in (model.wcb_txt, model.wcb_ref, model.wcb_tar):
             head.alpha.fill_(0.5)
     args = dict(no_wcb=False, wcb_maps=3, wcb_hidden=8)
-    runtime.atomic_write(tmp_path / "best.pt", dict(model=model.state_dict(), args=args))
+    util.atomic_write(tmp_path / "best.pt", dict(model=model.state_dict(), args=args))
     assert not (tmp_path / "best.pt.tmp").exists()
     again = runtime.build_model(runtime.load_checkpoint(tmp_path / "best.pt")).eval()
     text, images = tokenize(["make the circle red", "remove the square"]), torch.randn(2, 3, 32, 32)
@@ -3408,15 +3409,15 @@ def test_checkpoints_load_in_one_line_and_build_the_model(tmp_path):
 def test_strict_json_and_error_line():
     """NaN and inf become null, so a strict JSON reader takes a log line; a loader worker's error
     comes back with its whole traceback, and error_line keeps its message only."""
-    rec = runtime.strict_json(dict(a=[1.0, math.nan], b=(math.inf, "x"), c=dict(d=-math.inf, e=2)))
+    rec = util.strict_json(dict(a=[1.0, math.nan], b=(math.inf, "x"), c=dict(d=-math.inf, e=2)))
     assert rec == dict(a=[1.0, None], b=[None, "x"], c=dict(d=None, e=2))
     json.dumps(rec, allow_nan=False)
     worker = OSError("Caught OSError in DataLoader worker process 0.\n"
                      "Original Traceback (most recent call last):\n"
                      '  File "data.py", line 80, in load\n'
                      "OSError: cannot read image /x/a.png: truncated")
-    assert runtime.error_line(worker) == "cannot read image /x/a.png: truncated"
-    assert runtime.error_line(ValueError(" --noise 1.5: in [0, 1] ")) == "--noise 1.5: in [0, 1]"
+    assert util.error_line(worker) == "cannot read image /x/a.png: truncated"
+    assert util.error_line(ValueError(" --noise 1.5: in [0, 1] ")) == "--noise 1.5: in [0, 1]"
 
 
 def test_plots_are_pngs_of_their_layout(toy_root, tmp_path):

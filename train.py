@@ -39,14 +39,15 @@ from tqdm import tqdm
 import data
 import evaluate
 import runtime
+import util
 import toy
 from encode import Encoder, ImageSource, pair_features
 from loss import info_nce, soft_nce
 from model import CIRModel, load_clip
 from preprocess import make_transform, tokenize
 from nfb import VIEWS, NoiseFilter, pair_views
-from runtime import EVAL_SPLIT, atomic_write, gather_with_grad, log, merge_losses, rng_state, set_rng_state, \
-    strict_json
+from runtime import EVAL_SPLIT, gather_with_grad, merge_losses, rng_state, set_rng_state
+from util import atomic_write, log, strict_json
 from triplets import TripletDataset, subset_rows
 
 
@@ -95,13 +96,13 @@ def build(args):
                  "(the triplet format's 'noisy' key) nor corrupted (--noise); add --noise")
     if args.oracle:
         log(f"--oracle: training on the {int((~train.noisy).sum())} triplets known to be clean only "
-            f"({int(train.noisy.sum())} noisy left out), as many steps as on all {len(train)}", rank)
+            f"({int(train.noisy.sum())} noisy left out), as many steps as on all {len(train)}")
     if len(train) < args.batch_size:
         sys.exit(f"error: --batch-size {args.batch_size} is larger than the {len(train)} training triplets: an "
                  f"epoch would have no step; pass --batch-size {max(2, len(train) // 2)} or less")
     if ("subset" in args.nfb_views or args.nfb_measure) and subset_rows(train) is None:  # FashionIQ, Shoes
         args.nfb_views = [v for v in args.nfb_views if v != "subset"]
-        log(f"NFB: {args.dataset} has no subsets (CIRR's img_set): the subset view is left out", rank)
+        log(f"NFB: {args.dataset} has no subsets (CIRR's img_set): the subset view is left out")
     out = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()   # working directory's
     args.out = str(out)
     resume = runtime.load_checkpoint(args.resume, "--resume") if args.resume else None
@@ -170,7 +171,7 @@ def image_sources(args, enc, train, bank_path, resume):
 
     def source(ds):
         if args.cache_images:
-            return ImageSource.pixels(ds, make_transform(args.transform, res, pixels=True), args.workers, enc.rank)
+            return ImageSource.pixels(ds, make_transform(args.transform, res, pixels=True), args.workers)
         return ImageSource.files(ds, make_transform(args.transform, res))
     images = source(train)
     if args.stage == 2:
@@ -178,7 +179,7 @@ def image_sources(args, enc, train, bank_path, resume):
     elif args.encoder == "text":
         images = ImageSource.tokens(train, enc, images)
     val = [(name, source(ds), ds) for name, ds in evaluate.eval_sets(args, EVAL_SPLIT[args.dataset])]
-    log(f"train: {len(train)} triplets over {len(train.images)} images, {int(train.noisy.sum())} noisy", enc.rank)
+    log(f"train: {len(train)} triplets over {len(train.images)} images, {int(train.noisy.sum())} noisy")
     return images, val
 
 
@@ -213,10 +214,10 @@ def restore(run, resume):
     set_rng_state(resume["rng"])
     if run.rank == 0:   # the log as of the checkpoint: an epoch logged after it will be trained (and logged) again
         atomic_write(run.out / "log.jsonl", "".join(json.dumps(strict_json(r)) + "\n" for r in resume["history"]))
-    log(f"resumed {run.out} after epoch {resume['epoch']}", run.rank)
+    log(f"resumed {run.out} after epoch {resume['epoch']}")
     if resume["args"]["epochs"] != run.args.epochs:
         log(f"--epochs {run.args.epochs} (the run had {resume['args']['epochs']}): the learning rate follows the "
-            f"cosine schedule of {run.args.epochs} epochs from the step reached", run.rank)
+            f"cosine schedule of {run.args.epochs} epochs from the step reached")
     run.start, run.best, run.history = resume["epoch"] + 1, resume["best"], resume["history"]
 
 
@@ -227,11 +228,10 @@ def carry_over(run, init):
     differ = runtime.triplet_changes(init["args"], vars(a))
     if init.get("nfb") and not differ and len(init["nfb"]["weights"]) == len(run.train):
         run.nfb.carry_over(init["nfb"])
-        log(f"NFB: soft labels of {a.init} carried over ({int((run.nfb.weights < 0.5).sum())} pairs flagged)",
-            run.rank)
+        log(f"NFB: soft labels of {a.init} carried over ({int((run.nfb.weights < 0.5).sum())} pairs flagged)")
     else:
         why = "it has no NFB" if not init.get("nfb") else f"its triplets differ ({', '.join(differ) or 'count'})"
-        log(f"NFB: stage-1 soft labels not carried over: {why}; warm-up of {a.warmup_epochs} epoch(s)", run.rank)
+        log(f"NFB: stage-1 soft labels not carried over: {why}; warm-up of {a.warmup_epochs} epoch(s)")
         if a.warmup_epochs >= a.epochs and run.rank == 0:
             print(f"warning: --warmup-epochs {a.warmup_epochs} >= --epochs {a.epochs}: every epoch is a warm-up, "
                   "the noise filter's labels are never used (pass --no-nfb, or more --epochs)", file=sys.stderr)
@@ -451,7 +451,7 @@ def loss_histogram(losses, stats, path, epoch=None, noisy=None):
     if len(x) == 0 or any(math.isnan(m) for m in stats["means"]):
         return                                       # nothing seen, or the GMM was not fitted (degenerate)
     x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-12)
-    plt = runtime.pyplot()
+    plt = util.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = 60
     if noisy is not None:
@@ -481,7 +481,7 @@ def recall_curves(history, path):
     epochs = [r["epoch"] for r in history]
     groups = [[k for k in history[0]["metrics"] if k.startswith(p)] for p in ("R@", "Rsubset@")]
     groups = [g for g in groups if g]
-    plt = runtime.pyplot()
+    plt = util.pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.5), squeeze=False)
     for ax, keys in zip(axes[0], groups):
         for j, k in enumerate(keys):
@@ -532,4 +532,4 @@ if __name__ == "__main__":
     try:
         main()
     except (OSError, ValueError, FloatingPointError) as e:   # bad input: one line, no traceback
-        sys.exit(f"error: {runtime.error_line(e)}")
+        sys.exit(f"error: {util.error_line(e)}")

@@ -25,16 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-_SAID = set()
-
-
-def say(message):
-    """Print a message once per process, and under torchrun on rank 0 only: a dataset is built several times (views,
-    splits, the study's cells, every rank), and its layout or noise line says the same each time."""
-    if message not in _SAID and os.environ.get("RANK", "0") == "0":
-        _SAID.add(message)
-        print(message, flush=True)
-
+from util import log
 
 # -----------------------------------------------------------------------------
 # images on disk
@@ -204,9 +195,9 @@ class TripletDataset(Dataset):
             uses = (lambda t: (t["reference"], t["target"], *(t["members"] or ()))) if subsets else \
                 (lambda t: (t["reference"], t["target"]))
             keep = [i for i, t in enumerate(triplets) if not any(n in gone for n in uses(t))]
-            say(f"{name} {split}: skip_missing: {len(missing)} missing images dropped from the gallery "
+            log(f"{name} {split}: skip_missing: {len(missing)} missing images dropped from the gallery "
                 f"({len(images)} left); {len(triplets) - len(keep)} of {len(triplets)} triplets dropped "
-                f"because their reference{', target or a subset member' if subsets else ' or target'} is missing")
+                f"because their reference{', target or a subset member' if subsets else ' or target'} is missing", once=True)
             triplets = [triplets[i] for i in keep]
             stored_noisy = [stored_noisy[i] for i in keep]
             if not images or not triplets:
@@ -226,8 +217,8 @@ class TripletDataset(Dataset):
             check_noise(noise, has_subsets=any(t["members"] for t in triplets))
             clean, (triplets, injected) = triplets, inject_noise(triplets, images, noise)
             field = torch.where(injected, torch.tensor([_field(t, t0) for t, t0 in zip(triplets, clean)]), field)
-            say(f"{name} {split}: --noise {noise.ratio}: {noise.kind} noise injected into {int(injected.sum())} of "
-                f"{len(triplets)} triplets, in memory (seed {noise.seed}; --noise 0: none; no file is changed)")
+            log(f"{name} {split}: --noise {noise.ratio}: {noise.kind} noise injected into {int(injected.sum())} of "
+                f"{len(triplets)} triplets, in memory (seed {noise.seed}; --noise 0: none; no file is changed)", once=True)
             noisy = noisy | injected
         if extra_triplets is not None:  # generated positives (SPN), appended after the noise: never corrupted
             extra = _read_extra(extra_triplets, self.index, name)
@@ -235,7 +226,7 @@ class TripletDataset(Dataset):
             noisy = torch.cat([noisy, torch.zeros(len(extra), dtype=torch.bool)])
             field = torch.cat([field, torch.zeros(len(extra), dtype=torch.long)])
             src = extra_triplets if isinstance(extra_triplets, (str, Path)) else "a list"
-            say(f"{name} {split}: {len(extra)} extra triplets appended from {src}")
+            log(f"{name} {split}: {len(extra)} extra triplets appended from {src}", once=True)
         self.triplets = triplets
         self.noisy = noisy                                       # (N,) bool, the ground truth of the noise
         self.noise_field = field                                 # (N,) index into NOISE_FIELDS: what was corrupted
@@ -337,8 +328,8 @@ class Triplets(TripletDataset):
                                                 "triplets that use missing images")
         if not triplets:
             raise ValueError(f"{path}: no triplet; write one JSON object per line with reference, text, target")
-        say(f"Triplets {split}: {path}: {len(triplets)} triplets ({self_pairs} with reference = target) over "
-            f"{len(paths)} images" + (f"; {repeated} repeated rows kept once" if repeated else ""))
+        log(f"Triplets {split}: {path}: {len(triplets)} triplets ({self_pairs} with reference = target) over "
+            f"{len(paths)} images" + (f"; {repeated} repeated rows kept once" if repeated else ""), once=True)
         self.n_self_pairs, self.n_repeated = self_pairs, repeated
         self._setup("Triplets", root, split, (list(paths), paths, triplets, stored), skip_missing, noise,
                     extra_triplets)

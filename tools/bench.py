@@ -37,6 +37,7 @@ import data
 import model as M
 import preprocess as TK
 import runtime
+import util
 import toy
 import train
 from encode import ImageSource

@@ -48,6 +48,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import triplets  # noqa: E402
 import runtime  # noqa: E402
+import util
 import spn  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
@@ -325,7 +326,7 @@ def grid(a):
 
 
 def main(argv=None):
-    p = runtime.ArgumentParser(__doc__)
+    p = util.ArgumentParser(__doc__)
     p.add_argument("--noise", nargs="+", default=NOISE, help="noise settings: 0.2 (shuffle) or kind:ratio")
     p.add_argument("--methods", nargs="+", default=CORE + list(ABLATIONS), choices=list(METHODS))
     p.add_argument("--ablations-everywhere", action="store_true",
@@ -369,7 +370,7 @@ def main(argv=None):
         results = pool.imap_unordered(_cell, jobs) if pool else map(_cell, jobs)
         for line in itertools.chain(results, map(_cell, [(c, a, out) for c in todo if c not in first])):
             with open(out / "results.jsonl", "a") as f:
-                f.write(json.dumps(runtime.strict_json(line)) + "\n")
+                f.write(json.dumps(util.strict_json(line)) + "\n")
             print(f"{line['method']}, {noise_label(line['kind'], line['ratio'])} noise, seed {line['seed']}: R@1 "
                   f"{line['metrics']['R@1']:.1f} ({line['minutes']:.1f} min; {(time.perf_counter() - t0) / 60:.0f} "
                   "min so far)", flush=True)
@@ -384,4 +385,4 @@ if __name__ == "__main__":
     try:
         main()
     except (OSError, ValueError) as e:   # bad input: one line, no traceback
-        raise SystemExit(f"error: {runtime.error_line(e)}")
+        raise SystemExit(f"error: {util.error_line(e)}")
