@@ -1,4 +1,4 @@
-"""The noise audit (python evaluate.py --audit): the training triplets the model finds suspicious, and why.
+"""The noise audit (python audit.py --checkpoint runs/X/best.pt): the training triplets the model finds suspicious, and why.
 
 One no-grad pass over a split: every image through the model once, the distinct texts once (encode.pair_features);
 every query ranked over every image of the split, its own reference removed (score_triplets, as the NFB's query
@@ -11,6 +11,7 @@ most suspicious first), audit.png (a contact sheet of the most suspicious) and a
 """
 
 import argparse
+import sys
 import json
 import math
 import tempfile
@@ -21,14 +22,17 @@ from pathlib import Path
 import torch
 
 import data
+import plots
 import runtime
 import toy
-from encode import ImageSource, check_finite, pair_features
+from encode import Encoder, ImageSource, check_finite, pair_features
 from loss import CHUNK, drop_reference, rank_of, similarities
 from model import compose
 from preprocess import make_transform
+import nfb
 from nfb import decide_views, detection_metrics, pair_views
-from triplets import NOISE_FIELDS, Noise, as_row, check_noise
+import triplets
+from triplets import NOISE_FIELDS, Noise, check_noise
 import util
 
 AUDIT_SHEET = 24          # rows of the contact sheet
@@ -42,7 +46,7 @@ def audit_settings(run_args, dataset, root, **given):
     replaces them where not None. -> dict of a training run's settings: tau, gmm, nfb_gate, ..."""
     s = {**vars(runtime.defaults(dataset)), **run_args}
     s.update(dataset=dataset, data_root=root, **{k: v for k, v in given.items() if v is not None})
-    check_noise(Noise(s["noise"], s["noise_kind"], s["seed"]), has_subsets=dataset in runtime.SUBSETS)
+    check_noise(Noise(s["noise"], s["noise_kind"], s["seed"]), has_subsets=data.DATASETS[dataset].subsets)
     return s
 
 
@@ -83,9 +87,8 @@ def score_triplets(q, gallery, tgt, ref, tau, k=3, chunk=CHUNK):
 def audit_scores(enc, images, trips, s, times=None, chunk=CHUNK):
     """Every triplet of `trips` scored over the images of its split (an ImageSource) -> dict(loss
     (Q,) the query view, rank (Q,) 0-based, top (Q, 3) gallery rows, views {name: (Q,)} the NFB's views of the
-    settings s (nfb_views, tau, nfb_text_temp, nfb_text_inverted), view_w {name: (Q,)} each view's clean
-    probability, w (Q,) the NFB's decision (nfb.decide_views with gmm, nfb_gate, nfb_width, nfb_gate_by,
-    nfb_budget)).
+    settings s (nfb_views, tau), view_w {name: (Q,)} each view's clean probability, w (Q,) the NFB's
+    decision (nfb.decide_views with gmm, nfb_gate)).
     times: an optional dict that receives the seconds spent encoding and ranking."""
     t0 = time.perf_counter()
     pf = pair_features(enc, images, trips)
@@ -93,12 +96,11 @@ def audit_scores(enc, images, trips, s, times=None, chunk=CHUNK):
     check_finite(q, pf.gallery)
     t1 = time.perf_counter()
     out = score_triplets(q, pf.gallery, trips.tgt_idx, trips.ref_idx, s["tau"], k=3, chunk=chunk)  # O(chunk x N)
-    names = [v for v in s["nfb_views"] if v != "subset" or pf.subsets is not None]          # pair_views' own rule
-    views = pair_views(pf, [v for v in names if v != "query"], s["tau"], s["nfb_text_temp"], s["nfb_text_inverted"])
+    names = s["nfb_views"]
+    views = pair_views(pf, [v for v in names if v != "query"], s["tau"])
     views = {"query": out["loss"], **{k: v.cpu() for k, v in views.items()}}
-    w, per_view = decide_views(views, names, s["gmm"], s["nfb_gate"], s["nfb_width"], s["nfb_gate_by"],
-                               budget=s["nfb_budget"])
-    out.update(w=w.cpu(), views=views, view_w={k: v[0].cpu() for k, v in per_view.items()})
+    w, fits = decide_views(views, names, s["gmm"], s["nfb_gate"])
+    out.update(w=w.cpu(), views=views, view_w={k: f.w.cpu() for k, f in fits.items()})
     if times is not None:
         times.update(encode=t1 - t0, rank=time.perf_counter() - t1)
     return out
@@ -124,7 +126,7 @@ def triplet_id(t, dataset):
     FashionIQ {category, row: its index in cap.<category>.<split>.json}; Shoes {row: its index in
     relative_captions_shoes.json}. A generated positive (--extra-triplets) has None there."""
     if dataset == "fashioniq":
-        return dict(category=t["category"], row=t.get("row"))
+        return dict(category=t["category"], row=t["line"])
     if dataset == "shoes":
         return dict(row=t["pairid"])
     return dict(pairid=t["pairid"], subset=t.get("subset"))
@@ -266,7 +268,7 @@ def _sheet_label(k, r):
 
 
 def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
-    """python evaluate.py --audit: score every triplet of a split (train by default) with the
+    """python audit.py: score every triplet of a split (train by default) with the
     settings s (audit_settings), write audit.jsonl (one row per triplet, most suspicious first),
     audit.png (the AUDIT_SHEET most suspicious) and audit_summary.json into out_dir, print the
     summary. ckpt: the run's checkpoint (its NFB labels are reported as w_train when they are of
@@ -274,12 +276,12 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
     audit_<split>.*. Returns the summary dict."""
     dataset = s["dataset"]
     if split == "test1" or (split == "test" and dataset == "fashioniq"):
-        raise SystemExit(f"error: --audit --split {split}: the {dataset} {split} split has no "
+        raise SystemExit(f"error: --split {split}: the {dataset} {split} split has no "
                          f"public targets to audit; use --split train (the default) or val")
     out_dir = check_writable(out_dir)
     trips = data.dataset(argparse.Namespace(**s), split)
     if (trips.tgt_idx < 0).any():
-        raise SystemExit(f"error: --audit --split {split}: the {dataset} {split} split has no "
+        raise SystemExit(f"error: --split {split}: the {dataset} {split} split has no "
                          f"targets; use --split train (the default) or val")
     w_train = None                             # the run's NFB labels, if of these very triplets
     if ckpt is not None and ckpt.get("nfb") is not None and split == "train":
@@ -296,15 +298,15 @@ def audit(enc, s, ckpt, split, out_dir, chunk=CHUNK):
     scores = audit_scores(enc, images, trips, s, times, chunk)
     rows = audit_rows(trips, scores, dataset, w_train)
     summary = audit_summary(trips, scores, dataset, w_train)
-    summary.update({k: s[k] for k in ("tau", "gmm", "nfb_gate", "nfb_width", "nfb_views", "nfb_gate_by",
-                                      "nfb_budget", "nfb_text_temp", "nfb_text_inverted")})
+    summary.update({k: s[k] for k in ("tau", "gmm", "nfb_gate", "nfb_views")}, nfb_width=nfb.WIDTH,
+                   nfb_text_temp=nfb.TEXT_TEMP)
     name = "audit" if split == "train" else f"audit_{split}"
     jsonl = out_dir / f"{name}.jsonl"
     util.atomic_write(jsonl, "".join(json.dumps(util.strict_json(r)) + "\n" for r in rows))
     paths = trips.paths
     sheet = [(paths[r["reference"]], r["text"], paths[r["target"]], paths[r["top3"][0]],
               _sheet_label(k, r)) for k, r in enumerate(rows[:AUDIT_SHEET])]
-    audit_sheet(sheet, out_dir / f"{name}.png")
+    plots.audit_sheet(sheet, out_dir / f"{name}.png")
     if dataset == "triplets" and split == "train":          # your own triplets: a cleaned copy, and what it left out
         summary.update(clean_copy(trips, scores, rows, s, out_dir))
     summary.update({f"time_{k}": v for k, v in times.items()}, time_total=time.perf_counter() - t0)
@@ -353,37 +355,53 @@ def clean_copy(trips, scores, rows, s, out_dir):
 # -----------------------------------------------------------------------------
 # the contact sheet
 
-def audit_sheet(rows, path, blocks=2):
-    """The noise audit's contact sheet: one row per suspect triplet, most suspicious first: the reference image, the
-    modification text (wrapped) under a label line (identifier, w, the target's rank, the truth where known), the
-    labelled target, and the model's best other image. rows: [(ref_path, text, target_path, top_path, label)];
-    laid out in `blocks` side-by-side columns of rows so that 24 rows make a page, not a strip."""
-    from PIL import Image
-    per = math.ceil(len(rows) / blocks)
-    blocks = math.ceil(len(rows) / per)
-    plt = util.pyplot()
-    fig, axes = plt.subplots(per, 4 * blocks, figsize=(5.4 * blocks, 1.25 * per), squeeze=False,
-                             gridspec_kw=dict(width_ratios=[1, 1.35, 1, 1] * blocks))
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.axis("off")
-    for i, (ref, text, tgt, top, label) in enumerate(rows):
-        a_ref, a_txt, a_tgt, a_top = axes[i % per, 4 * (i // per):4 * (i // per) + 4]
-        for ax, p, title in ((a_ref, ref, "reference"), (a_tgt, tgt, "labelled target"),
-                             (a_top, top, "model's best other")):
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                im.thumbnail((128, 128))             # real photos: small in memory and in the PNG
-            ax.imshow(im)
-            ax.axis("on")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(title, fontsize=6, pad=2)
-        lines = textwrap.wrap(text, 30) or [""]
-        lines = lines[:5] if len(lines) <= 5 else lines[:4] + [lines[4][:27] + "..."]
-        a_txt.text(0.0, 0.5, label + "\n\n" + "\n".join(lines), fontsize=6, va="center", ha="left",
-                   transform=a_txt.transAxes, wrap=False)
-    fig.tight_layout(pad=0.4, h_pad=0.3, w_pad=0.3)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def main(argv=None):
+    """python audit.py [--checkpoint runs/X/best.pt | --clip NAME --dataset D --data-root DIR] ..."""
+    p = util.ArgumentParser(__doc__)
+    p.add_argument("--checkpoint", default=None, help="a run's best.pt (default: the most recent run's)")
+    p.add_argument("--clip", default=None, help="zero-shot: OpenAI CLIP name or path, sum fusion")
+    p.add_argument("--dataset", default=None, choices=list(data.DATASETS))
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--categories", nargs="+", default=None)
+    p.add_argument("--split", default="train", help="the split to audit: train, or val")
+    p.add_argument("--transform", default=None, choices=["clip", "targetpad"])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--skip-missing", action="store_true")
+    p.add_argument("--noise", type=float, default=None,
+                   help="injected noise (default: the run's; zero-shot: the training default's)")
+    p.add_argument("--noise-kind", default=None, help=", ".join(triplets.NOISE_KINDS))
+    p.add_argument("--clean-below", type=float, default=0.5, help="your own triplets: clean.jsonl leaves "
+                   "out the triplets whose w is below this (removed.jsonl lists them)")
+    p.add_argument("--out", default=None, help="the folder for the audit's files (default: the run folder)")
+    a = p.parse_args(argv)
+    if not 0 < a.clean_below <= 1:
+        p.error(f"--clean-below {a.clean_below}: a clean probability, in (0, 1]")
+    if a.clip and not a.dataset:
+        p.error("a zero-shot audit (--clip) needs --dataset (and --out DIR)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, run_args, ckpt, path = runtime.load_model(a.checkpoint, a.clip, a.dataset, device)
+    dataset = a.dataset or run_args["dataset"]
+    root = runtime.data_root(a.data_root or run_args.get("data_root"), dataset)
+    s = audit_settings(run_args, dataset, root, noise=a.noise, noise_kind=a.noise_kind,
+                       categories=a.categories, skip_missing=a.skip_missing or None,
+                       transform=a.transform, clean_below=a.clean_below)
+    if a.clip and not a.out:
+        raise SystemExit("error: a zero-shot audit needs --out DIR, the folder for audit.jsonl and audit.png")
+    amp, _ = runtime.autocast(run_args.get("amp", "auto"), device)    # the run's precision
+    enc = Encoder(model, a.batch_size, device, a.workers, amp)
+    return audit(enc, s, ckpt, a.split, Path(a.out) if a.out else path.parent)
+
+
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (OSError, ValueError) as e:   # bad input: one line, no traceback
+        sys.exit(f"error: {util.error_line(e)}")

@@ -1,458 +1,354 @@
-"""CIRR, FashionIQ and Shoes read from their official on-disk layouts (docs/data.md); each split is a
-triplets.TripletDataset. The toy benchmark (toy.py) is written in CIRR's layout, so the CIRR class reads it unchanged.
+"""The datasets, one reader each (DATASETS), in their official layouts (docs/data.md); a split is a
+triplets.TripletDataset. The toy benchmark (toy.py) is written in CIRR's layout.
 
-- CIRR rc2: <root>/captions/cap.rc2.{train,val,test1}.json, <root>/image_splits/split.rc2.{split}.json
-  ({name: "./dev/dev-244-0-img0.png"}, relative to the image root). Recognised variants: the CIRR release
-  (images under <root>/img_raw/), CLIP4Cir's copy (annotations under <root>/cirr/, images beside it), and the
-  flat layout of the toy benchmark (images beside captions/).
-- FashionIQ: <root>/captions/cap.{cat}.{split}.json (list of {candidate, target, captions[2]}; test: no target),
-  <root>/image_splits/split.{cat}.{split}.json (list of names), images <root>/images/<name>.png or .jpg.
-- Shoes: <root>/relative_captions_shoes.json (list of {ImageName (target), ReferenceImageName, RelativeCaption}),
-  <root>/train_im_names.txt and eval_im_names.txt (the splits "train" and "test"), also in <root>/dataset/; images
-  found by file name below <root>: the Attribute Discovery archive's womens_<category>/<0|1>/<name>.jpg, possibly
-  under one more folder (attributedata/), or a flat folder.
+- CIRR rc2: <root>/captions/cap.rc2.{train,val,test1}.json, <root>/image_splits/split.rc2.<split>
+  .json ({name: "./dev/dev-244-0-img0.png"}, relative to the image root); images under img_raw/
+  (the release), annotations under cirr/ and images beside it (CLIP4Cir), or flat (the toy).
+- FashionIQ: <root>/captions/cap.{cat}.{split}.json (list of {candidate, target, captions[2]}; test:
+  no target), <root>/image_splits/split.{cat}.{split}.json (names), <root>/images/<name>.png|jpg.
+- Shoes: <root>/relative_captions_shoes.json (list of {ImageName (target), ReferenceImageName,
+  RelativeCaption}), <root>/{train,eval}_im_names.txt (splits "train", "test"), or all in
+  <root>/dataset/; images found by name: the Attribute Discovery archive's womens_<category>/<0|1>/
+  <name>.jpg below <root>, maybe under one more folder (attributedata/), or flat.
 """
 import json
 import os
 import sys
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-import runtime
 import toy
 import triplets
-from runtime import FIQ_CATEGORIES
-from triplets import TripletDataset, _read_json
 import util
-from util import log
+from triplets import NOISE_FIELDS, TripletDataset, _read_json, make_triplet
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")  # FashionIQ copies use .png or .jpg; the first found wins in this order
 CIRR_SPLITS = ("train", "val", "test1")
 FIQ_SPLITS = ("train", "val", "test")
+FIQ_CATEGORIES = ("dress", "shirt", "toptee")
+SHOES_SPLITS = ("train", "test")
+SHOES_CAPTIONS = "relative_captions_shoes.json"
+SHOES_SPLIT_FILES = {"train": "train_im_names.txt", "test": "eval_im_names.txt"}
+SHOES_KEYS = ("ReferenceImageName", "ImageName", "RelativeCaption")  # reference, target, text
+SHOES_DEPTH = 4  # folders searched below the root: <top>/womens_<cat>/<0|1>/ is 3, one for slack
+IMAGE_EXTS = {".png": 0, ".jpg": 1, ".jpeg": 2}  # FashionIQ's copies: .png or .jpg; the first wins
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A dataset: its reader, its own splits, the split validation and evaluate.py use, its
+    metrics, whether its queries carry subsets (Recall_subset, partial noise)."""
+    read: Callable          # (settings, split) -> TripletDataset
+    splits: tuple
+    eval_split: str
+    protocol: str           # the metrics: "cirr", "fashioniq", "shoes" or "triplets"
+    subsets: bool
+    make_root: Callable = None  # a generated dataset (the toy): --data-root -> its folder
+
+
+def _given(s, split):
+    """What every reader takes from the settings: skip_missing; for training, noise and extras."""
+    train = split == "train"
+    return dict(skip_missing=s.skip_missing, extra_triplets=s.extra_triplets if train else None,
+                noise=triplets.Noise(s.noise, s.noise_kind, s.seed) if train else None)
+
+
+DATASETS = dict(
+    toy=Spec(lambda s, split: CIRR(s.data_root, split, name="toy", **_given(s, split)),
+             CIRR_SPLITS, "val", "cirr", True, make_root=toy.toy_root),
+    cirr=Spec(lambda s, split: CIRR(s.data_root, split, **_given(s, split)),
+              CIRR_SPLITS, "val", "cirr", True),
+    fashioniq=Spec(lambda s, split: FashionIQ(s.data_root, s.categories, split, **_given(s, split)),
+                   FIQ_SPLITS, "val", "fashioniq", False),
+    shoes=Spec(lambda s, split: Shoes(s.data_root, split, **_given(s, split)),
+               SHOES_SPLITS, "test", "shoes", False),           # Shoes has no val split
+    triplets=Spec(lambda s, split: triplets.Triplets(
+        s.data_root, split, file=s.train_file if split == "train" else None, **_given(s, split)),
+        triplets.FORMAT_SPLITS, "val", "triplets", True))
+
+
+def dataset(s, split):
+    """The split of the dataset the settings s name (dataset, data_root, categories, skip_missing;
+    for the training split also noise, noise_kind, seed, extra_triplets, train_file)."""
+    return DATASETS[s.dataset].read(s, split)
 
 
 # -----------------------------------------------------------------------------
-# the datasets
-
-def fiq_text(captions):
-    """FashionIQ evaluation text: "c0 and c1", each caption stripped of '.?, ' (an empty caption is left out)."""
-    cs = [c.strip(".?, ") for c in captions]
-    return " and ".join(c for c in cs if c)
-
-
-def fiq_random_text(captions):
-    """FashionIQ training text: one of "c0 and c1", "c1 and c0", "c0", "c1" uniformly (torch RNG, so DataLoader
-    workers and torch.manual_seed govern it)."""
-    cs = [c.strip(".?, ") for c in captions]
-    cs = [c for c in cs if c] or [""]
-    if len(cs) == 1:
-        return cs[0]
-    c0, c1 = cs[0], cs[1]
-    return (f"{c0} and {c1}", f"{c1} and {c0}", c0, c1)[int(torch.randint(4, ()))]
-
-
-def _first_dir(candidates, needed):
-    """The first candidate folder holding all `needed` relative files, or None."""
-    return next((d for d in candidates if all((d / f).is_file() for f in needed)), None)
-
-
-def _unique(paths):
-    out = []
-    for p in paths:
-        if p not in out:
-            out.append(p)
-    return out
-
-
-def _best_image_root(candidates, rel, sample=50):
-    """The candidate image root where most of a sample of relative image paths exist (a few stats, no listing)."""
-    probe = rel[:sample]
-    hits = [sum((c / r).is_file() for r in probe) for c in candidates]
-    best = max(range(len(candidates)), key=lambda i: (hits[i], -i))
-    return candidates[best] if hits[best] else None
-
+# the readers
 
 class CIRR(TripletDataset):
-    """CIRR rc2 (and the toy benchmark, written in the same layout).
+    """CIRR rc2, and the toy. Annotations in <root> or <root>/cirr; images under <ann>/img_raw,
+    <ann>, <root>/img_raw or <root>, whichever holds the split's. The toy's "noisy" key: .noisy."""
 
-    root: the folder given by --data-root. Annotations are looked for in <root> and <root>/cirr; images under
-    <annotations>/img_raw, <annotations>, <root>/img_raw, <root> (the first that holds the split's images).
-    triplets: dicts {pairid, reference, target (None on test1), text, captions [text], members (img_set.members,
-    includes the reference), category None, subset (img_set.id)}. A caption row's "noisy" key (the toy's ground
-    truth) fills .noisy.
-    """
-
-    def __init__(self, root, split="train", skip_missing=False, noise=None, extra_triplets=None, name="CIRR"):
+    def __init__(self, root, split="train", name="CIRR", **opts):
         root = Path(root).expanduser()
         if split not in CIRR_SPLITS:
             raise ValueError(f"CIRR: split must be one of {CIRR_SPLITS}, got {split!r}")
         cap, spl = f"captions/cap.rc2.{split}.json", f"image_splits/split.rc2.{split}.json"
-        ann = _first_dir([root, root / "cirr"], [cap, spl])
-        if ann is None:
-            raise FileNotFoundError(
-                f"CIRR: no annotations for split {split!r} under {root}: expected {cap} and {spl} in {root} (CIRR "
-                f"release, toy) or in {root / 'cirr'} (CLIP4Cir's copy). Point --data-root at the dataset folder.")
+        ann = _first_dir([root, root / "cirr"], [cap, spl], f"CIRR: no annotations for split "
+                         f"{split!r} under {root}: expected {cap} and {spl} in {root} (CIRR "
+                         f"release, toy) or in {root / 'cirr'} (CLIP4Cir's copy). Point "
+                         f"--data-root at the dataset folder.")
         rel = _read_json(ann / spl)  # {name: "./dev/dev-244-0-img0.png"}
         if not isinstance(rel, dict):
             raise ValueError(f"{ann / spl}: expected a JSON object {{name: relative path}}")
-        names = list(rel)
-        cands = _unique([ann / "img_raw", ann, root / "img_raw", root])
-        img_root = _best_image_root(cands, [rel[n] for n in names])
-        if img_root is None:
-            eg = rel[names[0]] if names else "?"
-            raise FileNotFoundError(
-                f"CIRR: annotations found in {ann}, but no {split} images: expected e.g. {eg} under one of "
-                + ", ".join(str(c) for c in cands) + ". Point --data-root at the folder holding img_raw/ or dev/.")
-        paths = {n: img_root / os.path.normpath(r) for n, r in rel.items()}
-        layout = "" if name == "toy" else f"{_cirr_layout(root, ann, img_root)}: "
-        log(f"{name} {split}: {layout}annotations {ann}, images {img_root}", once=True)
-
-        triplets, noisy = [], []
-        for r in _read_json(ann / cap):
-            tgt = r.get("target_hard")
-            members = r.get("img_set", {}).get("members")
+        cands = list(dict.fromkeys([ann / "img_raw", ann, root / "img_raw", root]))
+        sample = list(rel.values())[:50]                         # a few stats, no listing
+        hits = [sum((c / r).is_file() for r in sample) for c in cands]
+        if not max(hits):
+            raise FileNotFoundError(f"CIRR: annotations found in {ann}, but no {split} images: "
+                                    f"expected e.g. {sample[0] if sample else '?'} under one of "
+                                    f"{', '.join(map(str, cands))}. Point --data-root at the "
+                                    f"folder holding img_raw/ or dev/.")
+        img_root = cands[hits.index(max(hits))]
+        layout = {(root, root / "img_raw"): "CIRR release layout (img_raw/)",
+                  (root / "cirr", root): "CLIP4Cir layout (cirr/ subfolder)",
+                  (root, root): "flat layout (images beside captions/, as the toy)"}
+        layout = "" if name == "toy" else f"{layout.get((ann, img_root), 'custom layout')}: "
+        util.log(f"{name} {split}: {layout}annotations {ann}, images {img_root}", once=True)
+        trips, noisy = [], []
+        for i, r in enumerate(_read_json(ann / cap)):
+            tgt, img_set = r.get("target_hard"), r.get("img_set", {})
+            members = img_set.get("members")
             for n in (r["reference"], tgt, *(members or ())):
                 if n is not None and n not in rel:
-                    raise ValueError(f"CIRR: image {n!r} (pair {r.get('pairid')}) of {ann / cap} is not in {ann / spl}")
-            triplets.append(dict(pairid=r.get("pairid"), reference=r["reference"], target=tgt, text=r["caption"],
-                                 captions=[r["caption"]], members=list(members) if members else None, category=None,
-                                 subset=r.get("img_set", {}).get("id")))
-            noisy.append(bool(r.get("noisy", False)))
-        self._setup(name, root, split, (names, paths, triplets, noisy), skip_missing, noise, extra_triplets)
+                    raise ValueError(f"CIRR: image {n!r} (pair {r.get('pairid')}) of {ann / cap} "
+                                     f"is not in {ann / spl}")
+            trips.append(make_triplet(r["reference"], tgt, r["caption"], pairid=r.get("pairid"),
+                                      members=list(members) if members else None,
+                                      subset=img_set.get("id"), line=i))
+            noisy.append(NOISE_FIELDS.index("target") if r.get("noisy") else 0)  # the toy's truth
+        paths = {n: img_root / os.path.normpath(r) for n, r in rel.items()}
+        self._setup(name, root, split, (list(rel), paths, trips, noisy), **opts)
 
 
-def _cirr_layout(root, ann, img_root):
-    if ann == root and img_root == root / "img_raw":
-        return "CIRR release layout (img_raw/)"
-    if ann == root / "cirr" and img_root == root:
-        return "CLIP4Cir layout (cirr/ subfolder)"
-    if ann == root and img_root == root:
-        return "flat layout (images beside captions/, as the toy)"
-    return "custom layout"
+def fiq_text(captions, draw=False):
+    """FashionIQ's text: "c0 and c1", each stripped of '.?, ' (an empty one left out); for training
+    (draw) "c0 and c1", "c1 and c0", "c0" or "c1", uniformly with torch's RNG (so that DataLoader
+    workers and torch.manual_seed govern it)."""
+    cs = [c for c in (c.strip(".?, ") for c in captions) if c]
+    if not draw or len(cs) < 2:
+        return " and ".join(cs)
+    c0, c1 = cs[0], cs[1]
+    return (f"{c0} and {c1}", f"{c1} and {c0}", c0, c1)[int(torch.randint(4, ()))]
 
 
 class FashionIQ(TripletDataset):
-    """FashionIQ, one or several categories in one dataset (per-category evaluation: one dataset per category).
+    """FashionIQ, one or more categories (evaluation: one each). Annotations in <root> or
+    <root>/fashionIQ_dataset; images in <ann>/images or <root>/images (flat, or by category).
+    .images: the categories' split images in order, each once; .category_images: a gallery each."""
 
-    root: --data-root; annotations in <root> or <root>/fashionIQ_dataset; images in <annotations>/images or
-    <root>/images (flat, or one subfolder per category), .png or .jpg.
-    .images: the union of the categories' split images (split-file order, categories in the given order; shirt and
-    toptee share some images, kept once); .category_images: {category: its own list}, the per-category gallery.
-    triplets: dicts {reference (candidate), target (None on test), text ("c0 and c1"), captions (the raw 2),
-    members None, pairid None, category, row (its index in cap.<category>.<split>.json)}.
-    """
-
-    def __init__(self, root, categories=FIQ_CATEGORIES, split="train", skip_missing=False, noise=None,
-                 random_text=None, extra_triplets=None):
+    def __init__(self, root, categories=FIQ_CATEGORIES, split="train", random_text=None, **opts):
         root = Path(root).expanduser()
         categories = (categories,) if isinstance(categories, str) else tuple(categories)
         if split not in FIQ_SPLITS:
             raise ValueError(f"FashionIQ: split must be one of {FIQ_SPLITS}, got {split!r}")
-        bad = [c for c in categories if c not in FIQ_CATEGORIES]
-        if bad or not categories:
-            raise ValueError(f"FashionIQ: categories must be among {FIQ_CATEGORIES}, got {categories}")
+        if not categories or any(c not in FIQ_CATEGORIES for c in categories):
+            raise ValueError(f"FashionIQ: categories must be among {FIQ_CATEGORIES}, got "
+                             f"{categories}")
         need = [f for c in categories
                 for f in (f"captions/cap.{c}.{split}.json", f"image_splits/split.{c}.{split}.json")]
-        ann = _first_dir(_unique([root, root / "fashionIQ_dataset", root / "fashioniq"]), need)
-        if ann is None:
-            raise FileNotFoundError(
-                f"FashionIQ: no annotations for split {split!r} under {root}: expected " + ", ".join(need)
-                + f" in {root} (or {root / 'fashionIQ_dataset'}). Point --data-root at the dataset folder.")
-        img_dirs = _unique([ann / "images", root / "images"])
+        ann = _first_dir([root, root / "fashionIQ_dataset", root / "fashioniq"], need,
+                         f"FashionIQ: no annotations for split {split!r} under {root}: expected "
+                         f"{', '.join(need)} in {root} (or {root / 'fashionIQ_dataset'}). Point "
+                         f"--data-root at the dataset folder.")
+        img_dirs = list(dict.fromkeys([ann / "images", root / "images"]))
         img_dir = next((d for d in img_dirs if d.is_dir()), None)
         if img_dir is None:
-            raise FileNotFoundError(f"FashionIQ: annotations found in {ann}, but no image folder: expected "
-                                    + " or ".join(str(d) for d in img_dirs) + " holding <name>.png or <name>.jpg")
-        found = _scan_images(img_dir)  # {stem: Path}
-
-        images, self.category_images, triplets = [], {}, []
-        seen = set()
+            raise FileNotFoundError(f"FashionIQ: annotations found in {ann}, but no image folder: "
+                                    f"expected {' or '.join(map(str, img_dirs))} holding "
+                                    f"<name>.png or <name>.jpg")
+        self.category_images, trips = {}, []
         for c in categories:
-            split_names = _read_json(ann / f"image_splits/split.{c}.{split}.json")
-            in_split = set(split_names)
-            extra = []  # names used by the captions but absent from the category's split file (none in the release)
-            for j, r in enumerate(_read_json(ann / f"captions/cap.{c}.{split}.json")):
-                for n in (r["candidate"], r.get("target")):
-                    if n is not None and n not in in_split:
-                        in_split.add(n)
-                        extra.append(n)
-                triplets.append(dict(pairid=None, reference=r["candidate"], target=r.get("target"),
-                                     text=fiq_text(r["captions"]), captions=list(r["captions"]), members=None,
-                                     category=c, row=j))
+            names = _read_json(ann / f"image_splits/split.{c}.{split}.json")
+            rows = _read_json(ann / f"captions/cap.{c}.{split}.json")
+            known = set(names)  # caption images not in the split file (none in the release): extra
+            extra = list(dict.fromkeys(n for r in rows for n in (r["candidate"], r.get("target"))
+                                       if n is not None and n not in known))
+            trips += [make_triplet(r["candidate"], r.get("target"), fiq_text(r["captions"]),
+                                   captions=list(r["captions"]), category=c, line=i)
+                      for i, r in enumerate(rows)]
             if extra:
-                log(f"FashionIQ {c} {split}: {len(extra)} caption images are not in split.{c}.{split}.json; "
-                    f"appended to the gallery, e.g. {extra[:3]}", once=True)
-            self.category_images[c] = split_names + extra
-            for n in split_names + extra:
-                if n not in seen:
-                    seen.add(n)
-                    images.append(n)
-        # A name without a file gets the path it would have (the copy's usual extension) for the missing report.
-        suffixes = [p.suffix for p in found.values()]
-        usual = max(IMAGE_EXTS, key=suffixes.count) if suffixes else ".png"
-        paths = {n: found.get(n, img_dir / f"{n}{usual}") for n in images}
-        exts = sorted({p.suffix for n, p in paths.items() if n in found})
-        if not any(n in found for n in images):
-            raise FileNotFoundError(f"FashionIQ: annotations found in {ann}, but none of the {split} images is in "
-                                    f"{img_dir}: expected e.g. {img_dir / (images[0] + '.png')} (or .jpg)")
-        log(f"FashionIQ {split} {'+'.join(categories)}: annotations {ann}, images {img_dir} "
-            f"({'/'.join(exts)})", once=True)
-        self.random_text = split == "train" if random_text is None else random_text   # training: random order
-        self._setup("FashionIQ", root, split, (images, paths, triplets, [False] * len(triplets)), skip_missing,
-                    noise, extra_triplets)
-        if len(self.images) != len(images):  # skip_missing dropped some: keep the per-category lists consistent
-            self.category_images = {c: [n for n in ns if n in self.index] for c, ns in self.category_images.items()}
+                util.log(f"FashionIQ {c} {split}: {len(extra)} caption images are not in split."
+                         f"{c}.{split}.json; appended to the gallery, e.g. {extra[:3]}", once=True)
+            self.category_images[c] = names + extra
+        images = list(dict.fromkeys(n for ns in self.category_images.values() for n in ns))
+        found = _find_files(img_dir, set(images), 1, stems=True)  # flat, or a folder a category
+        if not found:
+            raise FileNotFoundError(f"FashionIQ: annotations found in {ann}, but none of the "
+                                    f"{split} images is in {img_dir}: expected e.g. "
+                                    f"{img_dir / (images[0] + '.png')} (or .jpg)")
+        suffixes = [p.suffix for p in found.values()]  # a missing image: the copy's usual suffix
+        usual = max(IMAGE_EXTS, key=suffixes.count)
+        paths = {n: found.get(n) or img_dir / f"{n}{usual}" for n in images}
+        util.log(f"FashionIQ {split} {'+'.join(categories)}: annotations {ann}, images {img_dir} "
+                 f"({'/'.join(sorted(set(suffixes)))})", once=True)
+        self.random_text = split == "train" if random_text is None else random_text
+        self._setup("FashionIQ", root, split, (images, paths, trips, [0] * len(trips)), **opts)
+        if len(self.images) != len(images):  # skip_missing dropped some: per category as well
+            self.category_images = {c: [n for n in ns if n in self.index]
+                                    for c, ns in self.category_images.items()}
 
     def _text(self, t):
-        return fiq_random_text(t["captions"]) if self.random_text else t["text"]
-
-
-def _scan_images(folder):
-    """{stem: Path} of the image files in `folder` and in its immediate subfolders (per-category copies)."""
-    found, subdirs = _scan_one(folder)
-    for d in sorted(subdirs):
-        for stem, p in _scan_one(d)[0].items():
-            found.setdefault(stem, p)
-    return found
-
-
-def _scan_one(folder):
-    """One scandir: ({stem: Path} of image files, preferring IMAGE_EXTS order), [subfolders]."""
-    rank = {e: i for i, e in enumerate(IMAGE_EXTS)}
-    out, subdirs = {}, []
-    with os.scandir(folder) as it:
-        for e in it:
-            stem, ext = os.path.splitext(e.name)
-            ext = ext.lower()
-            if ext in rank:
-                if stem not in out or rank[ext] < rank[out[stem].suffix.lower()]:
-                    out[stem] = Path(e.path)
-            elif e.is_dir():
-                subdirs.append(e.path)
-    return out, subdirs
-
-
-
-# -----------------------------------------------------------------------------
-# Shoes
-
-SHOES_SPLITS = ("train", "test")
-SHOES_CAPTIONS = "relative_captions_shoes.json"
-SHOES_SPLIT_FILES = {"train": "train_im_names.txt", "test": "eval_im_names.txt"}
-SHOES_DEPTH = 4  # folders searched below the root: <top>/womens_<cat>/<0|1>/ is 3, one for slack
+        return fiq_text(t["captions"], draw=True) if self.random_text else t["text"]
 
 
 class Shoes(TripletDataset):
-    """Shoes (Guo et al., NeurIPS 2018: relative captions on the Attribute Discovery images of Berg
-    et al., 2010), NCL-CIR's second benchmark, on its official release.
+    """Shoes (Guo et al., NeurIPS 2018; images of Berg et al., 2010), NCL-CIR's second benchmark. No
+    val split: its papers, and validation here, use test. A triplet is in the split holding both its
+    images (8,990 train, 1,761 test); a repeated row is kept once; a row whose reference is its
+    target is kept and counted (.n_self_pairs: the protocol ranks without the reference, so it
+    always misses). .images: the split file's names (the test gallery: all 4,658 eval images)."""
 
-    root: --data-root. Annotations (relative_captions_shoes.json, train_im_names.txt,
-    eval_im_names.txt) in <root> or <root>/dataset. Images are found by file name up to SHOES_DEPTH
-    folders below <root>: the archive's womens_<category>/<0|1>/<name>.jpg, possibly under a top
-    folder such as attributedata/, or a flat folder.
-    Splits: "train" (train_im_names.txt) and "test" (eval_im_names.txt). Shoes has no val split:
-    its papers, and this project's validation during training, evaluate on test.
-    A triplet belongs to the split that holds both of its images (8,990 train, 1,761 test in the
-    release). A row repeated exactly is kept once. A row whose reference is its target is kept and
-    counted (.n_self_pairs): the protocol removes the reference from the ranking, so such a query is
-    always a miss (evaluate.shoes_metrics).
-    .images: the split file's names in its order (the test gallery: all 4,658 eval images).
-    triplets: dicts {reference, target, text (the caption, stripped), captions [text], members None,
-    pairid (the row's index in the JSON file), category None}.
-    """
-
-    def __init__(self, root, split="train", skip_missing=False, noise=None, extra_triplets=None):
+    def __init__(self, root, split="train", **opts):
         root = Path(root).expanduser()
         if split not in SHOES_SPLITS:
-            raise ValueError(f"Shoes: split must be one of {SHOES_SPLITS}, got {split!r} (Shoes has "
-                             f"no val split: evaluation uses test, the images of eval_im_names.txt)")
-        ann = _first_dir(_unique([root, root / "dataset"]), [SHOES_CAPTIONS])
-        if ann is None:
-            raise FileNotFoundError(
-                f"Shoes: no {SHOES_CAPTIONS} in {root} or {root / 'dataset'}: point --data-root at "
-                f"the Shoes folder that holds it (with train_im_names.txt, eval_im_names.txt and the "
-                f"womens_*/ image folders)")
+            raise ValueError(f"Shoes: split must be one of {SHOES_SPLITS}, got {split!r} (no val "
+                             f"split: evaluation uses test, the images of eval_im_names.txt)")
+        ann = _first_dir([root, root / "dataset"], [SHOES_CAPTIONS], f"Shoes: no {SHOES_CAPTIONS} "
+                         f"in {root} or {root / 'dataset'}: point --data-root at the Shoes folder "
+                         f"holding it, train_im_names.txt, eval_im_names.txt and womens_*/")
         split_file = ann / SHOES_SPLIT_FILES[split]
         if not split_file.is_file():
-            raise FileNotFoundError(f"Shoes: {split_file} not found: put the release's "
-                                    f"{split_file.name} (the {split} images) beside {SHOES_CAPTIONS}")
-        lines = (s.strip() for s in split_file.read_text().splitlines())
+            raise FileNotFoundError(f"Shoes: {split_file} not found: put the release's {split} "
+                                    f"images file there, beside {SHOES_CAPTIONS}")
+        lines = map(str.strip, split_file.read_text().splitlines())
         names = list(dict.fromkeys(n for n in lines if n))
         if not names:
             raise ValueError(f"Shoes: {split_file} names no image; put the release's file there")
-        in_split = set(names)
-
-        # Triplets: both images in this split; an exact repeat kept once, in the file's order.
-        triplets, seen, repeated, across = [], set(), 0, 0
-        for i, row in enumerate(_read_shoes_rows(ann / SHOES_CAPTIONS)):
-            if row in seen:
-                repeated += 1
-                continue
-            seen.add(row)
-            ref, tgt, text = row
-            if ref in in_split and tgt in in_split:
-                triplets.append(dict(pairid=i, reference=ref, target=tgt, text=text, captions=[text],
-                                     members=None, category=None))
-            elif ref in in_split or tgt in in_split:
-                across += 1                                          # none in the release
-
-        # Images by file name. A name not found gets a path that does not exist, so that
-        # skip_missing drops it in _setup like any missing image.
-        found = _find_by_name(root, in_split)
+        rows, first, in_split = _read_json(ann / SHOES_CAPTIONS), {}, set(names)
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and r.keys() >= set(SHOES_KEYS)
+                                                 for r in rows):
+            raise ValueError(f"{ann / SHOES_CAPTIONS}: expected a JSON list of {{ImageName, "
+                             f"ReferenceImageName, RelativeCaption}} rows (the release's format); "
+                             f"re-download it")
+        for i, r in enumerate(rows):                            # a row repeated exactly: kept once
+            ref, tgt, text = (r[k] for k in SHOES_KEYS)
+            first.setdefault((ref, tgt, str(text).strip()), i)
+        trips = [make_triplet(ref, tgt, text, pairid=i, line=i)
+                 for (ref, tgt, text), i in first.items() if ref in in_split and tgt in in_split]
+        across = sum((ref in in_split) != (tgt in in_split) for ref, tgt, _ in first)  # none
+        found = _find_files(root, in_split, SHOES_DEPTH)
         if not found:
             eg = root / names[0].removeprefix("img_").rsplit("_", 1)[0] / "0" / names[0]
-            raise FileNotFoundError(
-                f"Shoes: annotations found in {ann}, but none of the {len(names)} images of "
-                f"{split_file.name} is within {SHOES_DEPTH} folders below {root}: expected e.g. {eg} "
-                f"(the Attribute Discovery archive unpacked); point --data-root at the folder "
-                f"holding womens_*/")
+            raise FileNotFoundError(f"Shoes: annotations in {ann}, but none of the {len(names)} "
+                                    f"images of {split_file.name} is within {SHOES_DEPTH} folders "
+                                    f"below {root}: expected e.g. {eg} (the Attribute Discovery "
+                                    f"archive unpacked); point --data-root at the folder holding "
+                                    f"womens_*/")
         missing = [n for n in names if n not in found]
-        if missing and not skip_missing:
-            raise FileNotFoundError(
-                f"Shoes {split}: {len(missing)} of {len(names)} images named in {split_file} are not "
-                f"below {root}, e.g. {', '.join(missing[:3])}: unpack the Attribute Discovery archive "
-                f"there (womens_<category>/<0|1>/<name>.jpg), or pass skip_missing=True "
-                f"(--skip-missing) to drop the triplets that use them")
-        paths = {n: found.get(n, root / n) for n in names}
-        n_self = sum(t["reference"] == t["target"] for t in triplets)
-        log(f"Shoes {split}: {_shoes_layout(root, found.values())}: {len(triplets)} triplets "
-            f"({n_self} with reference = target) over {len(names)} images; annotations {ann}"
-            + (f"; {repeated} repeated rows of {SHOES_CAPTIONS} kept once" if repeated else "")
-            + (f"; {across} rows with one image outside the split left out" if across else ""), once=True)
-        self._setup("Shoes", root, split, (names, paths, triplets, [False] * len(triplets)), skip_missing, noise,
-                    extra_triplets)
+        if missing and not opts.get("skip_missing"):
+            raise FileNotFoundError(f"Shoes {split}: {len(missing)} of {len(names)} images named "
+                                    f"in {split_file} are not below {root}, e.g. "
+                                    f"{', '.join(missing[:3])}: unpack the Attribute Discovery "
+                                    f"archive there (womens_<category>/<0|1>/<name>.jpg), or pass "
+                                    f"skip_missing=True (--skip-missing) to drop their triplets")
+        n_self, repeated = sum(t["reference"] == t["target"] for t in trips), len(rows) - len(first)
+        util.log(f"Shoes {split}: {_shoes_layout(root, found.values())}: {len(trips)} triplets "
+                 f"({n_self} with reference = target) over {len(names)} images; annotations {ann}"
+                 + (f"; {repeated} repeated rows of {SHOES_CAPTIONS} kept once" if repeated else "")
+                 + (f"; {across} rows with one image outside the split left out" if across else ""),
+                 once=True)
+        paths = {n: found.get(n, root / n) for n in names}  # not found: dropped by skip_missing
+        self._setup("Shoes", root, split, (names, paths, trips, [0] * len(trips)), **opts)
         self.n_self_pairs = sum(t["reference"] == t["target"] for t in self.triplets)
 
 
-def _read_shoes_rows(path):
-    """(reference, target, caption) of every row of relative_captions_shoes.json, in file order,
-    captions stripped."""
-    rows = _read_json(path)
-    keys = ("ReferenceImageName", "ImageName", "RelativeCaption")
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in keys)
-                                             for r in rows):
-        raise ValueError(f"{path}: expected a JSON list of {{ImageName, ReferenceImageName, "
-                         f"RelativeCaption}} rows (the release's format); re-download it")
-    return [(r["ReferenceImageName"], r["ImageName"], str(r["RelativeCaption"]).strip())
-            for r in rows]
-
-
-def _find_by_name(root, wanted, depth=SHOES_DEPTH):
-    """{name: Path} of the files named in `wanted`, at most `depth` folders below root. Breadth first
-    (the shallowest copy wins; folders in name order), one scandir per folder and no stat per file;
-    it stops once every name is found. Hidden folders and __MACOSX/ (zip debris) are not entered."""
-    found, level = {}, [root]
-    for _ in range(depth + 1):
-        below = []
-        for folder in level:
-            try:
-                with os.scandir(folder) as it:
-                    entries = sorted(it, key=lambda e: e.name)
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
-                continue
-            for e in entries:
-                if e.name in wanted:
-                    found.setdefault(e.name, Path(e.path))
-                elif not e.name.startswith((".", "__MACOSX")) and e.is_dir():
-                    below.append(e.path)
-        if len(found) == len(wanted) or not below:
-            break
-        level = below
-    return found
-
-
 def _shoes_layout(root, paths):
-    """The folder layout that most of the found images are in, named for the log line."""
+    """The folder layout most of the found images are in, named for the log line."""
     def kind(folders):
-        if len(folders) == 2 and folders[0].startswith("womens_"):
-            return "Attribute Discovery layout (womens_<category>/<0|1>/)"
-        if len(folders) == 3 and folders[1].startswith("womens_"):
-            return f"Attribute Discovery layout under {folders[0]}/ (womens_<category>/<0|1>/)"
+        if len(folders) in (2, 3) and folders[-2].startswith("womens_"):
+            top = f" under {folders[0]}/" if len(folders) == 3 else ""
+            return f"Attribute Discovery layout{top} (womens_<category>/<0|1>/)"
         if len(folders) <= 1:
             return f"flat layout (images in {folders[0] + '/' if folders else 'the root'})"
         return "custom layout"
-    counts = {}
-    for p in paths:
-        k = kind(p.relative_to(root).parts[:-1])
-        counts[k] = counts.get(k, 0) + 1
-    return max(counts, key=counts.get)
+    return Counter(kind(p.relative_to(root).parts[:-1]) for p in paths).most_common(1)[0][0]
+
+
+def _first_dir(candidates, needed, error):
+    """The first candidate folder holding all `needed` relative files; none: FileNotFoundError."""
+    found = next((d for d in candidates if all((d / f).is_file() for f in needed)), None)
+    if found is None:
+        raise FileNotFoundError(error)
+    return found
+
+
+def _find_files(root, wanted, depth, stems=False):
+    """{name: Path} of the files named in `wanted` (stems: images named without extension) up to
+    `depth` folders below root, breadth first (the shallowest wins, then the first of IMAGE_EXTS):
+    a scandir a folder, no stat a file; hidden folders and __MACOSX/ (zip debris) not entered."""
+    order = lambda e: (IMAGE_EXTS.get(os.path.splitext(e.name)[1].lower(), 9), e.name)
+    found, queue = {}, [(root, 0)]
+    for folder, d in queue:
+        if len(found) == len(wanted):
+            break
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=order)             # images first; folders by name
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for e in entries:
+            stem, ext = os.path.splitext(e.name)
+            name = (stem if ext.lower() in IMAGE_EXTS else None) if stems else e.name
+            if name in wanted:
+                found.setdefault(name, Path(e.path))
+            elif d < depth and not e.name.startswith((".", "__MACOSX")) and e.is_dir():
+                queue.append((e.path, d + 1))
+    return found
 
 
 # -----------------------------------------------------------------------------
-# the dataset a run's settings name
-
-def dataset(s, split):
-    """The split of the dataset the settings s name (s.dataset, data_root, categories, skip_missing; for the training
-    split also noise, noise_kind, seed, extra_triplets, train_file): CIRR (and the toy, written in CIRR's layout),
-    FashionIQ, Shoes, or your own triplets (triplets.Triplets)."""
-    kw = dict(skip_missing=s.skip_missing)
-    if split == "train":
-        kw.update(noise=triplets.Noise(s.noise, s.noise_kind, s.seed), extra_triplets=s.extra_triplets)
-    if s.dataset == "fashioniq":
-        return FashionIQ(s.data_root, s.categories, split, **kw)
-    if s.dataset == "shoes":
-        return Shoes(s.data_root, split, **kw)
-    if s.dataset == "triplets":
-        return triplets.Triplets(s.data_root, split, file=s.train_file if split == "train" else None, **kw)
-    return CIRR(s.data_root, split, name="toy" if s.dataset == "toy" else "CIRR", **kw)
-
-
-# -----------------------------------------------------------------------------
-# converters: CIRR, FashionIQ, Shoes and the toy in the triplet format (python data.py convert ...)
-
-CONVERT_SPLITS = {"cirr": ("train", "val", "test1"), "toy": ("train", "val", "test1"), "fashioniq": FIQ_SPLITS,
-                  "shoes": ("train", "test")}
-FORMAT_SPLIT = {"test1": "test", "test": "test"}     # the triplet format's name of a split; Shoes' test is its val
-
+# python data.py convert: a dataset in the triplet format
 
 def convert(s, out, splits=None):
-    """Write the dataset the settings s name (dataset, data_root, categories, skip_missing, noise, noise_kind,
-    seed) in the triplet format into `out`: train.jsonl, val.jsonl, test.jsonl (where the dataset has the split;
-    Shoes validates on its test split, written as val.jsonl). Image paths relative to `out`; CIRR's and the toy's
-    img_set as subset; FashionIQ's category and caption pair, CIRR's pairid kept; the training split's noise, the
-    toy's own and any injected, as the noisy key (the replaced field). splits: the dataset's own names (default:
-    all of CONVERT_SPLITS). Returns {split in the format: number of rows}."""
-    out = Path(out)
-    written = {}
-    for split in splits or CONVERT_SPLITS[s.dataset]:
-        ds = dataset(s, split)
-        name = "val" if split == runtime.EVAL_SPLIT[s.dataset] else FORMAT_SPLIT.get(split, split)
-        rel = lambda n: os.path.relpath(ds.paths[n], out)
-        keep = lambda t: dict(category=t["category"], captions=t["captions"]) if t.get("category") else {}
-        rows = [triplets.as_row({**t, "row": keep(t)}, f, rel) for t, f in zip(ds.triplets, ds.noise_field.tolist())]
+    """Write the dataset the settings s name in the triplet format into `out` (as_row: ids,
+    subsets, categories, caption pairs, the training split's noise): train.jsonl, val.jsonl (its
+    eval split), test.jsonl; image paths relative to `out`. splits: default all. -> {name: n}"""
+    spec, out, written = DATASETS[s.dataset], Path(out), {}
+    for split in splits or spec.splits:
+        ds = spec.read(s, split)
+        name = "val" if split == spec.eval_split else split.removesuffix("1")  # CIRR's test1
+        rel = {n: os.path.relpath(p, out) for n, p in ds.paths.items()}
+        noise = ds.noise_field.tolist()
+        rows = [triplets.as_row(t, f, rel.get) for t, f in zip(ds.triplets, noise)]
         util.atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         written[name] = len(rows)
     return written
 
 
 def main(argv=None):
-    p = util.ArgumentParser("""Data tools.
+    p = util.ArgumentParser("""Data tools: a dataset in the triplet format (train.jsonl, val.jsonl).
 
-    python data.py convert --dataset cirr --data-root DIR --out OUT     # CIRR, FashionIQ, Shoes, the toy in the
-                                                                       # triplet format (train.jsonl, val.jsonl)
-    python data.py convert --dataset toy --noise 0.3 --out OUT          # the toy, 30% of its training triplets
-                                                                       # corrupted, the truth as 'noisy'""")
+    python data.py convert --dataset cirr --data-root DIR --out OUT  # or fashioniq, shoes, toy
+    python data.py convert --dataset toy --noise 0.3 --out OUT       # 30% corrupted, as 'noisy'""")
     p.add_argument("command", choices=["convert"])
-    p.add_argument("--dataset", required=True, choices=list(CONVERT_SPLITS))
-    p.add_argument("--data-root", default=None, help="the dataset's folder (toy: the default toy set if omitted)")
+    p.add_argument("--dataset", required=True,
+                   choices=[k for k, d in DATASETS.items() if d.protocol != "triplets"])
+    p.add_argument("--data-root", default=None, help="the dataset's folder (toy: the default set)")
     p.add_argument("--out", required=True, help="the folder for train.jsonl, val.jsonl, test.jsonl")
     p.add_argument("--categories", nargs="+", default=list(FIQ_CATEGORIES))
-    p.add_argument("--skip-missing", action="store_true", help="leave out triplets whose images are missing")
-    p.add_argument("--noise", type=float, default=0.0, help="corrupt this share of the training triplets")
+    p.add_argument("--skip-missing", action="store_true", help="leave out triplets missing images")
+    p.add_argument("--noise", type=float, default=0.0, help="share of training triplets corrupted")
     p.add_argument("--noise-kind", default="shuffle", choices=triplets.NOISE_KINDS)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if a.dataset == "toy":                           # generated on first use
-        a.data_root = str(toy.toy_root(a.data_root))
+    spec = DATASETS[a.dataset]
+    if spec.make_root:
+        a.data_root = str(spec.make_root(a.data_root))
     if not a.data_root or not Path(a.data_root).expanduser().is_dir():
-        p.error(f"--data-root {a.data_root}: no such folder; point it at the {a.dataset} dataset folder")
-    triplets.check_noise(triplets.Noise(a.noise, a.noise_kind, a.seed), has_subsets=a.dataset in runtime.SUBSETS)
+        p.error(f"--data-root {a.data_root}: no such folder; point it at the {a.dataset} dataset "
+                f"folder")
+    triplets.check_noise(triplets.Noise(a.noise, a.noise_kind, a.seed), has_subsets=spec.subsets)
     a.extra_triplets = a.train_file = None
     written = convert(a, a.out)
-    print(f"wrote {', '.join(f'{k}.jsonl ({v:,} rows)' for k, v in written.items())} in {a.out}; train on it: "
-          f"python train.py --dataset triplets --data-root {a.out}" + (" --preset toy" if a.dataset == "toy" else "")
-          + (f" (its {a.noise:.0%} injected noise is in train.jsonl's 'noisy' key)" if a.noise else ""))
+    print(f"wrote {', '.join(f'{k}.jsonl ({v:,} rows)' for k, v in written.items())} in {a.out}; "
+          f"train on it: python train.py --dataset triplets --data-root {a.out} --preset "
+          f"{a.dataset}" + (f" (its {a.noise:.0%} injected noise is in train.jsonl's 'noisy' key)"
+                            if a.noise else ""))
     return written
 
 

@@ -1,16 +1,15 @@
-"""Features, computed in one place: every image of a split through the image tower once (both roles from one pass),
-the distinct texts once, the queries; under torchrun each process encodes its share and every process gets all rows.
-
-The image source turns image indices (into a split's .images) into what the model takes, wherever the images are:
+"""Features, computed in one place: every image of a split through the image tower once (both roles
+from one pass), the distinct texts once, then the queries. Under torchrun each process encodes its
+share and every process gets all rows. An ImageSource turns image indices (into a split's .images)
+into the model's input, wherever the images are:
     files     read and transformed from disk by the loader's workers (real data)
     pixels    decoded once into a uint8 tensor (--cache-images; the toy): no file is opened again
-    tokens    a frozen image tower's tokens, computed once (--encoder text): each step costs the text side only
-    features  SPN stage 2: every image's reference feature f_ref, and the bank of normalised target features
-A dataset item is always (ref index, text, target index, i); `load` runs in the loader's workers (files: the
-images; otherwise the indices themselves) and `inputs` gives the model its input on the device.
-
-A folder of images (evaluate.py --query --gallery DIR) is a gallery too: folder_features encodes it once and keeps the
-features in a cache file while the folder and the model are unchanged.
+    tokens    a frozen image tower's tokens, computed once (--encoder text): steps cost texts only
+    features  SPN stage 2: every image's reference feature f_ref, and the bank of normalised targets
+A dataset item is always (ref index, text, target index, i); `load` runs in the loader's workers
+(files: the images; otherwise the indices) and `inputs` gives the model its input on the device.
+A folder of images is a gallery too (evaluate.py --query --gallery DIR): folder_features encodes it
+once and caches the features while the folder and the model are unchanged.
 """
 
 import hashlib
@@ -19,6 +18,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.transforms.functional import to_tensor
 
-from triplets import load_image, subset_rows
+from triplets import load_image
 import runtime
 import util
 from model import compose
@@ -37,9 +37,9 @@ from nfb import PairFeatures
 
 @dataclass
 class Encoder:
-    """How features are computed: the model, the batch size, the device, the loader's workers, autocast. Under
-    torchrun (world > 1) every rank encodes its contiguous share of the images or queries and the rows are
-    gathered, so each rank ends with all of them, in order, in 1/world of the time."""
+    """How features are computed: the model, batch size, device, loader workers, autocast. Under
+    torchrun (world > 1) each rank encodes a contiguous share of the images or queries and the rows
+    are gathered: every rank ends with all of them, in order, in 1/world of the time."""
     model: nn.Module
     batch_size: int = 128
     device: torch.device = torch.device("cpu")
@@ -54,7 +54,7 @@ class Encoder:
 
 
 class ImageSource:
-    """A split's images by index (ds.images order), as files, decoded pixels, cached tokens or SPN's features."""
+    """A split's images by index (ds.images order): files, pixels, tokens or SPN's features."""
 
     def __init__(self, ds, kind, transform=None, cache=None, bank=None):
         self.images, self.paths, self.kind = ds.images, ds.paths, kind
@@ -62,58 +62,59 @@ class ImageSource:
 
     @classmethod
     def files(cls, ds, transform=None):
-        """Images read from disk by index: transform (PIL image -> tensor), or the image as it is (to_tensor)."""
+        """Images read from disk: transform (PIL image -> tensor), or to_tensor (as they are)."""
         return cls(ds, "files", transform or to_tensor)
 
     @classmethod
     def pixels(cls, ds, transform, workers=0, rank=0):
-        """Every image decoded once, (N, 3, H, W) uint8: transform must end in uint8 (make_transform(pixels=True))."""
+        """Every image decoded once, (N, 3, H, W) uint8: transform must end in uint8."""
         t = time.perf_counter()
         files = cls.files(ds, transform)
         pixels = torch.cat(list(_batches(files, range(len(ds.images)), 256, workers)))
         if pixels.dtype != torch.uint8:
-            raise ValueError("ImageSource.pixels needs a uint8 transform: preprocess.make_transform(..., pixels=True)")
-        util.log(f"decoded {ds.split} images once: {tuple(pixels.shape)} uint8, {pixels.numel() / 2**20:.0f} "
-                    f"MiB, {time.perf_counter() - t:.1f} s")
+            raise ValueError("ImageSource.pixels needs a uint8 transform: "
+                             "preprocess.make_transform(..., pixels=True)")
+        util.log(f"decoded {ds.split} images once: {tuple(pixels.shape)} uint8, "
+                 f"{pixels.numel() / 2**20:.0f} MiB, {time.perf_counter() - t:.1f} s")
         return cls(ds, "pixels", cache=pixels)
 
     @classmethod
     def tokens(cls, ds, enc, images):
-        """--encoder text: the image tokens (N, 1+m, D) of every image, fp16, computed once from `images` (a
-        files or pixels source of the same split): with the tower frozen they never change."""
+        """--encoder text: every image's tokens (N, 1+m, D) fp16, computed once from `images` (files
+        or pixels of this split): with the tower frozen they never change."""
         t = time.perf_counter()
         tok = encode_images(enc, images, tokens=True).half().cpu()
         util.log(f"cached image tokens {tuple(tok.shape)} fp16, {tok.numel() * 2 / 2**20:.0f} MiB, "
-                    f"{time.perf_counter() - t:.1f} s")
+                 f"{time.perf_counter() - t:.1f} s")
         return cls(ds, "tokens", cache=tok)
 
     @classmethod
     def features(cls, ds, enc, images, path, reuse=False):
-        """SPN stage 2: f_ref and the normalised target features (the bank) of every image, once, from `images`;
-        saved to `path` by rank 0 and read back when the run resumes (reuse)."""
+        """SPN stage 2: every image's f_ref and normalised target feature (the bank), once, from
+        `images`; saved to `path` by rank 0 and read back when the run resumes (reuse)."""
         if reuse and path.exists():
             c = torch.load(path, map_location="cpu", weights_only=True)
             return cls(ds, "features", cache=c["ref"], bank=c["bank"].to(enc.device))
         t = time.perf_counter()
         f_ref, f_tar = encode_images(enc, images)
-        bank = F.normalize(f_tar.float(), dim=-1)
+        bank = F.normalize(f_tar.float(), dim=-1)                                # (N, D)
         if enc.rank == 0:
             util.atomic_write(path, {"ref": f_ref.cpu(), "bank": bank.cpu()})
         util.log(f"SPN bank: {len(bank)} training images x {bank.shape[1]} dims, "
-                    f"{bank.numel() * bank.element_size() / 2**20:.1f} MiB per process (every rank holds it all), "
-                    f"{time.perf_counter() - t:.1f} s")
+                 f"{bank.numel() * bank.element_size() / 2**20:.1f} MiB per process (every rank "
+                 f"holds it all), {time.perf_counter() - t:.1f} s")
         return cls(ds, "features", cache=f_ref.cpu(), bank=bank.to(enc.device))
 
     def load(self, idx):
-        """In the loader's workers: indices (a list) -> images (B, 3, H, W) read from disk, or the indices (B,)."""
+        """In the loader's workers: indices (list) -> images (B, 3, H, W) from disk, or indices."""
         if self.kind != "files":
             return torch.as_tensor(idx)
         return torch.stack([self.transform(load_image(self.paths[self.images[i]])) for i in idx])
 
     def inputs(self, x, device, role="ref"):
-        """What `load` gave -> the model's input on the device: images (B, 3, H, W), tokens (B, 1+m, D), or in SPN
-        stage 2 f_ref (B, D) for the references and the targets' row numbers in the bank. The caches stay in CPU
-        memory: only the batch's rows move (uint8 pixels: 4x less to copy)."""
+        """What `load` gave -> the model's input on the device: images (B, 3, H, W), tokens
+        (B, 1+m, D), or in SPN stage 2 f_ref (B, D) for references and the targets' bank rows. The
+        caches stay in CPU memory: only the batch's rows move (uint8 pixels: 4x less to copy)."""
         nb = device.type == "cuda"
         if self.kind == "files" or self.kind == "features" and role == "tgt":
             return x.to(device, non_blocking=nb)
@@ -122,8 +123,8 @@ class ImageSource:
 
 
 def _batches(source, rows, batch_size, workers):
-    """source.load over `rows` in batches: files in the loader's workers, caches directly (no loader: nothing to
-    read, and a loader would draw from the global random stream)."""
+    """source.load over `rows` in batches: files in the loader's workers, caches directly (nothing
+    to read, and a loader would draw from the global random stream)."""
     rows = list(rows)
     chunks = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
     if source.kind != "files":
@@ -134,11 +135,11 @@ def _batches(source, rows, batch_size, workers):
 
 @torch.no_grad()
 def encode_images(enc, source, tokens=False):
-    """Every image of a source through the model once. -> (f_ref (N, D), f_tar (N, D)) in .images order: the
-    reference-role and target-role WCB features of each image (features: f_ref and the bank); or, with tokens=True,
-    the tokens (N, 1+m, D)."""
+    """Every image of a source through the model once -> (f_ref (N, D), f_tar (N, D)) in .images
+    order, each image's reference- and target-role WCB features (features: f_ref and the bank); or,
+    with tokens=True, the tokens (N, 1+m, D)."""
     model = enc.model.eval()
-    if source.kind == "features":                        # f_ref lives in CPU memory, the bank on the device
+    if source.kind == "features":                # f_ref lives in CPU memory, the bank on the device
         return source.cache.to(enc.device), source.bank
     n = len(source.images)
     out = []
@@ -146,8 +147,8 @@ def encode_images(enc, source, tokens=False):
         with enc.amp or nullcontext():
             x = source.inputs(x, enc.device)
             tok = x if source.kind == "tokens" else model.image_tokens(x)          # (B, 1+m, D)
-            out.append(tok.half() if tokens else
-                       torch.stack([model.image_features(tok, "ref")[0], model.image_features(tok, "tar")[0]]).float())
+            out.append(tok.half() if tokens else torch.stack(                            # (2, B, D)
+                [model.image_features(tok, role)[0] for role in ("ref", "tar")]).float())
     if tokens:
         return runtime.gather_rows(torch.cat(out), n)
     out = runtime.gather_rows(torch.cat(out, dim=1).transpose(0, 1), n)                  # (N, 2, D)
@@ -158,59 +159,59 @@ def encode_images(enc, source, tokens=False):
 def encode_texts(enc, texts):
     """f_txt (Q, D) fp32, the WCB-compensated text feature of every text (list of str)."""
     model = enc.model.eval()
-    ctx = model.clip.context_length
     rows = enc.share(len(texts)).tolist()
     out = []
     for s in range(0, len(rows), enc.batch_size):
-        tokens = tokenize([texts[i] for i in rows[s:s + enc.batch_size]], ctx, truncate=True).to(enc.device)
+        batch = [texts[i] for i in rows[s:s + enc.batch_size]]
+        tokens = tokenize(batch, model.clip.context_length, truncate=True).to(enc.device)
         with enc.amp or nullcontext():
             out.append(model.text_features(tokens)[0].float())
     return runtime.gather_rows(torch.cat(out), len(texts))
 
 
 def check_finite(*feats):
-    """NaN compares false with everything, so NaN features would rank every target first: refuse them."""
+    """NaN compares false with everything, so NaN features would rank every target first."""
     if not all(torch.isfinite(f).all() for f in feats):
-        raise ValueError("non-finite (NaN/inf) features: the model diverged; lower the learning rate or use "
-                         "--amp none / fp32")
+        raise ValueError("non-finite (NaN/inf) features: the model diverged; lower the learning "
+                         "rate or use --amp none / fp32")
 
 
 @torch.no_grad()
 def query_features(enc, source, trips):
-    """Query features (Q, D) and normalised target-role image features (N, D) of a triplet set and its images."""
+    """Query features (Q, D) and normalised target-role image features (N, D) of a triplet set."""
     f_ref, f_tar = encode_images(enc, source)
-    q = compose(encode_texts(enc, [t["text"] for t in trips.triplets]), f_ref[trips.ref_idx].float())
+    f_txt = encode_texts(enc, [t["text"] for t in trips.triplets])                     # (Q, D)
+    q = compose(f_txt, f_ref[trips.ref_idx].float())
     return q, F.normalize(f_tar.float(), dim=-1)
 
 
 @torch.no_grad()
 def pair_features(enc, source, trips):
-    """nfb.PairFeatures of every triplet of `trips` and the images of its split: the images encoded once (both
-    roles), the distinct texts once, the subsets where the dataset has them (triplets.subset_rows)."""
+    """nfb.PairFeatures of every triplet of `trips` and its split's images: the images encoded once
+    (both roles), the distinct texts once."""
     f_ref, f_tar = encode_images(enc, source)
     texts = [t["text"] for t in trips.triplets]
     distinct = list(dict.fromkeys(texts))
     row = {x: k for k, x in enumerate(distinct)}
-    return PairFeatures(f_txt=encode_texts(enc, distinct), text_idx=torch.tensor([row[x] for x in texts]),
-                        f_ref=f_ref[trips.ref_idx].float(), gallery=F.normalize(f_tar.float(), dim=-1),
-                        tgt_idx=trips.tgt_idx, ref_idx=trips.ref_idx, subsets=subset_rows(trips))
+    f_txt, gallery = encode_texts(enc, distinct), F.normalize(f_tar.float(), dim=-1)
+    return PairFeatures(f_txt=f_txt, text_idx=torch.tensor([row[x] for x in texts]),
+                        f_ref=f_ref[trips.ref_idx].float(), gallery=gallery, tgt_idx=trips.tgt_idx,
+                        ref_idx=trips.ref_idx)
 
 
 # -----------------------------------------------------------------------------
-# a folder of images as a gallery: its features computed once, kept while the folder and the model are unchanged
+# a folder of images as a gallery: its features computed once, kept while the folder and model stay
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def scan_folder(folder):
-    """Every image file below `folder` (any depth, hidden folders skipped): [(path relative to folder, size,
-    mtime_ns)] in sorted order."""
+    """Every image file below `folder` (any depth, hidden folders skipped): sorted [(path relative
+    to folder, size, mtime_ns)]."""
     out, todo = [], [Path(folder)]
     while todo:
         with os.scandir(todo.pop()) as it:
-            for e in it:
-                if e.name.startswith("."):
-                    continue
+            for e in (e for e in it if not e.name.startswith(".")):  # hidden ones skipped
                 if e.is_dir():
                     todo.append(Path(e.path))
                 elif os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES:
@@ -219,56 +220,54 @@ def scan_folder(folder):
     return sorted(out)
 
 
-class _Readable:
-    """A loader's collate for a folder of images: (images (B, 3, H, W), readable (B,) bool); an unreadable file
-    becomes a zero image, marked False, so one bad file does not stop the gallery."""
-
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
-
-    def __call__(self, names):
-        images = []
-        for n in names:
-            try:
-                images.append(self.transform(load_image(self.paths[n])))
-            except OSError:
-                images.append(None)
-        ok = torch.tensor([x is not None for x in images])
-        if not ok.any():
-            return None, ok
-        blank = torch.zeros_like(images[int(ok.nonzero()[0])])
-        return torch.stack([blank if x is None else x for x in images]), ok
+def _read_folder(paths, transform, names):
+    """A loader's collate for a folder: names -> (images (B, 3, H, W), readable (B,) bool); an
+    unreadable file becomes a zero image, marked False: one bad file does not stop the gallery."""
+    images = []
+    for n in names:
+        try:
+            images.append(transform(load_image(paths[n])))
+        except OSError:
+            images.append(None)
+    ok = torch.tensor([x is not None for x in images])
+    if not ok.any():
+        return None, ok
+    blank = torch.zeros_like(images[int(ok.nonzero()[0])])
+    return torch.stack([blank if x is None else x for x in images]), ok
 
 
 @torch.no_grad()
 def _encode_folder(enc, paths, names, transform):
-    """Target-role features (N, D) of a folder's images, in `names` order, and which were readable (N,) bool."""
+    """A folder's target-role features (N, D) in `names` order, and which were readable (N,)."""
     model = enc.model.eval()
     chunks = [names[s:s + enc.batch_size] for s in range(0, len(names), enc.batch_size)]
-    loader = DataLoader(chunks, batch_size=None, num_workers=enc.workers, collate_fn=_Readable(paths, transform))
+    loader = DataLoader(chunks, batch_size=None, num_workers=enc.workers,
+                        collate_fn=partial(_read_folder, paths, transform))
     feats, ok = [], []
     for x, good in loader:
         if x is None:                                    # not one readable image in the batch
             feats.append(torch.zeros(len(good), enc.model.clip.embed_dim))
         else:
             with enc.amp or nullcontext():
-                feats.append(model.image_features(model.image_tokens(x.to(enc.device)), "tar")[0].float().cpu())
+                tok = model.image_tokens(x.to(enc.device))                       # (B, 1+m, D)
+                feats.append(model.image_features(tok, "tar")[0].float().cpu())
         ok.append(good)
     return torch.cat(feats), torch.cat(ok)
 
 
 @torch.no_grad()
 def folder_features(enc, folder, transform, model_id, cache_dir):
-    """(names, f_tar (N, D) normalised, skipped) of every readable image below `folder`, read from `cache_dir` when
-    the same model (model_id: what identifies its weights) saw the same files (names, sizes, times), else computed
-    and saved there atomically; skipped: the files that could not be read (no feature of theirs is kept, so a
-    replaced file is read again). -> names (relative paths), features, skipped, the cache file, whether it was
-    read."""
+    """Every readable image below `folder` -> (names (relative paths), f_tar (N, D) normalised,
+    skipped, the cache file, whether it was read): read from `cache_dir` when the same model
+    (model_id identifies its weights) saw the same files (names, sizes, times), else computed and
+    saved there atomically. skipped: unreadable files, kept out so a replaced one is read again."""
     listing = scan_folder(folder)
     if not listing:
-        raise FileNotFoundError(f"--gallery {folder}: no image ({', '.join(IMAGE_SUFFIXES)}) in it or below it")
-    key = hashlib.sha256(json.dumps([model_id, str(Path(folder).resolve()), listing]).encode()).hexdigest()[:16]
-    cache = Path(cache_dir).expanduser() / f"{Path(folder).resolve().name}-{key}.pt"
+        raise FileNotFoundError(f"--gallery {folder}: no image ({', '.join(IMAGE_SUFFIXES)}) "
+                                f"in it or below it")
+    where = Path(folder).resolve()
+    key = hashlib.sha256(json.dumps([model_id, str(where), listing]).encode()).hexdigest()[:16]
+    cache = Path(cache_dir).expanduser() / f"{where.name}-{key}.pt"
     names = [n for n, _, _ in listing]
     if cache.is_file():
         c = torch.load(cache, map_location="cpu", weights_only=True)
@@ -280,5 +279,6 @@ def folder_features(enc, folder, transform, model_id, cache_dir):
     if not readable:
         raise OSError(f"--gallery {folder}: none of its {len(names)} image files could be read")
     features = F.normalize(f_tar[ok], dim=-1)
-    util.atomic_write(cache, dict(names=readable, features=features, skipped=skipped, model=model_id))
+    util.atomic_write(cache, dict(names=readable, features=features, skipped=skipped,
+                                  model=model_id))
     return readable, features, skipped, cache, False

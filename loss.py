@@ -1,63 +1,56 @@
 """Contrastive losses of NCL-CIR (Gao et al., ICASSP 2025) and SPN (Feng, Zhang, Nie, ACM MM 2024).
 
-B queries q_i = normalize(f_txt + f_ref) and M candidate targets t_j, all L2-normalised (model.CIRModel); logits
-s_ij = q_i t_j / tau; p_ij = softmax_j(s_ij); pos_i is the column of i's own target (i itself within a batch):
+B queries q_i = normalize(f_txt + f_ref), M targets t_j, all L2-normalised (model.CIRModel); logits
+s_ij = q_i t_j / tau, p_ij = softmax_j(s_ij); pos_i is the column of i's own target (i in a batch):
 
-    l_i          = -log p_{i,pos_i}                                   per-pair InfoNCE loss
-    L_NCE        = (1/B) sum_i l_i                                    InfoNCE (CLIP4Cir, SPN stage 1)     info_nce
-    L^soft_NCE   = (1/B) sum_i -sum_j y_ij log p_ij, soft labels y from the NFB's clean probabilities w_i:
-      weight:      y_{i,pos_i} = w_i, 0 elsewhere,                   = (1/B) sum_i w_i l_i               soft_nce
-      spread:      y_{i,pos_i} = w_i, (1 - w_i)/(M - 1) elsewhere    (the design brief's first guess)   soft_nce
-      complement:  w_i l_i + (1 - w_i) c_i,  c_i = -sum_{j != pos_i} log(1 - p_ij): a flagged pair teaches only
-                   what its query is not (complementary labels, RCL, Hu et al. TPAMI 2023). c_i pulls the
-                   positive's logit with force p_{i,pos_i} sum_j p_ij / (1 - p_ij), l_i with 1 - p_{i,pos_i}:
-                   a wrong positive, far from its query, is hardly pulled                             soft_nce
-      sample:      pair i enters an epoch with probability w_i and the drawn pairs train with L_NCE: the expected
-                   objective of `weight` up to normalisation, with every batch full (train.py; the default)
-    L_bank       = L_NCE (or L^soft_NCE) with the static bank of every training image's target feature as the M
-                   candidates, pos_i the bank row of i's target (SPN's more negatives, stage 2: train.train_step)
-    l^gallery_i  = l_i over the whole training gallery minus i's reference, no gradient: the NFB's per-pair
-                   loss, its query view (nfb.py)                                                    gallery_nce
-    l^text_i     = which training text best explains pair i's (reference, target), no gradient: the NFB's text
-                   view                                                                             text_nce
+    l_i         = -log p_{i,pos_i}                     the per-pair loss
+    L_NCE       = (1/B) sum_i l_i                      CLIP4Cir, SPN stage 1                info_nce
+    L^soft_NCE  = (1/B) sum_i -sum_j y_ij log p_ij, soft labels y from the NFB's w_i:
+      weight      y_{i,pos_i} = w_i, 0 elsewhere: (1/B) sum_i w_i l_i                       soft_nce
+      complement  w_i l_i + (1 - w_i) c_i,  c_i = -sum_{j != pos_i} log(1 - p_ij)           soft_nce
+      sample      pair i in an epoch with probability w_i, trained with L_NCE (default)     train.py
+    L_bank      = the same against a bank of every training target (SPN stage 2)         train_step
+    l^gallery_i = l_i over the training gallery (the NFB's query view)                   gallery_nce
+    l^text_i    = the pair's own text among all training texts (the NFB's text view)        text_nce
 
-w = 1 gives exactly L_NCE in every form. The paper names L^soft_NCE but not its equation: the three forms are
-this project's candidates, measured in the README's noise study. Logits are computed in fp32 with autocast off:
-at tau = 0.01 a bf16 logit is off by up to ~0.1, more than the loss differences the noise filter separates.
+complement: a flagged pair teaches only what its query is not (complementary labels, RCL, Hu et al.
+TPAMI 2023); c_i pulls the positive's logit with force p_{i,pos_i} sum_j p_ij / (1 - p_ij), l_i with
+1 - p_{i,pos_i}: a wrong positive, far from its query, is hardly pulled. sample: weight's expected
+objective up to normalisation, with every batch full. w = 1 gives L_NCE in every form. The paper
+names L^soft_NCE, not its equation: the forms are our candidates (docs/results.md). Logits are fp32,
+autocast off: at tau = 0.01 a bf16 logit is off by ~0.1, more than the loss gaps the NFB separates.
 """
 
 import torch
 import torch.nn.functional as F
 
-SOFT_FORMS = ("weight", "spread", "complement")   # soft_nce's forms; train.py's --soft-label adds "sample"
-CHUNK = 1024        # queries scored at once against a whole gallery: memory is CHUNK x gallery floats
+SOFT_FORMS = ("weight", "complement")   # soft_nce's forms; train.py's --soft-label adds "sample"
+CHUNK = 1024        # queries scored at once against a gallery: memory is CHUNK x gallery floats
 
 
 def info_nce(q, t, tau, pos=None, reduction="mean"):
-    """L_NCE. q (B, D), t (M, D) (M > B when DDP gathers the targets of all ranks), pos (B,) column of each
-    query's target in t (default arange(B)). -> scalar, or l_i (B,) with reduction="none"."""
+    """L_NCE. q (B, D), t (M, D) (M > B when DDP gathers all ranks' targets), pos (B,) each query's
+    target column in t (default arange(B)). -> scalar, or l_i (B,) with reduction="none"."""
     logits = _logits(q, t, tau)                                          # (B, M)
     return _reduce(F.cross_entropy(logits, _pos(q, t, pos), reduction="none"), reduction)
 
 
 def soft_nce(q, t, w, tau, pos=None, soft="weight", reduction="mean"):
-    """L^soft_NCE with clean probabilities w (B,) from nfb.py (labels: no gradient flows into them).
-    weight: w_i l_i; spread: w_i l_i + (1 - w_i)/(M - 1) * sum_{j != pos_i} -log p_ij; complement: w_i l_i +
-    (1 - w_i) * sum_{j != pos_i} -log(1 - p_ij). -> scalar or (B,)."""
+    """L^soft_NCE, form `soft`, with the clean probabilities w (B,) of nfb.py as labels (no gradient
+    flows into them). q, t, pos as info_nce. -> scalar or (B,)."""
     if soft not in SOFT_FORMS:
         raise ValueError(f"loss.py: soft must be one of {SOFT_FORMS}, got {soft!r}")
     logp = _logits(q, t, tau).log_softmax(dim=1)                         # (B, M)
     pos = _pos(q, t, pos)
     if w.shape != pos.shape:
-        raise ValueError(f"loss.py: soft labels w must have shape {tuple(pos.shape)}, got {tuple(w.shape)}")
+        raise ValueError(f"loss.py: soft labels w must have shape {tuple(pos.shape)}, "
+                         f"got {tuple(w.shape)}")
     w = w.detach().to(logp.device, torch.float32)
     lp_pos = logp.gather(1, pos[:, None]).squeeze(1)                     # (B,) log p_{i,pos_i}
     loss = -w * lp_pos
-    if soft == "spread":                                                 # the mass 1 - w_i on the other columns
-        loss = loss - (1 - w) / max(logp.shape[1] - 1, 1) * (logp.sum(1) - lp_pos)
-    elif soft == "complement":                                           # log(1 - p_ij) = log(-expm1(log p_ij))
+    if soft == "complement":                                 # log(1 - p_ij) = log(-expm1(log p_ij))
         log_not = torch.log(-torch.expm1(logp.clamp(max=-1e-6)))         # (B, M); p_ij <= 1 - 1e-6
-        c = -(log_not.sum(1) - log_not.gather(1, pos[:, None]).squeeze(1))  # (B,) over j != pos_i
+        c = -(log_not.sum(1) - log_not.gather(1, pos[:, None]).squeeze(1))  # (B,) j != pos_i
         loss = loss + (1 - w) * c
     return _reduce(loss, reduction)
 
@@ -68,9 +61,8 @@ def similarities(q, g):
 
 
 def drop_reference(sims, ref, keep=None):
-    """The reference removal of the retrieval protocols (CIRR, Shoes) and of the NFB's query view: in each row of
-    sims (C, G), the column ref (C,) set to -inf, in place; a row whose ref equals keep (C,) (a self-pair, for the
-    losses) keeps it. -> sims."""
+    """The reference removal of CIRR's and Shoes' protocols and the NFB's query view: column ref
+    (C,) of sims (C, G) set to -inf in place, unless it equals keep (C,) (a self-pair). -> sims."""
     ref = ref.to(sims.device)
     if keep is not None:
         ref = torch.where(ref == keep.to(sims.device), -1, ref)
@@ -80,63 +72,58 @@ def drop_reference(sims, ref, keep=None):
 
 
 def rank_of(sims, idx):
-    """0-based rank of column idx[i] in row i of sims under a stable descending sort (ties: lower index first).
-    sims (C, G), idx (C,) -> (C,) long. Counting beats sorting: O(C x G) with no (C, G) index tensor."""
-    s = sims.gather(1, idx[:, None])                                      # (C, 1) score of the item
-    cols = torch.arange(sims.shape[1], device=sims.device)[None]          # (1, G)
-    ahead = (sims > s) | ((sims == s) & (cols < idx[:, None]))            # (C, G) items ranked before it
+    """0-based rank of column idx[i] in row i of sims (C, G) under a stable descending sort (ties:
+    lower index first) -> (C,) long. Counting beats sorting: O(C x G), no (C, G) index tensor."""
+    s = sims.gather(1, idx[:, None])                                     # (C, 1) score of the item
+    cols = torch.arange(sims.shape[1], device=sims.device)[None]         # (1, G)
+    ahead = (sims > s) | ((sims == s) & (cols < idx[:, None]))           # (C, G) ranked before it
     return ahead.sum(1)
 
 
 @torch.no_grad()
 def gallery_nce(q, gallery, tgt, tau, exclude=None, chunk=CHUNK):
-    """l^gallery_i: every query ranked over a whole gallery (the NFB's --nfb-losses gallery), j over the gallery
-    minus the query's own reference image (exclude, as CIRR's protocol; kept when it is the target itself).
-    Within a random batch a near-miss target (an image of the query's own subset, or a wrong text on a true
-    edit) hardly ever meets the true one; over the gallery it always does.
-    q (Q, D), gallery (G, D) L2-normalised, tgt (Q,) and exclude (Q,) gallery rows -> (Q,) fp32, chunked so memory
-    stays O(chunk x G)."""
+    """l^gallery_i (--nfb-losses gallery): j over the gallery minus i's reference (exclude, as CIRR;
+    kept when it is the target). A near-miss (same subset, or a wrong text on a true edit) rarely
+    meets the true target in a random batch; in the gallery it always does. q (Q, D), gallery (G, D)
+    L2-normalised, tgt (Q,), exclude (Q,) rows -> (Q,) fp32; memory O(chunk x G)."""
     out = []
     for s in range(0, len(q), chunk):
         logits = _logits(q[s:s + chunk], gallery, tau)                   # (C, G)
         t = tgt[s:s + chunk].to(logits.device)
-        if exclude is not None:                                          # a self-pair keeps its target
+        if exclude is not None:                                  # a self-pair keeps its target
             drop_reference(logits, exclude[s:s + chunk], keep=t)
         out.append(-logits.log_softmax(1).gather(1, t[:, None]).squeeze(1))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def text_nce(f_txt, f_ref, t, text_idx, tau, inverted=True, chunk=CHUNK):
-    """l^text_i: which text explains pair i? Every distinct training text k composed with i's reference,
-    q_ki = normalize(f_txt_k + f_ref_i), is scored against i's target: s_ki = q_ki·t_i / tau. Each text's scores are
-    first normalised over the pairs (the inverted softmax: a text that scores high on every pair, a hub, must not win
-    everywhere), then the texts compete for the pair:
+def text_nce(f_txt, f_ref, t, text_idx, tau, chunk=CHUNK):
+    """l^text_i: which text explains pair i? Each distinct training text k composed with i's
+    reference is scored against i's target, s_ki = normalize(f_txt_k + f_ref_i) t_i / tau; each
+    text's scores are first normalised over the pairs (inverted softmax: a hub, high on every pair,
+    must not win everywhere), then the texts compete for the pair, so a wrong text on a true edit
+    loses to the pair's true text wherever it is:
         l^text_i = -log softmax_k( s_ki - log sum_j exp(s_kj) )  at i's own text.
-    A wrong text on a true (reference, target) pair loses to the pair's true text, wherever in the training set that
-    text now is; the query loss (gallery_nce) barely notices it. inverted=False: the plain softmax over the texts.
-    f_txt (U, D) the distinct texts' features, f_ref (n, D) the references' (both unnormalised), t (n, D) the
-    targets' (normalised), text_idx (n,) each pair's row of f_txt -> (n,) fp32. No U x n x D tensor: the cosines
-    come from three products, q_ki·t_i = (f_txt_k·t_i + f_ref_i·t_i) / |f_txt_k + f_ref_i| with
-    |f_txt_k + f_ref_i|^2 = |f_txt_k|^2 + |f_ref_i|^2 + 2 f_txt_k·f_ref_i; two passes over chunks of pairs, memory
-    O(U x chunk)."""
+    f_txt (U, D) distinct texts, f_ref (n, D) (both unnormalised), t (n, D) normalised, text_idx
+    (n,) rows of f_txt -> (n,) fp32. No U x n x D tensor: cos = (f_txt_k t_i + f_ref_i t_i) /
+    |f_txt_k + f_ref_i|, the norm expanded; two passes over chunks of pairs, memory O(U x chunk)."""
     with torch.autocast(f_txt.device.type, enabled=False):
         f_txt, f_ref, t = f_txt.float(), f_ref.float(), t.float()
         n_txt = (f_txt * f_txt).sum(1)[:, None]                          # (U, 1) |f_txt_k|^2
 
-        def scores(s):                                                     # (U, C) s_ki of the pairs s:s+chunk
-            r, tc = f_ref[s:s + chunk], t[s:s + chunk]                     # (C, D)
-            num = f_txt @ tc.T + (r * tc).sum(1)                           # f_txt_k·t_i + f_ref_i·t_i
-            norm2 = n_txt + (r * r).sum(1) + 2 * f_txt @ r.T                # |f_txt_k + f_ref_i|^2
+        def scores(s):                                                   # (U, C) s_ki, one chunk
+            r, tc = f_ref[s:s + chunk], t[s:s + chunk]                   # (C, D)
+            num = f_txt @ tc.T + (r * tc).sum(1)                         # f_txt_k t_i + f_ref_i t_i
+            norm2 = n_txt + (r * r).sum(1) + 2 * f_txt @ r.T             # |f_txt_k + f_ref_i|^2
             return num / norm2.clamp_min(1e-12).sqrt() / tau
         starts = range(0, len(f_ref), chunk)
-        hub = torch.full((len(f_txt),), float("-inf") if inverted else 0.0, device=f_txt.device)
-        for s in starts if inverted else ():                               # log sum_j exp(s_kj), per text
+        hub = torch.full((len(f_txt),), float("-inf"), device=f_txt.device)
+        for s in starts:                                                 # (U,) log sum_j exp(s_kj)
             hub = torch.logaddexp(hub, scores(s).logsumexp(1))
         out = []
         for s in starts:
             k = text_idx[s:s + chunk].to(f_txt.device)
-            logp = (scores(s) - hub[:, None]).log_softmax(0)               # (U, C) over the texts
+            logp = (scores(s) - hub[:, None]).log_softmax(0)             # (U, C) over the texts
             out.append(-logp.gather(0, k[None]).squeeze(0))
     return torch.cat(out)
 
@@ -147,20 +134,23 @@ def text_nce(f_txt, f_ref, t, text_idx, tau, inverted=True, chunk=CHUNK):
 def _logits(q, t, tau):
     """q (B, D), t (M, D) -> (B, M) fp32 logits, autocast disabled."""
     if q.dim() != 2 or t.dim() != 2 or q.shape[1] != t.shape[1]:
-        raise ValueError(f"loss.py: expected q (B, D) and targets (M, D), got {tuple(q.shape)} and {tuple(t.shape)}")
+        raise ValueError(f"loss.py: expected q (B, D) and targets (M, D), got {tuple(q.shape)} "
+                         f"and {tuple(t.shape)}")
     with torch.autocast(q.device.type, enabled=False):
         return q.float() @ t.float().T / tau
 
 
 def _pos(q, t, pos):
-    """The column of each query's target: pos (B,) as given, or arange(B) for a batch's own targets in order."""
+    """The column of each query's target: pos (B,), or arange(B) for a batch's own targets."""
     if pos is None:
         if t.shape[0] < q.shape[0]:
-            raise ValueError(f"loss.py: {t.shape[0]} targets for {q.shape[0]} queries; pass pos= (index of each "
-                             "query's target) when the targets are not the batch's own in order")
+            raise ValueError(f"loss.py: {t.shape[0]} targets for {q.shape[0]} queries; pass pos= "
+                             "(index of each query's target) when the targets are not the batch's "
+                             "own in order")
         return torch.arange(q.shape[0], device=q.device)
     if pos.shape != (q.shape[0],):
-        raise ValueError(f"loss.py: positive indices must have shape ({q.shape[0]},), got {tuple(pos.shape)}")
+        raise ValueError(f"loss.py: positive indices must have shape ({q.shape[0]},), "
+                         f"got {tuple(pos.shape)}")
     return pos.to(q.device)
 
 

@@ -1,25 +1,19 @@
-"""The model of NCL-CIR (Gao et al., ICASSP 2025): CLIP with three Weight Compensation Blocks (wcb.py), and CLIP
-itself, from scratch (Radford et al., 2021).
-
-Reads top to bottom (what CLIP reads, tokens and transformed images, comes from preprocess.py):
-  0. CIRModel       the composed-retrieval model: q = normalize(f_txt + f_ref) for a query (compose) and
-                    t = normalize(f_tar) for a candidate target, each f a WCB-compensated CLIP feature
-  1. the towers     ViT and ModifiedResNet image encoders, causal text transformer (QuickGELU, fp32 LayerNorm);
-                    attention is F.scaled_dot_product_attention, batch-first everywhere
-  2. CLIP           encode_image / encode_text (equal to OpenAI's on the same weights) and the token-level
-                    outputs the WCB re-weights: every image token, every text token + padding mask
-  3. loading        build_clip (architecture inferred from an OpenAI state dict), load_clip (the nine released
-                    models, downloaded and hash-checked, any .pt path, or a randomly initialised tiny config)
-
-Parameter names and shapes are OpenAI's, so their checkpoints load unchanged and ours load in their code."""
+"""The model of NCL-CIR (Gao et al., ICASSP 2025): CLIP (Radford et al., 2021) from scratch, with
+three Weight Compensation Blocks (wcb.py). Its inputs (tokens, transformed images): preprocess.py.
+  0. CIRModel   q = normalize(f_txt + f_ref), t = normalize(f_tar), each f a WCB-compensated feature
+  1. towers     ViT, ModifiedResNet, causal text transformer (batch-first, fp32 LayerNorm)
+  2. CLIP       encode_image / encode_text (= OpenAI's) and the token outputs the WCB re-weights
+  3. loading    build_clip (from an OpenAI state dict), load_clip (released name, path, tiny config)
+Parameter names and shapes are OpenAI's: their checkpoints load here unchanged, ours in their code.
+"""
 
 import hashlib
 import math
-import os
 import urllib.error
 import urllib.request
 import warnings
 from collections import OrderedDict
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -31,37 +25,33 @@ from preprocess import make_transform
 from wcb import WCB
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # 0. The composed model of NCL-CIR
 
 def compose(f_txt, f_ref):
-    """The composed query q = normalize(f_txt + f_ref) (CLIP4Cir's first stage, SPN): f_txt, f_ref (B, D) -> (B, D)."""
+    """The composed query q = normalize(f_txt + f_ref) (CLIP4Cir, SPN): (B, D) -> (B, D)."""
     return F.normalize(f_txt + f_ref, dim=-1)
 
 
 class CIRModel(nn.Module):
     """q = normalize(f_txt + f_ref), t = normalize(f_tar), each f a WCB-compensated CLIP feature:
     T*_mod = T_mod ⊗ Att_mod, I*_ref = I_ref ⊗ Att_ref, I*_tar = I_tar ⊗ Att_tar (wcb.py).
-
-    With wcb=False every f is the plain CLIP global token, i.e. the CLIP element-wise-sum baseline
-    (CLIP4Cir's first stage). The image tower runs once per image; the reference head and the target head
-    read the same tokens, so a gallery is encoded once for both roles."""
+    wcb=False: every f is CLIP's global token, the element-wise-sum baseline (CLIP4Cir's first
+    stage). The reference and target heads read the same image tokens: a gallery is encoded once."""
 
     def __init__(self, clip, wcb=True, n_maps=2, wcb_hidden=0):
         super().__init__()
         self.clip = clip
-        clip.logit_scale.requires_grad_(False)      # τ is fixed (--tau); CLIP's learned scale is unused here
-        d = clip.embed_dim
-        heads = [WCB(d, n_maps, wcb_hidden) if wcb else None for _ in range(3)]
+        clip.logit_scale.requires_grad_(False)      # τ is fixed (--tau): CLIP's own is unused
+        heads = [WCB(clip.embed_dim, n_maps, wcb_hidden) if wcb else None for _ in range(3)]
         self.wcb_txt, self.wcb_ref, self.wcb_tar = heads
 
     def forward(self, tokens, ref, tgt=None):
-        """One training step's features. tokens (B, L); ref and tgt: images (B, 3, H, W), which go through the tower
-        in one concatenated pass, or image tokens (B, 1+m, D) of a frozen tower; ref may be f_ref (B, D) itself
-        (SPN stage 2, where the targets are a static bank and tgt is None).
-        Returns q (B, D), t (B, D) or None, and the summed diversity penalty of the heads used."""
+        """tokens (B, L); ref, tgt: images (B, 3, H, W), one tower pass for both, or a frozen
+        tower's tokens (B, 1+m, D); ref may be f_ref (B, D) (SPN stage 2: tgt None, a static bank).
+        -> q (B, D), t (B, D) or None, and the summed diversity penalty of the heads used."""
         if ref.dim() == 4:
-            tok = self.image_tokens(ref if tgt is None else torch.cat([ref, tgt]))    # (B or 2B, 1+m, D)
+            tok = self.image_tokens(ref if tgt is None else torch.cat([ref, tgt]))  # (B|2B, 1+m, D)
             ref, tgt = tok.chunk(2) if tgt is not None else (tok, None)
         f_txt, pen = self.text_features(tokens)
         if ref.dim() == 3:
@@ -75,74 +65,73 @@ class CIRModel(nn.Module):
 
     def text_features(self, tokens):
         """tokens (B, L) -> f_txt (B, D), diversity penalty. T*_mod = T_mod ⊗ Att_mod."""
-        x, mask, eot = self.clip.encode_text_tokens(tokens)               # (B, L', D), (B, L'), (B,)
-        g = x[torch.arange(len(x), device=x.device), eot]                # (B, D) the usual CLIP text feature
+        x, mask, eot = self.clip.encode_text_tokens(tokens)         # (B, L', D), (B, L'), (B,)
+        g = x[torch.arange(len(x), device=x.device), eot]          # (B, D) CLIP's text feature
         return self._head(self.wcb_txt, x, mask, g)
 
     def image_tokens(self, images):
-        """(B, 3, H, W) -> (B, 1+m, D), token 0 = global. Each distinct image goes through the tower once (a group
-        batch repeats its reference), except where BatchNorm in training normalises by the batch as it is."""
+        """(B, 3, H, W) -> (B, 1+m, D), token 0 = global. Each distinct image goes through the tower
+        once (a group batch repeats its reference), unless BatchNorm in training sees the batch."""
         if self.training and isinstance(self.clip.visual, ModifiedResNet):
             return self.clip.encode_image_tokens(images)
-        once, rows = distinct(images)                                     # (U, 3, H, W), (B,) or None
-        tok = self.clip.encode_image_tokens(once)                         # (U, 1+m, D)
+        once, rows = distinct(images)                               # (U, 3, H, W), (B,) or None
+        tok = self.clip.encode_image_tokens(once)                   # (U, 1+m, D)
         return tok if rows is None else tok[rows]
 
     def image_features(self, tokens, role):
-        """Image tokens (B, 1+m, D) -> f (B, D), penalty. role 'ref': I*_ref = I_ref ⊗ Att_ref; 'tar' likewise."""
+        """Image tokens (B, 1+m, D) -> f (B, D), penalty. I*_r = I_r ⊗ Att_r, r = role."""
         head = self.wcb_ref if role == "ref" else self.wcb_tar
         tokens = tokens.to(self.clip.dtype)
         return self._head(head, tokens, None, tokens[:, 0])
 
     @staticmethod
     def _head(wcb, x, mask, g):
-        """The WCB head's compensated feature and penalty, or (without the WCB) the global token g and 0."""
+        """The WCB's compensated feature and penalty, or (no WCB) the global token g and 0."""
         return (g, g.new_zeros(())) if wcb is None else wcb(x, mask, g)[:2]
 
 
 def distinct(x):
-    """x (N, ...) -> (u (U, ...), rows (N,)) with u[rows] equal to x element for element, or (x, None) when nothing
-    repeats. Rows are matched by an integer checksum of their float32 bits (exact arithmetic: equal rows, equal
-    sums), then compared, so a collision costs only the sharing."""
+    """x (N, ...) -> (u (U, ...), rows (N,)) with u[rows] == x exactly, or (x, None) if nothing
+    repeats. Matched by an exact integer checksum of the float32 bits, then compared: a collision
+    costs only the sharing."""
     if x.dtype != torch.float32 or len(x) < 2:
         return x, None
-    bits = x.flatten(1).contiguous().view(torch.int32)                           # (N, P) the exact bit patterns
+    bits = x.flatten(1).contiguous().view(torch.int32)                  # (N, P) exact bit patterns
     weights = torch.arange(1, bits.shape[1] + 1, device=x.device, dtype=torch.int32) * 40503 | 1
-    _, rows = (bits * weights).sum(1).unique(return_inverse=True)                # (N,) int32 products wrap exactly
-    n = torch.arange(len(x), device=x.device)
-    first = torch.full((int(rows.max()) + 1,), len(x), device=x.device).scatter_reduce(0, rows, n, "amin")  # (U,)
+    _, rows = (bits * weights).sum(1).unique(return_inverse=True)       # (N,) int32 products wrap
+    first = torch.full((int(rows.max()) + 1,), len(x), device=x.device)   # (U,) first row of each
+    first = first.scatter_reduce(0, rows, torch.arange(len(x), device=x.device), "amin")
     if len(first) == len(x) or not torch.equal(x[first][rows], x):
         return x, None
     return x[first], rows
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # 1. The towers
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input dtype (OpenAI's fp16 checkpoints need it)."""
+    """LayerNorm in fp32 whatever the input dtype (OpenAI's fp16 checkpoints need it)."""
 
     def forward(self, x):
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the GELU approximation CLIP was trained with (exact GELU changes the outputs)."""
+    """x * sigmoid(1.702 x): the GELU approximation CLIP was trained with (exact GELU differs)."""
 
     def forward(self, x):
-        if torch.is_grad_enabled():                        # autograd keeps sigmoid's output: no in-place here
+        if torch.is_grad_enabled():                # autograd saves sigmoid's output: not in place
             return x * torch.sigmoid(1.702 * x)
-        return torch.sigmoid(1.702 * x).mul_(x)            # inference: one (B, L, 4W) temporary less, same bits
+        return torch.sigmoid(1.702 * x).mul_(x)    # inference: one (B, L, 4W) temporary less
 
 
-def _heads(x, n):
-    """(B, L, C) -> (B, n, L, C // n)"""
+def _heads(x, n):                                          # (B, L, C) -> (B, n, L, C // n)
     return x.unflatten(-1, (n, -1)).transpose(1, 2)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with nn.MultiheadAttention's parameter names (in_proj_*, out_proj), batch-first."""
+    """Multi-head self-attention, batch-first, with nn.MultiheadAttention's parameter names."""
 
     def __init__(self, width, heads, causal=False):
         super().__init__()
@@ -150,13 +139,13 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)       # nn.MultiheadAttention's default initialisation
+        nn.init.xavier_uniform_(self.in_proj_weight)       # nn.MultiheadAttention's default init
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x):                                  # (B, L, W) -> (B, L, W)
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        y = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads),
-                                           is_causal=self.causal)   # (B, h, L, W/h)
+        q, k, v = (_heads(t, self.heads) for t in (q, k, v))                # (B, h, L, W/h)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, h, L, W/h)
         return self.out_proj(y.transpose(1, 2).flatten(2))
 
 
@@ -178,7 +167,8 @@ class Transformer(nn.Module):
     def __init__(self, width, layers, heads, causal=False):
         super().__init__()
         self.width, self.layers = width, layers
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
+        blocks = [ResidualAttentionBlock(width, heads, causal) for _ in range(layers)]
+        self.resblocks = nn.Sequential(*blocks)
 
     def forward(self, x):                                  # (B, L, W)
         return self.resblocks(x)
@@ -188,65 +178,70 @@ class VisionTransformer(nn.Module):
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
         super().__init__()
         self.input_resolution, self.output_dim = input_resolution, output_dim
-        self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)   # patch embedding
-        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)  # patches
+        scale, n_pos = width ** -0.5, (input_resolution // patch_size) ** 2 + 1
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(n_pos, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, x, all_tokens=False):               # (B, 3, H, W) -> (B, D), or (B, 1+m, D) with all_tokens
+    def forward(self, x, all_tokens=False):               # (B, 3, H, W) -> (B, D) or (B, 1+m, D)
         x = self.conv1(x).flatten(2).transpose(1, 2)       # (B, m, W) one token per patch
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)                  # (B, 1, W)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)           # (B, 1, W)
         x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
         x = self.transformer(x)                            # (B, 1+m, W)
-        g = self.ln_post(x[:, 0]) @ self.proj              # (B, D) the class token is the image feature
+        g = self.ln_post(x[:, 0]) @ self.proj              # (B, D) the class token is the feature
         if not all_tokens:
             return g
         # token 0 is g itself, so it equals encode_image bit for bit
-        return torch.cat([g[:, None], self.ln_post(x[:, 1:]) @ self.proj], dim=1)       # (B, 1+m, D)
+        return torch.cat([g[:, None], self.ln_post(x[:, 1:]) @ self.proj], dim=1)  # (B, 1+m, D)
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck; a stride-s block average-pools (anti-aliasing) instead of striding its convolutions."""
+    """ResNet bottleneck; a stride-s block average-pools (anti-aliasing) instead of striding."""
 
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
         self.stride = stride
-        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
         self.downsample = None
-        if stride > 1 or inplanes != planes * 4:           # (pool then) 1x1 conv to match the residual's shape
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4))
+        if stride > 1 or inplanes != planes * 4:           # (pool, then) 1x1 conv to the out shape
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, bias=False),
+                                            nn.BatchNorm2d(planes * 4))
 
     def forward(self, x):                                  # (B, C, H, W) -> (B, 4 planes, H/s, W/s)
         pool = (lambda t: F.avg_pool2d(t, self.stride)) if self.stride > 1 else (lambda t: t)
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = pool(F.relu(self.bn2(self.conv2(out)), inplace=True))
         out = self.bn3(self.conv3(out))
-        out += x if self.downsample is None else self.downsample(pool(x))   # residual (in place: no extra copy)
+        out += x if self.downsample is None else self.downsample(pool(x))  # in place: no extra copy
         return F.relu(out, inplace=True)
 
 
 class AttentionPool2d(nn.Module):
-    """Attention pooling: the mean feature (token 0) attends over all positions. Evaluated with every position as
-    a query too, it gives one output token per position (the image tokens `I = {I^cls, I^1..I^m}` that the WCB
-    re-weights)."""
+    """Attention pooling: the mean feature (token 0) attends over all positions; with every position
+    as a query too, one token per position: the image tokens `I = {I^cls, I^1..I^m}` of the WCB."""
 
     def __init__(self, spacial_dim, embed_dim, num_heads, output_dim):
         super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        pos = torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5
+        self.positional_embedding = nn.Parameter(pos)
         self.k_proj, self.q_proj, self.v_proj = (nn.Linear(embed_dim, embed_dim) for _ in range(3))
         self.c_proj = nn.Linear(embed_dim, output_dim)
         self.num_heads = num_heads
 
-    def forward(self, x, all_tokens=False):               # (B, C, h, w) -> (B, D), or (B, 1+hw, D) with all_tokens
+    def forward(self, x, all_tokens=False):               # (B, C, h, w) -> (B, D) or (B, 1+hw, D)
         x = x.flatten(2).transpose(1, 2)                   # (B, hw, C)
-        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+hw, C)
-        k, v = _heads(self.k_proj(x), self.num_heads), _heads(self.v_proj(x), self.num_heads)    # (B, h, 1+hw, C/h)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)                    # (B, 1+hw, C)
+        x = x + self.positional_embedding.to(x.dtype)
+        k, v = _heads(self.k_proj(x), self.num_heads), _heads(self.v_proj(x), self.num_heads)
 
         def pool(queries):                                 # (B, n, C) -> (B, n, D)
             y = F.scaled_dot_product_attention(_heads(self.q_proj(queries), self.num_heads), k, v)
@@ -257,16 +252,19 @@ class AttentionPool2d(nn.Module):
 
 
 class ModifiedResNet(nn.Module):
-    """ResNet with a 3-conv stem + average pool, anti-aliased strided blocks, and attention pooling on top."""
+    """ResNet with a 3-conv stem + average pool, anti-aliased strided blocks, attention pooling."""
 
     def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
         super().__init__()
         self.input_resolution, self.output_dim = input_resolution, output_dim
-        self.conv1, self.bn1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width // 2)
-        self.conv2, self.bn2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False), nn.BatchNorm2d(width // 2)
-        self.conv3, self.bn3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
         inplanes = width
-        for i, n in enumerate(layers):                     # layer1..layer4: width * (1, 2, 4, 8) planes
+        for i, n in enumerate(layers):                     # layer1..4: width * (1, 2, 4, 8) planes
             planes = width * 2 ** i
             blocks = [Bottleneck(inplanes, planes, stride=1 if i == 0 else 2)]
             blocks += [Bottleneck(planes * 4, planes) for _ in range(n - 1)]
@@ -274,8 +272,8 @@ class ModifiedResNet(nn.Module):
             inplanes = planes * 4
         self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
 
-    def forward(self, x, all_tokens=False):               # (B, 3, H, W) -> (B, D), or (B, 1+hw, D) with all_tokens
-        x = x.contiguous(memory_format=torch.channels_last)   # NHWC convolutions: ~10% faster on CPU (oneDNN)
+    def forward(self, x, all_tokens=False):               # (B, 3, H, W) -> (B, D) or (B, 1+hw, D)
+        x = x.contiguous(memory_format=torch.channels_last)   # NHWC convs: ~10% faster on CPU
         for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
             x = F.relu(bn(conv(x)), inplace=True)
         x = F.avg_pool2d(x, 2)                             # (B, width, H/4, W/4)
@@ -283,24 +281,26 @@ class ModifiedResNet(nn.Module):
         return self.attnpool(x, all_tokens)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # 2. CLIP
 
 class CLIP(nn.Module):
-    """OpenAI's CLIP with the same constructor; vision_layers a tuple of 4 -> ModifiedResNet, an int -> ViT."""
+    """OpenAI's CLIP, same constructor: vision_layers a 4-tuple -> ModifiedResNet, an int -> ViT."""
 
-    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
-                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
+    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width,
+                 vision_patch_size, context_length, vocab_size, transformer_width,
+                 transformer_heads, transformer_layers):
         super().__init__()
         self.embed_dim, self.image_resolution = embed_dim, image_resolution
         self.context_length, self.vocab_size = context_length, vocab_size
-        if isinstance(vision_layers, (tuple, list)):       # 64-dim heads, as OpenAI (max(1, .) for tiny widths)
+        if isinstance(vision_layers, (tuple, list)):       # 64-dim heads as OpenAI (>= 1: tiny)
             self.visual = ModifiedResNet(vision_layers, embed_dim, max(1, vision_width * 32 // 64),
                                          image_resolution, vision_width)
         else:
-            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                            max(1, vision_width // 64), embed_dim)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True)
+            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
+                                            vision_layers, max(1, vision_width // 64), embed_dim)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
+                                       causal=True)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
@@ -334,61 +334,64 @@ class CLIP(nn.Module):
     def encode_image(self, images):                        # (B, 3, H, W) -> (B, D)
         return self.visual(images.to(self.dtype))
 
-    def encode_image_tokens(self, images):                 # (B, 3, H, W) -> (B, 1+m, D), token 0 == encode_image
+    def encode_image_tokens(self, images):                 # (B, 3, H, W) -> (B, 1+m, D), 0 = global
         return self.visual(images.to(self.dtype), all_tokens=True)
 
-    def _text_trunk(self, text):                           # (B, L) ids -> (B, L', W) before ln_final, eot (B,)
-        eot = text.argmax(dim=-1)                          # EOT has the largest id, as OpenAI picks it
-        n = int(eot.max()) + 1                             # causal: tokens after the last EOT change no output
-        x = self.token_embedding(text[:, :n]).to(self.dtype) + self.positional_embedding[:n].to(self.dtype)
-        return self.transformer(x), eot                    # (B, L', W)
+    def _text_trunk(self, text):                           # (B, L) -> (B, L', W) pre-ln_final, (B,)
+        eot = text.argmax(dim=-1)                          # EOT has the largest id (OpenAI's pick)
+        n = int(eot.max()) + 1                             # causal: later tokens change no output
+        x = self.token_embedding(text[:, :n]).to(self.dtype)
+        return self.transformer(x + self.positional_embedding[:n].to(self.dtype)), eot
 
-    def encode_text(self, text):                           # (B, L) -> (B, D) feature of the EOT token
+    def encode_text(self, text):                           # (B, L) -> (B, D) the EOT's feature
         x, eot = self._text_trunk(text)
         return self.ln_final(x[torch.arange(len(x), device=x.device), eot]) @ self.text_projection
 
     def encode_text_tokens(self, text):
-        """(B, L) -> x (B, L', D) every token after ln_final and text_projection, mask (B, L') True up to and
-        including EOT, eot (B,) its position; L' = last EOT of the batch + 1, x[arange(B), eot] == encode_text."""
+        """(B, L) -> x (B, L', D) every token after ln_final and text_projection, mask (B, L') True
+        through EOT, eot (B,); L' = the batch's last EOT + 1, x[arange(B), eot] == encode_text."""
         x, eot = self._text_trunk(text)
         rows = torch.arange(len(x), device=x.device)
         tokens = self.ln_final(x) @ self.text_projection   # (B, L', D)
-        tokens[rows, eot] = self.ln_final(x[rows, eot]) @ self.text_projection   # exactly encode_text's values
-        mask = torch.arange(x.shape[1], device=x.device) <= eot[:, None]         # (B, L')
+        tokens[rows, eot] = self.ln_final(x[rows, eot]) @ self.text_projection  # encode_text's bits
+        mask = torch.arange(x.shape[1], device=x.device) <= eot[:, None]        # (B, L')
         return tokens, mask, eot
 
-    def forward(self, image, text):                        # -> logits (B_img, B_txt), (B_txt, B_img)
+    def forward(self, image, text):                        # -> logits (B_img, B_txt) and transpose
         img = F.normalize(self.encode_image(image), dim=-1)
         txt = F.normalize(self.encode_text(text), dim=-1)
         logits = self.logit_scale.exp() * img @ txt.t()
         return logits, logits.t()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # 3. Loading
 
-_BASE = "https://openaipublic.azureedge.net/clip/models"
-MODEL_URLS = {  # name -> URL; the folder is the file's SHA-256 (tests point names at file:// URLs here)
-    "RN50": f"{_BASE}/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
-    "RN101": f"{_BASE}/8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
-    "RN50x4": f"{_BASE}/7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
-    "RN50x16": f"{_BASE}/52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
-    "RN50x64": f"{_BASE}/be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
-    "ViT-B/32": f"{_BASE}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-    "ViT-B/16": f"{_BASE}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-    "ViT-L/14": f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-    "ViT-L/14@336px": f"{_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+_SHA256 = {  # a released model -> its file's SHA-256, which is also the folder in its URL
+    "RN50": "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+    "RN101": "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
+    "RN50x4": "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
+    "RN50x16": "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa",
+    "RN50x64": "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c",
+    "ViT-B/32": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+    "ViT-B/16": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+    "ViT-L/14": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+    "ViT-L/14@336px": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
 }
-_TEXT = dict(context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2, transformer_layers=4)
-TINY_CONFIGS = {  # random init, for training from scratch on the toy benchmark (heads = width // 64, as inferred)
-    # 48 px in 16-px patches: 3 x 3 patches, one per cell of the toy's scene grid (the 64-px images are resized)
-    "tiny": dict(embed_dim=128, image_resolution=48, vision_layers=4, vision_width=192, vision_patch_size=16, **_TEXT),
-    "tiny-s": dict(embed_dim=128, image_resolution=48, vision_layers=4, vision_width=128, vision_patch_size=16,
-                   **_TEXT),                                # cheaper images: the noise study's grid
-    "tiny-rn": dict(embed_dim=128, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
-                    vision_patch_size=None, **_TEXT),
+MODEL_URLS = {  # name -> URL, e.g. .../{sha}/ViT-L-14-336px.pt (tests point names at file:// URLs)
+    name: f"https://openaipublic.azureedge.net/clip/models/{sha}/"
+          f"{name.replace('/', '-').replace('@', '-')}.pt" for name, sha in _SHA256.items()}
+_TEXT = dict(context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
+             transformer_layers=4)
+_TINY_VIT = dict(embed_dim=128, image_resolution=48, vision_layers=4, vision_patch_size=16, **_TEXT)
+TINY_CONFIGS = {  # random init, to train from scratch on the toy benchmark (heads = width // 64)
+    # 48 px in 16-px patches: 3 x 3 patches, one per cell of the toy's scene grid (64 px, resized)
+    "tiny": dict(_TINY_VIT, vision_width=192),
+    "tiny-s": dict(_TINY_VIT, vision_width=128),          # cheaper images: the noise study's grid
+    "tiny-rn": dict(_TEXT, embed_dim=128, image_resolution=64, vision_layers=(1, 1, 1, 1),
+                    vision_width=16, vision_patch_size=None),
 }
-_ARCHIVE_EXTRAS = ("input_resolution", "context_length", "vocab_size")   # TorchScript attributes, not weights
+_ARCHIVE_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # TorchScript attributes
 
 
 def available_models():
@@ -396,64 +399,65 @@ def available_models():
 
 
 def infer_config(state_dict):
-    """OpenAI-format state dict -> CLIP constructor kwargs, from key names and shapes (as OpenAI's build_model;
-    head counts are not stored: width // 64). Works on shape-only (meta) tensors."""
+    """OpenAI-format state dict -> CLIP constructor kwargs, from key names and shapes (as OpenAI's
+    build_model; head counts are not stored: width // 64). Works on shape-only (meta) tensors."""
     sd = state_dict
 
     def need(*keys):
-        missing = [k for k in keys if k not in sd]
-        if missing:
+        if missing := [k for k in keys if k not in sd]:
             raise ValueError(f"not a CLIP state dict: missing keys {missing}")
 
     need("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight")
     width = sd["ln_final.weight"].shape[0]
-    cfg = dict(embed_dim=sd["text_projection"].shape[1], context_length=sd["positional_embedding"].shape[0],
+    blocks = {k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}
+    cfg = dict(embed_dim=sd["text_projection"].shape[1],
+               context_length=sd["positional_embedding"].shape[0],
                vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=width,
-               transformer_heads=width // 64,
-               transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
+               transformer_heads=width // 64, transformer_layers=len(blocks))
     if "visual.proj" in sd:                                # ViT
         need("visual.conv1.weight", "visual.positional_embedding")
-        conv, grid = sd["visual.conv1.weight"], round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        conv = sd["visual.conv1.weight"]                   # (width, 3, patch, patch)
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in sd)
-        return dict(cfg, image_resolution=conv.shape[-1] * grid, vision_layers=layers, vision_width=conv.shape[0],
-                    vision_patch_size=conv.shape[-1])
+        return dict(cfg, image_resolution=conv.shape[-1] * grid, vision_layers=layers,
+                    vision_width=conv.shape[0], vision_patch_size=conv.shape[-1])
     need("visual.layer1.0.conv1.weight", "visual.attnpool.positional_embedding")
     n_pos = sd["visual.attnpool.positional_embedding"].shape[0]
     grid = round((n_pos - 1) ** 0.5)
     if grid ** 2 + 1 != n_pos:
-        raise ValueError(f"visual.attnpool.positional_embedding has {n_pos} rows, not a square grid + 1")
-    layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}.")}) for b in (1, 2, 3, 4))
+        raise ValueError(f"visual.attnpool.positional_embedding has {n_pos} rows, "
+                         f"not a square grid + 1")
+    layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}.")})
+                   for b in (1, 2, 3, 4))
     return dict(cfg, image_resolution=grid * 32, vision_layers=layers,
                 vision_width=sd["visual.layer1.0.conv1.weight"].shape[0], vision_patch_size=None)
 
 
 def build_clip(state_dict):
-    """OpenAI-format state dict -> CLIP in fp32, eval mode. Built on the meta device and filled with copies of the
-    weights, so no random init is wasted and the model shares no memory with state_dict."""
+    """OpenAI-format state dict -> CLIP in fp32, eval mode. Built on the meta device and filled with
+    copies of the weights: no random init is wasted, and no memory is shared with state_dict."""
     sd = {k: v for k, v in state_dict.items() if k not in _ARCHIVE_EXTRAS}
     with torch.device("meta"):
         model = CLIP(**infer_config(sd))
     expected = model.state_dict().keys()
     missing, unexpected = [k for k in expected if k not in sd], [k for k in sd if k not in expected]
     if missing or unexpected:
-        raise ValueError(f"state dict does not fit the inferred CLIP architecture: {len(missing)} missing keys "
-                         f"{missing[:10]}{' ...' if len(missing) > 10 else ''}, {len(unexpected)} unexpected "
-                         f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-    sd = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in sd.items()}
+        few = ", ".join(f"{len(keys)} {what} {keys[:10]}{' ...' if len(keys) > 10 else ''}"
+                        for what, keys in (("missing keys", missing), ("unexpected", unexpected)))
+        raise ValueError(f"state dict does not fit the inferred CLIP architecture: {few}")
+    sd = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+          for k, v in sd.items()}
     model.load_state_dict(sd, assign=True)
     return model.eval()
 
 
 def _sha256(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _download(url, root):
-    """Fetch url into root (progress bar); the SHA-256 is the URL's folder. One retry on a mismatch."""
+    """Fetch url into root (progress bar), checking the SHA-256 (the URL's folder); one retry."""
     sha, target = url.split("/")[-2], Path(root).expanduser() / url.split("/")[-1]
     if target.is_file():
         if _sha256(target) == sha:
@@ -465,64 +469,57 @@ def _download(url, root):
         try:
             with urllib.request.urlopen(url) as src, open(part, "wb") as dst:
                 size = src.headers.get("Content-Length")
-                with tqdm(total=int(size) if size else None, unit="B", unit_scale=True, desc=target.name) as bar:
+                with tqdm(total=int(size) if size else None, unit="B", unit_scale=True,
+                          desc=target.name) as bar:
                     for chunk in iter(lambda: src.read(1 << 20), b""):
-                        dst.write(chunk)
-                        bar.update(len(chunk))
+                        bar.update(dst.write(chunk))
         except (urllib.error.URLError, OSError) as e:
             part.unlink(missing_ok=True)
-            raise ConnectionError(f"could not download {url} ({e}). Without network, download it by hand and put it "
-                                  f"at {target} (sha256 {sha}), or pass the file's path instead of the name") from None
+            raise ConnectionError(f"could not download {url} ({e}). Without network, download it "
+                                  f"by hand and put it at {target} (sha256 {sha}), or pass the "
+                                  f"file's path instead of the name") from None
         if _sha256(part) == sha:
-            part.replace(target)
-            return target
+            return part.replace(target)
         warnings.warn(f"{target.name}: SHA-256 mismatch after download {attempt + 1} of 2")
     part.unlink(missing_ok=True)
-    raise OSError(f"{url}: the downloaded file's SHA-256 does not match {sha} (twice); check the network/proxy, "
-                  f"or download it by hand to {target}")
+    raise OSError(f"{url}: the downloaded file's SHA-256 does not match {sha} (twice); check the "
+                  f"network/proxy, or download it by hand to {target}")
 
 
 def _read_state_dict(path):
-    """A TorchScript archive (the released .pt files) or a plain state dict (optionally under 'state_dict' /
-    'model') -> dict of tensors."""
-    try:
-        with warnings.catch_warnings():                    # torch.jit is deprecated, but it is the released format
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
-    except Exception:
-        pass
+    """TorchScript archive (released) or state dict (maybe under 'state_dict' / 'model') -> dict."""
+    with suppress(Exception), warnings.catch_warnings():    # jit: deprecated, the released format
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: neither a TorchScript archive nor a state dict torch.load can read "
-                         f"({type(e).__name__}); expected an OpenAI CLIP .pt file or a saved CLIP state_dict") from None
-    for key in ("state_dict", "model"):                   # training checkpoints wrap the weights
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
+        raise ValueError(f"{path}: neither a TorchScript archive nor a state dict torch.load can "
+                         f"read ({type(e).__name__}); expected an OpenAI CLIP .pt file or a saved "
+                         f"CLIP state_dict") from None
+    if isinstance(sd, dict):                               # training checkpoints wrap the weights
+        sd = next((sd[k] for k in ("state_dict", "model") if isinstance(sd.get(k), dict)), sd)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: holds a {type(sd).__name__}, expected a CLIP state dict (parameter name -> "
-                         f"tensor), possibly under 'state_dict' or 'model'")
+        raise ValueError(f"{path}: holds a {type(sd).__name__}, expected a CLIP state dict "
+                         f"(parameter name -> tensor), possibly under 'state_dict' or 'model'")
     return sd
 
 
 def load_clip(name_or_path, device=None, download_root=None):
-    """A released name (downloaded to ~/.cache/clip or download_root), a tiny config name (random init), or a path
-    -> (model in fp32, eval mode, on device; preprocess transform for its resolution)."""
+    """A released name (downloaded to ~/.cache/clip or download_root), a tiny config name (random
+    init) or a path -> (model in fp32, eval mode, on device; preprocess transform for its size)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = str(name_or_path)
     if name in TINY_CONFIGS:
         model = CLIP(**TINY_CONFIGS[name]).eval()
+    elif name not in MODEL_URLS and not Path(name).is_file():
+        raise ValueError(f"unknown CLIP model {name!r} (no such file either); available models: "
+                         f"{', '.join(available_models())}")
     else:
-        if name in MODEL_URLS:
-            path = _download(MODEL_URLS[name], download_root or os.path.expanduser("~/.cache/clip"))
-        elif Path(name).is_file():
-            path = Path(name)
-        else:
-            raise ValueError(f"unknown CLIP model {name!r} (no such file either); available models: "
-                             f"{', '.join(available_models())}")
+        root = download_root or "~/.cache/clip"
+        path = _download(MODEL_URLS[name], root) if name in MODEL_URLS else Path(name)
         try:
             model = build_clip(_read_state_dict(path))
         except ValueError as e:
-            raise ValueError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from None
+            raise ValueError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
     return model.to(device), make_transform("clip", model.image_resolution)

@@ -35,7 +35,7 @@ import runtime
 import util
 import toy
 from encode import Encoder, ImageSource, encode_images
-from model import CIRModel, load_clip
+
 from preprocess import make_transform
 
 
@@ -140,15 +140,9 @@ def main(argv=None):
                          "caption})")
     captions = read_captions(a.captions or Path(root) / "image_captions.json")
 
-    if a.clip:
-        model, transform_name = CIRModel(load_clip(a.clip, device="cpu")[0], wcb=False), None
-    else:
-        ckpt = runtime.load_checkpoint(a.checkpoint)
-        if ckpt["args"]["dataset"] != a.dataset:
-            raise SystemExit(f"error: {a.checkpoint} was trained on {ckpt['args']['dataset']}, not {a.dataset}")
-        model, transform_name = runtime.build_model(ckpt), ckpt["args"].get("transform")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
+    model, run_args, _, _ = runtime.load_model(a.checkpoint, a.clip, a.dataset, device)
+    transform_name = run_args.get("transform")
     preset = runtime.defaults(a.dataset)
     s = argparse.Namespace(**{**vars(preset), "data_root": root, "categories": a.categories, "noise": 0.0,
                               "skip_missing": a.skip_missing})

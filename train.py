@@ -39,16 +39,17 @@ from tqdm import tqdm
 import data
 import evaluate
 import runtime
+import plots
 import util
 import toy
 from encode import Encoder, ImageSource, pair_features
 from loss import info_nce, soft_nce
 from model import CIRModel, load_clip
 from preprocess import make_transform, tokenize
-from nfb import VIEWS, NoiseFilter, pair_views
-from runtime import EVAL_SPLIT, gather_with_grad, merge_losses, rng_state, set_rng_state
+from nfb import NoiseFilter, pair_views
+from runtime import gather_with_grad, rng_state, set_rng_state
 from util import atomic_write, log, strict_json
-from triplets import TripletDataset, subset_rows
+from triplets import TripletDataset
 
 
 # -----------------------------------------------------------------------------
@@ -79,37 +80,33 @@ class Run:
 
 
 def build(args):
-    """The run's state from its settings. The order is the order of the random streams: the same seed gives the
-    same model, data order and soft labels, run after run and after a resume."""
+    """The run's state from its frozen settings (runtime.settings). The order is the order of the random
+    streams: the same seed gives the same model, data order and soft labels, run after run and after a
+    resume."""
     rank, world, device = runtime.setup_distributed()
     for seed in (torch.manual_seed, random.seed, np.random.seed):
         seed(args.seed)
     if args.dataset == "toy":                   # generated once, by rank 0, while the others wait
         if rank == 0:
-            args.data_root = str(toy.toy_root(args.data_root))
+            default = Path(args.data_root) == toy.default_toy_root().resolve()
+            toy.toy_root(None if default else args.data_root)
         if world > 1:
             dist.barrier()
-        args.data_root = str(toy.toy_root(args.data_root))
     train = data.dataset(args, "train")      # the annotations only: no image is read, no model loaded yet
     if args.oracle and not train.noisy.any():
-        sys.exit("error: --oracle trains on the triplets known to be clean, and no training triplet is marked noisy "
-                 "(the triplet format's 'noisy' key) nor corrupted (--noise); add --noise")
+        sys.exit("error: --oracle trains on the triplets known to be clean, and no training triplet is marked "
+                 "noisy (the triplet format's 'noisy' key) nor corrupted (--noise); add --noise")
     if args.oracle:
         log(f"--oracle: training on the {int((~train.noisy).sum())} triplets known to be clean only "
             f"({int(train.noisy.sum())} noisy left out), as many steps as on all {len(train)}")
     if len(train) < args.batch_size:
-        sys.exit(f"error: --batch-size {args.batch_size} is larger than the {len(train)} training triplets: an "
-                 f"epoch would have no step; pass --batch-size {max(2, len(train) // 2)} or less")
-    if ("subset" in args.nfb_views or args.nfb_measure) and subset_rows(train) is None:  # FashionIQ, Shoes
-        args.nfb_views = [v for v in args.nfb_views if v != "subset"]
-        log(f"NFB: {args.dataset} has no subsets (CIRR's img_set): the subset view is left out")
-    out = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()   # working directory's
-    args.out = str(out)
+        sys.exit(f"error: --batch-size {args.batch_size} is larger than the {len(train)} training triplets: "
+                 f"an epoch would have no step; pass --batch-size {max(2, len(train) // 2)} or less")
+    out = Path(args.out)
     resume = runtime.load_checkpoint(args.resume, "--resume") if args.resume else None
     init = resume or (runtime.load_checkpoint(args.init, "--init") if args.init else None)
     model = init_model(args, init).to(device)
     freeze(model, args)
-    args.context_length = model.clip.context_length
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
@@ -119,18 +116,18 @@ def build(args):
     images, val = image_sources(args, enc, train, out / "bank.pt", resume is not None)
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    # one fused kernel for all parameters (CUDA; CPU since torch 2.4): the per-tensor loop was a tenth of a CPU step
+    # one fused kernel for all parameters (CUDA; CPU since torch 2.4): the per-tensor loop was a tenth of a
+    # CPU step
     fused = device.type == "cuda" or device.type == "cpu" and torch.__version__ >= (2, 4)
     opt = torch.optim.AdamW(param_groups(model, args), betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
     steps = min(len(train) // args.batch_size, args.max_steps or math.inf)
     total = max(1, steps * args.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.lr_warmup * total)))
-    nfb = None if args.no_nfb else NoiseFilter(len(train), args.warmup_epochs, args.gmm, gate=args.nfb_gate,
-                                               width=args.nfb_width, views=args.nfb_views, gate_by=args.nfb_gate_by,
-                                               noisy_gt=train.noise_field if train.noisy.any() else None)
-    if nfb is not None:
-        nfb.budget = args.nfb_budget
-    run = Run(args, model, net, opt, sched, scaler, amp, nfb, train, images, val, enc, out, rank, world, device)
+    nfb = None if args.no_nfb else NoiseFilter(
+        len(train), args.warmup_epochs, args.gmm, gate=args.nfb_gate, views=args.nfb_views,
+        noisy_gt=train.noise_field if train.noisy.any() else None)
+    run = Run(args, model, net, opt, sched, scaler, amp, nfb, train, images, val, enc, out, rank, world,
+              device)
     if resume is not None:
         restore(run, resume)
     elif args.stage == 2 and nfb is not None:
@@ -139,16 +136,11 @@ def build(args):
 
 
 def init_model(args, init):
-    """A stage-1 checkpoint (--init, --resume: its architecture and image pipeline win, since SPN's bank must be
-    the stage-1 model's features) or CLIP by name / path with fresh WCB heads."""
+    """A stage-1 checkpoint (--init, --resume: runtime.settings took its architecture and image pipeline,
+    since SPN's bank must be the stage-1 model's features) or CLIP by name / path with fresh WCB heads."""
     if init is None:
         clip, _ = load_clip(args.clip, device="cpu")
         return CIRModel(clip, wcb=not args.no_wcb, n_maps=args.wcb_maps, wcb_hidden=args.wcb_hidden)
-    if init["args"]["dataset"] != args.dataset:
-        sys.exit(f"error: {args.init} was trained on {init['args']['dataset']}, not {args.dataset}; pass "
-                 f"--dataset {init['args']['dataset']} or a {args.dataset} checkpoint")
-    for k in ("clip", "no_wcb", "wcb_maps", "wcb_hidden", "transform", "categories"):
-        setattr(args, k, init["args"][k])
     return runtime.build_model(init)
 
 
@@ -178,7 +170,7 @@ def image_sources(args, enc, train, bank_path, resume):
         images = ImageSource.features(train, enc, images, bank_path, resume)
     elif args.encoder == "text":
         images = ImageSource.tokens(train, enc, images)
-    val = [(name, source(ds), ds) for name, ds in evaluate.eval_sets(args, EVAL_SPLIT[args.dataset])]
+    val = [(name, source(ds), ds) for name, ds in evaluate.eval_sets(args, data.DATASETS[args.dataset].eval_split)]
     log(f"train: {len(train)} triplets over {len(train.images)} images, {int(train.noisy.sum())} noisy")
     return images, val
 
@@ -241,23 +233,22 @@ def carry_over(run, init):
 # one step: batch -> features -> logits -> loss
 
 def train_step(run, batch, w):
-    """One optimizer step on a batch (tokens (B, L), ref, tgt, idx (B,)) with soft labels w (B,) or None. ref and tgt
-    are the image source's inputs (images, or a frozen tower's tokens); in SPN stage 2 ref is f_ref and tgt the
-    targets' row numbers in the bank. Returns the loss and the per-pair l_i (B,) (--nfb-losses train fits the GMM
-    to them)."""
-    a, (tokens, ref, tgt, _), bank = run.args, batch, run.images.bank
+    """One optimizer step on a batch (tokens (B, L), ref, tgt, idx (B,)) with soft labels w (B,) or None.
+    ref and tgt are the image source's inputs (images, or a frozen tower's tokens); in SPN's stage 2 ref is
+    f_ref and tgt the targets' rows in the bank. Returns the loss."""
+    a, (tokens, ref, tgt, _) = run.args, batch
     with run.amp:
-        q, t, pen = run.net(tokens, ref, tgt if bank is None else None)  # q = normalize(f_txt + f_ref), t likewise
-        if bank is None:
+        if run.images.bank is None:
+            q, t, pen = run.net(tokens, ref, tgt)       # q = normalize(f_txt + f_ref), t = normalize(f_tar)
             t_all = gather_with_grad(t)                                         # (W·B, D) the global batch
             pos = torch.arange(len(q), device=q.device) + run.rank * len(q)     # my targets' rows in t_all
-        else:                                            # SPN stage 2: every training image is a negative
-            t_all, pos = bank, tgt                                              # (N, D), (B,) bank rows
+        else:
+            q, t_all, pos, pen = bank_step(run, tokens, ref, tgt)
         if w is None:                                    # L_NCE: logits q t_all / τ
-            l_i = info_nce(q, t_all, a.tau, pos=pos, reduction="none")                     # (B,)
+            loss = info_nce(q, t_all, a.tau, pos=pos)
         else:                                            # L^soft_NCE with the NFB's labels
-            l_i = soft_nce(q, t_all, w, a.tau, pos=pos, soft=a.soft_label, reduction="none")
-        loss = l_i.mean() + a.div_weight * pen
+            loss = soft_nce(q, t_all, w, a.tau, pos=pos, soft=a.soft_label)
+        loss = loss + a.div_weight * pen
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.opt)
@@ -265,22 +256,26 @@ def train_step(run, batch, w):
     run.scaler.step(run.opt)
     run.scaler.update()
     run.sched.step()
-    # the plain l_i under soft labels: only --nfb-losses train reads them (a B x N product in SPN's stage 2)
-    plain = l_i if w is None or a.nfb_losses != "train" else info_nce(q.detach(), t_all.detach(), a.tau, pos=pos,
-                                                                      reduction="none")
-    return loss.item(), plain.detach().float()
+    return loss.item()
+
+
+def bank_step(run, tokens, f_ref, rows):
+    """SPN's more negatives (stage 2): the queries against the static bank of every training image's target
+    feature, computed once by the frozen image side. -> q (B, D), the bank (N, D), pos (B,) the targets'
+    rows in it, the WCB penalty."""
+    q, _, pen = run.net(tokens, f_ref, None)
+    return q, run.images.bank, rows, pen
 
 
 # -----------------------------------------------------------------------------
 # the epoch
 
 def train_epoch(run, epoch):
-    """One pass: the epoch's pairs and soft labels, then train_step on every batch. Returns the log fields and the
-    per-pair losses (n,) of the training pass (NaN where a pair was not seen)."""
+    """One pass: the epoch's pairs and soft labels, then train_step on every batch. Returns the log
+    fields."""
     a, dev = run.args, run.device
     run.model.train()
     keep, w_all = epoch_labels(run, epoch)
-    losses = torch.full((len(run.train),), float("nan"), device=dev)
     total, steps, t_data, t_step = 0.0, 0, 0.0, 0.0
     loader = make_loader(run, epoch, keep=keep)
     bar = tqdm(loader, desc=f"epoch {epoch}", total=min(len(loader), a.max_steps or len(loader)),
@@ -290,8 +285,7 @@ def train_epoch(run, epoch):
         batch = on_device(run, batch)
         idx = batch[3]
         t1 = time.perf_counter()
-        value, plain = train_step(run, batch, None if w_all is None else w_all[idx].to(dev))
-        losses[idx.to(dev)] = plain
+        value = train_step(run, batch, None if w_all is None else w_all[idx].to(dev))
         if not math.isfinite(value):
             raise FloatingPointError(f"epoch {epoch}, step {steps}: the loss is {value}; the run diverged "
                                      f"(lower --lr, or try --amp none). last.pt still holds the previous epoch")
@@ -303,7 +297,7 @@ def train_epoch(run, epoch):
             break
     rec = dict(epoch=epoch, loss=total / max(1, steps), lr=run.sched.get_last_lr()[0], time_data=t_data,
                time_step=t_step)
-    return rec, losses
+    return rec
 
 
 def epoch_labels(run, epoch):
@@ -351,7 +345,8 @@ def make_loader(run, epoch, keep=None):
     # for the cores.
     return DataLoader(ds, batch_size=a.batch_size // world, shuffle=sampler is None, sampler=sampler,
                       num_workers=a.workers if run.images.kind == "files" else 0, generator=g, drop_last=True,
-                      collate_fn=functools.partial(collate, images=run.images, context_length=a.context_length),
+                      collate_fn=functools.partial(collate, images=run.images,
+                                                   context_length=run.model.clip.context_length),
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
@@ -383,33 +378,30 @@ def grouped(idx, groups, g):
 # -----------------------------------------------------------------------------
 # after each epoch: the NFB's refit, validation, the checkpoints
 
-def refit_noise_filter(run, losses, epoch):
-    """NFB: the views of every training pair (of all ranks) -> a GMM per view -> the next epoch's soft labels, the
-    same on every rank. Returns the log fields (nfb_*) and draws the query view's loss histogram."""
-    t, a = time.perf_counter(), run.args
-    views = noise_views(run) if a.nfb_losses == "gallery" or len(a.nfb_views) > 1 or a.nfb_measure else {}
-    if a.nfb_losses == "train":                        # the query view from the training pass's own losses
-        views["query"] = merge_losses(losses)
-    views = {k: v.cpu() for k, v in views.items()}
+def refit_noise_filter(run, epoch):
+    """NFB: the views of every training pair (of all ranks) -> a GMM per view -> the next epoch's soft
+    labels, the same on every rank. Returns the log fields (nfb_*) and draws the query view's loss
+    histogram."""
+    t = time.perf_counter()
+    views = {k: v.cpu() for k, v in noise_views(run).items()}
     stats = run.nfb.update(views, epoch)
     if run.world > 1:                                   # one GMM, the same soft labels on every rank
         w = run.nfb.weights.to(run.device)
         dist.broadcast(w, 0)
         run.nfb.weights = w.cpu()
-    if run.rank == 0 and a.plots:
-        loss_histogram(views["query"], stats, run.out / f"loss_hist_epoch{epoch:03d}.png", epoch,
+    if run.rank == 0:
+        plots.loss_histogram(views["query"], stats, run.out / f"loss_hist_epoch{epoch:03d}.png", epoch,
                        noisy=run.train.noisy if run.train.noisy.any() else None)
     return dict(time_nfb=time.perf_counter() - t, **{f"nfb_{k}": v for k, v in stats.items()})
 
 
 @torch.no_grad()
 def noise_views(run):
-    """The NFB's views of every training pair after the epoch, no grad (nfb.pair_views): {name: (n,) losses} for
-    the views of --nfb-views (with --nfb-measure every view, for the log); the images through the model once, the
-    distinct texts once, each process its share (encode.pair_features)."""
-    a = run.args
+    """The NFB's views of every training pair after the epoch, no grad (nfb.pair_views): {name: (n,)
+    losses} for the views of --nfb-views; the images through the model once, the distinct texts once, each
+    process its share (encode.pair_features)."""
     pf = pair_features(run.enc, run.images, run.train)
-    return pair_views(pf, VIEWS if a.nfb_measure else a.nfb_views, a.tau, a.nfb_text_temp, a.nfb_text_inverted)
+    return pair_views(pf, run.args.nfb_views, run.args.tau)
 
 
 def nfb_line(rec):
@@ -442,59 +434,8 @@ def save_epoch(run, rec):
 # -----------------------------------------------------------------------------
 # plots: a picture of the noise filter's view of the losses, the recall per epoch
 
-def loss_histogram(losses, stats, path, epoch=None, noisy=None):
-    """Histogram of the min-max normalised per-sample losses and the two fitted Gaussians (scaled by their
-    mixing weights), as the GMM saw them. losses (n,) may hold NaN (samples not seen this epoch).
-    noisy (n,) bool, optional: ground truth, drawn as two stacked histograms."""
-    seen = torch.isfinite(losses)                   # NaN: not seen this epoch (as the NFB itself skips them)
-    x = losses[seen].double()
-    if len(x) == 0 or any(math.isnan(m) for m in stats["means"]):
-        return                                       # nothing seen, or the GMM was not fitted (degenerate)
-    x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-12)
-    plt = util.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = 60
-    if noisy is not None:
-        nz = noisy[seen]
-        ax.hist([x[~nz].numpy(), x[nz].numpy()], bins=bins, range=(0, 1), density=True, stacked=True,
-                color=["tab:blue", "tab:red"], alpha=0.6, label=["clean (truth)", "noisy (truth)"])
-    else:
-        ax.hist(x.numpy(), bins=bins, range=(0, 1), density=True, color="tab:gray", alpha=0.6, label="losses")
-    grid = torch.linspace(0, 1, 400, dtype=torch.float64)
-    names = ["clean component", "noisy component"]
-    for k in range(2):
-        m, s, w = (float(stats[key][k]) for key in ("means", "stds", "mix"))
-        pdf = w * torch.exp(-0.5 * ((grid - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
-        ax.plot(grid.numpy(), pdf.numpy(), lw=2, label=f"{names[k]} (μ={m:.2f}, σ={s:.2f}, π={w:.2f})")
-    ax.set_xlabel("per-sample InfoNCE loss (min-max normalised)")
-    ax.set_ylabel("density")
-    ax.set_title("NFB: loss distribution and fitted GMM" + (f", after epoch {epoch}" if epoch is not None else ""))
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-def recall_curves(history, path):
-    """Validation recalls against the epoch: R@K on the left, Rsubset@K (where the dataset has subsets) on the
-    right, each metric its own marker and line style, so that curves near 100% do not hide one another."""
-    epochs = [r["epoch"] for r in history]
-    groups = [[k for k in history[0]["metrics"] if k.startswith(p)] for p in ("R@", "Rsubset@")]
-    groups = [g for g in groups if g]
-    plt = util.pyplot()
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.5), squeeze=False)
-    for ax, keys in zip(axes[0], groups):
-        for j, k in enumerate(keys):
-            ax.plot(epochs, [r["metrics"][k] for r in history], marker="osd^v"[j % 5],
-                    linestyle=("-", "--", ":", "-.")[j % 4], label=k)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("recall (%)")
-        ax.set_title("validation " + ("Recall_subset" if keys[0].startswith("Rsubset") else "Recall"))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
@@ -505,17 +446,16 @@ def main(argv=None):
     a = run.args
     for epoch in range(run.start, a.epochs):
         t = time.perf_counter()
-        rec, losses = train_epoch(run, epoch)
+        rec = train_epoch(run, epoch)
         if run.nfb is not None:
-            rec.update(refit_noise_filter(run, losses, epoch))
+            rec.update(refit_noise_filter(run, epoch))
         # every process encodes its share of the validation images and queries; the metrics are the same on all
         metrics = evaluate.evaluate_sets(run.enc, run.val, a.dataset)
         # metrics["avg"] picks best.pt: CIRR (R@5 + Rsubset@1)/2, FashionIQ (R@10 + R@50)/2, Shoes mean R@1/10/50
         rec.update(metrics=metrics, score=metrics["avg"], time_epoch=time.perf_counter() - t)
         if run.rank == 0:
             run.history.append(rec)
-            if a.plots:
-                recall_curves(run.history, run.out / "recall.png")
+            plots.recall_curves(run.history, run.out / "recall.png")
             save_epoch(run, rec)
             log(f"epoch {epoch}: loss {rec['loss']:.4f} | " + evaluate.format_metrics(metrics)
                 + nfb_line(rec) + f" | {rec['time_epoch']:.0f} s")

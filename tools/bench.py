@@ -1,21 +1,24 @@
-"""Benchmarks behind the README's speed tables. Each prints a small table; ratios are measured within one run.
+"""Benchmarks behind the README's speed tables. Each prints a small table; ratios are measured in
+one run. Speed is checked here, never in the tests. Numbers depend on the machine: the README names
+the one it used.
 
-    python -m tools.bench clip        our CLIP vs OpenAI's reference code, same random weights (CPU fp32)
-    python -m tools.bench data        toy generation, loader throughput (0 / 2 workers), building the val datasets
-    python -m tools.bench method      GMM fit (scikit-learn vs torch EM), soft NCE vs InfoNCE, bank NCE
-    python -m tools.bench train       a toy training step split into data / forward / backward, its FLOP/s against the
-                                machine's fp32 matmul peak, the NFB's share of an epoch (--nfb-losses train vs
-                                gallery), cached vs uncached image tokens (--encoder text)
-    python -m tools.bench retrieval   ranking CIRR's val queries against galleries of 2,297 to 100k images
-    python -m tools.bench memory      peak memory and FLOPs of a real-data training step (RN50x4, ViT-B/32), traced with
-                                fake tensors on the CPU: the GPU recipe's memory estimate
-    python -m tools.bench all         everything (about 10 minutes on 2 cores)
+    python -m tools.bench WHAT
 
-Speed is checked here, never in the tests. Numbers depend on the machine: the README names the one it used.
+    clip       our CLIP vs OpenAI's reference code, same random weights (CPU fp32)
+    data       toy generation, loader throughput (0 / 2 workers), building the val datasets
+    method     GMM fit (scikit-learn vs torch EM), soft NCE vs InfoNCE, bank NCE
+    train      a toy training step split into data / forward / backward, its FLOP/s against the
+               machine's fp32 matmul peak, the NFB's share of an epoch, cached vs uncached image
+               tokens (--encoder text)
+    retrieval  ranking CIRR's val queries against galleries of 2,297 to 100k images
+    memory     peak memory and FLOPs of a real-data training step (RN50x4, ViT-B/32), traced with
+               fake tensors on the CPU: the GPU recipe's memory estimate
+    all        everything (about 10 minutes on 2 cores)
 """
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -37,13 +40,14 @@ import data
 import model as M
 import preprocess as TK
 import runtime
-import util
 import toy
 import train
 from encode import ImageSource
 
-# The real annotation files: the full ones where NCLCIR_ANNOTATIONS names their folder, else the excerpts in testdata/
-ANNOTATIONS = Path(os.environ.get("NCLCIR_ANNOTATIONS") or Path(__file__).resolve().parent.parent / "testdata")
+# The real annotation files: the full ones where NCLCIR_ANNOTATIONS names their folder, else the
+# excerpts in testdata/
+ANNOTATIONS = Path(os.environ.get("NCLCIR_ANNOTATIONS")
+                   or Path(__file__).resolve().parent.parent / "testdata")
 
 
 def _time(fn, reps=1):
@@ -75,24 +79,27 @@ def _table(title, header, rows):
 # -----------------------------------------------------------------------------
 # clip: ours vs OpenAI's reference (targets: ours / reference <= 1.0 for images, <= 0.35 for text)
 
-_TEXT_B = dict(context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+_TEXT_B = dict(context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+               transformer_layers=12)
 ARCHS = {  # the released hyper-parameters (random init: nothing is downloaded)
-    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-                     **_TEXT_B),
+    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=32, **_TEXT_B),
     "RN50": dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
                  vision_patch_size=None, **_TEXT_B),
-    "RN50x4": dict(embed_dim=640, image_resolution=288, vision_layers=(4, 6, 10, 6), vision_width=80,
-                   vision_patch_size=None, **dict(_TEXT_B, transformer_width=640, transformer_heads=10)),
+    "RN50x4": dict(embed_dim=640, image_resolution=288, vision_layers=(4, 6, 10, 6),
+                   vision_width=80, vision_patch_size=None,
+                   **dict(_TEXT_B, transformer_width=640, transformer_heads=10)),
 }
 
 
 def reference_clip():
-    """OpenAI's `clip` package (clip-anytorch). Its __init__ imports pkg_resources only for a version check, and
-    recent setuptools no longer ships pkg_resources: a stand-in is put in place for that import only."""
+    """OpenAI's `clip` package (clip-anytorch). Its __init__ imports pkg_resources only for a
+    version check, and recent setuptools no longer ships pkg_resources: a stand-in takes its place
+    for that import only."""
     shim = "pkg_resources" not in sys.modules
     if shim:
         try:
-            import pkg_resources  # noqa: F401
+            __import__("pkg_resources")
             shim = False
         except ImportError:
             import packaging.version
@@ -109,12 +116,15 @@ def bench_clip(args):
     threads, reps, batch = args.threads, args.reps, args.batch
     torch.set_num_threads(threads)
     clip = reference_clip()
-    caps = [t["caption"] for t in json.loads((ANNOTATIONS / "cirr/captions/cap.rc2.val.json").read_text())]
+    captions = json.loads((ANNOTATIONS / "cirr/captions/cap.rc2.val.json").read_text())
+    caps = [t["caption"] for t in captions]
     text = TK.tokenize(random.Random(0).sample(caps, batch))                 # (B, 77)
     images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    print(f"CLIP forward, CPU fp32, {threads} threads, batch {batch} at 224 px, median of {reps} interleaved runs; "
-          f"text trimmed to {int(text.argmax(-1).max()) + 1} of 77 tokens (other workers may share the CPU)")
-    print(f"{'model':10s} {'part':6s} {'reference s':>12s} {'ours s':>8s} {'ours/ref':>9s} {'max |diff|':>11s}")
+    print(f"CLIP forward, CPU fp32, {threads} threads, batch {batch} at 224 px, median of {reps} "
+          f"interleaved runs; text trimmed to {int(text.argmax(-1).max()) + 1} of 77 tokens (other "
+          "workers may share the CPU)")
+    print(f"{'model':10s} {'part':6s} {'reference s':>12s} {'ours s':>8s} {'ours/ref':>9s} "
+          f"{'max |diff|':>11s}")
     for name, cfg in ((n, ARCHS[n]) for n in ("ViT-B/32", "RN50")):
         torch.manual_seed(0)
         ref = clip.model.CLIP(**cfg).eval()
@@ -131,7 +141,8 @@ def bench_clip(args):
                     t_ours.append(t)
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), f"{name} {part}: outputs differ"
             r, o = statistics.median(t_ref), statistics.median(t_ours)
-            print(f"{name:10s} {part:6s} {r:12.4f} {o:8.4f} {o / r:9.3f} {(a - b).abs().max().item():11.2e}")
+            diff = (a - b).abs().max().item()
+            print(f"{name:10s} {part:6s} {r:12.4f} {o:8.4f} {o / r:9.3f} {diff:11.2e}")
 
 
 # -----------------------------------------------------------------------------
@@ -153,20 +164,22 @@ def bench_data(args):
         t = time.perf_counter()
         root = toy.make_toy(tmp / "toy")                                  # the default sizes
         n_img = sum(1 for _ in root.rglob("*.png"))
-        rows.append((f"toy generation (default sizes, {n_img:,} images)", f"{time.perf_counter() - t:.1f} s"))
+        rows.append((f"toy generation (default sizes, {n_img:,} images)",
+                     f"{time.perf_counter() - t:.1f} s"))
         ds = data.CIRR(root, "train")
         images = ImageSource.files(ds, TK.make_transform("clip", toy.TOY_IMAGE_SIZE))
         for workers in (0, 2):
-            it = iter(DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                                 generator=torch.Generator().manual_seed(0),
+            it = iter(DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                                 drop_last=True, generator=torch.Generator().manual_seed(0),
                                  collate_fn=functools.partial(train.collate, images=images)))
-            next(it)                                                       # workers started: not counted
+            next(it)                                          # workers started: not counted
             t, n = time.perf_counter(), 0
             for _ in range(batches):
                 _, ref, tgt, _ = next(it)
                 n += len(ref) + len(tgt)
             dt = time.perf_counter() - t
-            rows.append((f"toy train loader, {workers} workers, batch {batch}", f"{n / dt:,.0f} images/s"))
+            rows.append((f"toy train loader, {workers} workers, batch {batch}",
+                         f"{n / dt:,.0f} images/s"))
             del it
         png = tmp / "tiny.png"
         Image.new("RGB", (4, 4)).save(png)
@@ -193,10 +206,12 @@ def bench_method(args):
     for n in (30_000, 1_000_000):
         g = torch.Generator().manual_seed(0)
         noisy = torch.rand(n, generator=g) < 0.3
-        losses = torch.where(noisy, 3 + torch.randn(n, generator=g), (torch.randn(n, generator=g) * 0.6).abs())
+        losses = torch.where(noisy, 3 + torch.randn(n, generator=g),
+                             (torch.randn(n, generator=g) * 0.6).abs())
         x = minmax(losses)
         reps = 3 if n < 100_000 else 1
-        ts, tt = _time(lambda: fit_gmm(x, "sklearn"), reps), _time(lambda: fit_gmm(x, "torch"), reps)
+        ts = _time(lambda: fit_gmm(x, "sklearn"), reps)
+        tt = _time(lambda: fit_gmm(x, "torch"), reps)
         dw = (fit_gmm(x, "sklearn")["clean"] - fit_gmm(x, "torch")["clean"]).abs().max().item()
         rows.append((f"{n:,}", f"{ts:.3f}", f"{tt:.3f}", f"{tt / ts:.2f}", f"{dw:.1e}"))
     _table("NFB: 2-component GMM fit on min-max normalised losses (30% noisy)",
@@ -209,7 +224,8 @@ def bench_method(args):
         ti = _time(lambda: info_nce(q, t, 0.01).backward(), 10)
         tsft = _time(lambda: soft_nce(q, t, w, 0.01).backward(), 10)
         rows.append((B, f"{ti * 1e3:.2f}", f"{tsft * 1e3:.2f}", f"{tsft / ti:.2f}"))
-    _table("losses, forward + backward, in-batch, D = 640", ("B", "InfoNCE ms", "soft NCE ms", "soft/InfoNCE"), rows)
+    _table("losses, forward + backward, in-batch, D = 640",
+           ("B", "InfoNCE ms", "soft NCE ms", "soft/InfoNCE"), rows)
     q = F.normalize(torch.randn(256, 640), dim=-1).requires_grad_()
     bank = F.normalize(torch.randn(30_000, 640), dim=-1)
     idx, w = torch.randint(0, 30_000, (256,)), torch.rand(256)
@@ -220,11 +236,12 @@ def bench_method(args):
 
 
 # -----------------------------------------------------------------------------
-# train: where a toy step's time goes, the NFB's overhead, cached image tokens
+# train: where a toy step's time goes, the NFB's share of an epoch, cached image tokens
 
 def matmul_peak():
-    """This machine's fp32 matrix-product rate, FLOP/s: the best of a few square products (1024 to 2048), measured
-    now with the threads the training step gets, so the step's share of it is a ratio within one run."""
+    """This machine's fp32 matrix-product rate, FLOP/s: the best of a few square products (1024 to
+    2048), measured now with the threads the training step gets, so the step's share of it is a
+    ratio within one run."""
     best = 0.0
     for n in (1024, 1536, 2048):
         a, b = torch.randn(n, n), torch.randn(n, n)
@@ -234,12 +251,13 @@ def matmul_peak():
 
 def bench_train(args):
     import evaluate
+    from nfb import VIEWS, NoiseFilter
+    from torch.utils.flop_counter import FlopCounterMode
     steps = args.steps
     out = tempfile.mkdtemp(prefix="bench_train_")
-    run = train.build(runtime.settings(["--out", out, "--max-steps", str(steps), "--no-plots", "--no-nfb"]))
+    run = train.build(runtime.settings(["--out", out, "--max-steps", str(steps), "--no-nfb"]))
     a, n_steps = run.args, len(run.train) // run.args.batch_size
     # FLOPs of one step (matrix products: forward and backward), counted on a real batch
-    from torch.utils.flop_counter import FlopCounterMode
     batch = train.on_device(run, next(iter(train.make_loader(run, 0))))
     with FlopCounterMode(display=False) as fc:
         train.train_step(run, batch, None)
@@ -247,71 +265,71 @@ def bench_train(args):
     peak = matmul_peak()
     train.train_epoch(run, 0)                                                      # warm-up
     t = time.perf_counter()
-    rec, _ = train.train_epoch(run, 1)
+    rec = train.train_epoch(run, 1)
     step = (time.perf_counter() - t) / steps
-    rows = [(k[5:], f"{rec[k] / steps:.3f}", f"{100 * rec[k] / steps / step:.0f}%") for k in ("time_data", "time_step")]
-    _table(f"toy training step (batch {a.batch_size}, {a.clip} CLIP, {torch.get_num_threads()} threads, images "
-           f"decoded once, mean of {steps} steps)", ("part", "s/step", "share"),
+    rows = [(k[5:], f"{rec[k] / steps:.3f}", f"{100 * rec[k] / steps / step:.0f}%")
+            for k in ("time_data", "time_step")]
+    _table(f"toy training step (batch {a.batch_size}, {a.clip} CLIP, {torch.get_num_threads()} "
+           f"threads, images decoded once, mean of {steps} steps)", ("part", "s/step", "share"),
            rows + [("total", f"{step:.3f}", "100%")])
-    _table("the step's arithmetic against this machine's fp32 matmul peak (both measured in this run)",
+    achieved = flops / step
+    _table("the step's arithmetic against this machine's fp32 matmul peak (both measured now)",
            ("GFLOP / step", "achieved GFLOP/s", "matmul peak GFLOP/s", "share of peak"),
-           [(f"{flops / 1e9:.1f}", f"{flops / step / 1e9:.0f}", f"{peak / 1e9:.0f}", f"{100 * flops / step / peak:.0f}%")])
-    # a group batch repeats its reference: the tower sees each distinct image once (model.distinct), or all 2B
+           [(f"{flops / 1e9:.1f}", f"{achieved / 1e9:.0f}", f"{peak / 1e9:.0f}",
+             f"{100 * achieved / peak:.0f}%")])
+    # a group batch repeats its reference: the tower sees each distinct image once (model.distinct)
     share, M.distinct = M.distinct, lambda x: (x, None)
     t = time.perf_counter()
     train.train_epoch(run, 2)
     every = (time.perf_counter() - t) / steps
     M.distinct = share
-    # AdamW over the step's gradients: the per-tensor loop, foreach, one fused kernel (train.py takes fused)
+    # AdamW over the step's gradients: the per-tensor loop, foreach, one fused kernel (train.py's)
     params = [p for g in run.opt.param_groups for p in g["params"]]
-    adam = {kind: _time(lambda o=torch.optim.AdamW(params, **{kind: True} if kind else {}): o.step(), 5)
+    adam = {kind: _time(torch.optim.AdamW(params, **{kind: True} if kind else {}).step, 5)
             for kind in ("", "foreach", "fused")}
+    loop, foreach = step - adam["fused"] + adam[""], step - adam["fused"] + adam["foreach"]
     _table("what makes the step fast (same run)", ("variant", "s/step", "vs this code"),
            [("this code: each distinct image once, fused AdamW", f"{step:.3f}", "1.00x"),
             ("every image of the batch through the tower", f"{every:.3f}", f"{every / step:.2f}x"),
-            ("AdamW as a per-tensor loop instead of fused", f"{step - adam['fused'] + adam['']:.3f}",
-             f"{(step - adam['fused'] + adam['']) / step:.2f}x"),
-            ("AdamW foreach instead of fused", f"{step - adam['fused'] + adam['foreach']:.3f}",
-             f"{(step - adam['fused'] + adam['foreach']) / step:.2f}x")])
-    # the NFB's cost per epoch: the GMM fit alone (losses recorded in the step), or the views after the epoch (a
-    # no-grad pass over every training image and the distinct texts, then the views' matrix products) + the fit
-    from nfb import VIEWS, NoiseFilter
-    nfb = NoiseFilter(len(run.train), 0, a.gmm, gate=a.nfb_gate, width=a.nfb_width)
-    full = torch.randn(len(run.train)).abs()                 # an epoch's worth of per-pair losses
-    t_fit = _time(lambda: nfb.update(full, 1), 3)
+            ("AdamW as a per-tensor loop instead of fused", f"{loop:.3f}", f"{loop / step:.2f}x"),
+            ("AdamW foreach instead of fused", f"{foreach:.3f}", f"{foreach / step:.2f}x")])
+    # the NFB's share of an epoch: the views after the epoch (a no-grad pass over every training
+    # image and the distinct texts, then the views' matrix products) and a GMM per view
     t_val = _time(lambda: evaluate.evaluate_sets(run.enc, run.val, a.dataset))
     epoch = step * n_steps + t_val
-    rows = [("train (recorded in the step; GMM fit only)", f"{t_fit:.3f}", f"{100 * t_fit / epoch:.2f}%")]
+    rows = []
     for views in (["query"], ["query", "text"], list(VIEWS)):
-        a.nfb_views = views
-        t_views = _time(lambda: train.noise_views(run))
-        fits = t_fit * len(views)
-        rows.append((f"gallery, views {' + '.join(views)}", f"{t_views + fits:.1f}",
-                     f"{100 * (t_views + fits) / epoch:.1f}%"))
-    _table(f"NFB per epoch ({n_steps} steps + validation = {epoch:.0f} s)", ("--nfb-losses", "NFB s", "share of epoch"),
-           rows)
-    # --encoder text: the image tower frozen and its tokens computed once, against fine-tuning both towers
+        # the settings are frozen: the views go in through a copy
+        settings = argparse.Namespace(**{**vars(a), "nfb_views": views})
+        viewed = dataclasses.replace(run, args=settings)
+        nfb = NoiseFilter(len(run.train), 0, a.gmm, gate=a.nfb_gate, views=views)
+        t_nfb = _time(lambda: nfb.update(train.noise_views(viewed), 1))
+        rows.append((" + ".join(views), f"{t_nfb:.1f}", f"{100 * t_nfb / epoch:.1f}%"))
+    _table(f"NFB per epoch ({n_steps} steps + validation = {epoch:.0f} s)",
+           ("--nfb-views", "NFB s", "share of epoch"), rows)
+    # --encoder text: the image tower frozen and its tokens computed once, against fine-tuning both
     t = time.perf_counter()
-    run = train.build(runtime.settings(["--out", out, "--max-steps", str(steps), "--no-plots", "--no-nfb",
-                                      "--encoder", "text"]))
+    run = train.build(runtime.settings(["--out", out, "--max-steps", str(steps), "--no-nfb",
+                                        "--encoder", "text"]))
     t_build = time.perf_counter() - t
     train.train_epoch(run, 0)
     t = time.perf_counter()
     train.train_epoch(run, 1)
     text = (time.perf_counter() - t) / steps
-    _table(f"--encoder text, s/step (its setup, decoding the images and caching their tokens: {t_build:.1f} s)",
-           ("fine-tuned", "s/step", "speed-up"),
+    _table(f"--encoder text, s/step (its setup, decoding the images and caching their tokens: "
+           f"{t_build:.1f} s)", ("fine-tuned", "s/step", "speed-up"),
            [("both towers (--encoder both)", f"{step:.3f}", "1.0x"),
-            ("text side, image tokens cached (--encoder text)", f"{text:.3f}", f"{step / text:.1f}x")])
+            ("text side, image tokens cached (--encoder text)", f"{text:.3f}",
+             f"{step / text:.1f}x")])
 
 
 # -----------------------------------------------------------------------------
 # retrieval: chunked ranking
 
 def bench_retrieval(args):
-    """CIRR's val queries (4,181, with reference removal and subsets) against galleries from CIRR val's 2,297
-    images to 100k: the time should grow linearly with the gallery (chunked matrix products, O(chunk x gallery)
-    memory)."""
+    """CIRR's val queries (4,181, with reference removal and subsets) against galleries from CIRR
+    val's 2,297 images to 100k: the time should grow linearly with the gallery (chunked matrix
+    products, O(chunk x gallery) memory)."""
     import evaluate
     rows, base = [], None
     Q = 4181
@@ -319,39 +337,41 @@ def bench_retrieval(args):
         g = torch.Generator().manual_seed(0)
         q, gal = torch.randn(Q, 640, generator=g), torch.randn(G, 640, generator=g)
         names = [f"im{i}" for i in range(G)]
-        subsets = [torch.randperm(G, generator=g)[:6].tolist() for _ in range(Q)]   # reference, target, 4 more
+        # reference, target, 4 more
+        subsets = [torch.randperm(G, generator=g)[:6].tolist() for _ in range(Q)]
         refs, tgts = [names[s[0]] for s in subsets], [names[s[1]] for s in subsets]
         members = [[names[i] for i in s] for s in subsets]
         t = _time(lambda: evaluate.cirr_metrics(q, gal, names, refs, tgts, members))
         base = base or (t, G)
         rows.append((f"{Q:,} x {G:,}", f"{t:.2f}", f"{Q * G / t / 1e6:.0f}", f"{G / base[1]:.1f}x",
                      f"{t / base[0]:.1f}x"))
-    _table("retrieval: CIRR protocol (reference removed, subsets), D = 640, fp32, chunks of 1024 queries",
-           ("queries x gallery", "s", "M pairs/s", "gallery", "time"), rows)
+    _table("retrieval: CIRR protocol (reference removed, subsets), D = 640, fp32, chunks of 1024 "
+           "queries", ("queries x gallery", "s", "M pairs/s", "gallery", "time"), rows)
 
 
 # -----------------------------------------------------------------------------
 # GPU memory and compute of a real-data training step, estimated without a GPU
 
 def _traced_step(cfg, encoder, batch, bf16):
-    """Peak bytes of the second of two training steps (the first creates AdamW's state), and the FLOPs of that step
-    (counted in the fp32 call only: autocast changes dtypes, not FLOPs), for a CIRModel on CLIP(**cfg), traced with
-    fake tensors."""
+    """Peak bytes of the second of two training steps (the first creates AdamW's state), and the
+    FLOPs of that step (counted in the fp32 call only: autocast changes dtypes, not FLOPs), for a
+    CIRModel on CLIP(**cfg), traced with fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
 
     with FakeTensorMode():
         model = M.CIRModel(M.CLIP(**cfg))
-        # MemTracker hooks every parameter, so none is frozen here; with --encoder text the image tower gets no
-        # gradient (cached tokens skip it) and AdamW keeps no state for it, as in training
+        # MemTracker hooks every parameter, so none is frozen here; with --encoder text the image
+        # tower gets no gradient (cached tokens skip it) and AdamW no state for it, as in training
         model.clip.logit_scale.requires_grad_(True)
         opt = torch.optim.AdamW(model.parameters(), foreach=True)
-        res, patch = cfg["image_resolution"], cfg["vision_patch_size"] or 32     # ModifiedResNet: stride 32
+        res = cfg["image_resolution"]
+        patch = cfg["vision_patch_size"] or 32                       # ModifiedResNet: stride 32
         tokens = torch.randint(1, 49407, (batch, 77))
         if encoder == "both":
             images = (torch.randn(batch, 3, res, res), torch.randn(batch, 3, res, res))
-        else:                               # --encoder text: image tokens (B, 1+m, D) from the cache
+        else:                             # --encoder text: image tokens (B, 1+m, D) from the cache
             shape = (batch, 1 + (res // patch) ** 2, cfg["embed_dim"])
             images = (torch.randn(shape), torch.randn(shape))
 
@@ -371,16 +391,19 @@ def _traced_step(cfg, encoder, batch, bf16):
             tracker.reset_mod_stats()
             with flops if not bf16 else contextlib.nullcontext():
                 step()
-    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"], flops.get_total_flops()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    return peak, flops.get_total_flops()
 
 
 def bench_memory(args):
-    """Peak memory and FLOPs of one training step (forward, backward, AdamW) on real-data architectures, traced
-    with fake tensors: every allocation is accounted, nothing is computed, so it runs on a CPU in minutes.
-    Text runs over all 77 positions (the upper bound; real batches stop at their last EOT). Not counted: the CUDA
-    context, cuDNN / cuBLAS workspaces and allocator fragmentation, so a GPU's real peak is somewhat higher."""
-    def text_trunk_all_positions(self, text):   # int(eot.max()) is data-dependent: fake tensors have no data
-        return self.transformer(self.token_embedding(text) + self.positional_embedding), text.argmax(dim=-1)
+    """Peak memory and FLOPs of one training step (forward, backward, AdamW) on real-data
+    architectures, traced with fake tensors: every allocation is accounted, nothing is computed, so
+    it runs on a CPU in minutes. Text runs over all 77 positions (the upper bound; real batches stop
+    at their last EOT). Not counted: the CUDA context, cuDNN / cuBLAS workspaces and allocator
+    fragmentation, so a GPU's real peak is somewhat higher."""
+    def text_trunk_all_positions(self, text):   # int(eot.max()) needs data: fake tensors have none
+        x = self.token_embedding(text) + self.positional_embedding
+        return self.transformer(x), text.argmax(dim=-1)
 
     saved, M.CLIP._text_trunk = M.CLIP._text_trunk, text_trunk_all_positions
     rows = []
@@ -389,26 +412,31 @@ def bench_memory(args):
             for encoder in ("both", "text"):
                 fp32, flops = _traced_step(ARCHS[name], encoder, args.gpu_batch, bf16=False)
                 bf16, _ = _traced_step(ARCHS[name], encoder, args.gpu_batch, bf16=True)
-                rows.append((name, encoder, f"{fp32 / 2**30:.1f}", f"{bf16 / 2**30:.1f}", f"{flops / 1e12:.1f}"))
+                rows.append((name, encoder, f"{fp32 / 2**30:.1f}", f"{bf16 / 2**30:.1f}",
+                             f"{flops / 1e12:.1f}"))
     finally:
         M.CLIP._text_trunk = saved
-    _table(f"one training step, batch {args.gpu_batch} on one GPU, traced with fake tensors (an estimate: "
-           "see bench_memory)", ("CLIP", "--encoder", "peak GiB fp32", "peak GiB bf16 autocast", "TFLOP / step"), rows)
+    _table(f"one training step, batch {args.gpu_batch} on one GPU, traced with fake tensors (an "
+           "estimate: see bench_memory)",
+           ("CLIP", "--encoder", "peak GiB fp32", "peak GiB bf16 autocast", "TFLOP / step"), rows)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="all",
                    choices=["clip", "data", "method", "train", "retrieval", "memory", "all"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5, help="clip: interleaved repetitions (median)")
     p.add_argument("--batch", type=int, default=16, help="clip: batch size")
     p.add_argument("--steps", type=int, default=8, help="train: steps timed")
-    p.add_argument("--models", nargs="+", default=["RN50x4", "ViT-B/32"], choices=list(ARCHS), help="memory: CLIPs")
+    p.add_argument("--models", nargs="+", default=["RN50x4", "ViT-B/32"], choices=list(ARCHS),
+                   help="memory: CLIPs")
     p.add_argument("--gpu-batch", type=int, default=128, help="memory: batch of the traced step")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {a.threads} threads")
-    for name in (["clip", "data", "method", "train", "retrieval", "memory"] if a.what == "all" else [a.what]):
+    names = ["clip", "data", "method", "train", "retrieval", "memory"]
+    for name in (names if a.what == "all" else [a.what]):
         globals()[f"bench_{name}"](a)
         torch.set_num_threads(a.threads)
