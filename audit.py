@@ -335,12 +335,12 @@ def clean_copy(trips, scores, rows, s, out_dir):
               "memory, not the file's own rows; audit with --noise 0 to clean the file")
         return {}
     drop = (scores["w"] < s["clean_below"]).tolist()
-    own = [i for i, t in enumerate(trips.triplets) if "source" in t]
+    own = [i for i, t in enumerate(trips.triplets) if t["source"] is not None]
     keep = [trips.triplets[i]["source"] for i in own if not drop[i]]
     why = ("w", "loss", "rank", "views", "flagged_by")
     removed = [{**trips.triplets[r["index"]]["source"],
                 "audit": {"line": trips.triplets[r["index"]]["line"], **{k: r[k] for k in why}}}
-               for r in rows if drop[r["index"]] and "source" in trips.triplets[r["index"]]]
+               for r in rows if drop[r["index"]] and trips.triplets[r["index"]]["source"] is not None]
     util.atomic_write(out_dir / "clean.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
     util.atomic_write(out_dir / "removed.jsonl", "".join(json.dumps(util.strict_json(r)) + "\n"
                                                              for r in removed))
