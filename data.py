@@ -40,13 +40,20 @@ IMAGE_EXTS = {".png": 0, ".jpg": 1, ".jpeg": 2}  # FashionIQ's copies: .png or .
 @dataclass(frozen=True)
 class Spec:
     """A dataset: its reader, its own splits, the split validation and evaluate.py use, its
-    metrics, whether its queries carry subsets (Recall_subset, partial noise)."""
+    metrics, and what the code asks of it instead of its name."""
     read: Callable          # (settings, split) -> TripletDataset
     splits: tuple
     eval_split: str
     protocol: str           # the metrics: "cirr", "fashioniq", "shoes" or "triplets"
-    subsets: bool
+    subsets: bool           # queries carry subsets: Recall_subset, partial noise, group batches
     make_root: Callable = None  # a generated dataset (the toy): --data-root -> its folder
+    noise: float = 0.0      # --noise when none is given: the toy is a noisy benchmark
+    known_noise: bool = False   # the files mark noisy triplets: --oracle without --noise
+    per_category: bool = False  # FashionIQ: a gallery, and a pool of SPN's pairs, per category
+    own_rows: bool = False  # your own files: --train-file, the audit's clean copy
+    ident: Callable = None  # triplet -> the dataset's own identifier of it (the audit's rows)
+    group: Callable = None  # triplets -> (name, a label per triplet): the audit's breakdown
+    answers: Callable = None    # (test split, root) -> the split with its held-out targets
 
 
 def _given(s, split):
@@ -56,18 +63,37 @@ def _given(s, split):
                 noise=triplets.Noise(s.noise, s.noise_kind, s.seed) if train else None)
 
 
+def _edit_types(trips):
+    def edit(text):
+        try:
+            return toy.edit_type(text)
+        except ValueError:                      # a generated positive's template text
+            return "other"
+    return "edit type", [edit(t["text"]) for t in trips]
+
+
+def _categories(trips):
+    return ("category", [t["category"] for t in trips]) if all(t["category"] for t in trips) else None
+
+
+_PAIR = lambda t: dict(pairid=t["pairid"], subset=t["subset"])     # CIRR's pairid and img_set id
 DATASETS = dict(
     toy=Spec(lambda s, split: CIRR(s.data_root, split, name="toy", **_given(s, split)),
-             CIRR_SPLITS, "val", "cirr", True, make_root=toy.toy_root),
+             CIRR_SPLITS, "val", "cirr", True, make_root=toy.toy_root, noise=0.3, known_noise=True,
+             ident=_PAIR, group=_edit_types, answers=toy.with_answers),
     cirr=Spec(lambda s, split: CIRR(s.data_root, split, **_given(s, split)),
-              CIRR_SPLITS, "val", "cirr", True),
+              CIRR_SPLITS, "val", "cirr", True, ident=_PAIR,
+              group=lambda trips: ("subset", [t["subset"] for t in trips])),
     fashioniq=Spec(lambda s, split: FashionIQ(s.data_root, s.categories, split, **_given(s, split)),
-                   FIQ_SPLITS, "val", "fashioniq", False),
+                   FIQ_SPLITS, "val", "fashioniq", False, per_category=True, group=_categories,
+                   ident=lambda t: dict(category=t["category"], row=t["line"])),
     shoes=Spec(lambda s, split: Shoes(s.data_root, split, **_given(s, split)),
-               SHOES_SPLITS, "test", "shoes", False),           # Shoes has no val split
+               SHOES_SPLITS, "test", "shoes", False,           # Shoes has no val split
+               ident=lambda t: dict(row=t["pairid"])),
     triplets=Spec(lambda s, split: triplets.Triplets(
         s.data_root, split, file=s.train_file if split == "train" else None, **_given(s, split)),
-        triplets.FORMAT_SPLITS, "val", "triplets", True))
+        triplets.FORMAT_SPLITS, "val", "triplets", True, known_noise=True, own_rows=True,
+        ident=_PAIR, group=_categories))
 
 
 def dataset(s, split):
@@ -327,7 +353,7 @@ def main(argv=None):
     python data.py convert --dataset toy --noise 0.3 --out OUT       # 30% corrupted, as 'noisy'""")
     p.add_argument("command", choices=["convert"])
     p.add_argument("--dataset", required=True,
-                   choices=[k for k, d in DATASETS.items() if d.protocol != "triplets"])
+                   choices=[k for k, d in DATASETS.items() if not d.own_rows])
     p.add_argument("--data-root", default=None, help="the dataset's folder (toy: the default set)")
     p.add_argument("--out", required=True, help="the folder for train.jsonl, val.jsonl, test.jsonl")
     p.add_argument("--categories", nargs="+", default=list(FIQ_CATEGORIES))
