@@ -1,16 +1,14 @@
 """The datasets, one reader each (DATASETS), in their official layouts (docs/data.md); a split is a
 triplets.TripletDataset. The toy benchmark (toy.py) is written in CIRR's layout.
-
-- CIRR rc2: <root>/captions/cap.rc2.{train,val,test1}.json, <root>/image_splits/split.rc2.<split>
-  .json ({name: "./dev/dev-244-0-img0.png"}, relative to the image root); images under img_raw/
-  (the release), annotations under cirr/ and images beside it (CLIP4Cir), or flat (the toy).
-- FashionIQ: <root>/captions/cap.{cat}.{split}.json (list of {candidate, target, captions[2]}; test:
-  no target), <root>/image_splits/split.{cat}.{split}.json (names), <root>/images/<name>.png|jpg.
-- Shoes: <root>/relative_captions_shoes.json (list of {ImageName (target), ReferenceImageName,
-  RelativeCaption}), <root>/{train,eval}_im_names.txt (splits "train", "test"), or all in
-  <root>/dataset/; images found by name: the Attribute Discovery archive's womens_<category>/<0|1>/
-  <name>.jpg below <root>, maybe under one more folder (attributedata/), or flat.
-"""
+- CIRR rc2: captions/cap.rc2.<split>.json and image_splits/split.rc2.<split>.json ({name:
+  "./dev/dev-244-0-img0.png"}, relative to the image root); images in img_raw/ (the release),
+  annotations in cirr/ and images beside it (CLIP4Cir's copy), or all flat (the toy).
+- FashionIQ: captions/cap.<cat>.<split>.json ([{candidate, target, captions[2]}]; test: no target),
+  image_splits/split.<cat>.<split>.json (names), images/<name>.png|jpg.
+- Shoes: relative_captions_shoes.json ([{ImageName (target), ReferenceImageName, RelativeCaption}]),
+  {train,eval}_im_names.txt (splits train, test), in the root or dataset/; images found by name:
+  womens_<category>/<0|1>/<name>.jpg (the Attribute Discovery archive), maybe under a top folder
+  (attributedata/), or flat."""
 import json
 import os
 import sys
@@ -24,7 +22,7 @@ import torch
 import toy
 import triplets
 import util
-from triplets import NOISE_FIELDS, TripletDataset, _read_json, make_triplet
+from triplets import NOISE_FIELDS, TripletDataset, _read_json, as_row, make_triplet
 
 CIRR_SPLITS = ("train", "val", "test1")
 FIQ_SPLITS = ("train", "val", "test")
@@ -35,7 +33,6 @@ SHOES_SPLIT_FILES = {"train": "train_im_names.txt", "test": "eval_im_names.txt"}
 SHOES_KEYS = ("ReferenceImageName", "ImageName", "RelativeCaption")  # reference, target, text
 SHOES_DEPTH = 4  # folders searched below the root: <top>/womens_<cat>/<0|1>/ is 3, one for slack
 IMAGE_EXTS = {".png": 0, ".jpg": 1, ".jpeg": 2}  # FashionIQ's copies: .png or .jpg; the first wins
-
 
 @dataclass(frozen=True)
 class Spec:
@@ -55,13 +52,11 @@ class Spec:
     group: Callable = None  # triplets -> (name, a label per triplet): the audit's breakdown
     answers: Callable = None    # (test split, root) -> the split with its held-out targets
 
-
 def _given(s, split):
     """What every reader takes from the settings: skip_missing; for training, noise and extras."""
     train = split == "train"
     return dict(skip_missing=s.skip_missing, extra_triplets=s.extra_triplets if train else None,
                 noise=triplets.Noise(s.noise, s.noise_kind, s.seed) if train else None)
-
 
 def _edit_types(trips):
     def edit(text):
@@ -71,36 +66,31 @@ def _edit_types(trips):
             return "other"
     return "edit type", [edit(t["text"]) for t in trips]
 
-
 def _categories(trips):
-    return ("category", [t["category"] for t in trips]) if all(t["category"] for t in trips) else None
-
+    cats = [t["category"] for t in trips]
+    return ("category", cats) if all(cats) else None
 
 _PAIR = lambda t: dict(pairid=t["pairid"], subset=t["subset"])     # CIRR's pairid and img_set id
 DATASETS = dict(
     toy=Spec(lambda s, split: CIRR(s.data_root, split, name="toy", **_given(s, split)),
              CIRR_SPLITS, "val", "cirr", True, make_root=toy.toy_root, noise=0.3, known_noise=True,
              ident=_PAIR, group=_edit_types, answers=toy.with_answers),
-    cirr=Spec(lambda s, split: CIRR(s.data_root, split, **_given(s, split)),
-              CIRR_SPLITS, "val", "cirr", True, ident=_PAIR,
-              group=lambda trips: ("subset", [t["subset"] for t in trips])),
+    cirr=Spec(lambda s, split: CIRR(s.data_root, split, **_given(s, split)), CIRR_SPLITS, "val",
+              "cirr", True, ident=_PAIR, group=lambda ts: ("subset", [t["subset"] for t in ts])),
     fashioniq=Spec(lambda s, split: FashionIQ(s.data_root, s.categories, split, **_given(s, split)),
                    FIQ_SPLITS, "val", "fashioniq", False, per_category=True, group=_categories,
                    ident=lambda t: dict(category=t["category"], row=t["line"])),
-    shoes=Spec(lambda s, split: Shoes(s.data_root, split, **_given(s, split)),
-               SHOES_SPLITS, "test", "shoes", False,           # Shoes has no val split
-               ident=lambda t: dict(row=t["pairid"])),
+    shoes=Spec(lambda s, split: Shoes(s.data_root, split, **_given(s, split)), SHOES_SPLITS,
+               "test", "shoes", False, ident=lambda t: dict(row=t["pairid"])),  # no val split
     triplets=Spec(lambda s, split: triplets.Triplets(
         s.data_root, split, file=s.train_file if split == "train" else None, **_given(s, split)),
         triplets.FORMAT_SPLITS, "val", "triplets", True, known_noise=True, own_rows=True,
         ident=_PAIR, group=_categories))
 
-
 def dataset(s, split):
     """The split of the dataset the settings s name (dataset, data_root, categories, skip_missing;
     for the training split also noise, noise_kind, seed, extra_triplets, train_file)."""
     return DATASETS[s.dataset].read(s, split)
-
 
 # -----------------------------------------------------------------------------
 # the readers
@@ -144,23 +134,19 @@ class CIRR(TripletDataset):
                     raise ValueError(f"CIRR: image {n!r} (pair {r.get('pairid')}) of {ann / cap} "
                                      f"is not in {ann / spl}")
             trips.append(make_triplet(r["reference"], tgt, r["caption"], pairid=r.get("pairid"),
-                                      members=list(members) if members else None,
-                                      subset=img_set.get("id"), line=i))
+                                      members=members or None, subset=img_set.get("id"), line=i))
             noisy.append(NOISE_FIELDS.index("target") if r.get("noisy") else 0)  # the toy's truth
         paths = {n: img_root / os.path.normpath(r) for n, r in rel.items()}
         self._setup(name, root, split, (list(rel), paths, trips, noisy), **opts)
 
-
 def fiq_text(captions, draw=False):
-    """FashionIQ's text: "c0 and c1", each stripped of '.?, ' (an empty one left out); for training
-    (draw) "c0 and c1", "c1 and c0", "c0" or "c1", uniformly with torch's RNG (so that DataLoader
-    workers and torch.manual_seed govern it)."""
+    """FashionIQ's text: "c0 and c1", each stripped of '.?, ' (empty ones out); for training (draw)
+    "c0 and c1", "c1 and c0", "c0" or "c1", uniformly by torch's RNG, so that DataLoader workers
+    and torch.manual_seed govern it."""
     cs = [c for c in (c.strip(".?, ") for c in captions) if c]
     if not draw or len(cs) < 2:
         return " and ".join(cs)
-    c0, c1 = cs[0], cs[1]
-    return (f"{c0} and {c1}", f"{c1} and {c0}", c0, c1)[int(torch.randint(4, ()))]
-
+    return (f"{cs[0]} and {cs[1]}", f"{cs[1]} and {cs[0]}", cs[0], cs[1])[int(torch.randint(4, ()))]
 
 class FashionIQ(TripletDataset):
     """FashionIQ, one or more categories (evaluation: one each). Annotations in <root> or
@@ -182,11 +168,9 @@ class FashionIQ(TripletDataset):
                          f"{', '.join(need)} in {root} (or {root / 'fashionIQ_dataset'}). Point "
                          f"--data-root at the dataset folder.")
         img_dirs = list(dict.fromkeys([ann / "images", root / "images"]))
-        img_dir = next((d for d in img_dirs if d.is_dir()), None)
-        if img_dir is None:
-            raise FileNotFoundError(f"FashionIQ: annotations found in {ann}, but no image folder: "
-                                    f"expected {' or '.join(map(str, img_dirs))} holding "
-                                    f"<name>.png or <name>.jpg")
+        img_dir = _first_dir(img_dirs, [], f"FashionIQ: annotations found in {ann}, but no image "
+                             f"folder: expected {' or '.join(map(str, img_dirs))} holding "
+                             f"<name>.png or <name>.jpg")
         self.category_images, trips = {}, []
         for c in categories:
             names = _read_json(ann / f"image_splits/split.{c}.{split}.json")
@@ -221,13 +205,12 @@ class FashionIQ(TripletDataset):
     def _text(self, t):
         return fiq_text(t["captions"], draw=True) if self.random_text else t["text"]
 
-
 class Shoes(TripletDataset):
-    """Shoes (Guo et al., NeurIPS 2018; images of Berg et al., 2010), NCL-CIR's second benchmark. No
-    val split: its papers, and validation here, use test. A triplet is in the split holding both its
-    images (8,990 train, 1,761 test); a repeated row is kept once; a row whose reference is its
-    target is kept and counted (.n_self_pairs: the protocol ranks without the reference, so it
-    always misses). .images: the split file's names (the test gallery: all 4,658 eval images)."""
+    """Shoes (Guo et al., NeurIPS 2018; images of Berg et al., 2010), NCL-CIR's second benchmark; no
+    val split (its papers, and validation here, use test). A triplet is in the split holding both
+    its images (8,990 train, 1,761 test); a repeated row is kept once, a self-pair kept and counted
+    (.n_self_pairs: ranked without its reference, it always misses). .images: the split file's
+    names (the test gallery: all 4,658 eval images)."""
 
     def __init__(self, root, split="train", **opts):
         root = Path(root).expanduser()
@@ -251,9 +234,8 @@ class Shoes(TripletDataset):
             raise ValueError(f"{ann / SHOES_CAPTIONS}: expected a JSON list of {{ImageName, "
                              f"ReferenceImageName, RelativeCaption}} rows (the release's format); "
                              f"re-download it")
-        for i, r in enumerate(rows):                            # a row repeated exactly: kept once
-            ref, tgt, text = (r[k] for k in SHOES_KEYS)
-            first.setdefault((ref, tgt, str(text).strip()), i)
+        for i, (ref, tgt, text) in enumerate([r[k] for k in SHOES_KEYS] for r in rows):
+            first.setdefault((ref, tgt, str(text).strip()), i)  # a row repeated exactly: kept once
         trips = [make_triplet(ref, tgt, text, pairid=i, line=i)
                  for (ref, tgt, text), i in first.items() if ref in in_split and tgt in in_split]
         across = sum((ref in in_split) != (tgt in in_split) for ref, tgt, _ in first)  # none
@@ -282,7 +264,6 @@ class Shoes(TripletDataset):
         self._setup("Shoes", root, split, (names, paths, trips, [0] * len(trips)), **opts)
         self.n_self_pairs = sum(t["reference"] == t["target"] for t in self.triplets)
 
-
 def _shoes_layout(root, paths):
     """The folder layout most of the found images are in, named for the log line."""
     def kind(folders):
@@ -294,14 +275,13 @@ def _shoes_layout(root, paths):
         return "custom layout"
     return Counter(kind(p.relative_to(root).parts[:-1]) for p in paths).most_common(1)[0][0]
 
-
 def _first_dir(candidates, needed, error):
     """The first candidate folder holding all `needed` relative files; none: FileNotFoundError."""
-    found = next((d for d in candidates if all((d / f).is_file() for f in needed)), None)
+    found = next((d for d in candidates if d.is_dir() and all((d / f).is_file() for f in needed)),
+                 None)
     if found is None:
         raise FileNotFoundError(error)
     return found
-
 
 def _find_files(root, wanted, depth, stems=False):
     """{name: Path} of the files named in `wanted` (stems: images named without extension) up to
@@ -326,7 +306,6 @@ def _find_files(root, wanted, depth, stems=False):
                 queue.append((e.path, d + 1))
     return found
 
-
 # -----------------------------------------------------------------------------
 # python data.py convert: a dataset in the triplet format
 
@@ -339,12 +318,10 @@ def convert(s, out, splits=None):
         ds = spec.read(s, split)
         name = "val" if split == spec.eval_split else split.removesuffix("1")  # CIRR's test1
         rel = {n: os.path.relpath(p, out) for n, p in ds.paths.items()}
-        noise = ds.noise_field.tolist()
-        rows = [triplets.as_row(t, f, rel.get) for t, f in zip(ds.triplets, noise)]
+        rows = [as_row(t, f, rel.get) for t, f in zip(ds.triplets, ds.noise_field.tolist())]
         util.atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         written[name] = len(rows)
     return written
-
 
 def main(argv=None):
     p = util.ArgumentParser("""Data tools: a dataset in the triplet format (train.jsonl, val.jsonl).
@@ -376,7 +353,6 @@ def main(argv=None):
           f"{a.dataset}" + (f" (its {a.noise:.0%} injected noise is in train.jsonl's 'noisy' key)"
                             if a.noise else ""))
     return written
-
 
 if __name__ == "__main__":
     try:

@@ -1,15 +1,13 @@
 """Features, computed in one place: every image of a split through the image tower once (both roles
-from one pass), the distinct texts once, then the queries. Under torchrun each process encodes its
-share and every process gets all rows. An ImageSource turns image indices (into a split's .images)
-into the model's input, wherever the images are:
+in one pass), the distinct texts once, then the queries; under torchrun each process encodes its
+share and every process gets all rows. An ImageSource turns the image indices of an item (ref
+index, text, target index, i) into the model's input, wherever the images are:
     files     read and transformed from disk by the loader's workers (real data)
     pixels    decoded once into a uint8 tensor (--cache-images; the toy): no file is opened again
     tokens    a frozen image tower's tokens, computed once (--encoder text): steps cost texts only
     features  SPN stage 2: every image's reference feature f_ref, and the bank of normalised targets
-A dataset item is always (ref index, text, target index, i); `load` runs in the loader's workers
-(files: the images; otherwise the indices) and `inputs` gives the model its input on the device.
-A folder of images is a gallery too (evaluate.py --query --gallery DIR): folder_features encodes it
-once and caches the features while the folder and the model are unchanged.
+A folder of images is a gallery too (search.py): folder_features encodes it once, cached while the
+folder and the model stay the same.
 """
 
 import hashlib
@@ -34,12 +32,10 @@ from model import compose
 from preprocess import normalize_pixels, tokenize
 from nfb import PairFeatures
 
-
 @dataclass
 class Encoder:
-    """How features are computed: the model, batch size, device, loader workers, autocast. Under
-    torchrun (world > 1) each rank encodes a contiguous share of the images or queries and the rows
-    are gathered: every rank ends with all of them, in order, in 1/world of the time."""
+    """How features are computed: model, batch size, device, loader workers, autocast. Under
+    torchrun (world > 1) each rank encodes a contiguous share; every rank gets all rows in order."""
     model: nn.Module
     batch_size: int = 128
     device: torch.device = torch.device("cpu")
@@ -51,7 +47,6 @@ class Encoder:
     def share(self, n):
         """This rank's rows of n: a contiguous range (every row, in one process)."""
         return torch.tensor_split(torch.arange(n), self.world)[self.rank]
-
 
 class ImageSource:
     """A split's images by index (ds.images order): files, pixels, tokens or SPN's features."""
@@ -68,9 +63,8 @@ class ImageSource:
     @classmethod
     def pixels(cls, ds, transform, workers=0, rank=0):
         """Every image decoded once, (N, 3, H, W) uint8: transform must end in uint8."""
-        t = time.perf_counter()
-        files = cls.files(ds, transform)
-        pixels = torch.cat(list(_batches(files, range(len(ds.images)), 256, workers)))
+        t, load = time.perf_counter(), cls.files(ds, transform).load
+        pixels = torch.cat(list(_batches(load, list(range(len(ds.images))), 256, workers)))
         if pixels.dtype != torch.uint8:
             raise ValueError("ImageSource.pixels needs a uint8 transform: "
                              "preprocess.make_transform(..., pixels=True)")
@@ -80,8 +74,7 @@ class ImageSource:
 
     @classmethod
     def tokens(cls, ds, enc, images):
-        """--encoder text: every image's tokens (N, 1+m, D) fp16, computed once from `images` (files
-        or pixels of this split): with the tower frozen they never change."""
+        """--encoder text: the tokens (N, 1+m, D) fp16 of `images` (files, pixels), once: frozen."""
         t = time.perf_counter()
         tok = encode_images(enc, images, tokens=True).half().cpu()
         util.log(f"cached image tokens {tuple(tok.shape)} fp16, {tok.numel() * 2 / 2**20:.0f} MiB, "
@@ -101,8 +94,7 @@ class ImageSource:
         if enc.rank == 0:
             util.atomic_write(path, {"ref": f_ref.cpu(), "bank": bank.cpu()})
         util.log(f"SPN bank: {len(bank)} training images x {bank.shape[1]} dims, "
-                 f"{bank.numel() * bank.element_size() / 2**20:.1f} MiB per process (every rank "
-                 f"holds it all), {time.perf_counter() - t:.1f} s")
+                 f"{bank.nbytes / 2**20:.1f} MiB on every rank, {time.perf_counter() - t:.1f} s")
         return cls(ds, "features", cache=f_ref.cpu(), bank=bank.to(enc.device))
 
     def load(self, idx):
@@ -112,38 +104,33 @@ class ImageSource:
         return torch.stack([self.transform(load_image(self.paths[self.images[i]])) for i in idx])
 
     def inputs(self, x, device, role="ref"):
-        """What `load` gave -> the model's input on the device: images (B, 3, H, W), tokens
-        (B, 1+m, D), or in SPN stage 2 f_ref (B, D) for references and the targets' bank rows. The
-        caches stay in CPU memory: only the batch's rows move (uint8 pixels: 4x less to copy)."""
+        """What `load` gave -> the model's input on the device: images (B, 3, H, W), tokens (B, 1+m,
+        D), SPN's f_ref (B, D) or bank rows. Only a batch's rows leave the CPU (uint8: 4x less)."""
         nb = device.type == "cuda"
         if self.kind == "files" or self.kind == "features" and role == "tgt":
             return x.to(device, non_blocking=nb)
         rows = self.cache[x].to(device, non_blocking=nb)
         return normalize_pixels(rows) if self.kind == "pixels" else rows.float()
 
-
-def _batches(source, rows, batch_size, workers):
-    """source.load over `rows` in batches: files in the loader's workers, caches directly (nothing
-    to read, and a loader would draw from the global random stream)."""
-    rows = list(rows)
+def _batches(load, rows, batch_size, workers):
+    """load over the list `rows` in batches, in a loader's workers; workers None: directly, for
+    caches (nothing to read, and a loader would draw from the global random stream)."""
     chunks = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
-    if source.kind != "files":
-        return map(source.load, chunks)
-    return DataLoader(chunks, batch_size=None, num_workers=workers, collate_fn=source.load,
+    if workers is None:
+        return map(load, chunks)
+    return DataLoader(chunks, batch_size=None, num_workers=workers, collate_fn=load,
                       pin_memory=torch.cuda.is_available())
-
 
 @torch.no_grad()
 def encode_images(enc, source, tokens=False):
-    """Every image of a source through the model once -> (f_ref (N, D), f_tar (N, D)) in .images
-    order, each image's reference- and target-role WCB features (features: f_ref and the bank); or,
-    with tokens=True, the tokens (N, 1+m, D)."""
+    """Every image of a source through the model once -> its reference- and target-role WCB features
+    (f_ref, f_tar (N, D), .images order; SPN: f_ref and the bank), or tokens=True: (N, 1+m, D)."""
     model = enc.model.eval()
     if source.kind == "features":                # f_ref lives in CPU memory, the bank on the device
         return source.cache.to(enc.device), source.bank
-    n = len(source.images)
+    n, workers = len(source.images), enc.workers if source.kind == "files" else None
     out = []
-    for x in _batches(source, enc.share(n).tolist(), enc.batch_size, enc.workers):
+    for x in _batches(source.load, enc.share(n).tolist(), enc.batch_size, workers):
         with enc.amp or nullcontext():
             x = source.inputs(x, enc.device)
             tok = x if source.kind == "tokens" else model.image_tokens(x)          # (B, 1+m, D)
@@ -154,20 +141,17 @@ def encode_images(enc, source, tokens=False):
     out = runtime.gather_rows(torch.cat(out, dim=1).transpose(0, 1), n)                  # (N, 2, D)
     return out[:, 0].contiguous(), out[:, 1].contiguous()
 
-
 @torch.no_grad()
 def encode_texts(enc, texts):
     """f_txt (Q, D) fp32, the WCB-compensated text feature of every text (list of str)."""
     model = enc.model.eval()
-    rows = enc.share(len(texts)).tolist()
+    mine = [texts[i] for i in enc.share(len(texts)).tolist()]
     out = []
-    for s in range(0, len(rows), enc.batch_size):
-        batch = [texts[i] for i in rows[s:s + enc.batch_size]]
-        tokens = tokenize(batch, model.clip.context_length, truncate=True).to(enc.device)
+    for s in range(0, len(mine), enc.batch_size):
+        tokens = tokenize(mine[s:s + enc.batch_size], model.clip.context_length, truncate=True)
         with enc.amp or nullcontext():
-            out.append(model.text_features(tokens)[0].float())
+            out.append(model.text_features(tokens.to(enc.device))[0].float())
     return runtime.gather_rows(torch.cat(out), len(texts))
-
 
 def check_finite(*feats):
     """NaN compares false with everything, so NaN features would rank every target first."""
@@ -175,43 +159,35 @@ def check_finite(*feats):
         raise ValueError("non-finite (NaN/inf) features: the model diverged; lower the learning "
                          "rate or use --amp none / fp32")
 
-
 @torch.no_grad()
 def query_features(enc, source, trips):
     """Query features (Q, D) and normalised target-role image features (N, D) of a triplet set."""
     f_ref, f_tar = encode_images(enc, source)
     f_txt = encode_texts(enc, [t["text"] for t in trips.triplets])                     # (Q, D)
-    q = compose(f_txt, f_ref[trips.ref_idx].float())
-    return q, F.normalize(f_tar.float(), dim=-1)
-
+    return compose(f_txt, f_ref[trips.ref_idx].float()), F.normalize(f_tar.float(), dim=-1)
 
 @torch.no_grad()
 def pair_features(enc, source, trips):
-    """nfb.PairFeatures of every triplet of `trips` and its split's images: the images encoded once
-    (both roles), the distinct texts once."""
+    """nfb.PairFeatures of every triplet: its split's images encoded once, distinct texts once."""
     f_ref, f_tar = encode_images(enc, source)
     texts = [t["text"] for t in trips.triplets]
-    distinct = list(dict.fromkeys(texts))
-    row = {x: k for k, x in enumerate(distinct)}
-    f_txt, gallery = encode_texts(enc, distinct), F.normalize(f_tar.float(), dim=-1)
+    row = {x: k for k, x in enumerate(dict.fromkeys(texts))}             # distinct texts, in order
+    f_txt, gallery = encode_texts(enc, list(row)), F.normalize(f_tar.float(), dim=-1)
     return PairFeatures(f_txt=f_txt, text_idx=torch.tensor([row[x] for x in texts]),
                         f_ref=f_ref[trips.ref_idx].float(), gallery=gallery, tgt_idx=trips.tgt_idx,
                         ref_idx=trips.ref_idx)
-
 
 # -----------------------------------------------------------------------------
 # a folder of images as a gallery: its features computed once, kept while the folder and model stay
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
-
 def scan_folder(folder):
-    """Every image file below `folder` (any depth, hidden folders skipped): sorted [(path relative
-    to folder, size, mtime_ns)]."""
+    """Image files below `folder` (any depth, not hidden) -> sorted [(relpath, size, mtime_ns)]."""
     out, todo = [], [Path(folder)]
     while todo:
         with os.scandir(todo.pop()) as it:
-            for e in (e for e in it if not e.name.startswith(".")):  # hidden ones skipped
+            for e in (e for e in it if not e.name.startswith(".")):
                 if e.is_dir():
                     todo.append(Path(e.path))
                 elif os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES:
@@ -219,14 +195,13 @@ def scan_folder(folder):
                     out.append((os.path.relpath(e.path, folder), st.st_size, st.st_mtime_ns))
     return sorted(out)
 
-
-def _read_folder(paths, transform, names):
-    """A loader's collate for a folder: names -> (images (B, 3, H, W), readable (B,) bool); an
-    unreadable file becomes a zero image, marked False: one bad file does not stop the gallery."""
+def _read_folder(folder, transform, names):
+    """A loader's collate: names -> (images (B, 3, H, W), readable (B,) bool); an unreadable file
+    becomes a zero image, marked False: one bad file does not stop the gallery."""
     images = []
     for n in names:
         try:
-            images.append(transform(load_image(paths[n])))
+            images.append(transform(load_image(Path(folder) / n)))
         except OSError:
             images.append(None)
     ok = torch.tensor([x is not None for x in images])
@@ -235,36 +210,15 @@ def _read_folder(paths, transform, names):
     blank = torch.zeros_like(images[int(ok.nonzero()[0])])
     return torch.stack([blank if x is None else x for x in images]), ok
 
-
-@torch.no_grad()
-def _encode_folder(enc, paths, names, transform):
-    """A folder's target-role features (N, D) in `names` order, and which were readable (N,)."""
-    model = enc.model.eval()
-    chunks = [names[s:s + enc.batch_size] for s in range(0, len(names), enc.batch_size)]
-    loader = DataLoader(chunks, batch_size=None, num_workers=enc.workers,
-                        collate_fn=partial(_read_folder, paths, transform))
-    feats, ok = [], []
-    for x, good in loader:
-        if x is None:                                    # not one readable image in the batch
-            feats.append(torch.zeros(len(good), enc.model.clip.embed_dim))
-        else:
-            with enc.amp or nullcontext():
-                tok = model.image_tokens(x.to(enc.device))                       # (B, 1+m, D)
-                feats.append(model.image_features(tok, "tar")[0].float().cpu())
-        ok.append(good)
-    return torch.cat(feats), torch.cat(ok)
-
-
 @torch.no_grad()
 def folder_features(enc, folder, transform, model_id, cache_dir):
     """Every readable image below `folder` -> (names (relative paths), f_tar (N, D) normalised,
-    skipped, the cache file, whether it was read): read from `cache_dir` when the same model
-    (model_id identifies its weights) saw the same files (names, sizes, times), else computed and
-    saved there atomically. skipped: unreadable files, kept out so a replaced one is read again."""
+    skipped, the cache file, whether it was read): from `cache_dir` when the same model (model_id)
+    saw the same files (names, sizes, times), else computed and saved there atomically. skipped:
+    unreadable files, kept out so a replaced one is read again."""
     listing = scan_folder(folder)
     if not listing:
-        raise FileNotFoundError(f"--gallery {folder}: no image ({', '.join(IMAGE_SUFFIXES)}) "
-                                f"in it or below it")
+        raise FileNotFoundError(f"--gallery {folder}: no {'/'.join(IMAGE_SUFFIXES)} image below it")
     where = Path(folder).resolve()
     key = hashlib.sha256(json.dumps([model_id, str(where), listing]).encode()).hexdigest()[:16]
     cache = Path(cache_dir).expanduser() / f"{where.name}-{key}.pt"
@@ -273,7 +227,17 @@ def folder_features(enc, folder, transform, model_id, cache_dir):
         c = torch.load(cache, map_location="cpu", weights_only=True)
         if sorted(c["names"] + c.get("skipped", [])) == names:
             return c["names"], c["features"], c.get("skipped", []), cache, True
-    f_tar, ok = _encode_folder(enc, {n: Path(folder) / n for n in names}, names, transform)
+    model, f_tar, ok = enc.model.eval(), [], []
+    for x, good in _batches(partial(_read_folder, folder, transform), names, enc.batch_size,
+                            enc.workers):
+        if x is None:                                    # not one readable image in the batch
+            f_tar.append(torch.zeros(len(good), model.clip.embed_dim))
+        else:
+            with enc.amp or nullcontext():
+                tok = model.image_tokens(x.to(enc.device))                       # (B, 1+m, D)
+                f_tar.append(model.image_features(tok, "tar")[0].float().cpu())
+        ok.append(good)
+    f_tar, ok = torch.cat(f_tar), torch.cat(ok)                          # (N, D), (N,) readable
     readable = [n for n, good in zip(names, ok.tolist()) if good]
     skipped = [n for n, good in zip(names, ok.tolist()) if not good]
     if not readable:

@@ -9,7 +9,6 @@ Parameter names and shapes are OpenAI's: their checkpoints load here unchanged, 
 
 import hashlib
 import math
-import urllib.error
 import urllib.request
 import warnings
 from collections import OrderedDict
@@ -24,7 +23,6 @@ from tqdm import tqdm
 from preprocess import make_transform
 from wcb import WCB
 
-
 # ------------------------------------------------------------------------------------------------
 # 0. The composed model of NCL-CIR
 
@@ -32,13 +30,11 @@ def compose(f_txt, f_ref):
     """The composed query q = normalize(f_txt + f_ref) (CLIP4Cir, SPN): (B, D) -> (B, D)."""
     return F.normalize(f_txt + f_ref, dim=-1)
 
-
 class CIRModel(nn.Module):
     """q = normalize(f_txt + f_ref), t = normalize(f_tar), each f a WCB-compensated CLIP feature:
     T*_mod = T_mod ⊗ Att_mod, I*_ref = I_ref ⊗ Att_ref, I*_tar = I_tar ⊗ Att_tar (wcb.py).
     wcb=False: every f is CLIP's global token, the element-wise-sum baseline (CLIP4Cir's first
     stage). The reference and target heads read the same image tokens: a gallery is encoded once."""
-
     def __init__(self, clip, wcb=True, n_maps=2, wcb_hidden=0):
         super().__init__()
         self.clip = clip
@@ -67,33 +63,25 @@ class CIRModel(nn.Module):
         """tokens (B, L) -> f_txt (B, D), diversity penalty. T*_mod = T_mod ⊗ Att_mod."""
         x, mask, eot = self.clip.encode_text_tokens(tokens)         # (B, L', D), (B, L'), (B,)
         g = x[torch.arange(len(x), device=x.device), eot]          # (B, D) CLIP's text feature
-        return self._head(self.wcb_txt, x, mask, g)
+        return (g, g.new_zeros(())) if self.wcb_txt is None else self.wcb_txt(x, mask, g)[:2]
 
     def image_tokens(self, images):
         """(B, 3, H, W) -> (B, 1+m, D), token 0 = global. Each distinct image goes through the tower
         once (a group batch repeats its reference), unless BatchNorm in training sees the batch."""
-        if self.training and isinstance(self.clip.visual, ModifiedResNet):
-            return self.clip.encode_image_tokens(images)
-        once, rows = distinct(images)                               # (U, 3, H, W), (B,) or None
+        batch_norm = self.training and isinstance(self.clip.visual, ModifiedResNet)
+        once, rows = (images, None) if batch_norm else distinct(images)  # (U, 3, H, W), (B,)|None
         tok = self.clip.encode_image_tokens(once)                   # (U, 1+m, D)
         return tok if rows is None else tok[rows]
 
     def image_features(self, tokens, role):
         """Image tokens (B, 1+m, D) -> f (B, D), penalty. I*_r = I_r ⊗ Att_r, r = role."""
         head = self.wcb_ref if role == "ref" else self.wcb_tar
-        tokens = tokens.to(self.clip.dtype)
-        return self._head(head, tokens, None, tokens[:, 0])
-
-    @staticmethod
-    def _head(wcb, x, mask, g):
-        """The WCB's compensated feature and penalty, or (no WCB) the global token g and 0."""
-        return (g, g.new_zeros(())) if wcb is None else wcb(x, mask, g)[:2]
-
+        x = tokens.to(self.clip.dtype)
+        return (x[:, 0], x.new_zeros(())) if head is None else head(x, None, x[:, 0])[:2]
 
 def distinct(x):
-    """x (N, ...) -> (u (U, ...), rows (N,)) with u[rows] == x exactly, or (x, None) if nothing
-    repeats. Matched by an exact integer checksum of the float32 bits, then compared: a collision
-    costs only the sharing."""
+    """x (N, ...) -> (u (U, ...), rows (N,)) with u[rows] == x exactly, or (x, None) if no repeats;
+    rows match by a checksum of their float32 bits, then by value (a collision costs the reuse)."""
     if x.dtype != torch.float32 or len(x) < 2:
         return x, None
     bits = x.flatten(1).contiguous().view(torch.int32)                  # (N, P) exact bit patterns
@@ -105,34 +93,27 @@ def distinct(x):
         return x, None
     return x[first], rows
 
-
 # ------------------------------------------------------------------------------------------------
 # 1. The towers
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm in fp32 whatever the input dtype (OpenAI's fp16 checkpoints need it)."""
-
     def forward(self, x):
         w, b = self.weight.float(), self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
-
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation CLIP was trained with (exact GELU differs)."""
-
     def forward(self, x):
         if torch.is_grad_enabled():                # autograd saves sigmoid's output: not in place
             return x * torch.sigmoid(1.702 * x)
         return torch.sigmoid(1.702 * x).mul_(x)    # inference: one (B, L, 4W) temporary less
 
-
 def _heads(x, n):                                          # (B, L, C) -> (B, n, L, C // n)
     return x.unflatten(-1, (n, -1)).transpose(1, 2)
 
-
 class Attention(nn.Module):
     """Multi-head self-attention, batch-first, with nn.MultiheadAttention's parameter names."""
-
     def __init__(self, width, heads, causal=False):
         super().__init__()
         self.heads, self.causal = heads, causal
@@ -148,7 +129,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, h, L, W/h)
         return self.out_proj(y.transpose(1, 2).flatten(2))
 
-
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads, causal=False):
         super().__init__()
@@ -162,7 +142,6 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads, causal=False):
         super().__init__()
@@ -173,11 +152,9 @@ class Transformer(nn.Module):
     def forward(self, x):                                  # (B, L, W)
         return self.resblocks(x)
 
-
 class VisionTransformer(nn.Module):
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
         super().__init__()
-        self.input_resolution, self.output_dim = input_resolution, output_dim
         self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)  # patches
         scale, n_pos = width ** -0.5, (input_resolution // patch_size) ** 2 + 1
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
@@ -192,23 +169,18 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)           # (B, 1, W)
         x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
         x = self.transformer(x)                            # (B, 1+m, W)
-        g = self.ln_post(x[:, 0]) @ self.proj              # (B, D) the class token is the feature
-        if not all_tokens:
-            return g
-        # token 0 is g itself, so it equals encode_image bit for bit
-        return torch.cat([g[:, None], self.ln_post(x[:, 1:]) @ self.proj], dim=1)  # (B, 1+m, D)
-
+        g = self.ln_post(x[:, 0]) @ self.proj              # (B, D) class token, reused as token 0
+        return torch.cat([g[:, None], self.ln_post(x[:, 1:]) @ self.proj], 1) if all_tokens else g
 
 class Bottleneck(nn.Module):
     """ResNet bottleneck; a stride-s block average-pools (anti-aliasing) instead of striding."""
-
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
-        self.stride = stride
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()   # no parameters
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.downsample = None
@@ -217,21 +189,18 @@ class Bottleneck(nn.Module):
                                             nn.BatchNorm2d(planes * 4))
 
     def forward(self, x):                                  # (B, C, H, W) -> (B, 4 planes, H/s, W/s)
-        pool = (lambda t: F.avg_pool2d(t, self.stride)) if self.stride > 1 else (lambda t: t)
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = pool(F.relu(self.bn2(self.conv2(out)), inplace=True))
+        out = self.avgpool(F.relu(self.bn2(self.conv2(out)), inplace=True))
         out = self.bn3(self.conv3(out))
-        out += x if self.downsample is None else self.downsample(pool(x))  # in place: no extra copy
+        out += x if self.downsample is None else self.downsample(self.avgpool(x))  # in place
         return F.relu(out, inplace=True)
-
 
 class AttentionPool2d(nn.Module):
     """Attention pooling: the mean feature (token 0) attends over all positions; with every position
     as a query too, one token per position: the image tokens `I = {I^cls, I^1..I^m}` of the WCB."""
-
     def __init__(self, spacial_dim, embed_dim, num_heads, output_dim):
         super().__init__()
-        pos = torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5
+        pos = torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5   # (1+hw, C)
         self.positional_embedding = nn.Parameter(pos)
         self.k_proj, self.q_proj, self.v_proj = (nn.Linear(embed_dim, embed_dim) for _ in range(3))
         self.c_proj = nn.Linear(embed_dim, output_dim)
@@ -242,34 +211,27 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)                    # (B, 1+hw, C)
         x = x + self.positional_embedding.to(x.dtype)
         k, v = _heads(self.k_proj(x), self.num_heads), _heads(self.v_proj(x), self.num_heads)
-
         def pool(queries):                                 # (B, n, C) -> (B, n, D)
             y = F.scaled_dot_product_attention(_heads(self.q_proj(queries), self.num_heads), k, v)
             return self.c_proj(y.transpose(1, 2).flatten(2))
-
         g = pool(x[:, :1])                                 # (B, 1, D) the usual global feature
         return torch.cat([g, pool(x[:, 1:])], dim=1) if all_tokens else g[:, 0]
 
-
 class ModifiedResNet(nn.Module):
     """ResNet with a 3-conv stem + average pool, anti-aliased strided blocks, attention pooling."""
-
     def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
         super().__init__()
-        self.input_resolution, self.output_dim = input_resolution, output_dim
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
         self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(width // 2)
         self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
-        inplanes = width
-        for i, n in enumerate(layers):                     # layer1..4: width * (1, 2, 4, 8) planes
+        for i, n in enumerate(layers):     # layer1..4: width * (1, 2, 4, 8) planes in, 4x that out
             planes = width * 2 ** i
-            blocks = [Bottleneck(inplanes, planes, stride=1 if i == 0 else 2)]
+            blocks = [Bottleneck(planes * 2 if i else width, planes, stride=2 if i else 1)]
             blocks += [Bottleneck(planes * 4, planes) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-            inplanes = planes * 4
         self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
 
     def forward(self, x, all_tokens=False):               # (B, 3, H, W) -> (B, D) or (B, 1+hw, D)
@@ -280,13 +242,11 @@ class ModifiedResNet(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))   # (B, 32 width, H/32, W/32)
         return self.attnpool(x, all_tokens)
 
-
 # ------------------------------------------------------------------------------------------------
 # 2. CLIP
 
 class CLIP(nn.Module):
     """OpenAI's CLIP, same constructor: vision_layers a 4-tuple -> ModifiedResNet, an int -> ViT."""
-
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width,
                  vision_patch_size, context_length, vocab_size, transformer_width,
                  transformer_heads, transformer_layers):
@@ -327,9 +287,7 @@ class CLIP(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
-    @property
-    def dtype(self):
-        return self.visual.conv1.weight.dtype
+    dtype = property(lambda self: self.visual.conv1.weight.dtype)
 
     def encode_image(self, images):                        # (B, 3, H, W) -> (B, D)
         return self.visual(images.to(self.dtype))
@@ -363,7 +321,6 @@ class CLIP(nn.Module):
         logits = self.logit_scale.exp() * img @ txt.t()
         return logits, logits.t()
 
-
 # ------------------------------------------------------------------------------------------------
 # 3. Loading
 
@@ -393,38 +350,31 @@ TINY_CONFIGS = {  # random init, to train from scratch on the toy benchmark (hea
 }
 _ARCHIVE_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # TorchScript attributes
 
-
 def available_models():
     return [*MODEL_URLS, *TINY_CONFIGS]
-
 
 def infer_config(state_dict):
     """OpenAI-format state dict -> CLIP constructor kwargs, from key names and shapes (as OpenAI's
     build_model; head counts are not stored: width // 64). Works on shape-only (meta) tensors."""
-    sd = state_dict
-
-    def need(*keys):
-        if missing := [k for k in keys if k not in sd]:
-            raise ValueError(f"not a CLIP state dict: missing keys {missing}")
-
-    need("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight")
+    sd, vit = state_dict, "visual.proj" in state_dict
+    need = ["text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight",
+            *(["visual.conv1.weight", "visual.positional_embedding"] if vit else
+              ["visual.layer1.0.conv1.weight", "visual.attnpool.positional_embedding"])]
+    if missing := [k for k in need if k not in sd]:
+        raise ValueError(f"not a CLIP state dict: missing keys {missing}")
     width = sd["ln_final.weight"].shape[0]
     blocks = {k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}
-    cfg = dict(embed_dim=sd["text_projection"].shape[1],
-               context_length=sd["positional_embedding"].shape[0],
-               vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=width,
-               transformer_heads=width // 64, transformer_layers=len(blocks))
-    if "visual.proj" in sd:                                # ViT
-        need("visual.conv1.weight", "visual.positional_embedding")
+    cfg = dict(embed_dim=sd["text_projection"].shape[1], transformer_width=width,
+               context_length=sd["positional_embedding"].shape[0], transformer_heads=width // 64,
+               vocab_size=sd["token_embedding.weight"].shape[0], transformer_layers=len(blocks))
+    if vit:
         conv = sd["visual.conv1.weight"]                   # (width, 3, patch, patch)
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         layers = sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in sd)
         return dict(cfg, image_resolution=conv.shape[-1] * grid, vision_layers=layers,
                     vision_width=conv.shape[0], vision_patch_size=conv.shape[-1])
-    need("visual.layer1.0.conv1.weight", "visual.attnpool.positional_embedding")
     n_pos = sd["visual.attnpool.positional_embedding"].shape[0]
-    grid = round((n_pos - 1) ** 0.5)
-    if grid ** 2 + 1 != n_pos:
+    if (grid := round((n_pos - 1) ** 0.5)) ** 2 + 1 != n_pos:
         raise ValueError(f"visual.attnpool.positional_embedding has {n_pos} rows, "
                          f"not a square grid + 1")
     layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}.")})
@@ -432,29 +382,23 @@ def infer_config(state_dict):
     return dict(cfg, image_resolution=grid * 32, vision_layers=layers,
                 vision_width=sd["visual.layer1.0.conv1.weight"].shape[0], vision_patch_size=None)
 
-
 def build_clip(state_dict):
     """OpenAI-format state dict -> CLIP in fp32, eval mode. Built on the meta device and filled with
     copies of the weights: no random init is wasted, and no memory is shared with state_dict."""
-    sd = {k: v for k, v in state_dict.items() if k not in _ARCHIVE_EXTRAS}
+    sd = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+          for k, v in state_dict.items() if k not in _ARCHIVE_EXTRAS}
     with torch.device("meta"):
         model = CLIP(**infer_config(sd))
-    expected = model.state_dict().keys()
-    missing, unexpected = [k for k in expected if k not in sd], [k for k in sd if k not in expected]
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         few = ", ".join(f"{len(keys)} {what} {keys[:10]}{' ...' if len(keys) > 10 else ''}"
                         for what, keys in (("missing keys", missing), ("unexpected", unexpected)))
         raise ValueError(f"state dict does not fit the inferred CLIP architecture: {few}")
-    sd = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
-          for k, v in sd.items()}
-    model.load_state_dict(sd, assign=True)
     return model.eval()
-
 
 def _sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
 
 def _download(url, root):
     """Fetch url into root (progress bar), checking the SHA-256 (the URL's folder); one retry."""
@@ -468,12 +412,11 @@ def _download(url, root):
     for attempt in range(2):
         try:
             with urllib.request.urlopen(url) as src, open(part, "wb") as dst:
-                size = src.headers.get("Content-Length")
-                with tqdm(total=int(size) if size else None, unit="B", unit_scale=True,
-                          desc=target.name) as bar:
+                size = int(src.headers.get("Content-Length") or 0) or None   # None: unknown
+                with tqdm(total=size, unit="B", unit_scale=True, desc=target.name) as bar:
                     for chunk in iter(lambda: src.read(1 << 20), b""):
                         bar.update(dst.write(chunk))
-        except (urllib.error.URLError, OSError) as e:
+        except OSError as e:                               # urllib's URLError is an OSError
             part.unlink(missing_ok=True)
             raise ConnectionError(f"could not download {url} ({e}). Without network, download it "
                                   f"by hand and put it at {target} (sha256 {sha}), or pass the "
@@ -485,25 +428,23 @@ def _download(url, root):
     raise OSError(f"{url}: the downloaded file's SHA-256 does not match {sha} (twice); check the "
                   f"network/proxy, or download it by hand to {target}")
 
-
 def _read_state_dict(path):
     """TorchScript archive (released) or state dict (maybe under 'state_dict' / 'model') -> dict."""
-    with suppress(Exception), warnings.catch_warnings():    # jit: deprecated, the released format
-        warnings.simplefilter("ignore", FutureWarning)
+    # jit is deprecated (a FutureWarning), but OpenAI's releases are TorchScript archives
+    with suppress(Exception), warnings.catch_warnings(action="ignore", category=FutureWarning):
         return torch.jit.load(str(path), map_location="cpu").state_dict()
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: neither a TorchScript archive nor a state dict torch.load can "
-                         f"read ({type(e).__name__}); expected an OpenAI CLIP .pt file or a saved "
-                         f"CLIP state_dict") from None
+        raise ValueError(f"neither a TorchScript archive nor a state dict torch.load can read "
+                         f"({type(e).__name__}); expected an OpenAI CLIP .pt file or a saved CLIP "
+                         f"state_dict") from None
     if isinstance(sd, dict):                               # training checkpoints wrap the weights
         sd = next((sd[k] for k in ("state_dict", "model") if isinstance(sd.get(k), dict)), sd)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: holds a {type(sd).__name__}, expected a CLIP state dict "
-                         f"(parameter name -> tensor), possibly under 'state_dict' or 'model'")
+        raise ValueError(f"holds a {type(sd).__name__}, expected a CLIP state dict (parameter "
+                         f"name -> tensor), possibly under 'state_dict' or 'model'")
     return sd
-
 
 def load_clip(name_or_path, device=None, download_root=None):
     """A released name (downloaded to ~/.cache/clip or download_root), a tiny config name (random
@@ -520,6 +461,6 @@ def load_clip(name_or_path, device=None, download_root=None):
         path = _download(MODEL_URLS[name], root) if name in MODEL_URLS else Path(name)
         try:
             model = build_clip(_read_state_dict(path))
-        except ValueError as e:
-            raise ValueError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+        except ValueError as e:                            # say which file
+            raise ValueError(f"{path}: {e}") from None
     return model.to(device), make_transform("clip", model.image_resolution)

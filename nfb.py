@@ -1,15 +1,14 @@
 """Noise-pair Filter Block (NFB) of NCL-CIR (Gao et al., ICASSP 2025, arXiv 2504.04339).
 
-Noisy pairs (mismatched or partly matched) keep a high loss: the paper fits a GMM to the per-pair
-losses, and w_i = p(low-mean component | loss_i) are the soft labels of L^soft_NCE (loss.py), with
-DivideMix / NCR's recipe: min-max normalised losses, a 2-component 1-D GMM, max_iter=10, tol=1e-2,
-reg_covar=5e-4. Our choices (the paper is silent):
+Noisy pairs (mismatched or partly matched) keep a high loss: a GMM fitted to the per-pair losses
+gives w_i = p(low-mean component | loss_i), the soft labels of L^soft_NCE (loss.py), by DivideMix /
+NCR's recipe: min-max normalised losses, 2-component 1-D GMM, max_iter=10, tol=1e-2, reg_covar=5e-4.
+Ours, where the paper is silent:
 - Deterministic start: each half of the sorted losses gives a component's mean, variance + reg_covar
   and weight 1/2; scikit-learn gets it too (*_init, not its random k-means): one reproducible EM.
-- backend="torch": a float64 EM on the losses' device, scikit-learn's GaussianMixture step by step
+- backend="torch": scikit-learn's GaussianMixture step by step, float64 on the losses' device
   (reg_covar, nk + 10 eps, stop when the mean log-likelihood moves < tol, final E-step): posteriors
-  agree with scikit-learn to ~1e-12.
-- Degenerate inputs (< 10 losses, NaN/inf, all equal) give w = 1 with a warning, never an exception.
+  agree to ~1e-12. Degenerate inputs (< 10 losses, NaN/inf, all equal): w = 1 and a warning.
 - The gate (is_noise): a 2-component GMM finds two components even in clean losses, so every w stays
   1 unless two Gaussians beat one Gamma by `gate` nats per pair and the noisy component is WIDTH
   times wider. Each view of a pair (pair_views) gets a GMM; w is the smallest (decide_views).
@@ -25,33 +24,25 @@ import torch.nn.functional as F
 from loss import gallery_nce, text_nce
 from model import compose
 
-MAX_ITER, TOL, REG_COVAR = 10, 1e-2, 5e-4
-MIN_SAMPLES = 10
-
+MAX_ITER, TOL, REG_COVAR, MIN_SAMPLES = 10, 1e-2, 5e-4, 10
 
 def _degenerate(x):
     """Why the 1-D tensor x cannot be fitted, or None."""
-    if x.numel() < MIN_SAMPLES:
-        return f"only {x.numel()} losses (need >= {MIN_SAMPLES})"
-    if not torch.isfinite(x).all():
-        return "NaN/inf among the losses"
-    return "all losses are equal" if x.max() == x.min() else None
-
+    return (f"only {x.numel()} losses (need >= {MIN_SAMPLES})" if x.numel() < MIN_SAMPLES else
+            "NaN/inf among the losses" if not torch.isfinite(x).all() else
+            "all losses are equal" if x.max() == x.min() else None)
 
 def minmax(losses):
     """losses (N,) any float dtype/device -> (N,) float64 in [0, 1] (as is when degenerate)."""
     x = losses.detach().reshape(-1).double()
     return x if _degenerate(x) else (x - x.min()) / (x.max() - x.min())
 
-
 def _init(x):
     """Start from the sorted data's halves. x (N,) float64 -> means, vars, weights (2,)."""
-    s = x.sort().values
-    lo, hi = s[: s.numel() // 2], s[s.numel() // 2:]
+    lo, hi = x.sort().values.split([x.numel() // 2, x.numel() - x.numel() // 2])
     means = torch.stack([lo.mean(), hi.mean()])
     var = torch.stack([lo.var(unbiased=False), hi.var(unbiased=False)]) + REG_COVAR
     return means, var, torch.full_like(means, 0.5)
-
 
 def _e_step(x, means, var, weights):
     """-> mean log-likelihood (0-dim), log responsibilities (N, 2)."""
@@ -60,41 +51,33 @@ def _e_step(x, means, var, weights):
     norm = lp.logsumexp(dim=1)                                           # (N,)
     return norm.mean(), lp - norm[:, None]
 
-
 def _em_torch(x, means, var, weights, max_iter, tol, reg_covar):
     lower_bound, converged, it = -math.inf, False, 0
     for it in range(1, max_iter + 1):
-        prev = lower_bound
         ll, log_resp = _e_step(x, means, var, weights)
         resp = log_resp.exp()                                            # (N, 2)
         nk = resp.sum(0) + 10 * torch.finfo(resp.dtype).eps              # (2,) as scikit-learn
         means = (resp * x[:, None]).sum(0) / nk
         var = (resp * (x[:, None] - means) ** 2).sum(0) / nk + reg_covar
         weights = nk / nk.sum()
-        lower_bound = ll.item()      # scikit-learn's bound: the E-step parameters' log-likelihood
-        if abs(lower_bound - prev) < tol:
-            converged = True
+        prev, lower_bound = lower_bound, ll.item()      # sklearn's: of the E-step's parameters
+        if converged := abs(lower_bound - prev) < tol:
             break
-    resp = _e_step(x, means, var, weights)[1].exp()      # final E-step, as fit + predict_proba
-    return means, var, weights, resp, it, converged
-
+    return means, var, weights, it, converged
 
 def _em_sklearn(x, means, var, weights, max_iter, tol, reg_covar):
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
-    X = x.cpu().numpy()[:, None]                                         # (N, 1) float64
     # init_params="random_from_data": the cheapest built-in start; the three *_init overwrite it
     gmm = GaussianMixture(2, tol=tol, reg_covar=reg_covar, max_iter=max_iter, random_state=0,
                           init_params="random_from_data", weights_init=weights.cpu().numpy(),
                           means_init=means.cpu().numpy()[:, None],
                           precisions_init=(1 / var).cpu().numpy()[:, None, None])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # 10 iterations is the recipe
-        gmm.fit(X)
+    with warnings.catch_warnings(action="ignore", category=ConvergenceWarning):  # 10 is the recipe
+        gmm.fit(x.cpu().numpy()[:, None])                                # (N, 1) float64
     t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=x.device)
     return (t(gmm.means_[:, 0]), t(gmm.covariances_.reshape(2)), t(gmm.weights_),
-            t(gmm.predict_proba(X)), int(gmm.n_iter_), bool(gmm.converged_))
-
+            int(gmm.n_iter_), bool(gmm.converged_))
 
 def fit_gmm(x, backend="sklearn", max_iter=MAX_ITER, tol=TOL, reg_covar=REG_COVAR):
     """2-component 1-D GMM on normalised losses x (N,), sorted: component 0 = low mean = clean.
@@ -106,9 +89,9 @@ def fit_gmm(x, backend="sklearn", max_iter=MAX_ITER, tol=TOL, reg_covar=REG_COVA
     why = _degenerate(x)
     if why is None:
         em = _em_torch if backend == "torch" else _em_sklearn
-        means, var, weights, resp, n_iter, converged = em(x, *_init(x), max_iter, tol, reg_covar)
-        # w must not rise with the loss: left of the clean mean a wider noisy component can win
-        # again, giving the easiest pairs a lower w than middling ones; they get the clean mean's w
+        means, var, weights, n_iter, converged = em(x, *_init(x), max_iter, tol, reg_covar)
+        # the final E-step. w must not rise with the loss: left of the clean mean a wider noisy
+        # component can win again, so the easiest pairs get the clean mean's w
         resp = _e_step(torch.maximum(x, means.min()), means, var, weights)[1].exp()  # (N, 2)
         why = None if torch.isfinite(resp).all() else "the EM produced NaN posteriors"
     if why is not None:
@@ -116,16 +99,13 @@ def fit_gmm(x, backend="sklearn", max_iter=MAX_ITER, tol=TOL, reg_covar=REG_COVA
         nan = torch.full((2,), math.nan, dtype=torch.float64)
         return dict(means=nan, stds=nan.clone(), weights=nan.clone(), n_iter=0, converged=False,
                     clean=torch.ones(x.numel(), device=x.device))
-    order = [0, 1] if means[0] <= means[1] else [1, 0]
-    return dict(means=means[order].cpu(), stds=var[order].sqrt().cpu(),
-                weights=weights[order].cpu(), clean=resp[:, order[0]].float(), n_iter=n_iter,
-                converged=converged)
-
+    o = [0, 1] if means[0] <= means[1] else [1, 0]                      # clean component first
+    return dict(means=means[o].cpu(), stds=var[o].sqrt().cpu(), weights=weights[o].cpu(),
+                clean=resp[:, o[0]].float(), n_iter=n_iter, converged=converged)
 
 def gamma_loglik(losses):
-    """Mean log-likelihood per sample of the ML Gamma(a, theta) fit to positive losses (N,): one
-    skewed mode. a: Newton on log(a) - digamma(a) = log(mean) - mean(log) from Minka's closed-form
-    start; theta = mean / a."""
+    """Per-sample mean log-likelihood of the ML Gamma(a, theta) (one skewed mode) of losses (N,):
+    Newton on log(a) - digamma(a) = log(mean) - mean(log) from Minka's start; theta = mean / a."""
     x = losses.detach().reshape(-1).double().clamp(min=1e-12)
     m, lm = x.mean().item(), x.log().mean().item()
     s = math.log(m) - lm                                         # > 0 unless all losses are equal
@@ -139,37 +119,29 @@ def gamma_loglik(losses):
     theta = m / a
     return (a - 1) * lm - m / theta - a * math.log(theta) - math.lgamma(a)
 
-
 def second_mode(losses, x, fit):
-    """Is there a second mode, or did the GMM cut one skewed mode in two? losses (N,) raw, x (N,)
-    their min-max normalisation the GMM was fitted to. -> dict(
-      excess  mean log-likelihood per sample of the two Gaussians minus one Gamma's (raw losses):
-              ~0 for clean losses, one skewed mode; > 0 when noise adds a mode a Gamma cannot follow
+    """Two modes, or one skewed mode cut in two? losses (N,) raw, x (N,) the GMM's input -> dict(
+      excess  mean log-likelihood per sample, two Gaussians minus one Gamma (raw losses): ~0 for
+              one skewed mode, > 0 when noise adds a mode a Gamma cannot follow
       width   s1 / s0, noisy over clean std: label noise adds a *wide* mode (a wrong target lands
-              anywhere in the ranking); a clean hump grown in training (hard edits) is as wide)"""
+              anywhere); a hump of hard edits grown in training is as wide)"""
     x = x.detach().reshape(-1).double().cpu()
     m, sd, pi = fit["means"], fit["stds"], fit["weights"]
     span = (losses.max() - losses.min()).double().item()         # density on x -> on losses
     ll_gmm = _e_step(x, m, sd ** 2, pi)[0].item() - math.log(span)
     return dict(excess=ll_gmm - gamma_loglik(losses.cpu()), width=(sd[1] / sd[0]).item())
 
-
 def is_noise(mode, gate):
-    """The gate on second_mode's dict: the second mode beats one Gamma by `gate` nats per pair and
-    is at least WIDTH times wider than the clean one; gate 0: no gate."""
+    """The gate on second_mode's dict: excess >= gate nats and width >= WIDTH; gate 0: no gate."""
     return gate <= 0 or mode["excess"] >= gate and mode["width"] >= WIDTH
 
-
 def decide(losses, backend="sklearn"):
-    """One view's GMM on finite losses (N,): normalise, fit, measure the second mode (decide_views
-    gates). -> dict(w (N,) float32 p(clean | loss_i) on losses' device, 1 when degenerate; x the
-    normalised losses; fit; mode)."""
+    """One view's GMM on finite losses (N,), ungated. -> dict(w (N,) float32 p(clean | loss_i) on
+    losses' device, 1 when degenerate; x the normalised losses; fit; mode)."""
     x = minmax(losses)
     fit = fit_gmm(x, backend)
-    fitted = math.isfinite(fit["means"][0])
-    mode = second_mode(losses, x, fit) if fitted else dict(excess=math.nan, width=math.nan)
+    mode = second_mode(losses, x, fit) if fit["n_iter"] else dict(excess=math.nan, width=math.nan)
     return dict(w=fit["clean"].to(losses.device), x=x, fit=fit, mode=mode)
-
 
 def detection_metrics(w, noisy):
     """w (N,) clean probabilities, noisy (N,) bool truth. Positive = noisy: ROC-AUC of 1 - w,
@@ -178,11 +150,9 @@ def detection_metrics(w, noisy):
     w, noisy = w.detach().float().cpu(), noisy.bool().cpu()
     flagged = w < 0.5
     tp = (flagged & noisy).sum().item()
-    both = 0 < noisy.sum() < noisy.numel()
-    auc = roc_auc_score(noisy.numpy(), (1 - w).numpy()) if both else math.nan
+    auc = roc_auc_score(noisy, 1 - w) if 0 < noisy.sum() < noisy.numel() else math.nan
     return dict(auc=float(auc), precision=tp / flagged.sum().item() if flagged.any() else math.nan,
                 recall=tp / noisy.sum().item() if noisy.any() else math.nan)
-
 
 # -----------------------------------------------------------------------------
 # the views: what the GMM is fitted to
@@ -190,7 +160,6 @@ def detection_metrics(w, noisy):
 VIEWS = ("query", "text", "change")     # --nfb-views; the first one is always "query"
 TEXT_TEMP = 0.25      # the text views' temperature, a fraction of tau: is the text among the best?
 WIDTH = 1.25          # the gate's second test: the noisy component this many times wider
-
 
 @dataclass
 class PairFeatures:
@@ -202,14 +171,12 @@ class PairFeatures:
     tgt_idx: torch.Tensor        # (n,) each pair's target row of gallery
     ref_idx: torch.Tensor        # (n,) each pair's reference row of gallery (not ranked)
 
-
 def pair_views(pf, names, tau):
     """The views `names` (VIEWS) of every pair -> {name: (n,) losses}, each high for a suspect pair:
-      query   l^gallery_i (loss.gallery_nce): q_i ranked over the gallery minus its reference;
-              blind to a wrong text on a true edit, q_i still finds t_i
-      text    l^text_i (loss.text_nce): which distinct text best explains (reference, target)
-      change  -log softmax over the texts of the text against normalize(t_i - normalize(f_ref_i))
-    The text views run at tau * TEXT_TEMP."""
+      query   l^gallery_i (loss.gallery_nce): q_i over the gallery minus its reference; blind to a
+              wrong text on a true edit (q_i still finds t_i)
+      text    l^text_i (loss.text_nce) at tau * TEXT_TEMP: which text explains (reference, target)
+      change  the same softmax over the texts, against normalize(t_i - normalize(f_ref_i))"""
     q = compose(pf.f_txt[pf.text_idx.to(pf.f_txt.device)], pf.f_ref)              # (n, D)
     t = pf.gallery[pf.tgt_idx.to(pf.gallery.device)]                               # (n, D)
     out = {}
@@ -221,12 +188,10 @@ def pair_views(pf, names, tau):
         elif name == "change":
             change = F.normalize(t - F.normalize(pf.f_ref, dim=-1), dim=-1)        # (n, D)
             logits = F.normalize(pf.f_txt, dim=-1) @ change.T / (tau * TEXT_TEMP)  # (U, n)
-            idx = pf.text_idx[None].to(logits.device)
-            out[name] = -logits.log_softmax(0).gather(0, idx).squeeze(0)
+            out[name] = -logits.log_softmax(0).gather(0, pf.text_idx[None].to(logits.device))[0]
         else:
             raise ValueError(f"nfb.py: unknown view {name!r}; choose among {', '.join(VIEWS)}")
     return out
-
 
 # -----------------------------------------------------------------------------
 # the decision: a GMM per view, the gate, the smallest w
@@ -241,47 +206,39 @@ class ViewFit:
     fit: dict                    # fit_gmm's means, stds, weights, n_iter
     mode: dict                   # second_mode's excess and width, and gated: the view is left out
 
-
 def decide_views(views, decision, backend="sklearn", gate=0.0, prior=None):
-    """The NFB's decision on views {name: (n,) losses} of the same n pairs (NaN: not seen, keeps its
-    prior); decision: the names it uses, the query view first. Each view gets a GMM (decide). The
-    gate: the query view says whether there is noise at all (is_noise), then each view whose noisy
-    component is the wider (WIDTH) joins; gate 0: no gate. A pair's w is the smallest of its
-    decision views' (any view may flag it). -> (w (n,), {name: ViewFit}) for every view given."""
+    """The decision on views {name: (n,) losses} of n pairs (NaN: not seen, keeps its prior), a GMM
+    each (decide); decision: the names used, query first. Gate: the query view says if there is
+    noise (is_noise), then each view whose noisy component is the wider (WIDTH) joins; gate 0: no
+    gate. w: a pair's smallest over the decision views (any flags) -> (w (n,), {name: ViewFit})"""
     fits = {}
     for name, losses in views.items():
         losses = losses.detach().reshape(-1)
         seen = torch.isfinite(losses)                                    # (n,)
         fin = losses[seen].float()                                       # (n_seen,)
-        d = decide(fin, backend)
-        fits[name] = ViewFit(d["w"], d["x"], fin, seen, d["fit"], d["mode"])
+        fits[name] = ViewFit(losses=fin, seen=seen, **decide(fin, backend))
     # a later view never opens the gate on its own: early in training the text view of clean data
     # can show a wide second mode (edits the model has not learnt yet)
     noise = is_noise(fits[decision[0]].mode, gate)
-    w = None
-    for name, f in fits.items():
+    for f in fits.values():
         joins = noise and (gate <= 0 or f.mode["width"] >= WIDTH)
         f.mode["gated"] = not joins
         w_v = torch.ones(len(f.seen)) if prior is None else prior
         w_v = w_v.to(f.seen.device, torch.float32, copy=True)           # (n,)
         w_v[f.seen] = f.w.to(f.seen.device) if joins else 1.0
         f.w = w_v
-        if name in decision:
-            w = w_v if w is None else torch.minimum(w, w_v)
-    return w, fits
-
+    return torch.stack([f.w for name, f in fits.items() if name in decision]).amin(0), fits
 
 def report(w, fits, decision, truth=None):
     """The log fields of a decision: the query view's fit, the decision's flags (and detection where
     truth, a Truth, is known), then per view view_<name>_*: flags, gate statistics, detection."""
     q = fits[decision[0]]
-    fin = q.losses
     # means/stds are in min-max normalised units; loss_min/loss_max map them back to raw losses
-    stats = dict(n_seen=int(q.seen.sum()), means=q.fit["means"].tolist(),
-                 loss_min=float(fin.min()) if fin.numel() else math.nan,
-                 loss_max=float(fin.max()) if fin.numel() else math.nan,
-                 stds=q.fit["stds"].tolist(), mix=q.fit["weights"].tolist(), n_iter=q.fit["n_iter"],
-                 n_noisy=int((w < 0.5).sum()), mean_w=float(w.float().mean()), **q.mode)
+    lo, hi = q.losses.aminmax() if q.losses.numel() else (math.nan, math.nan)
+    stats = dict(n_seen=int(q.seen.sum()), means=q.fit["means"].tolist(), loss_min=float(lo),
+                 loss_max=float(hi), stds=q.fit["stds"].tolist(), mix=q.fit["weights"].tolist(),
+                 n_iter=q.fit["n_iter"], n_noisy=int((w < 0.5).sum()),
+                 mean_w=float(w.float().mean()), **q.mode)
     if truth is not None:
         stats.update(truth.scores(w))
         stats["loss_auc"] = truth.loss_auc(q)   # the loss itself as a noise score, before the GMM
@@ -292,11 +249,9 @@ def report(w, fits, decision, truth=None):
         stats.update({f"view_{name}_{k}": val for k, val in v.items()})
     return stats
 
-
 @dataclass
 class Truth:
-    """The known noise of n pairs: the flags, and the corrupted field (0 = clean, k > 0: field k of
-    triplets.NOISE_FIELDS) or None where only the flags are known."""
+    """Known noise of n pairs: flags, and the corrupted field (NOISE_FIELDS index, 0 clean)."""
     noisy: torch.Tensor                  # (n,) bool
     field: torch.Tensor | None = None    # (n,) long
 
@@ -312,7 +267,6 @@ class Truth:
     def loss_auc(self, fit):
         return detection_metrics(1 - fit.x.float(), self.noisy[fit.seen.cpu()])["auc"]
 
-
 def truth_of(noisy_gt, n):
     """Truth from a flag (bool) or the corrupted field (int) per pair; None when not known."""
     if noisy_gt is None:
@@ -322,42 +276,36 @@ def truth_of(noisy_gt, n):
         raise ValueError(f"nfb.py: noisy_gt has {gt.numel()} flags for {n} training pairs")
     return Truth(gt.bool(), None if gt.dtype == torch.bool else gt.long())
 
-
 # -----------------------------------------------------------------------------
 # the training state
 
 class NoiseFilter:
-    """Training state of the NFB; epochs are 0-based, those < warmup_epochs train with InfoNCE.
-    update decides on an epoch's losses and, past the warm-up, installs the next epoch's labels;
-    views not in `views` are only reported; NaN losses (pair not seen) keep their weight."""
+    """Training state of the NFB; 0-based epochs < warmup_epochs train with InfoNCE. update decides
+    on an epoch's losses (views not in `views` are only reported; NaN: not seen, weight kept) and,
+    past the warm-up, installs the next epoch's labels."""
 
     def __init__(self, n, warmup_epochs=1, backend="sklearn", noisy_gt=None, gate=0.0,
                  views=("query",)):
         if backend not in ("sklearn", "torch"):
             raise ValueError(f"nfb.py: backend must be 'sklearn' or 'torch', got {backend!r}")
         self.n, self.warmup_epochs, self.backend = n, warmup_epochs, backend
-        self.gate, self.views = gate, tuple(views)
-        self.weights = torch.ones(n)                                     # (n,) soft labels
-        self.truth = truth_of(noisy_gt, n)
-        self.history = []                                                # one stats dict per update
+        self.gate, self.views, self.truth = gate, tuple(views), truth_of(noisy_gt, n)
+        self.weights, self.history = torch.ones(n), []   # (n,) soft labels; a stats dict per update
 
     def active(self, epoch):
         """True when epoch `epoch` trains with the soft labels (past the warm-up)."""
         return epoch >= self.warmup_epochs
 
     def update(self, views, epoch):
-        """views {name: (n,) losses} (or one (n,) tensor: the query view) after epoch `epoch` -> the
-        log fields (report), also appended to .history."""
+        """views {name: (n,) losses} (or the query view's) after `epoch` -> report, in .history."""
         views = views if isinstance(views, dict) else {"query": views}
-        missing = [v for v in self.views if v not in views]
-        if missing:
+        if missing := [v for v in self.views if v not in views]:
             raise ValueError(f"nfb.py: the decision needs the views {missing}, got {list(views)}")
-        if any(v.numel() != self.n for v in views.values()):
-            sizes = [v.numel() for v in views.values()]
+        sizes = [v.numel() for v in views.values()]
+        if any(s != self.n for s in sizes):
             raise ValueError(f"nfb.py: got {sizes} losses for {self.n} training pairs")
         w, fits = decide_views(views, self.views, self.backend, self.gate, self.weights)
-        applied = self.active(epoch + 1)
-        if applied:
+        if applied := self.active(epoch + 1):
             self.weights = w
         stats = dict(epoch=epoch, applied=applied, **report(w, fits, self.views, self.truth))
         self.history.append(stats)
@@ -370,25 +318,22 @@ class NoiseFilter:
     def carry_over(self, sd):
         """SPN's stage 2: stage 1's soft labels (sd: its state_dict, same triplets) from epoch 0."""
         if sd["n"] != self.n:
-            raise ValueError(f"nfb.py: stage 1's noise filter has {sd['n']} pairs, this run "
-                             f"{self.n}")
-        self.weights = sd["weights"].float().clone()
-        self.warmup_epochs = 0
+            raise ValueError(f"nfb.py: stage 1's noise filter has {sd['n']} pairs, "
+                             f"this run {self.n}")
+        self.weights, self.warmup_epochs = sd["weights"].float().clone(), 0
 
     def state_dict(self):
         """Plain tensors and python types only: torch.load(weights_only=True) reads it back."""
-        t = self.truth
+        t = self.truth or Truth(None)                                    # no truth: both None
         return dict(n=self.n, warmup_epochs=self.warmup_epochs, backend=self.backend,
                     gate=self.gate, views=list(self.views), weights=self.weights.cpu(),
-                    history=list(self.history), noisy_gt=None if t is None else t.noisy,
-                    gt_field=None if t is None else t.field)
+                    history=list(self.history), noisy_gt=t.noisy, gt_field=t.field)
 
     def load_state_dict(self, sd):
         if sd["n"] != self.n:
-            raise ValueError(f"nfb.py: checkpoint has a noise filter for {sd['n']} pairs, this run "
-                             f"has {self.n}")
+            raise ValueError(f"nfb.py: checkpoint has a noise filter for {sd['n']} pairs, "
+                             f"this run has {self.n}")
         self.warmup_epochs, self.backend = sd["warmup_epochs"], sd["backend"]
         self.gate, self.views = sd["gate"], tuple(sd["views"])
         self.weights, self.history = sd["weights"].float(), list(sd["history"])
-        gt = sd["gt_field"] if sd["gt_field"] is not None else sd["noisy_gt"]
-        self.truth = truth_of(gt, self.n)
+        self.truth = truth_of(sd["noisy_gt"] if sd["gt_field"] is None else sd["gt_field"], self.n)

@@ -1,24 +1,22 @@
-"""Training: NCL-CIR (WCB + NFB + soft-label NCE) and SPN's stage 2, on one CPU, one GPU or many (torchrun).
+"""Training: NCL-CIR (WCB + NFB + soft-label NCE) and SPN's stage 2, on CPU, GPU or many (torchrun).
 
-    python train.py                                    # toy benchmark, tiny CLIP from scratch, CPU, minutes
-    python train.py --dataset cirr --data-root DIR     # CIRR, pretrained CLIP (default RN50x4)
-    python train.py --dataset fashioniq --data-root DIR --categories dress shirt toptee
-    python train.py --dataset shoes --data-root DIR    # Shoes: validation on its test split (it has no val)
+    python train.py                                 # the toy: tiny CLIP from scratch, CPU, minutes
+    python train.py --dataset cirr --data-root DIR  # pretrained CLIP (RN50x4); or fashioniq, shoes
     torchrun --nproc_per_node 4 train.py --dataset cirr --data-root DIR
-    python train.py --stage 2 --init runs/X/best.pt    # SPN stage 2: static bank of all training targets
-    python train.py --resume runs/X                    # continue a killed run where its last epoch ended
+    python train.py --stage 2 --init runs/X/best.pt # SPN stage 2: a bank of all training targets
+    python train.py --resume runs/X                 # continue a killed run after its last epoch
 
 One epoch (README: "The paper and our choices"):
-  1. the NFB's soft labels w (1 during the warm-up) choose the epoch's pairs (--soft-label sample: pair i is drawn
-     with probability w_i) or weigh them (weight; complement: w_i of InfoNCE, 1 - w_i of what the query is not);
-  2. every step (train_step): q = normalize(f_txt + f_ref), t = normalize(f_tar); loss = L^soft_NCE(q, t, w)
-     + λ·diversity (loss.py);
-  3. NFB (refit_noise_filter): every training pair's views (its query's loss over every training image, which text
-     explains its reference and target) -> a GMM per view, gated by a test for a noise-like second mode -> the
-     next epoch's w;
-  4. validate (sharded over the processes), log one JSON line, plot, save last.pt atomically (best.pt on a new
-     best).
-The settings (flags, presets, checks) are runtime.py's.
+  1. the NFB's soft labels w (1 in the warm-up) draw the epoch's pairs (--soft-label sample: pair i
+     with probability w_i) or weigh them (weight; complement: w_i of InfoNCE, 1 - w_i of what q
+     is not);
+  2. each step (train_step): q = normalize(f_txt + f_ref), t = normalize(f_tar),
+     loss = L^soft_NCE(q, t, w) + λ·diversity (loss.py; SPN's stage 2: t is the bank, bank_step);
+  3. NFB (refit_noise_filter): each pair's views (its query's loss over all training images, which
+     text explains its reference and target) -> a GMM per view, gated by a test for a noise-like
+     second mode -> the next epoch's w;
+  4. validate (sharded), log a JSON line, plot, save last.pt atomically (best.pt on a new best).
+Settings (flags, presets, checks): runtime.py.
 """
 
 import functools
@@ -33,24 +31,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
 import evaluate
-import runtime
 import plots
-import util
+import runtime
 import toy
 from encode import Encoder, ImageSource, pair_features
 from loss import info_nce, soft_nce
 from model import CIRModel, load_clip
-from preprocess import make_transform, tokenize
 from nfb import NoiseFilter, pair_views
-from runtime import gather_with_grad, rng_state, set_rng_state
-from util import atomic_write, log, strict_json
-from triplets import TripletDataset
-
+from preprocess import make_transform, tokenize
+from util import atomic_write, error_line, log, strict_json
 
 # -----------------------------------------------------------------------------
 # the run's state
@@ -58,50 +51,50 @@ from triplets import TripletDataset
 @dataclass
 class Run:
     """Everything a training run holds, built by `build` and read by the steps below."""
-    args: object                             # the settings (runtime.settings)
-    model: CIRModel                          # the model; `net` is what the step calls (DDP's wrapper, or model)
-    net: torch.nn.Module
+    args: object                 # the settings (runtime.settings)
+    model: CIRModel
+    net: torch.nn.Module         # what the step calls: DDP's wrapper, or the model
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler             # fp16 on a GPU only; disabled otherwise
-    amp: object                              # the autocast context
-    nfb: NoiseFilter | None                  # the noise filter (None: --no-nfb)
-    train: TripletDataset                    # the training triplets
-    images: ImageSource                      # what the loader's image indices become (files, pixels, tokens, bank)
-    val: list                                # [(name, ImageSource, TripletDataset)]: evaluate.eval_sets
-    enc: Encoder                             # how features are computed (sharded under torchrun)
+    scaler: torch.amp.GradScaler  # fp16 on a GPU only; disabled otherwise
+    amp: object                  # the autocast context
+    nfb: NoiseFilter | None      # None: --no-nfb
+    train: data.TripletDataset
+    images: ImageSource          # what the loader's indices become (files, pixels, tokens, bank)
+    val: list                    # [(name, ImageSource, data.TripletDataset)]: evaluate.eval_sets
+    enc: Encoder                 # how features are computed (sharded under torchrun)
     out: Path
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
-    start: int = 0                           # the first epoch to train (resume)
+    start: int = 0               # the first epoch to train (resume)
     best: float = -1.0
     history: list = field(default_factory=list)
 
-
 def build(args):
-    """The run's state from its frozen settings (runtime.settings). The order is the order of the random
-    streams: the same seed gives the same model, data order and soft labels, run after run and after a
-    resume."""
+    """The run's state from its frozen settings, built in the order of the random streams: the same
+    seed gives the same model, data order and soft labels, after a resume too."""
     rank, world, device = runtime.setup_distributed()
     for seed in (torch.manual_seed, random.seed, np.random.seed):
         seed(args.seed)
-    if args.dataset == "toy":                   # generated once, by rank 0, while the others wait
-        if rank == 0:
-            default = Path(args.data_root) == toy.default_toy_root().resolve()
-            toy.toy_root(None if default else args.data_root)
-        if world > 1:
-            dist.barrier()
-    train = data.dataset(args, "train")      # the annotations only: no image is read, no model loaded yet
+    make_root = data.DATASETS[args.dataset].make_root  # the toy: made by rank 0, the others wait
+    if make_root and rank == 0:                        # None: the default folder, refreshed if old
+        default = Path(args.data_root) == toy.default_toy_root().resolve()
+        make_root(None if default else args.data_root)
+    if make_root and world > 1:
+        dist.barrier()
+    train = data.dataset(args, "train")      # the annotations only: no image read, no model loaded
     if args.oracle and not train.noisy.any():
-        sys.exit("error: --oracle trains on the triplets known to be clean, and no training triplet is marked "
-                 "noisy (the triplet format's 'noisy' key) nor corrupted (--noise); add --noise")
+        sys.exit("error: --oracle trains on the triplets known to be clean, and no training "
+                 "triplet is marked noisy (the triplet format's 'noisy' key) nor corrupted "
+                 "(--noise); add --noise")
     if args.oracle:
-        log(f"--oracle: training on the {int((~train.noisy).sum())} triplets known to be clean only "
-            f"({int(train.noisy.sum())} noisy left out), as many steps as on all {len(train)}")
+        log(f"--oracle: training on the {int((~train.noisy).sum())} triplets known to be clean "
+            f"only ({int(train.noisy.sum())} noisy left out), as many steps as on all {len(train)}")
     if len(train) < args.batch_size:
-        sys.exit(f"error: --batch-size {args.batch_size} is larger than the {len(train)} training triplets: "
-                 f"an epoch would have no step; pass --batch-size {max(2, len(train) // 2)} or less")
+        sys.exit(f"error: --batch-size {args.batch_size} is larger than the {len(train)} training "
+                 f"triplets: an epoch would have no step; pass --batch-size "
+                 f"{max(2, len(train) // 2)} or less")
     out = Path(args.out)
     resume = runtime.load_checkpoint(args.resume, "--resume") if args.resume else None
     init = resume or (runtime.load_checkpoint(args.init, "--init") if args.init else None)
@@ -116,76 +109,70 @@ def build(args):
     images, val = image_sources(args, enc, train, out / "bank.pt", resume is not None)
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    # one fused kernel for all parameters (CUDA; CPU since torch 2.4): the per-tensor loop was a tenth of a
-    # CPU step
+    # one fused kernel for all parameters (CUDA; CPU from torch 2.4): a loop took 1/10 of a CPU step
     fused = device.type == "cuda" or device.type == "cpu" and torch.__version__ >= (2, 4)
-    opt = torch.optim.AdamW(param_groups(model, args), betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
-    steps = min(len(train) // args.batch_size, args.max_steps or math.inf)
-    total = max(1, steps * args.epochs)
+    opt = torch.optim.AdamW(param_groups(model, args), betas=(0.9, 0.98), eps=1e-6,
+                            fused=fused or None)
+    total = max(1, min(len(train) // args.batch_size, args.max_steps or math.inf) * args.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(args.lr_warmup * total)))
     nfb = None if args.no_nfb else NoiseFilter(
         len(train), args.warmup_epochs, args.gmm, gate=args.nfb_gate, views=args.nfb_views,
         noisy_gt=train.noise_field if train.noisy.any() else None)
-    run = Run(args, model, net, opt, sched, scaler, amp, nfb, train, images, val, enc, out, rank, world,
-              device)
+    run = Run(args, model, net, opt, sched, scaler, amp, nfb, train, images, val, enc, out, rank,
+              world, device)
     if resume is not None:
         restore(run, resume)
     elif args.stage == 2 and nfb is not None:
         carry_over(run, init)
     return run
 
-
 def init_model(args, init):
-    """A stage-1 checkpoint (--init, --resume: runtime.settings took its architecture and image pipeline,
-    since SPN's bank must be the stage-1 model's features) or CLIP by name / path with fresh WCB heads."""
+    """A stage-1 checkpoint (--init, --resume: its architecture and image pipeline, as SPN's bank
+    must be stage 1's features) or CLIP by name / path with fresh WCB heads."""
     if init is None:
         clip, _ = load_clip(args.clip, device="cpu")
         return CIRModel(clip, wcb=not args.no_wcb, n_maps=args.wcb_maps, wcb_hidden=args.wcb_hidden)
     return runtime.build_model(init)
 
-
 def freeze(model, args):
-    """--encoder text freezes the image tower; stage 2 freezes the whole image side, WCB image heads included (SPN:
-    the bank must not move)."""
+    """--encoder text freezes the image tower; stage 2 the image side, WCB image heads included
+    (SPN: the bank must not move)."""
     text_side = lambda n: not n.startswith(("clip.visual.", "wcb_ref.", "wcb_tar."))
     for n, p in model.named_parameters():
         if args.stage == 2:
-            p.requires_grad = p.requires_grad and text_side(n)     # CLIP's unused logit_scale stays frozen
+            p.requires_grad = p.requires_grad and text_side(n)  # CLIP's unused logit_scale: frozen
         elif args.encoder == "text" and n.startswith("clip.visual."):
             p.requires_grad = False
 
-
 def image_sources(args, enc, train, bank_path, resume):
-    """The training images as the loader's indices reach them, and the validation sets [(name, ImageSource,
-    triplets)]: files read by the workers, or with --cache-images decoded once; with a frozen image side its tokens
-    (--encoder text) or SPN's features and bank (stage 2, saved to bank_path, read back on resume), computed once."""
-    res = enc.model.clip.image_resolution
-
+    """The training images as the loader's indices reach them and the validation sets [(name,
+    ImageSource, triplets)]: files read by the workers, or decoded once (--cache-images); with a
+    frozen image side computed once: its tokens (--encoder text) or SPN's features and bank
+    (stage 2, saved to bank_path, read back on resume)."""
     def source(ds):
-        if args.cache_images:
-            return ImageSource.pixels(ds, make_transform(args.transform, res, pixels=True), args.workers)
-        return ImageSource.files(ds, make_transform(args.transform, res))
+        res = enc.model.clip.image_resolution
+        tf = make_transform(args.transform, res, pixels=args.cache_images)
+        return (ImageSource.pixels(ds, tf, args.workers) if args.cache_images
+                else ImageSource.files(ds, tf))
     images = source(train)
     if args.stage == 2:
         images = ImageSource.features(train, enc, images, bank_path, resume)
     elif args.encoder == "text":
         images = ImageSource.tokens(train, enc, images)
-    val = [(name, source(ds), ds) for name, ds in evaluate.eval_sets(args, data.DATASETS[args.dataset].eval_split)]
-    log(f"train: {len(train)} triplets over {len(train.images)} images, {int(train.noisy.sum())} noisy")
+    sets = evaluate.eval_sets(args, data.DATASETS[args.dataset].eval_split)
+    val = [(name, source(ds), ds) for name, ds in sets]
+    log(f"train: {len(train)} triplets over {len(train.images)} images, "
+        f"{int(train.noisy.sum())} noisy")
     return images, val
 
-
 def param_groups(model, args):
-    """AdamW groups: CLIP at --lr, WCB heads at --lr-wcb; weight decay on matrices only (not norms, biases, α)."""
+    """AdamW groups: CLIP at --lr, WCB heads at --lr-wcb; weight decay on matrices only."""
     groups = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr = args.lr if name.startswith("clip.") else args.lr_wcb
-        wd = args.wd if p.dim() >= 2 else 0.0
-        groups.setdefault((lr, wd), []).append(p)
+        if p.requires_grad:
+            lr = args.lr if name.startswith("clip.") else args.lr_wcb
+            groups.setdefault((lr, args.wd if p.dim() >= 2 else 0.0), []).append(p)
     return [dict(params=ps, lr=lr, weight_decay=wd) for (lr, wd), ps in groups.items()]
-
 
 def lr_lambda(total, warm):
     """Linear warm-up over `warm` steps, then cosine decay to 0 at `total`."""
@@ -195,85 +182,83 @@ def lr_lambda(total, warm):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
     return f
 
-
 def restore(run, resume):
-    """Everything of last.pt back in place: optimiser, schedule, scaler, soft labels, random streams, log."""
+    """last.pt back in place: optimiser, schedule, scaler, soft labels, random streams, log."""
     run.opt.load_state_dict(resume["optimizer"])
     run.sched.load_state_dict(resume["scheduler"])
     run.scaler.load_state_dict(resume["scaler"])
     if run.nfb is not None:
         run.nfb.load_state_dict(resume["nfb"])
-    set_rng_state(resume["rng"])
-    if run.rank == 0:   # the log as of the checkpoint: an epoch logged after it will be trained (and logged) again
-        atomic_write(run.out / "log.jsonl", "".join(json.dumps(strict_json(r)) + "\n" for r in resume["history"]))
+    runtime.set_rng_state(resume["rng"])
+    if run.rank == 0:  # the log as of the checkpoint: a later epoch is trained (and logged) again
+        atomic_write(run.out / "log.jsonl",
+                     "".join(json.dumps(strict_json(r)) + "\n" for r in resume["history"]))
     log(f"resumed {run.out} after epoch {resume['epoch']}")
-    if resume["args"]["epochs"] != run.args.epochs:
-        log(f"--epochs {run.args.epochs} (the run had {resume['args']['epochs']}): the learning rate follows the "
+    if (was := resume["args"]["epochs"]) != run.args.epochs:
+        log(f"--epochs {run.args.epochs} (the run had {was}): the learning rate follows the "
             f"cosine schedule of {run.args.epochs} epochs from the step reached")
     run.start, run.best, run.history = resume["epoch"] + 1, resume["best"], resume["history"]
 
-
 def carry_over(run, init):
-    """SPN stage 2 starts from stage 1's soft labels when they describe the same training triplets; otherwise the
-    NFB warms up again."""
-    a = run.args
+    """SPN stage 2 starts from stage 1's soft labels if they describe the same training triplets;
+    otherwise the NFB warms up again."""
+    a, nfb = run.args, init.get("nfb")
     differ = runtime.triplet_changes(init["args"], vars(a))
-    if init.get("nfb") and not differ and len(init["nfb"]["weights"]) == len(run.train):
-        run.nfb.carry_over(init["nfb"])
-        log(f"NFB: soft labels of {a.init} carried over ({int((run.nfb.weights < 0.5).sum())} pairs flagged)")
-    else:
-        why = "it has no NFB" if not init.get("nfb") else f"its triplets differ ({', '.join(differ) or 'count'})"
-        log(f"NFB: stage-1 soft labels not carried over: {why}; warm-up of {a.warmup_epochs} epoch(s)")
-        if a.warmup_epochs >= a.epochs and run.rank == 0:
-            print(f"warning: --warmup-epochs {a.warmup_epochs} >= --epochs {a.epochs}: every epoch is a warm-up, "
-                  "the noise filter's labels are never used (pass --no-nfb, or more --epochs)", file=sys.stderr)
-
+    if nfb and not differ and len(nfb["weights"]) == len(run.train):
+        run.nfb.carry_over(nfb)
+        flagged = int((run.nfb.weights < 0.5).sum())
+        log(f"NFB: soft labels of {a.init} carried over ({flagged} pairs flagged)")
+        return
+    why = f"its triplets differ ({', '.join(differ) or 'count'})" if nfb else "it has no NFB"
+    log(f"NFB: stage-1 soft labels not carried over: {why}; warm-up of {a.warmup_epochs} epoch(s)")
+    if a.warmup_epochs >= a.epochs and run.rank == 0:
+        print(f"warning: --warmup-epochs {a.warmup_epochs} >= --epochs {a.epochs}: every epoch is "
+              "a warm-up, the noise filter's labels are never used (pass --no-nfb, or more "
+              "--epochs)", file=sys.stderr)
 
 # -----------------------------------------------------------------------------
 # one step: batch -> features -> logits -> loss
 
 def train_step(run, batch, w):
-    """One optimizer step on a batch (tokens (B, L), ref, tgt, idx (B,)) with soft labels w (B,) or None.
-    ref and tgt are the image source's inputs (images, or a frozen tower's tokens); in SPN's stage 2 ref is
-    f_ref and tgt the targets' rows in the bank. Returns the loss."""
+    """One optimizer step on a batch (tokens (B, L), ref, tgt, idx (B,)) with soft labels w (B,) or
+    None. ref, tgt: the image source's inputs (images, or a frozen tower's tokens; stage 2: f_ref
+    and the targets' rows in the bank). -> the loss."""
     a, (tokens, ref, tgt, _) = run.args, batch
     with run.amp:
-        if run.images.bank is None:
-            q, t, pen = run.net(tokens, ref, tgt)       # q = normalize(f_txt + f_ref), t = normalize(f_tar)
-            t_all = gather_with_grad(t)                                         # (W·B, D) the global batch
-            pos = torch.arange(len(q), device=q.device) + run.rank * len(q)     # my targets' rows in t_all
+        if run.images.bank is None:          # q = normalize(f_txt + f_ref), t = normalize(f_tar)
+            q, t, pen = run.net(tokens, ref, tgt)                  # q, t (B, D)
+            t_all = runtime.gather_with_grad(t)                    # (W·B, D) the global batch
+            pos = torch.arange(len(q), device=q.device) + run.rank * len(q)  # my targets in t_all
         else:
             q, t_all, pos, pen = bank_step(run, tokens, ref, tgt)
-        if w is None:                                    # L_NCE: logits q t_all / τ
+        if w is None:                                        # L_NCE: logits q t_all / τ
             loss = info_nce(q, t_all, a.tau, pos=pos)
-        else:                                            # L^soft_NCE with the NFB's labels
+        else:                                                # L^soft_NCE with the NFB's labels
             loss = soft_nce(q, t_all, w, a.tau, pos=pos, soft=a.soft_label)
         loss = loss + a.div_weight * pen
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.opt)
-    torch.nn.utils.clip_grad_norm_([p for g in run.opt.param_groups for p in g["params"]], a.grad_clip)
+    params = [p for g in run.opt.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
     run.scaler.step(run.opt)
     run.scaler.update()
     run.sched.step()
     return loss.item()
 
-
 def bank_step(run, tokens, f_ref, rows):
-    """SPN's more negatives (stage 2): the queries against the static bank of every training image's target
-    feature, computed once by the frozen image side. -> q (B, D), the bank (N, D), pos (B,) the targets'
-    rows in it, the WCB penalty."""
+    """SPN's more negatives (stage 2): the queries against the static bank of every training
+    target's feature (the frozen image side's, computed once). -> q (B, D), the bank (N, D), pos
+    (B,) the targets' rows in it, the WCB penalty."""
     q, _, pen = run.net(tokens, f_ref, None)
     return q, run.images.bank, rows, pen
-
 
 # -----------------------------------------------------------------------------
 # the epoch
 
 def train_epoch(run, epoch):
-    """One pass: the epoch's pairs and soft labels, then train_step on every batch. Returns the log
-    fields."""
-    a, dev = run.args, run.device
+    """One pass: the epoch's pairs and soft labels, then train_step on each batch. -> log fields."""
+    a = run.args
     run.model.train()
     keep, w_all = epoch_labels(run, epoch)
     total, steps, t_data, t_step = 0.0, 0, 0.0, 0.0
@@ -283,27 +268,24 @@ def train_epoch(run, epoch):
     t0 = time.perf_counter()
     for batch in bar:
         batch = on_device(run, batch)
-        idx = batch[3]
         t1 = time.perf_counter()
-        value = train_step(run, batch, None if w_all is None else w_all[idx].to(dev))
+        value = train_step(run, batch, None if w_all is None else w_all[batch[3]].to(run.device))
         if not math.isfinite(value):
-            raise FloatingPointError(f"epoch {epoch}, step {steps}: the loss is {value}; the run diverged "
-                                     f"(lower --lr, or try --amp none). last.pt still holds the previous epoch")
+            raise FloatingPointError(f"epoch {epoch}, step {steps}: the loss is {value}; the run "
+                                     "diverged (lower --lr, or try --amp none). last.pt still "
+                                     "holds the previous epoch")
         total, steps = total + value, steps + 1
         t2 = time.perf_counter()
         t_data, t_step, t0 = t_data + t1 - t0, t_step + t2 - t1, t2
         bar.set_postfix(loss=f"{value:.3f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
         if a.max_steps and steps >= a.max_steps:
             break
-    rec = dict(epoch=epoch, loss=total / max(1, steps), lr=run.sched.get_last_lr()[0], time_data=t_data,
-               time_step=t_step)
-    return rec
-
+    return dict(epoch=epoch, loss=total / max(1, steps), lr=run.sched.get_last_lr()[0],
+                time_data=t_data, time_step=t_step)
 
 def epoch_labels(run, epoch):
-    """Which pairs the epoch trains on and with what labels: (keep (n,) bool or None, w (n,) or None).
-    --oracle keeps the clean triplets; past the warm-up the NFB's w draws the epoch's pairs (--soft-label
-    sample: pair i kept with probability w_i) or weights them (weight, spread)."""
+    """-> (keep (n,) bool or None, w (n,) or None). --oracle keeps the clean triplets; past the
+    warm-up the NFB's w draws the pairs (--soft-label sample) or weighs them (the others)."""
     a, nfb = run.args, run.nfb
     if a.oracle:
         return ~run.train.noisy, None
@@ -313,25 +295,23 @@ def epoch_labels(run, epoch):
         return nfb.draw(torch.Generator().manual_seed(a.seed * 1000 + epoch)), None
     return None, nfb.weights
 
-
 def on_device(run, batch):
-    """A loader batch as the step takes it: the tokens on the device, the images through the run's image source."""
+    """A loader batch as the step takes it: tokens on the device, images through run.images."""
     tokens, ref, tgt, idx = batch
     dev = run.device
     return (tokens.to(dev, non_blocking=dev.type == "cuda"), run.images.inputs(ref, dev, "ref"),
             run.images.inputs(tgt, dev, "tgt"), idx)
 
-
 def collate(items, images, context_length=77):
-    """Items (ref_idx, text, tgt_idx, i) -> tokens (B, L), ref, tgt (what images.load gives: images read from disk
-    in the loader's workers, or the indices), idx (B,)."""
+    """Items (ref_idx, text, tgt_idx, i) -> tokens (B, L), ref, tgt (images.load's: images read in
+    the loader's workers, or the indices), idx (B,)."""
     ref, text, tgt, idx = zip(*items)
-    return tokenize(list(text), context_length, truncate=True), images.load(ref), images.load(tgt), torch.tensor(idx)
-
+    tokens = tokenize(list(text), context_length, truncate=True)
+    return tokens, images.load(ref), images.load(tgt), torch.tensor(idx)
 
 def make_loader(run, epoch, keep=None):
-    """A fresh loader per epoch whose order and worker seeds depend only on (seed, epoch): resumable exactly.
-    keep (n,) bool: the epoch cycles over these triplets only (epoch_order)."""
+    """A fresh loader per epoch, its order and worker seeds from (seed, epoch) only: resumable
+    exactly. keep (n,) bool: the epoch cycles over these triplets only (epoch_order)."""
     a, ds, world = run.args, run.train, run.world
     g = torch.Generator().manual_seed(a.seed * 1000 + epoch)
     sampler = None
@@ -339,74 +319,68 @@ def make_loader(run, epoch, keep=None):
         keep = torch.ones(len(ds), dtype=torch.bool) if keep is None else keep
         sampler = epoch_order(keep, g, (run.rank, world), ds.ref_idx if a.group_batches else None)
     elif world > 1:
-        sampler = torch.utils.data.DistributedSampler(ds, world, run.rank, shuffle=True, seed=a.seed, drop_last=True)
+        sampler = torch.utils.data.DistributedSampler(ds, world, run.rank, shuffle=True,
+                                                      seed=a.seed, drop_last=True)
         sampler.set_epoch(epoch)
-    # Items whose images come from a cache cost next to nothing: workers would only compete with the compute threads
-    # for the cores.
-    return DataLoader(ds, batch_size=a.batch_size // world, shuffle=sampler is None, sampler=sampler,
-                      num_workers=a.workers if run.images.kind == "files" else 0, generator=g, drop_last=True,
-                      collate_fn=functools.partial(collate, images=run.images,
-                                                   context_length=run.model.clip.context_length),
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
-
+    collate_fn = functools.partial(collate, images=run.images,
+                                   context_length=run.model.clip.context_length)
+    workers = a.workers if run.images.kind == "files" else 0  # cached: no workers, they take cores
+    return torch.utils.data.DataLoader(
+        ds, batch_size=a.batch_size // world, shuffle=sampler is None, sampler=sampler, generator=g,
+        num_workers=workers, drop_last=True, collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available())
 
 def epoch_order(keep, g, shard=(0, 1), groups=None):
-    """An epoch over the kept triplets only, with as many samples as a full epoch (so the same number of optimizer
-    steps): permutations of the kept set, concatenated, then this rank's share (shard = (rank, world)).
-    keep (n,) bool: --oracle keeps the triplets known to be clean (the ceiling of a noisy run); --soft-label
-    sample keeps pair i with probability w_i. groups (n,): --group-batches puts each group's members together."""
+    """An epoch over the kept triplets only, with a full epoch's samples (and optimizer steps):
+    permutations of the kept set, concatenated, then this rank's share (shard = (rank, world)).
+    keep (n,) bool: --oracle's clean triplets (a noisy run's ceiling), or --soft-label sample's
+    draw. groups (n,): --group-batches puts each group's members together."""
     kept = keep.nonzero().squeeze(1)                                     # (n_kept,)
     if len(kept) < 2:
-        raise ValueError(f"only {len(kept)} training triplets kept (--oracle: clean ones); lower --noise")
+        raise ValueError(f"only {len(kept)} training triplets kept (--oracle: clean ones); "
+                         "lower --noise")
     n, (rank, world) = len(keep), shard
-    reps = -(-n // len(kept))
-    order = torch.cat([grouped(kept[torch.randperm(len(kept), generator=g)], groups, g) for _ in range(reps)])[:n]
-    return order[rank::world][:n // world].tolist()
-
+    perms = [grouped(kept[torch.randperm(len(kept), generator=g)], groups, g)
+             for _ in range(-(-n // len(kept)))]
+    return torch.cat(perms)[:n][rank::world][:n // world].tolist()
 
 def grouped(idx, groups, g):
-    """idx (k,) in random order -> the same indices with each group's members side by side, the groups in random
-    order (--group-batches: a batch then holds whole groups, so a query meets its group's other targets)."""
+    """idx (k,) in random order -> the same, each group's members side by side, the groups in
+    random order (--group-batches: a query meets its group's other targets in its batch)."""
     if groups is None:
         return idx
-    gid = groups[idx]                                                    # (k,)
-    uniq, inv = gid.unique(return_inverse=True)
-    group_rank = torch.randperm(len(uniq), generator=g)[inv]            # (k,) a random rank per group
+    uniq, inv = groups[idx].unique(return_inverse=True)                  # inv (k,)
+    group_rank = torch.randperm(len(uniq), generator=g)[inv]             # (k,) a random group rank
     return idx[torch.argsort(group_rank * len(idx) + torch.arange(len(idx)))]
-
 
 # -----------------------------------------------------------------------------
 # after each epoch: the NFB's refit, validation, the checkpoints
 
 def refit_noise_filter(run, epoch):
-    """NFB: the views of every training pair (of all ranks) -> a GMM per view -> the next epoch's soft
-    labels, the same on every rank. Returns the log fields (nfb_*) and draws the query view's loss
-    histogram."""
+    """NFB: the views of every training pair (all ranks') -> a GMM per view -> the next epoch's
+    soft labels, the same on every rank. -> log fields (nfb_*); plots the query view's losses."""
     t = time.perf_counter()
     views = {k: v.cpu() for k, v in noise_views(run).items()}
     stats = run.nfb.update(views, epoch)
-    if run.world > 1:                                   # one GMM, the same soft labels on every rank
+    if run.world > 1:                                   # one GMM: the same soft labels on all ranks
         w = run.nfb.weights.to(run.device)
         dist.broadcast(w, 0)
         run.nfb.weights = w.cpu()
     if run.rank == 0:
-        plots.loss_histogram(views["query"], stats, run.out / f"loss_hist_epoch{epoch:03d}.png", epoch,
-                       noisy=run.train.noisy if run.train.noisy.any() else None)
+        plots.loss_histogram(views["query"], stats, run.out / f"loss_hist_epoch{epoch:03d}.png",
+                             epoch, noisy=run.train.noisy if run.train.noisy.any() else None)
     return dict(time_nfb=time.perf_counter() - t, **{f"nfb_{k}": v for k, v in stats.items()})
-
 
 @torch.no_grad()
 def noise_views(run):
-    """The NFB's views of every training pair after the epoch, no grad (nfb.pair_views): {name: (n,)
-    losses} for the views of --nfb-views; the images through the model once, the distinct texts once, each
-    process its share (encode.pair_features)."""
+    """The NFB's views (nfb.pair_views) of every training pair: {name: (n,) losses}; the images
+    through the model once, the distinct texts once, each process its share (pair_features)."""
     pf = pair_features(run.enc, run.images, run.train)
     return pair_views(pf, run.args.nfb_views, run.args.tau)
 
-
 def nfb_line(rec):
-    """The NFB's part of an epoch's log line: the pairs it flags (and its AUC where the noise is known), or that
-    its gate found no noise."""
+    """The NFB's part of an epoch's log line: the pairs it flags (AUC where the noise is known), or
+    that its gate found no noise."""
     if "nfb_n_noisy" not in rec:
         return ""
     if rec.get("nfb_gated"):
@@ -414,29 +388,21 @@ def nfb_line(rec):
     auc = f" AUC {rec['nfb_auc']:.3f}" if rec.get("nfb_auc") is not None else ""
     return f" | NFB noisy {rec['nfb_n_noisy']}{auc}"
 
-
 def save_epoch(run, rec):
-    """best.pt (on a new best), then last.pt, then the log line: a kill between two writes never leaves a log or
-    a last.pt that claims more than the files before it hold."""
-    a, nfb = run.args, run.nfb
+    """best.pt (on a new best), then last.pt, then the log line: a kill between two writes never
+    leaves a log or a last.pt that claims more than the files before it hold."""
+    a, nfb = run.args, run.nfb.state_dict() if run.nfb else None
     if rec["score"] > run.best:
-        atomic_write(run.out / "best.pt", dict(model=run.model.state_dict(), args=vars(a), epoch=rec["epoch"],
-                                               metrics=rec["metrics"], nfb=nfb.state_dict() if nfb else None))
+        atomic_write(run.out / "best.pt", dict(model=run.model.state_dict(), args=vars(a),
+                                               epoch=rec["epoch"], metrics=rec["metrics"], nfb=nfb))
         run.best = rec["score"]
     atomic_write(run.out / "last.pt", dict(
-        model=run.model.state_dict(), optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
-        scaler=run.scaler.state_dict(), nfb=nfb.state_dict() if nfb else None, epoch=rec["epoch"], best=run.best,
-        history=run.history, args=vars(a), rng=rng_state()))
+        model=run.model.state_dict(), optimizer=run.opt.state_dict(),
+        scheduler=run.sched.state_dict(), scaler=run.scaler.state_dict(), nfb=nfb,
+        epoch=rec["epoch"], best=run.best, history=run.history, args=vars(a),
+        rng=runtime.rng_state()))
     with open(run.out / "log.jsonl", "a") as f:
         f.write(json.dumps(strict_json(rec)) + "\n")
-
-
-# -----------------------------------------------------------------------------
-# plots: a picture of the noise filter's view of the losses, the recall per epoch
-
-
-
-
 
 # -----------------------------------------------------------------------------
 # main
@@ -449,9 +415,9 @@ def main(argv=None):
         rec = train_epoch(run, epoch)
         if run.nfb is not None:
             rec.update(refit_noise_filter(run, epoch))
-        # every process encodes its share of the validation images and queries; the metrics are the same on all
+        # each process encodes its share of the validation set (same metrics on all); metrics["avg"]
+        # picks best.pt: CIRR (R@5 + Rsubset@1)/2, FashionIQ (R@10 + R@50)/2, Shoes mean R@1/10/50
         metrics = evaluate.evaluate_sets(run.enc, run.val, a.dataset)
-        # metrics["avg"] picks best.pt: CIRR (R@5 + Rsubset@1)/2, FashionIQ (R@10 + R@50)/2, Shoes mean R@1/10/50
         rec.update(metrics=metrics, score=metrics["avg"], time_epoch=time.perf_counter() - t)
         if run.rank == 0:
             run.history.append(rec)
@@ -467,9 +433,8 @@ def main(argv=None):
         dist.destroy_process_group()
     return run.out
 
-
 if __name__ == "__main__":
     try:
         main()
     except (OSError, ValueError, FloatingPointError) as e:   # bad input: one line, no traceback
-        sys.exit(f"error: {util.error_line(e)}")
+        sys.exit(f"error: {error_line(e)}")

@@ -1,7 +1,6 @@
 """Triplets as datasets: TripletDataset (every split is one; a missing image is an error, or with
 skip_missing=True dropped), inject_noise (synthetic noise, and its ground truth), and Triplets, the
-plain format for your own data: <root>/{train,val,test}.jsonl or .csv, a row a triplet.
-"""
+plain format for your own data: <root>/{train,val,test}.jsonl or .csv, a row a triplet."""
 import csv
 import functools
 import io
@@ -17,29 +16,28 @@ from torch.utils.data import Dataset
 
 from util import log
 
-
 def make_triplet(reference, target, text, **given):
-    """A triplet, as every reader makes it (here only: the keys cannot drift). pairid (CIRR's, the
-    format's id, Shoes' row), reference, target (None on a test split), text (what the model
-    reads), captions (FashionIQ's pair, else [text]), members (the query's subset, reference
-    included), category (FashionIQ's, the format's), subset (CIRR's img_set id), row (the format's
-    other keys), source (the format's row as read: the audit's cleaned copy writes it), line (the
-    row's place in its file: from 1 in .jsonl/.csv, from 0 in a JSON list); None or {} if none."""
+    """A triplet, as every reader makes it (only here: the keys cannot drift). pairid (CIRR's, the
+    format's id, Shoes' row), target (None on a test split), text (what the model reads), captions
+    (FashionIQ's pair, else [text]), members (the query's subset, reference included), category
+    (FashionIQ's, the format's), subset (CIRR's img_set id), row (the format's other keys), source
+    (the format's row as read, for the audit's clean copy), line (the row's place in its file: from
+    1 in .jsonl/.csv, from 0 in a JSON list); None or {} if none."""
     t = dict(pairid=None, reference=reference, target=target, text=text, captions=[text],
              members=None, category=None, subset=None, row={}, source=None, line=None)
-    if given.keys() - t.keys():
-        raise TypeError(f"make_triplet: unknown keys {sorted(given.keys() - t.keys())}")
+    if unknown := given.keys() - t.keys():
+        raise TypeError(f"make_triplet: unknown keys {sorted(unknown)}")
     return {**t, **given}
-
 
 class TripletDataset(Dataset):
     """A split: .triplets (make_triplet's), .images (the gallery, in split-file order), .paths,
-    .index {name: row of .images}, .ref_idx / .tgt_idx (N,) (-1: no target), .noisy / .noise_field
-    (N,) the truth of the noise. Item i: (ref_idx, text, tgt_idx, i); images are read by index."""
+    .index {name: row of .images}, .ref_idx / .tgt_idx (N,) (-1: no target), the noise's truth:
+    .noise_field (N,) (a NOISE_FIELDS index: what was replaced), .noisy (N,) bool. Item i:
+    (ref_idx, text, tgt_idx, i); images are read by index."""
 
     def _setup(self, name, root, split, found, skip_missing=False, noise=None, extra_triplets=None):
         """found: the layout's images, {name: path}, triplets, and the noise each stores (a
-        NOISE_FIELDS index). The readers pass skip_missing, noise and extra_triplets on."""
+        NOISE_FIELDS index: the toy's, yours); the readers pass skip_missing, noise, extras on."""
         images, paths, triplets, field = found
         self.split, train = split, split == "train"
         missing = find_missing({n: paths[n] for n in images})
@@ -51,8 +49,7 @@ class TripletDataset(Dataset):
         if missing:
             gone = set(missing)
             images = [n for n in images if n not in gone]
-            # Evaluation needs whole subsets (each query ranks as many members); training does not.
-            whole = not train and any(t["members"] for t in triplets)
+            whole = not train and any(t["members"] for t in triplets)  # queries rank whole subsets
             keep = [i for i, t in enumerate(triplets) if gone.isdisjoint(
                 (t["reference"], t["target"], *(t["members"] or () if whole else ())))]
             log(f"{name} {split}: skip_missing: {len(missing)} missing images dropped from the "
@@ -63,33 +60,29 @@ class TripletDataset(Dataset):
             if not images or not triplets:
                 raise FileNotFoundError(f"{name} {split}: nothing left after dropping missing "
                                         f"images under {root}")
-        self.images = images
+        self.images, self.paths = images, {n: paths[n] for n in images}
         self.index = {n: i for i, n in enumerate(images)}
-        self.paths = {n: paths[n] for n in images}
-        field = torch.tensor(field, dtype=torch.long)   # the data's own noise (the toy's, yours)
-        if noise is not None and noise.ratio:           # injected on top: training only
+        if noise is not None and noise.ratio:  # injected on top of the data's own: training only
             if not train:
                 raise ValueError(f"{name}: injected noise is for the training split, not {split!r}")
             check_noise(noise, has_subsets=any(t["members"] for t in triplets))
             clean, (triplets, injected) = triplets, inject_noise(triplets, images, noise)
-            changed = [_field(t, t0) for t, t0 in zip(triplets, clean)]
-            field = torch.where(injected, torch.tensor(changed, dtype=torch.long), field)
+            field = [_field(t, t0) if hit else f
+                     for t, t0, hit, f in zip(triplets, clean, injected.tolist(), field)]
             log(f"{name} {split}: --noise {noise.ratio}: {noise.kind} noise injected into "
                 f"{int(injected.sum())} of {len(triplets)} triplets, in memory (seed {noise.seed}; "
                 f"--noise 0: none; no file is changed)", once=True)
         if extra_triplets is not None:  # generated positives (SPN), after the noise: never noisy
             extra = _read_extra(extra_triplets, self.index, name)
-            triplets = triplets + extra
-            field = torch.cat([field, torch.zeros(len(extra), dtype=torch.long)])
+            triplets, field = triplets + extra, field + [0] * len(extra)
             src = extra_triplets if isinstance(extra_triplets, (str, Path)) else "a list"
             log(f"{name} {split}: {len(extra)} extra triplets appended from {src}", once=True)
-        self.triplets = triplets
-        self.noise_field = field                    # (N,) NOISE_FIELDS index: what was replaced
-        self.noisy = field > 0                      # (N,) bool, the truth of the noise
-        self.ref_idx = torch.tensor([self.index[t["reference"]] for t in triplets],
-                                    dtype=torch.long)                                     # (N,)
-        self.tgt_idx = torch.tensor([-1 if t["target"] is None else self.index[t["target"]]
-                                     for t in triplets], dtype=torch.long)              # (N,)
+        self.triplets, self.noise_field = triplets, torch.tensor(field, dtype=torch.long)  # (N,)
+        self.noisy = self.noise_field > 0                                                  # (N,)
+        self.ref_idx = torch.tensor([self.index[t["reference"]] for t in triplets],       # (N,)
+                                    dtype=torch.long)
+        self.tgt_idx = torch.tensor([-1 if t["target"] is None else self.index[t["target"]]  # (N,)
+                                     for t in triplets], dtype=torch.long)
 
     def __len__(self):
         return len(self.triplets)
@@ -100,37 +93,22 @@ class TripletDataset(Dataset):
     def _text(self, t):
         return t["text"]
 
-
 def _read_extra(extra, index, name):
     """Extra training triplets: a JSON file or a list of {reference, target, text|caption}."""
     rows = json.loads(Path(extra).read_text()) if isinstance(extra, (str, Path)) else extra
-    out = []
-    for r in rows:
-        text = r.get("text", r.get("caption"))
-        if r.get("reference") not in index or r.get("target") not in index or text is None:
+    out = [make_triplet(r.get("reference"), r.get("target"), r.get("text", r.get("caption")),
+                        category=r.get("category")) for r in rows]
+    for r, t in zip(rows, out):
+        if t["reference"] not in index or t["target"] not in index or t["text"] is None:
             raise ValueError(f"{name}: extra triplet {r} needs 'reference' and 'target' among the "
                              f"training images and a 'text' (file: {extra})")
-        out.append(make_triplet(r["reference"], r["target"], text, category=r.get("category")))
     return out
-
 
 def _read_json(path):
     try:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); re-download it") from None
-
-
-def subset_rows(ds):
-    """(N, M) gallery rows of each triplet's subset: its target first, then the other members but
-    its reference, -1 padding; None when a triplet has no subset (FashionIQ, Shoes)."""
-    if not ds.triplets or not all(t["members"] for t in ds.triplets):
-        return None
-    rows = [list(dict.fromkeys([t["target"], *(m for m in t["members"] if m != t["reference"])]))
-            for t in ds.triplets]
-    width = max(map(len, rows))
-    return torch.tensor([[ds.index[m] for m in r] + [-1] * (width - len(r)) for r in rows])
-
 
 def load_image(path):
     """PIL RGB image; a missing or corrupt file raises one error naming its path."""
@@ -141,7 +119,6 @@ def load_image(path):
         raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}. Replace the file, or "
                       f"delete it and build the dataset with skip_missing=True "
                       f"(--skip-missing)") from e
-
 
 def find_missing(paths):
     """Names of `paths` ({name: Path}) whose file does not exist, in order; one scandir a folder."""
@@ -154,20 +131,17 @@ def find_missing(paths):
             return set()
     return [n for n, p in paths.items() if p.name not in listed(p.parent)]
 
-
 # -----------------------------------------------------------------------------
 # synthetic label noise
 
 NOISE_KINDS = ("shuffle", "target", "text", "partial")
 NOISE_FIELDS = ("clean", "reference", "text", "target")     # what a noisy triplet had replaced
 
-
 class Noise(NamedTuple):
     """Injected training noise: `ratio` of the triplets corrupted the `kind` way, with `seed`."""
     ratio: float
     kind: str = "shuffle"
     seed: int = 0
-
 
 def check_noise(noise, has_subsets=True, what="--noise"):
     """A clear error for a noise setting that cannot work, before any data is read."""
@@ -181,54 +155,44 @@ def check_noise(noise, has_subsets=True, what="--noise"):
                          "and this dataset has none (CIRR and the toy do); choose shuffle, target "
                          "or text")
 
-
 def inject_noise(triplets, images, noise):
     """Corrupt round(ratio * N) of N training triplets, drawn with noise.seed -> (new triplets,
     noisy (N,) bool); the input is not changed.
-      shuffle  the field's protocol (TME, CVPR 2025; ConeSep, HABIT, INTENT): the chosen, in the
-               order drawn, cut in three; within the first third the references are shuffled,
-               within the second the texts (with captions), within the last the targets. One left
-               unchanged (a fixed point, an equal value) is clean.
+      shuffle  the field's protocol (TME, CVPR 2025; ConeSep, HABIT, INTENT): the chosen, in draw
+               order, cut in thirds: the references shuffled within the first, the texts (with
+               captions) within the second, the targets within the last; one left as it was (a
+               fixed point, an equal value) is clean
       target   another image (not its target or reference) as target
       text     another triplet's (different) text
       partial  a near miss: another member of its subset as target; none: the triplet is not drawn
     """
     check_noise(noise)
-    n, new, rng = len(triplets), list(triplets), random.Random(noise.seed)
-    noisy = torch.zeros(n, dtype=torch.bool)
+    new, rng = list(triplets), random.Random(noise.seed)
     pool = [i for i, t in enumerate(triplets) if noise.kind != "partial" or _near_misses(t)]
     if noise.kind == "partial" and not pool and noise.ratio > 0:
         raise ValueError("--noise-kind partial needs subsets (img_set members) with a third image")
-    k = min(round(noise.ratio * n), len(pool))
-    if k == 0:
-        return new, noisy
+    k = min(round(noise.ratio * len(triplets)), len(pool))
+    if k and noise.kind in ("target", "text") and len(set(images)) < 3:
+        raise ValueError("inject_noise needs at least 3 distinct images")
     chosen = rng.sample(pool, k)
     if noise.kind == "shuffle":
         cut = [0, k // 3, 2 * k // 3, k]                # TME's cuts: the last third takes the rest
         for j, fields in enumerate((("reference",), ("text", "captions"), ("target",))):
-            part = chosen[cut[j]:cut[j + 1]]
-            perm = part[:]
+            part, perm = chosen[cut[j]:cut[j + 1]], chosen[cut[j]:cut[j + 1]]
             rng.shuffle(perm)
             for i, o in zip(part, perm):
                 new[i] = {**triplets[i], **{f: triplets[o][f] for f in fields}}
     else:
-        if noise.kind in ("target", "text") and len(set(images)) < 3:
-            raise ValueError("inject_noise needs at least 3 distinct images")
         for i in sorted(chosen):
             new[i] = {**triplets[i], **_corrupt(triplets[i], noise.kind, triplets, images, rng)}
-    for i in chosen:
-        noisy[i] = _field(new[i], triplets[i]) > 0
-    return new, noisy
-
+    return new, torch.tensor([_field(t, t0) > 0 for t, t0 in zip(new, triplets)], dtype=torch.bool)
 
 def _field(t, t0):
     """Which field of triplet t0 the noise changed in t: an index into NOISE_FIELDS."""
     return next((i for i, f in enumerate(NOISE_FIELDS) if i and t.get(f) != t0.get(f)), 0)
 
-
 def _near_misses(t):
     return [m for m in (t.get("members") or ()) if m not in (t["reference"], t["target"])]
-
 
 def _corrupt(t, kind, triplets, images, rng):
     """The replaced fields of one triplet under a per-triplet kind (rejection sampling: quick)."""
@@ -245,7 +209,6 @@ def _corrupt(t, kind, triplets, images, rng):
         if cand != t["target"] and cand != t["reference"]:
             return {"target": cand}
 
-
 # -----------------------------------------------------------------------------
 # the plain triplet format: your own data
 
@@ -253,14 +216,12 @@ FORMAT_KEYS = ("reference", "text", "target")      # every row's; a test split m
 OPTIONAL_KEYS = ("subset", "id", "noisy")
 FORMAT_SPLITS = ("train", "val", "test")
 
-
 class Triplets(TripletDataset):
     """Your own (--dataset triplets): DIR/<split>.jsonl or .csv, or `file`. A row: reference, text,
     target (paths relative to DIR); subset (paths; CSV: joined by |): Recall_subset, group batches,
     partial noise; id (default: the row number); noisy (true, or the replaced field): known noise
-    (--oracle, the detection's score); other keys kept. The gallery: images by first use. A repeated
-    row is kept once, a self-pair (as in Shoes) kept; both counted. A bad row: one line, naming the
-    file, row and key."""
+    (--oracle, the detection's score); other keys kept. The gallery: images by first use. Repeats
+    kept once, self-pairs (as in Shoes) kept, both counted; a bad row: one line, file, row, key."""
 
     def __init__(self, root, split="train", file=None, **opts):
         root = Path(root).expanduser()
@@ -298,7 +259,6 @@ class Triplets(TripletDataset):
             once=True)
         self._setup("Triplets", root, split, (list(paths), paths, triplets, field), **opts)
 
-
 def read_rows(path):
     """[(row number from 1, dict)] of a .jsonl (an object a line; blank lines skipped) or .csv."""
     text = Path(path).read_text()
@@ -317,22 +277,19 @@ def read_rows(path):
         out.append((r, row))
     return out
 
-
 def _parse_row(row, path, r, split):
     """One row of the format -> (triplet, its stored noise: a NOISE_FIELDS index). A test split may
     leave the target out; a validation subset must hold its target (Recall_subset)."""
     at, need = f"{path} row {r}", "every row needs reference, text and target"
-    for k in FORMAT_KEYS if split != "test" else FORMAT_KEYS[:2]:
-        if row.get(k) is None:
-            raise ValueError(f"{at}: no '{k}'; {need}")
-    text = str(row["text"]).strip()
-    if not text:
+    if absent := [k for k in FORMAT_KEYS[:2 if split == "test" else 3] if row.get(k) is None]:
+        raise ValueError(f"{at}: no '{absent[0]}'; {need}")
+    if not (text := str(row["text"]).strip()):
         raise ValueError(f"{at}: an empty 'text'; {need}")
     if not str(row["reference"]) or split != "test" and not str(row["target"]):
         raise ValueError(f"{at}: an empty image path; {need}")
     target = str(row["target"]) if row.get("target") not in (None, "") else None
     members = row.get("subset")
-    if isinstance(members, str):
+    if isinstance(members, str):                        # CSV: joined by |
         members = [m for m in members.split("|") if m] or None
     if members is not None and not (isinstance(members, list)
                                     and all(isinstance(m, str) for m in members)):
@@ -350,7 +307,6 @@ def _parse_row(row, path, r, split):
                      category=other.get("category"), row=other, source=row, line=r)
     noisy = noisy if isinstance(noisy, str) else "target" if noisy else "clean"  # true: a target
     return t, NOISE_FIELDS.index(noisy)
-
 
 def as_row(t, field=0, name=lambda n: n):
     """A triplet as a row of the format (field: its NOISE_FIELDS index; captions: only a pair not

@@ -8,30 +8,25 @@ and asks for "diverse weight maps" with no formula for Att; ours (README: "What 
     A_k = softmax_over_tokens(score_k(X))    K >= 2 maps, padding gets exactly zero weight
     penalty = ||Â Âᵀ - I||²_F,  Â_k = A_k / ||A_k||_2   (Lin et al. 2017's regulariser)
     Att = mean_k A_k,  X* = X ⊗ Att,  f = g + α · Σ_n X*_n
-with g the global token (cls / eot) and α a learned scalar initialised to 0: at step 0 the block
-is the identity on g, so the composed model starts as exactly CLIP. model.CIRModel makes three
-(text, reference, target).
+with g the global token (cls / eot), α a learned scalar initialised to 0: at step 0 the block is
+the identity on g, the composed model exactly CLIP. model.CIRModel makes three (text, ref, target).
 """
 
 import torch
 import torch.nn as nn
 
-
 def diversity_penalty(a):
     """||Â Âᵀ - I||²_F of row-L2-normalised maps, batch mean. a (B, K, N) -> scalar (fp32).
     diag(Â Âᵀ) = 1, so we sum only the off-diagonal cosines (same value, minus rounding):
     disjoint maps cost exactly 0, identical maps K(K-1)."""
-    a = a.float()
-    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)               # (B, K, N)
+    a = a.float() / a.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)   # (B, K, N) Â
     # elementwise product + sum instead of a bmm: stays fp32 under autocast, and K is tiny
     gram = (a[:, :, None, :] * a[:, None, :, :]).sum(-1)                 # (B, K, K)
     off = 1 - torch.eye(a.shape[1], device=a.device)                    # (K, K) off-diagonal
     return ((gram * off) ** 2).sum((1, 2)).mean()
 
-
 class WCB(nn.Module):
     """hidden=0 -> linear scorer, else a 1-hidden-layer tanh MLP (as Lin et al.)."""
-
     def __init__(self, dim, n_maps=2, hidden=0):
         super().__init__()
         if n_maps < 2:

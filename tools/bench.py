@@ -49,7 +49,6 @@ from encode import ImageSource
 ANNOTATIONS = Path(os.environ.get("NCLCIR_ANNOTATIONS")
                    or Path(__file__).resolve().parent.parent / "testdata")
 
-
 def _time(fn, reps=1):
     """Mean seconds of fn() over reps calls, after one warm-up call."""
     fn()
@@ -62,19 +61,16 @@ def _time(fn, reps=1):
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / reps
 
-
 def _timed(fn, *args):
     t = time.perf_counter()
     out = fn(*args)
     return time.perf_counter() - t, out
-
 
 def _table(title, header, rows):
     print(f"\n{title}")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for r in [header, *rows]:
         print("  ".join(f"{str(x):>{w}}" for x, w in zip(r, widths)))
-
 
 # -----------------------------------------------------------------------------
 # clip: ours vs OpenAI's reference (targets: ours / reference <= 1.0 for images, <= 0.35 for text)
@@ -90,7 +86,6 @@ ARCHS = {  # the released hyper-parameters (random init: nothing is downloaded)
                    vision_width=80, vision_patch_size=None,
                    **dict(_TEXT_B, transformer_width=640, transformer_heads=10)),
 }
-
 
 def reference_clip():
     """OpenAI's `clip` package (clip-anytorch). Its __init__ imports pkg_resources only for a
@@ -110,7 +105,6 @@ def reference_clip():
         if shim:
             del sys.modules["pkg_resources"]
     return clip
-
 
 def bench_clip(args):
     threads, reps, batch = args.threads, args.reps, args.batch
@@ -144,7 +138,6 @@ def bench_clip(args):
             diff = (a - b).abs().max().item()
             print(f"{name:10s} {part:6s} {r:12.4f} {o:8.4f} {o / r:9.3f} {diff:11.2e}")
 
-
 # -----------------------------------------------------------------------------
 # data: toy generation, loader throughput, building the real val datasets
 
@@ -153,7 +146,6 @@ def _placeholders(root, rels, png):
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         os.link(png, p)
-
 
 def bench_data(args):
     torch.set_num_threads(1)
@@ -195,7 +187,6 @@ def bench_data(args):
         shutil.rmtree(tmp, ignore_errors=True)
     _table("data (1 thread for the main process)", ("what", "result"), rows)
 
-
 # -----------------------------------------------------------------------------
 # method: the NFB's GMM and the losses
 
@@ -234,7 +225,6 @@ def bench_method(args):
     _table("SPN stage 2: bank NCE, B = 256 over a 30k x 640 bank", ("labels", "ms"),
            [("hard", f"{th * 1e3:.1f}"), ("soft", f"{tsb * 1e3:.1f}")])
 
-
 # -----------------------------------------------------------------------------
 # train: where a toy step's time goes, the NFB's share of an epoch, cached image tokens
 
@@ -247,7 +237,6 @@ def matmul_peak():
         a, b = torch.randn(n, n), torch.randn(n, n)
         best = max(best, 2 * n ** 3 / _time(lambda: a @ b, 5))
     return best
-
 
 def bench_train(args):
     import evaluate
@@ -322,7 +311,6 @@ def bench_train(args):
             ("text side, image tokens cached (--encoder text)", f"{text:.3f}",
              f"{step / text:.1f}x")])
 
-
 # -----------------------------------------------------------------------------
 # retrieval: chunked ranking
 
@@ -347,7 +335,6 @@ def bench_retrieval(args):
                      f"{t / base[0]:.1f}x"))
     _table("retrieval: CIRR protocol (reference removed, subsets), D = 640, fp32, chunks of 1024 "
            "queries", ("queries x gallery", "s", "M pairs/s", "gallery", "time"), rows)
-
 
 # -----------------------------------------------------------------------------
 # GPU memory and compute of a real-data training step, estimated without a GPU
@@ -394,7 +381,6 @@ def _traced_step(cfg, encoder, batch, bf16):
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     return peak, flops.get_total_flops()
 
-
 def bench_memory(args):
     """Peak memory and FLOPs of one training step (forward, backward, AdamW) on real-data
     architectures, traced with fake tensors: every allocation is accounted, nothing is computed, so
@@ -419,7 +405,6 @@ def bench_memory(args):
     _table(f"one training step, batch {args.gpu_batch} on one GPU, traced with fake tensors (an "
            "estimate: see bench_memory)",
            ("CLIP", "--encoder", "peak GiB fp32", "peak GiB bf16 autocast", "TFLOP / step"), rows)
-
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__,

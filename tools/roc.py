@@ -25,12 +25,10 @@ from nfb import VIEWS
 
 FIELDS = ("clean", "reference", "text", "target")       # triplets.noise_field's codes 0..3
 
-
 def shares(flagged, field):
     """% of each field's pairs flagged. flagged (n,) bool, field (n,) int codes -> ' / '-joined."""
     return " / ".join(f"{100 * flagged[field == k].float().mean():5.1f}" if (field == k).any()
                       else "    —" for k in range(len(FIELDS)))
-
 
 def main(argv=None):
     """-> ({(view, fpr): flagged (n,) bool}, the decision's flagged (n,) bool)."""
@@ -75,7 +73,6 @@ def main(argv=None):
     decision = shares(out["w"] < 0.5, field)
     print(f"  the decision of {' + '.join(s['nfb_views'])} (w < 0.5): {decision}")
     return res, out["w"] < 0.5
-
 
 if __name__ == "__main__":
     main()

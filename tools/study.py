@@ -73,7 +73,6 @@ NOISE = ["0", "0.2", "0.5", "0.8", "partial:0.4"]
 METRICS = ("R@1", "R@5", "R@10", "Rsubset@1")
 EDITS = ("color", "size", "shape", "add", "remove", "move")
 
-
 def parse_noise(s):
     """'0.2' -> ('shuffle', 0.2); 'partial:0.4' -> ('partial', 0.4)."""
     kind, _, ratio = s.rpartition(":")
@@ -81,14 +80,11 @@ def parse_noise(s):
     triplets.check_noise(triplets.Noise(float(ratio), kind))
     return kind, float(ratio)
 
-
 def noise_label(kind, ratio):
     return f"{ratio:.0%}" + ("" if kind == "shuffle" else f" {kind}")
 
-
 def cell_name(method, kind, ratio, seed):
     return f"{method.replace('+', '_')}-{'' if kind == 'shuffle' else kind}n{ratio:g}-s{seed}"
-
 
 # -----------------------------------------------------------------------------
 # one cell
@@ -127,7 +123,6 @@ def run_cell(method, kind, ratio, seed, a, out):
         train.main(argv + ["--out", str(run)] + resume)
     return [json.loads(line) for line in log.read_text().splitlines()]
 
-
 def flags(run):
     """Which training pairs the cell's noise filter flags (w < 0.5 after the last epoch): % of the
     clean pairs, of the clean pairs of each edit type, of the injected noisy pairs. None without a
@@ -147,7 +142,6 @@ def flags(run):
     out.update({e: pct(~noisy & torch.tensor([k == e for k in edits])) for e in EDITS})
     return out
 
-
 def views(last):
     """Detection after the last epoch: the decision (combined) and each view of the run's
     --nfb-views on its own -> {name: {auc, field: % flagged of the clean pairs and of each
@@ -161,7 +155,6 @@ def views(last):
         out[name] = dict(auc=last.get(auc), **fields)
     return out or None
 
-
 # -----------------------------------------------------------------------------
 # the report
 
@@ -173,11 +166,9 @@ def fmt(xs, digits=1):
     std = f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else ""
     return f"{statistics.mean(xs):.{digits}f}" + std
 
-
 def mean(xs):
     xs = [x for x in xs if x is not None]
     return statistics.mean(xs) if xs else None
-
 
 def _cells(rows):
     """{(method, kind, ratio): [its seeds' rows]}; the oracle at 0% noise is the control's cell."""
@@ -189,13 +180,11 @@ def _cells(rows):
             cells[("oracle", k, 0)] = rs
     return cells
 
-
 def _order(key):
     method, kind, ratio = key
     # a method since removed (an older results.jsonl) sorts last
     rank = list(METHODS).index(method) if method in METHODS else len(METHODS)
     return kind != "shuffle", ratio, rank
-
 
 def tables(cells):
     head = " | ".join(METRICS) + " | NFB AUC | clean flagged % | noisy flagged % |"
@@ -258,7 +247,6 @@ def tables(cells):
                    + "\n".join(edit))
     return "\n\n".join(out)
 
-
 def plots(cells, out, title):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
@@ -301,7 +289,6 @@ def plots(cells, out, title):
     fig.savefig(out / "study.png", dpi=110)
     plt.close(fig)
 
-
 def report(out):
     """Markdown tables and the plot from <out>/results.jsonl."""
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -316,13 +303,11 @@ def report(out):
     print(f"\n{len(rows)} cells, {minutes:.0f} min of training; written: {out / 'results.md'}, "
           f"{out / 'study.png'}")
 
-
 # -----------------------------------------------------------------------------
 # the grid
 
 def _worker(threads):
     torch.set_num_threads(threads)
-
 
 def _cell(job):
     """Train one cell, its console output into its run folder -> its results.jsonl line."""
@@ -339,7 +324,6 @@ def _cell(job):
                 nfb_auc=last.get("nfb_auc"), flags=flags(run), views=views(last),
                 minutes=round((time.perf_counter() - t) / 60, 2))
 
-
 def grid(a):
     """[(method, kind, ratio, seed)] in running order: every method of a noise setting first."""
     cells = []
@@ -354,7 +338,6 @@ def grid(a):
             seeds = a.ablation_seeds if method in ABLATIONS else a.seeds
             cells += [(method, kind, ratio, seed) for seed in seeds]
     return cells
-
 
 def main(argv=None):
     p = util.ArgumentParser(__doc__)
@@ -423,7 +406,6 @@ def main(argv=None):
             pool.join()
     print(f"study: {len(todo)} cells in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     report(out)
-
 
 if __name__ == "__main__":
     try:
