@@ -309,7 +309,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, run_args, ckpt, path = runtime.load_model(a.checkpoint, a.clip, a.dataset, device)
     dataset = a.dataset or run_args["dataset"]
-    root = runtime.data_root(a.data_root or run_args.get("data_root"), dataset)
+    root = data.data_root(a.data_root or run_args.get("data_root"), dataset)
     s = audit_settings(run_args, dataset, root, noise=a.noise, noise_kind=a.noise_kind,
                        categories=a.categories, skip_missing=a.skip_missing or None,
                        transform=a.transform, clean_below=a.clean_below)

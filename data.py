@@ -92,6 +92,18 @@ def dataset(s, split):
     for the training split also noise, noise_kind, seed, extra_triplets, train_file)."""
     return DATASETS[s.dataset].read(s, split)
 
+def data_root(root, dataset):
+    """The dataset's folder for evaluate, audit and spn: given, the run's, or a generated
+    dataset's own (not generated here); one line when missing."""
+    made = DATASETS[dataset].make_root
+    root = root or (str(toy.default_toy_root()) if made else None)
+    if not root:
+        raise SystemExit(f"error: --dataset {dataset} needs --data-root DIR")
+    if not made and not Path(root).expanduser().is_dir():
+        raise SystemExit(f"error: --data-root {root}: no such folder; point it at the {dataset} "
+                         "dataset folder")
+    return root
+
 # -----------------------------------------------------------------------------
 # the readers
 

@@ -28,7 +28,7 @@ from torchvision.transforms.functional import to_tensor
 from triplets import load_image
 import runtime
 import util
-from model import compose
+from model import Features, Tokens, compose
 from preprocess import normalize_pixels, tokenize
 from nfb import PairFeatures
 
@@ -49,16 +49,20 @@ class Encoder:
         return torch.tensor_split(torch.arange(n), self.world)[self.rank]
 
 class ImageSource:
-    """A split's images by index (ds.images order): files, pixels, tokens or SPN's features."""
+    """A split's images by index (ds.images order), as the loader's indices reach the model: read
+    from disk (files), or from a cache: decoded pixels, a frozen tower's Tokens, SPN's Features.
+    The constructors below pick the kind; `inputs` hands the model its input type."""
+    in_workers = False      # files are read in the loader's workers; a cache in the main process
+    bank = None             # SPN's bank (N, D) of normalised target features
 
-    def __init__(self, ds, kind, transform=None, cache=None, bank=None):
-        self.images, self.paths, self.kind = ds.images, ds.paths, kind
+    def __init__(self, ds, transform=None, cache=None, bank=None):
+        self.images, self.paths = ds.images, ds.paths
         self.transform, self.cache, self.bank = transform, cache, bank
 
     @classmethod
     def files(cls, ds, transform=None):
         """Images read from disk: transform (PIL image -> tensor), or to_tensor (as they are)."""
-        return cls(ds, "files", transform or to_tensor)
+        return _Files(ds, transform or to_tensor)
 
     @classmethod
     def pixels(cls, ds, transform, workers=0, rank=0):
@@ -70,7 +74,7 @@ class ImageSource:
                              "preprocess.make_transform(..., pixels=True)")
         util.log(f"decoded {ds.split} images once: {tuple(pixels.shape)} uint8, "
                  f"{pixels.numel() / 2**20:.0f} MiB, {time.perf_counter() - t:.1f} s")
-        return cls(ds, "pixels", cache=pixels)
+        return _Pixels(ds, cache=pixels)
 
     @classmethod
     def tokens(cls, ds, enc, images):
@@ -79,7 +83,7 @@ class ImageSource:
         tok = encode_images(enc, images, tokens=True).half().cpu()
         util.log(f"cached image tokens {tuple(tok.shape)} fp16, {tok.numel() * 2 / 2**20:.0f} MiB, "
                  f"{time.perf_counter() - t:.1f} s")
-        return cls(ds, "tokens", cache=tok)
+        return _Tokens(ds, cache=tok)
 
     @classmethod
     def features(cls, ds, enc, images, path, reuse=False):
@@ -87,7 +91,7 @@ class ImageSource:
         `images`; saved to `path` by rank 0 and read back when the run resumes (reuse)."""
         if reuse and path.exists():
             c = torch.load(path, map_location="cpu", weights_only=True)
-            return cls(ds, "features", cache=c["ref"], bank=c["bank"].to(enc.device))
+            return _Features(ds, cache=c["ref"], bank=c["bank"].to(enc.device))
         t = time.perf_counter()
         f_ref, f_tar = encode_images(enc, images)
         bank = F.normalize(f_tar.float(), dim=-1)                                # (N, D)
@@ -95,22 +99,38 @@ class ImageSource:
             util.atomic_write(path, {"ref": f_ref.cpu(), "bank": bank.cpu()})
         util.log(f"SPN bank: {len(bank)} training images x {bank.shape[1]} dims, "
                  f"{bank.nbytes / 2**20:.1f} MiB on every rank, {time.perf_counter() - t:.1f} s")
-        return cls(ds, "features", cache=f_ref.cpu(), bank=bank.to(enc.device))
+        return _Features(ds, cache=f_ref.cpu(), bank=bank.to(enc.device))
 
     def load(self, idx):
-        """In the loader's workers: indices (list) -> images (B, 3, H, W) from disk, or indices."""
-        if self.kind != "files":
-            return torch.as_tensor(idx)
-        return torch.stack([self.transform(load_image(self.paths[self.images[i]])) for i in idx])
+        """In the loader: indices (list) -> what `inputs` takes (a cache's rows: the indices)."""
+        return torch.as_tensor(idx)
 
     def inputs(self, x, device, role="ref"):
-        """What `load` gave -> the model's input on the device: images (B, 3, H, W), tokens (B, 1+m,
-        D), SPN's f_ref (B, D) or bank rows. Only a batch's rows leave the CPU (uint8: 4x less)."""
-        nb = device.type == "cuda"
-        if self.kind == "files" or self.kind == "features" and role == "tgt":
-            return x.to(device, non_blocking=nb)
-        rows = self.cache[x].to(device, non_blocking=nb)
-        return normalize_pixels(rows) if self.kind == "pixels" else rows.float()
+        """What `load` gave -> the model's input on the device (a batch's rows leave the CPU)."""
+        return self.cache[x].to(device, non_blocking=device.type == "cuda")
+
+class _Files(ImageSource):
+    in_workers = True
+
+    def load(self, idx):
+        return torch.stack([self.transform(load_image(self.paths[self.images[i]])) for i in idx])
+
+    def inputs(self, x, device, role="ref"):                   # images (B, 3, H, W)
+        return x.to(device, non_blocking=device.type == "cuda")
+
+class _Pixels(ImageSource):
+    def inputs(self, x, device, role="ref"):                   # uint8 on the way: 4x less to copy
+        return normalize_pixels(super().inputs(x, device))
+
+class _Tokens(ImageSource):
+    def inputs(self, x, device, role="ref"):                   # Tokens (B, 1+m, D)
+        return Tokens(super().inputs(x, device).float())
+
+class _Features(ImageSource):
+    def inputs(self, x, device, role="ref"):  # Features f_ref (B, D); tgt: bank rows
+        if role == "tgt":
+            return x.to(device, non_blocking=device.type == "cuda")
+        return Features(super().inputs(x, device).float())
 
 def _batches(load, rows, batch_size, workers):
     """load over the list `rows` in batches, in a loader's workers; workers None: directly, for
@@ -126,14 +146,14 @@ def encode_images(enc, source, tokens=False):
     """Every image of a source through the model once -> its reference- and target-role WCB features
     (f_ref, f_tar (N, D), .images order; SPN: f_ref and the bank), or tokens=True: (N, 1+m, D)."""
     model = enc.model.eval()
-    if source.kind == "features":                # f_ref lives in CPU memory, the bank on the device
+    if isinstance(source, _Features):  # f_ref in CPU memory, the bank on the device
         return source.cache.to(enc.device), source.bank
-    n, workers = len(source.images), enc.workers if source.kind == "files" else None
+    n, workers = len(source.images), enc.workers if source.in_workers else None
     out = []
     for x in _batches(source.load, enc.share(n).tolist(), enc.batch_size, workers):
         with enc.amp or nullcontext():
             x = source.inputs(x, enc.device)
-            tok = x if source.kind == "tokens" else model.image_tokens(x)          # (B, 1+m, D)
+            tok = x.f if isinstance(x, Tokens) else model.image_tokens(x)          # (B, 1+m, D)
             out.append(tok.half() if tokens else torch.stack(                            # (2, B, D)
                 [model.image_features(tok, role)[0] for role in ("ref", "tar")]).float())
     if tokens:

@@ -249,13 +249,13 @@ def main(argv=None):
             p.error(f"{flag} has its own command now: {MOVED[flag]}")
     a = p.parse_args(argv)
     if a.clip:       # the dataset and its folder first: a bad --data-root stops before CLIP loads
-        runtime.data_root(a.data_root, a.dataset or p.error(
+        data.data_root(a.data_root, a.dataset or p.error(
             "--clip needs --dataset (and --data-root for cirr / fashioniq / shoes)"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, run, _, path = runtime.load_model(a.checkpoint, a.clip, a.dataset, device)
     dataset = a.dataset or run["dataset"]
     spec, preset = data.DATASETS[dataset], vars(runtime.defaults(dataset))
-    root = runtime.data_root(a.data_root or run.get("data_root"), dataset)
+    root = data.data_root(a.data_root or run.get("data_root"), dataset)
     s = SimpleNamespace(dataset=dataset, data_root=root, skip_missing=a.skip_missing,
                         categories=a.categories or run.get("categories") or preset["categories"])
     amp, _ = runtime.autocast(run.get("amp", "auto"), device)    # the run's precision

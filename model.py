@@ -7,19 +7,18 @@ three Weight Compensation Blocks (wcb.py). Its inputs (tokens, transformed image
 Parameter names and shapes are OpenAI's: their checkpoints load here unchanged, ours in their code.
 """
 
-import hashlib
 import math
-import urllib.request
 import warnings
 from collections import OrderedDict
 from contextlib import suppress
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
+import util
 from preprocess import make_transform
 from wcb import WCB
 
@@ -43,19 +42,20 @@ class CIRModel(nn.Module):
         self.wcb_txt, self.wcb_ref, self.wcb_tar = heads
 
     def forward(self, tokens, ref, tgt=None):
-        """tokens (B, L); ref, tgt: images (B, 3, H, W), one tower pass for both, or a frozen
-        tower's tokens (B, 1+m, D); ref may be f_ref (B, D) (SPN stage 2: tgt None, a static bank).
+        """tokens (B, L); ref, tgt: images (B, 3, H, W), one tower pass for both; or Tokens, a
+        frozen tower's (B, 1+m, D); ref may be Features, f_ref (B, D) (SPN stage 2: tgt None).
         -> q (B, D), t (B, D) or None, and the summed diversity penalty of the heads used."""
-        if ref.dim() == 4:
+        if isinstance(ref, torch.Tensor):                          # images: through the tower
             tok = self.image_tokens(ref if tgt is None else torch.cat([ref, tgt]))  # (B|2B, 1+m, D)
-            ref, tgt = tok.chunk(2) if tgt is not None else (tok, None)
+            ref, tgt = map(Tokens, tok.chunk(2)) if tgt is not None else (Tokens(tok), None)
         f_txt, pen = self.text_features(tokens)
-        if ref.dim() == 3:
-            ref, pen_ref = self.image_features(ref, "ref")
+        f_ref = ref.f
+        if isinstance(ref, Tokens):
+            f_ref, pen_ref = self.image_features(ref.f, "ref")
             pen = pen + pen_ref
-        q, t = compose(f_txt, ref), None
+        q, t = compose(f_txt, f_ref), None
         if tgt is not None:
-            f_tar, pen_tar = self.image_features(tgt, "tar")
+            f_tar, pen_tar = self.image_features(tgt.f, "tar")
             t, pen = F.normalize(f_tar, dim=-1), pen + pen_tar
         return q, t, pen
 
@@ -78,6 +78,14 @@ class CIRModel(nn.Module):
         head = self.wcb_ref if role == "ref" else self.wcb_tar
         x = tokens.to(self.clip.dtype)
         return (x[:, 0], x.new_zeros(())) if head is None else head(x, None, x[:, 0])[:2]
+
+class Tokens(NamedTuple):
+    """A frozen image tower's output tokens (B, 1+m, D) (--encoder text: computed once)."""
+    f: torch.Tensor
+
+class Features(NamedTuple):
+    """Image features (B, D) computed once by a frozen image side (SPN stage 2's f_ref)."""
+    f: torch.Tensor
 
 def distinct(x):
     """x (N, ...) -> (u (U, ...), rows (N,)) with u[rows] == x exactly, or (x, None) if no repeats;
@@ -396,38 +404,6 @@ def build_clip(state_dict):
         raise ValueError(f"state dict does not fit the inferred CLIP architecture: {few}")
     return model.eval()
 
-def _sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-def _download(url, root):
-    """Fetch url into root (progress bar), checking the SHA-256 (the URL's folder); one retry."""
-    sha, target = url.split("/")[-2], Path(root).expanduser() / url.split("/")[-1]
-    if target.is_file():
-        if _sha256(target) == sha:
-            return target
-        warnings.warn(f"{target}: cached file's SHA-256 mismatches; downloading it again")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    for attempt in range(2):
-        try:
-            with urllib.request.urlopen(url) as src, open(part, "wb") as dst:
-                size = int(src.headers.get("Content-Length") or 0) or None   # None: unknown
-                with tqdm(total=size, unit="B", unit_scale=True, desc=target.name) as bar:
-                    for chunk in iter(lambda: src.read(1 << 20), b""):
-                        bar.update(dst.write(chunk))
-        except OSError as e:                               # urllib's URLError is an OSError
-            part.unlink(missing_ok=True)
-            raise ConnectionError(f"could not download {url} ({e}). Without network, download it "
-                                  f"by hand and put it at {target} (sha256 {sha}), or pass the "
-                                  f"file's path instead of the name") from None
-        if _sha256(part) == sha:
-            return part.replace(target)
-        warnings.warn(f"{target.name}: SHA-256 mismatch after download {attempt + 1} of 2")
-    part.unlink(missing_ok=True)
-    raise OSError(f"{url}: the downloaded file's SHA-256 does not match {sha} (twice); check the "
-                  f"network/proxy, or download it by hand to {target}")
-
 def _read_state_dict(path):
     """TorchScript archive (released) or state dict (maybe under 'state_dict' / 'model') -> dict."""
     # jit is deprecated (a FutureWarning), but OpenAI's releases are TorchScript archives
@@ -458,7 +434,7 @@ def load_clip(name_or_path, device=None, download_root=None):
                          f"{', '.join(available_models())}")
     else:
         root = download_root or "~/.cache/clip"
-        path = _download(MODEL_URLS[name], root) if name in MODEL_URLS else Path(name)
+        path = util.download(MODEL_URLS[name], root) if name in MODEL_URLS else Path(name)
         try:
             model = build_clip(_read_state_dict(path))
         except ValueError as e:                            # say which file

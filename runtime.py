@@ -430,7 +430,7 @@ def latest_best(runs="runs"):
     return found[-1]
 
 # -----------------------------------------------------------------------------
-# precision, and the data's folder
+# precision
 
 def autocast(amp, device):
     """--amp on this device -> (autocast context, GradScaler). GPU: bf16 where supported, else fp16
@@ -440,15 +440,3 @@ def autocast(amp, device):
     dtype = torch.float16 if amp == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return torch.autocast("cuda", dtype=dtype), scaler
-
-def data_root(root, dataset):
-    """The dataset's folder for evaluate and audit: given, the run's, or a generated dataset's own
-    (not generated here); one line when missing."""
-    made = data.DATASETS[dataset].make_root
-    root = root or (str(toy.default_toy_root()) if made else None)
-    if not root:
-        raise SystemExit(f"error: --dataset {dataset} needs --data-root DIR")
-    if not made and not Path(root).expanduser().is_dir():
-        raise SystemExit(f"error: --data-root {root}: no such folder; point it at the {dataset} "
-                         "dataset folder")
-    return root

@@ -150,6 +150,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not (a.query or a.queries):
         p.error("pass --query IMAGE --text TEXT, or --queries FILE, with --gallery DIR")
+    if a.top < 1 or a.show < 1:
+        p.error(f"--top {a.top} / --show {a.show}: at least 1 hit and 1 query to show")
     return search(a, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def main(argv=None):
         sys.exit("error: image similarities need a model: --clip NAME_OR_PATH or --checkpoint "
                  "RUN/best.pt (the toy: a trained one; a random tiny CLIP ranks at random)")
     root = (str(spec.make_root(a.data_root)) if spec.make_root      # checked before a CLIP loads
-            else runtime.data_root(a.data_root, a.dataset))
+            else data.data_root(a.data_root, a.dataset))
     if not a.captions and not spec.make_root:             # a generated folder ships its captions
         raise SystemExit(f"error: --captions FILE is required for --dataset {a.dataset} (JSON "
                          "{image name: caption})")
@@ -124,7 +124,7 @@ def main(argv=None):
             print(f"{len(miss)} of {len(names)} images{f' ({cat})' if cat else ''} have no "
                   f"caption: left out, e.g. {miss[:3]}", flush=True)
             names = [n for n in names if n in captions]
-        refs = {t["reference"] for t in gallery.triplets if t["category"] == cat}
+        refs = {t["reference"] for t in gallery.triplets if cat is None or t["category"] == cat}
         queries = [i for i, n in enumerate(names) if n in refs] if a.references_only else None
         new = generate_triplets(feats[[gallery.index[n] for n in names]], names, captions,
                                 tuple(a.window), a.per_image, a.seed, queries=queries)

@@ -544,10 +544,10 @@ def test_cir_model_is_the_clip_sum_without_wcb_and_at_init():
             q, t, pen = model(text, a, b)                                   # images
             assert _close(q, want_q) and _close(t, want_t) and (pen == 0) == (not wcb)
             tok_a, tok_b = model.image_tokens(a), model.image_tokens(b)
-            q2, t2, _ = model(text, tok_a, tok_b)                    # a frozen tower's tokens
+            q2, t2, _ = model(text, M.Tokens(tok_a), M.Tokens(tok_b))   # a frozen tower's tokens
             assert _close(q2, q) and _close(t2, t)
             f_ref, _ = model.image_features(model.image_tokens(a), "ref")
-            q3, t3, _ = model(text, f_ref)                           # SPN stage 2: f_ref, no target
+            q3, t3, _ = model(text, M.Features(f_ref))              # SPN stage 2: f_ref, no target
             assert _close(q3, q) and t3 is None
             assert _close(M.compose(model.text_features(text)[0], f_ref), q)
     assert not clip.logit_scale.requires_grad             # τ is fixed: CLIP's scale is not trained
@@ -2224,6 +2224,14 @@ def test_submission_files_and_checker(tmp_path):
 # search.py (query your own images)
 # ==================================================================================================
 
+def test_search_counts_are_checked_before_any_model(tmp_path, capsys):
+    """--top and --show below 1: one line naming both, before a model is loaded."""
+    for flags in (["--top", "0"], ["--show", "0"]):
+        with pytest.raises(SystemExit) as e:
+            search.main(["--query", "x.png", "--text", "t", "--gallery", str(tmp_path), *flags])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.startswith("error: --top ")
+
 def test_e2e_query_your_own_images(toy_root, micro_clip, tmp_path, capsys, monkeypatch):
     """search.py --query IMAGE --text TEXT --gallery DIR, zero-shot: one line per hit, best first,
     the path last; the query image, which is in the gallery, is not returned; the gallery's features
@@ -2749,6 +2757,14 @@ def test_spn_cli_on_your_own_triplets(toy_root, micro_clip, tmp_path, capsys):
     assert len(rows) == len(ds.images) and {r["reference"] for r in rows} == set(ds.images)
     more = triplets.Triplets(own, "train", extra_triplets=tmp_path / "extra.json")
     assert len(more) == len(ds) + len(rows)
+    # rows with a category (not FashionIQ's pools): --references-only keeps every reference
+    rows = [json.loads(line) for line in (own / "train.jsonl").read_text().splitlines()]
+    (own / "train.jsonl").write_text("".join(json.dumps({**r, "category": "shapes"}) + "\n"
+                                             for r in rows))
+    refs = spn.main(["--dataset", "triplets", "--data-root", str(own), "--references-only",
+                     "--captions", str(tmp_path / "caps.json"), "--clip", str(micro_clip),
+                     "--window", "3", "8", "--workers", "0", "--out", str(tmp_path / "refs.json")])
+    assert {r["reference"] for r in refs} == {r["reference"] for r in rows}
     with pytest.raises(SystemExit) as e:
         spn.main(["--dataset", "triplets", "--data-root", str(own), "--clip", str(micro_clip),
                   "--out", "x.json"])

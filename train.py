@@ -324,7 +324,7 @@ def make_loader(run, epoch, keep=None):
         sampler.set_epoch(epoch)
     collate_fn = functools.partial(collate, images=run.images,
                                    context_length=run.model.clip.context_length)
-    workers = a.workers if run.images.kind == "files" else 0  # cached: no workers, they take cores
+    workers = a.workers if run.images.in_workers else 0  # cached: no workers, they take cores
     return torch.utils.data.DataLoader(
         ds, batch_size=a.batch_size // world, shuffle=sampler is None, sampler=sampler, generator=g,
         num_workers=workers, drop_last=True, collate_fn=collate_fn,

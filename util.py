@@ -1,9 +1,12 @@
 """What every script shares, outside the paper: the one printer, one-line errors, atomic writes,
-JSON lines, plots. Every other file may import this one; it imports none of them."""
+JSON lines, plots, a checked download. Every file may import this one; it imports none of them."""
 
 import argparse
+import hashlib
 import json
 import os
+import urllib.request
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,7 +36,6 @@ def strict_json(x):
 def pyplot():
     """matplotlib on the Agg backend (no display on training machines), imported when a figure is
     drawn. A user's text may hold glyphs its font lacks (an emoji): boxes, and no warning each."""
-    import warnings
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -63,3 +65,38 @@ def error_line(e):
     if "Original Traceback" not in msg:
         return msg
     return msg.splitlines()[-1].removeprefix(type(e).__name__ + ": ")  # "OSError: cannot read ..."
+
+# ------------------------------------------------------------------------------------------------
+# a checked download (OpenAI's CLIP checkpoints)
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+def download(url, root):
+    """Fetch url into root (progress bar), checking the SHA-256 (the URL's folder); one retry."""
+    sha, target = url.split("/")[-2], Path(root).expanduser() / url.split("/")[-1]
+    if target.is_file():
+        if _sha256(target) == sha:
+            return target
+        warnings.warn(f"{target}: cached file's SHA-256 mismatches; downloading it again")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    for attempt in range(2):
+        try:
+            with urllib.request.urlopen(url) as src, open(part, "wb") as dst:
+                size = int(src.headers.get("Content-Length") or 0) or None   # None: unknown
+                with tqdm(total=size, unit="B", unit_scale=True, desc=target.name) as bar:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        bar.update(dst.write(chunk))
+        except OSError as e:                               # urllib's URLError is an OSError
+            part.unlink(missing_ok=True)
+            raise ConnectionError(f"could not download {url} ({e}). Without network, download it "
+                                  f"by hand and put it at {target} (sha256 {sha}), or pass the "
+                                  f"file's path instead of the name") from None
+        if _sha256(part) == sha:
+            return part.replace(target)
+        warnings.warn(f"{target.name}: SHA-256 mismatch after download {attempt + 1} of 2")
+    part.unlink(missing_ok=True)
+    raise OSError(f"{url}: the downloaded file's SHA-256 does not match {sha} (twice); check the "
+                  f"network/proxy, or download it by hand to {target}")
