@@ -285,11 +285,7 @@ def clean_copy(trips, scores, rows, s, out_dir):
 def main(argv=None):
     """python audit.py [--checkpoint runs/X/best.pt | --clip NAME --dataset D --data-root DIR]"""
     p = util.ArgumentParser(__doc__)
-    p.add_argument("--checkpoint", help="a run's best.pt (default: the most recent run's)")
-    p.add_argument("--clip", help="zero-shot: OpenAI CLIP name or path, sum fusion")
-    p.add_argument("--dataset", choices=list(data.DATASETS))
-    p.add_argument("--data-root")
-    p.add_argument("--categories", nargs="+")
+    runtime.model_flags(p)
     p.add_argument("--split", default="train", help="the split to audit: train, or val")
     p.add_argument("--transform", choices=["clip", "targetpad"])
     p.add_argument("--batch-size", type=int, default=128)

@@ -230,11 +230,7 @@ MOVED = {"--audit": "python audit.py --checkpoint RUN/best.pt",
 
 def main(argv=None):
     p = util.ArgumentParser(__doc__)
-    p.add_argument("--checkpoint", help="a run's best.pt (default: the most recent run's)")
-    p.add_argument("--clip", help="zero-shot: OpenAI CLIP name or path, sum fusion")
-    p.add_argument("--dataset", choices=list(data.DATASETS))
-    p.add_argument("--data-root")
-    p.add_argument("--categories", nargs="+")
+    runtime.model_flags(p)
     p.add_argument("--split", help="val (Shoes: test), or test1 for CIRR's server files")
     p.add_argument("--transform", choices=["clip", "targetpad"])
     p.add_argument("--batch-size", type=int, default=128)

@@ -420,6 +420,14 @@ def load_model(checkpoint=None, clip=None, dataset=None, device="cpu"):
                          f"{trained} or a {dataset} checkpoint")
     return build_model(ckpt).to(device).eval(), ckpt["args"], ckpt, path
 
+def model_flags(p):
+    """The flags by which evaluate.py and audit.py name a model (load_model) and its data."""
+    p.add_argument("--checkpoint", help="a run's best.pt (default: the most recent run's)")
+    p.add_argument("--clip", help="zero-shot: OpenAI CLIP name or path, sum fusion")
+    p.add_argument("--dataset", choices=list(data.DATASETS))
+    p.add_argument("--data-root")
+    p.add_argument("--categories", nargs="+")
+
 def latest_best(runs="runs"):
     """The best.pt of the most recent run under runs/ (in the working directory)."""
     found = sorted(Path(runs).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
