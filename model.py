@@ -10,13 +10,14 @@ Parameter names and shapes are OpenAI's: their checkpoints load here unchanged, 
 import math
 import warnings
 from collections import OrderedDict
-from contextlib import suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import util
 from preprocess import make_transform
@@ -156,9 +157,45 @@ class Transformer(nn.Module):
         self.width, self.layers = width, layers
         blocks = [ResidualAttentionBlock(width, heads, causal) for _ in range(layers)]
         self.resblocks = nn.Sequential(*blocks)
+        self.grad_checkpoint = False                       # set by grad_checkpoint()
 
     def forward(self, x):                                  # (B, L, W)
-        return self.resblocks(x)
+        return run_blocks(self.resblocks, x, self.grad_checkpoint)
+
+def run_blocks(blocks, x, grad_checkpoint=False):
+    """x through each residual block. grad_checkpoint (--grad-checkpoint): a block keeps only its
+    input for the backward and runs again there (Chen et al. 2016): the activations of one block
+    instead of all, for one more forward; a recomputed BatchNorm leaves its running statistics."""
+    for block in blocks:
+        if grad_checkpoint and torch.is_grad_enabled():
+            x = checkpoint(block, x, use_reentrant=False,
+                           context_fn=lambda b=block: (nullcontext(), running_stats_kept(b)))
+        else:
+            x = block(x)
+    return x
+
+@contextmanager
+def running_stats_kept(module):
+    """module's BatchNorm layers normalise by their batch as always, but leave their running
+    statistics as they were: samples seen twice (a recomputed block; --micro-batch's graph-free
+    first pass) are counted once. momentum 0: running = 1 · running + 0 · batch, exactly."""
+    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, n) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(n)
+
+def grad_checkpoint(module, on=True):
+    """--grad-checkpoint: activation checkpointing of every residual block of the towers in module
+    (ViT and text transformer blocks, ResNet bottlenecks); results and gradients are unchanged."""
+    for m in module.modules():
+        if isinstance(m, (Transformer, ModifiedResNet)):
+            m.grad_checkpoint = on
 
 class VisionTransformer(nn.Module):
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
@@ -241,13 +278,15 @@ class ModifiedResNet(nn.Module):
             blocks += [Bottleneck(planes * 4, planes) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
+        self.grad_checkpoint = False                       # set by grad_checkpoint()
 
     def forward(self, x, all_tokens=False):               # (B, 3, H, W) -> (B, D) or (B, 1+hw, D)
         x = x.contiguous(memory_format=torch.channels_last)   # NHWC convs: ~10% faster on CPU
         for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
             x = F.relu(bn(conv(x)), inplace=True)
         x = F.avg_pool2d(x, 2)                             # (B, width, H/4, W/4)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))   # (B, 32 width, H/32, W/32)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = run_blocks(layer, x, self.grad_checkpoint)  # -> (B, 32 width, H/32, W/32)
         return self.attnpool(x, all_tokens)
 
 # ------------------------------------------------------------------------------------------------

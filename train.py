@@ -11,7 +11,8 @@ One epoch (README: "The paper and our choices"):
      with probability w_i) or weigh them (weight; complement: w_i of InfoNCE, 1 - w_i of what q
      is not);
   2. each step (train_step): q = normalize(f_txt + f_ref), t = normalize(f_tar),
-     loss = L^soft_NCE(q, t, w) + λ·diversity (loss.py; SPN's stage 2: t is the bank, bank_step);
+     loss = L^soft_NCE(q, t, w) + λ·diversity (loss.py; SPN's stage 2: t is the bank, batch_loss;
+     --micro-batch: the same gradients, the towers a micro-batch at a time, cached_backward);
   3. NFB (refit_noise_filter): each pair's views (its query's loss over all training images, which
      text explains its reference and target) -> a GMM per view, gated by a test for a noise-like
      second mode -> the next epoch's w;
@@ -25,6 +26,7 @@ import math
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +42,7 @@ import runtime
 import toy
 from encode import Encoder, ImageSource, pair_features
 from loss import info_nce, soft_nce
-from model import CIRModel, load_clip
+from model import CIRModel, grad_checkpoint, load_clip, running_stats_kept
 from nfb import NoiseFilter, pair_views
 from preprocess import make_transform, tokenize
 from util import atomic_write, error_line, log, strict_json
@@ -100,6 +102,7 @@ def build(args):
     init = resume or (runtime.load_checkpoint(args.init, "--init") if args.init else None)
     model = init_model(args, init).to(device)
     freeze(model, args)
+    grad_checkpoint(model, args.grad_checkpoint)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
@@ -222,22 +225,16 @@ def carry_over(run, init):
 def train_step(run, batch, w):
     """One optimizer step on a batch (tokens (B, L), ref, tgt, idx (B,)) with soft labels w (B,) or
     None. ref, tgt: the image source's inputs (images, or a frozen tower's tokens; stage 2: f_ref
-    and the targets' rows in the bank). -> the loss."""
+    and the targets' rows in the bank). --micro-batch: cached_backward. -> the loss."""
     a, (tokens, ref, tgt, _) = run.args, batch
-    with run.amp:
-        if run.images.bank is None:          # q = normalize(f_txt + f_ref), t = normalize(f_tar)
-            q, t, pen = run.net(tokens, ref, tgt)                  # q, t (B, D)
-            t_all = runtime.gather_with_grad(t)                    # (W·B, D) the global batch
-            pos = torch.arange(len(q), device=q.device) + run.rank * len(q)  # my targets in t_all
-        else:
-            q, t_all, pos, pen = bank_step(run, tokens, ref, tgt)
-        if w is None:                                        # L_NCE: logits q t_all / τ
-            loss = info_nce(q, t_all, a.tau, pos=pos)
-        else:                                                # L^soft_NCE with the NFB's labels
-            loss = soft_nce(q, t_all, w, a.tau, pos=pos, soft=a.soft_label)
-        loss = loss + a.div_weight * pen
     run.opt.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
+    if a.micro_batch:
+        loss = cached_backward(run, tokens, ref, tgt, w)
+    else:
+        with run.amp:
+            q, t, pen = features(run, run.net, tokens, ref, tgt)           # q, t (B, D)
+            loss = batch_loss(run, q, t, tgt, w) + a.div_weight * pen
+        run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.opt)
     params = [p for g in run.opt.param_groups for p in g["params"]]
     torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
@@ -246,12 +243,70 @@ def train_step(run, batch, w):
     run.sched.step()
     return loss.item()
 
-def bank_step(run, tokens, f_ref, rows):
-    """SPN's more negatives (stage 2): the queries against the static bank of every training
-    target's feature (the frozen image side's, computed once). -> q (B, D), the bank (N, D), pos
-    (B,) the targets' rows in it, the WCB penalty."""
-    q, _, pen = run.net(tokens, f_ref, None)
-    return q, run.images.bank, rows, pen
+def features(run, net, tokens, ref, tgt):
+    """q = normalize(f_txt + f_ref) (B, D), t = normalize(f_tar) (B, D) (stage 2: None, the bank
+    holds the targets), the WCB heads' diversity penalty."""
+    return net(tokens, ref, tgt if run.images.bank is None else None)
+
+def batch_loss(run, q, t, tgt, w):
+    """L_NCE, or L^soft_NCE with the NFB's labels w (B,): the queries q (B, D) against the targets
+    of the global batch (t of every process, gathered), or in SPN's stage 2 (more negatives)
+    against the static bank of every training target, tgt (B,) their rows in it."""
+    if run.images.bank is None:
+        t_all = runtime.gather_with_grad(t)                                # (W·B, D)
+        pos = torch.arange(len(q), device=q.device) + run.rank * len(q)    # my targets in t_all
+    else:
+        t_all, pos = run.images.bank, tgt                                  # (N, D), (B,)
+    if w is None:                                            # L_NCE: logits q t_all / τ
+        return info_nce(q, t_all, run.args.tau, pos=pos)
+    return soft_nce(q, t_all, w, run.args.tau, pos=pos, soft=run.args.soft_label)
+
+def cached_backward(run, tokens, ref, tgt, w):
+    """--micro-batch N: the whole batch's loss and gradients with the towers' memory of N (gradient
+    caching, Gao et al., RepL4NLP 2021). L reaches the weights θ only through q and t, and the
+    penalty is a mean over the batch, so over the micro-batches m of N of the B pairs:
+        ∂L/∂θ = Σ_m (∂L/∂q_m)ᵀ ∂q_m/∂θ + (∂L/∂t_m)ᵀ ∂t_m/∂θ + λ (N/B) ∂pen_m/∂θ
+      1. q, t (B, D) micro-batch by micro-batch, without a graph (inference mode: no autograd at
+         all) but for the last one's (N pairs' activations, as step 3 holds: a forward less);
+      2. the loss of the whole batch from q, t as leaves: ∂L/∂q, ∂L/∂t (B, D);
+      3. backward from q_m·∂L/∂q_m + t_m·∂L/∂t_m + λ (N/B) pen_m: the kept graph, then each other
+         micro-batch run again with its graph. Under torchrun the gradients are summed locally
+         and averaged once, in the last backward. -> the loss."""
+    a, B, n = run.args, len(tokens), run.args.micro_batch
+    parts, share = [slice(s, s + n) for s in range(0, B, n)], n / B
+    inputs = lambda s: (tokens[s], rows(ref, s), rows(tgt, s))
+    def backward(out, s):                                       # 3. for micro-batch s
+        q_m, t_m, pen_m = out
+        cached = (q_m.float() * q.grad[s]).sum() + a.div_weight * share * pen_m
+        if t is not None:
+            cached = cached + (t_m.float() * t.grad[s]).sum()
+        run.scaler.scale(cached).backward()
+    with torch.inference_mode(), run.amp, running_stats_kept(run.model):           # 1.
+        outs = [features(run, run.model, *inputs(s)) for s in parts[:-1]]
+    with run.amp, sync(run, len(parts) == 1):
+        kept = features(run, run.net, *inputs(parts[-1]))
+    outs.append([x if x is None else x.detach() for x in kept])
+    q, t = (torch.cat(x).float().requires_grad_() if x[0] is not None else None  # (B, D)
+            for x in list(zip(*outs))[:2])
+    loss = batch_loss(run, q, t, tgt, w) + a.div_weight * share * sum(o[2] for o in outs)
+    loss.backward()                                                                # 2.
+    with sync(run, len(parts) == 1):                                               # 3.
+        backward(kept, parts[-1])
+    for i, s in enumerate(parts[:-1]):
+        with sync(run, i == len(parts) - 2):
+            with run.amp:
+                out = features(run, run.net, *inputs(s))
+            backward(out, s)
+    return loss.detach()
+
+def sync(run, last):
+    """Under torchrun, a micro-batch's forward and backward: its gradients summed locally
+    (DDP's no_sync), but the last one's, whose backward averages the sums over the processes."""
+    return nullcontext() if last or run.world == 1 else run.net.no_sync()
+
+def rows(x, s):
+    """Rows s of a step's input: a tensor, or the Tokens / Features around one."""
+    return x[s] if isinstance(x, torch.Tensor) else type(x)(x.f[s])
 
 # -----------------------------------------------------------------------------
 # the epoch
@@ -280,8 +335,12 @@ def train_epoch(run, epoch):
         bar.set_postfix(loss=f"{value:.3f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
         if a.max_steps and steps >= a.max_steps:
             break
-    return dict(epoch=epoch, loss=total / max(1, steps), lr=run.sched.get_last_lr()[0],
-                time_data=t_data, time_step=t_step)
+    rec = dict(epoch=epoch, loss=total / max(1, steps), lr=run.sched.get_last_lr()[0],
+               time_data=t_data, time_step=t_step)
+    if run.device.type == "cuda":     # the allocator's peak (tools.memory computes it beforehand)
+        rec["gpu_peak_gib"] = torch.cuda.max_memory_allocated(run.device) / 2 ** 30
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return rec
 
 def epoch_labels(run, epoch):
     """-> (keep (n,) bool or None, w (n,) or None). --oracle keeps the clean triplets; past the

@@ -9,15 +9,12 @@ the one it used.
     method     GMM fit (scikit-learn vs torch EM), soft NCE vs InfoNCE, bank NCE
     train      a toy training step split into data / forward / backward, its FLOP/s against the
                machine's fp32 matmul peak, the NFB's share of an epoch, cached vs uncached image
-               tokens (--encoder text)
+               tokens (--encoder text), the time --micro-batch and --grad-checkpoint cost
     retrieval  ranking CIRR's val queries against galleries of 2,297 to 100k images
-    memory     peak memory and FLOPs of a real-data training step (RN50x4, ViT-B/32), traced with
-               fake tensors on the CPU: the GPU recipe's memory estimate
     all        everything (about 10 minutes on 2 cores)
 """
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
@@ -43,6 +40,7 @@ import runtime
 import toy
 import train
 from encode import ImageSource
+from tools.memory import ARCHS
 
 # The real annotation files: the full ones where NCLCIR_ANNOTATIONS names their folder, else the
 # excerpts in testdata/
@@ -74,18 +72,6 @@ def _table(title, header, rows):
 
 # -----------------------------------------------------------------------------
 # clip: ours vs OpenAI's reference (targets: ours / reference <= 1.0 for images, <= 0.35 for text)
-
-_TEXT_B = dict(context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-               transformer_layers=12)
-ARCHS = {  # the released hyper-parameters (random init: nothing is downloaded)
-    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                     vision_patch_size=32, **_TEXT_B),
-    "RN50": dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
-                 vision_patch_size=None, **_TEXT_B),
-    "RN50x4": dict(embed_dim=640, image_resolution=288, vision_layers=(4, 6, 10, 6),
-                   vision_width=80, vision_patch_size=None,
-                   **dict(_TEXT_B, transformer_width=640, transformer_heads=10)),
-}
 
 def reference_clip():
     """OpenAI's `clip` package (clip-anytorch). Its __init__ imports pkg_resources only for a
@@ -311,6 +297,28 @@ def bench_train(args):
             ("text side, image tokens cached (--encoder text)", f"{text:.3f}",
              f"{step / text:.1f}x")])
 
+    # --micro-batch and --grad-checkpoint: what their memory costs in time, timed in turns against
+    # the whole batch of the same size
+    B = a.batch_size                                 # the toy's 128, and 4 times that
+    for batch, variants in ((B, [f"--micro-batch {B // 2}", f"--micro-batch {B // 4}",
+                                 f"--micro-batch {B // 8}", "--grad-checkpoint",
+                                 f"--micro-batch {B // 4} --grad-checkpoint"]),
+                            (4 * B, [f"--micro-batch {B}", f"--micro-batch {B // 2}"])):
+        runs = {k: train.build(runtime.settings(["--out", out, "--max-steps", str(steps),
+                                                 "--no-nfb", "--batch-size", str(batch),
+                                                 *k.split()]))
+                for k in ["", *variants]}
+        times = {k: [] for k in runs}
+        for epoch in range(3):                       # the first is a warm-up
+            for k, r in runs.items():
+                t = time.perf_counter()
+                train.train_epoch(r, epoch)
+                times[k].append((time.perf_counter() - t) / steps)
+        med = {k: statistics.median(v[1:]) for k, v in times.items()}
+        _table(f"memory for time: s/step at batch {batch} (median of 2 epochs of {steps} steps, "
+               "timed in turns)", ("variant", "s/step", "vs whole batch"),
+               [(k or "whole batch", f"{v:.3f}", f"{v / med['']:.2f}x") for k, v in med.items()])
+
 # -----------------------------------------------------------------------------
 # retrieval: chunked ranking
 
@@ -336,92 +344,19 @@ def bench_retrieval(args):
     _table("retrieval: CIRR protocol (reference removed, subsets), D = 640, fp32, chunks of 1024 "
            "queries", ("queries x gallery", "s", "M pairs/s", "gallery", "time"), rows)
 
-# -----------------------------------------------------------------------------
-# GPU memory and compute of a real-data training step, estimated without a GPU
-
-def _traced_step(cfg, encoder, batch, bf16):
-    """Peak bytes of the second of two training steps (the first creates AdamW's state), and the
-    FLOPs of that step (counted in the fp32 call only: autocast changes dtypes, not FLOPs), for a
-    CIRModel on CLIP(**cfg), traced with fake tensors."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FakeTensorMode():
-        model = M.CIRModel(M.CLIP(**cfg))
-        # MemTracker hooks every parameter, so none is frozen here; with --encoder text the image
-        # tower gets no gradient (cached tokens skip it) and AdamW no state for it, as in training
-        model.clip.logit_scale.requires_grad_(True)
-        opt = torch.optim.AdamW(model.parameters(), foreach=True)
-        res = cfg["image_resolution"]
-        patch = cfg["vision_patch_size"] or 32                       # ModifiedResNet: stride 32
-        tokens = torch.randint(1, 49407, (batch, 77))
-        if encoder == "both":
-            images = (torch.randn(batch, 3, res, res), torch.randn(batch, 3, res, res))
-        else:                             # --encoder text: image tokens (B, 1+m, D) from the cache
-            shape = (batch, 1 + (res // patch) ** 2, cfg["embed_dim"])
-            images = (torch.randn(shape), torch.randn(shape))
-
-        def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                q, t, pen = model(tokens, *images)
-                loss = (q @ t.t()).float().logsumexp(dim=1).mean() + pen
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-
-        tracker = MemTracker()
-        tracker.track_external(model, opt)
-        flops = FlopCounterMode(display=False)
-        with tracker:
-            step()
-            tracker.reset_mod_stats()
-            with flops if not bf16 else contextlib.nullcontext():
-                step()
-    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-    return peak, flops.get_total_flops()
-
-def bench_memory(args):
-    """Peak memory and FLOPs of one training step (forward, backward, AdamW) on real-data
-    architectures, traced with fake tensors: every allocation is accounted, nothing is computed, so
-    it runs on a CPU in minutes. Text runs over all 77 positions (the upper bound; real batches stop
-    at their last EOT). Not counted: the CUDA context, cuDNN / cuBLAS workspaces and allocator
-    fragmentation, so a GPU's real peak is somewhat higher."""
-    def text_trunk_all_positions(self, text):   # int(eot.max()) needs data: fake tensors have none
-        x = self.token_embedding(text) + self.positional_embedding
-        return self.transformer(x), text.argmax(dim=-1)
-
-    saved, M.CLIP._text_trunk = M.CLIP._text_trunk, text_trunk_all_positions
-    rows = []
-    try:
-        for name in args.models:
-            for encoder in ("both", "text"):
-                fp32, flops = _traced_step(ARCHS[name], encoder, args.gpu_batch, bf16=False)
-                bf16, _ = _traced_step(ARCHS[name], encoder, args.gpu_batch, bf16=True)
-                rows.append((name, encoder, f"{fp32 / 2**30:.1f}", f"{bf16 / 2**30:.1f}",
-                             f"{flops / 1e12:.1f}"))
-    finally:
-        M.CLIP._text_trunk = saved
-    _table(f"one training step, batch {args.gpu_batch} on one GPU, traced with fake tensors (an "
-           "estimate: see bench_memory)",
-           ("CLIP", "--encoder", "peak GiB fp32", "peak GiB bf16 autocast", "TFLOP / step"), rows)
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="all",
-                   choices=["clip", "data", "method", "train", "retrieval", "memory", "all"])
+                   choices=["clip", "data", "method", "train", "retrieval", "all"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5, help="clip: interleaved repetitions (median)")
     p.add_argument("--batch", type=int, default=16, help="clip: batch size")
     p.add_argument("--steps", type=int, default=8, help="train: steps timed")
-    p.add_argument("--models", nargs="+", default=["RN50x4", "ViT-B/32"], choices=list(ARCHS),
-                   help="memory: CLIPs")
-    p.add_argument("--gpu-batch", type=int, default=128, help="memory: batch of the traced step")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {a.threads} threads")
-    names = ["clip", "data", "method", "train", "retrieval", "memory"]
+    names = ["clip", "data", "method", "train", "retrieval"]
     for name in (names if a.what == "all" else [a.what]):
         globals()[f"bench_{name}"](a)
         torch.set_num_threads(a.threads)
