@@ -3294,6 +3294,7 @@ def test_memory_tool_counts_what_a_real_step_allocates_and_meets_the_targets():
         act[tuple(flags)] = memory.measure(a)["activations"]
     assert act[("--micro-batch", "32")] <= act[()] / 8
     assert act[("--grad-checkpoint",)] <= act[()] / 2
+    assert set(memory.ARCHS) == set(RELEASED)
     for name, cfg in memory.ARCHS.items():
         e, res, vl, vw, patch, tw, th, tl = RELEASED[name]
         assert cfg == dict(embed_dim=e, image_resolution=res, vision_layers=vl, vision_width=vw,

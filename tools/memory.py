@@ -6,9 +6,9 @@
 
 Takes train.py's own flags (no data is read, no weights are downloaded: a released name is its
 architecture, randomly initialised) and runs train.py's own `train_step` twice (the second counts
-AdamW's state) on fake tensors: every tensor the step allocates is accounted (torch's MemTracker,
-allocations rounded to 512 bytes as CUDA's allocator does), nothing is computed, so it runs on a
-CPU. bf16 autocast is traced with the CPU's autocast, which casts the same matrix products. Not
+AdamW's state) on fake tensors: every storage the step allocates is counted until it is freed
+(`Allocations`, rounded up to 512 bytes as CUDA's allocator does), nothing is computed, so it runs
+on a CPU in seconds. bf16 autocast is traced with the CPU's autocast, which casts the same matrix products. Not
 counted: the CUDA context (~0.5 GiB), cuBLAS / cuDNN workspaces and the allocator's
 fragmentation; the text runs over all 77 positions (a real batch stops at its last EOT). --real
 runs the step on the CPU's real tensors instead: the same accounting, measured.
@@ -49,6 +49,17 @@ ARCHS = {  # OpenAI's released hyper-parameters (test_all.py checks them against
                      transformer_width=512, **_VIT, **_TEXT),
     "ViT-L/14": dict(embed_dim=768, vision_layers=24, vision_width=1024, vision_patch_size=14,
                      **_VIT, **dict(_TEXT, transformer_width=768, transformer_heads=12)),
+    "RN101": dict(embed_dim=512, image_resolution=224, vision_layers=(3, 4, 23, 3),
+                  vision_width=64, transformer_width=512, **_RN, **_TEXT),
+    "RN50x16": dict(embed_dim=768, image_resolution=384, vision_layers=(6, 8, 18, 8),
+                    vision_width=96, **_RN, **dict(_TEXT, transformer_width=768,
+                                                   transformer_heads=12)),
+    "RN50x64": dict(embed_dim=1024, image_resolution=448, vision_layers=(3, 15, 36, 10),
+                    vision_width=128, **_RN, **dict(_TEXT, transformer_width=1024,
+                                                    transformer_heads=16)),
+    "ViT-L/14@336px": dict(embed_dim=768, image_resolution=336, vision_layers=24,
+                           vision_width=1024, vision_patch_size=14,
+                           **dict(_TEXT, transformer_width=768, transformer_heads=12)),
 }
 BANK_ROWS = 20_000  # SPN stage 2: the bank's rows (CIRR's and FashionIQ's training images: fewer)
 GIB = 2 ** 30
