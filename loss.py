@@ -9,7 +9,7 @@ s_ij = q_i t_j / tau, p_ij = softmax_j(s_ij); pos_i is the column of i's own tar
       weight      y_{i,pos_i} = w_i, 0 elsewhere: (1/B) sum_i w_i l_i                       soft_nce
       complement  w_i l_i + (1 - w_i) c_i,  c_i = -sum_{j != pos_i} log(1 - p_ij)           soft_nce
       sample      pair i in an epoch with probability w_i, trained with L_NCE (default)     train.py
-    L_bank      = the same against a bank of every training target (SPN stage 2)         train_step
+    L_bank      = the same against a bank of every training target (SPN stage 2)         batch_loss
     l^gallery_i = l_i over the training gallery (the NFB's query view)                   gallery_nce
     l^text_i    = the pair's own text among all training texts (the NFB's text view)        text_nce
 

@@ -157,7 +157,7 @@ class Transformer(nn.Module):
         self.width, self.layers = width, layers
         blocks = [ResidualAttentionBlock(width, heads, causal) for _ in range(layers)]
         self.resblocks = nn.Sequential(*blocks)
-        self.grad_checkpoint = False                       # set by grad_checkpoint()
+        self.grad_checkpoint = False                       # set_grad_checkpoint
 
     def forward(self, x):                                  # (B, L, W)
         return run_blocks(self.resblocks, x, self.grad_checkpoint)
@@ -179,7 +179,7 @@ def running_stats_kept(module):
     """module's BatchNorm layers normalise by their batch as always, but leave their running
     statistics as they were: samples seen twice (a recomputed block; --micro-batch's graph-free
     first pass) are counted once. momentum 0: running = 1 · running + 0 · batch, exactly."""
-    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
         m.momentum = 0.0
@@ -190,7 +190,7 @@ def running_stats_kept(module):
             m.momentum = momentum
             m.num_batches_tracked.copy_(n)
 
-def grad_checkpoint(module, on=True):
+def set_grad_checkpoint(module, on=True):
     """--grad-checkpoint: activation checkpointing of every residual block of the towers in module
     (ViT and text transformer blocks, ResNet bottlenecks); results and gradients are unchanged."""
     for m in module.modules():
@@ -278,7 +278,7 @@ class ModifiedResNet(nn.Module):
             blocks += [Bottleneck(planes * 4, planes) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
-        self.grad_checkpoint = False                       # set by grad_checkpoint()
+        self.grad_checkpoint = False                       # set_grad_checkpoint
 
     def forward(self, x, all_tokens=False):               # (B, 3, H, W) -> (B, D) or (B, 1+hw, D)
         x = x.contiguous(memory_format=torch.channels_last)   # NHWC convs: ~10% faster on CPU

@@ -43,7 +43,8 @@ RUN = dict(amp="auto", workers=2)  # no dataset's; on --resume the run's own unl
 # SPN stage 2: SPN's settings for CLIP4Cir on real data; the toy's CLIP is trained from scratch
 STAGE2 = dict(toy=dict(epochs=3, lr=1e-4, lr_wcb=1e-4), cirr=dict(epochs=3, lr=2e-5, tau=0.02))
 STAGE2.update(fashioniq=STAGE2["cirr"], shoes=STAGE2["cirr"], triplets=STAGE2["cirr"])
-# --resume: these may change (memory and speed, not the maths); other flags are refused
+# --resume: these may change (time and memory; the maths too only through ModifiedResNet's BatchNorm
+# under --micro-batch); other flags are refused
 RESUME_FLAGS = ("epochs", "amp", "workers", "micro_batch", "grad_checkpoint")
 PATHS = ("data_root", "train_file", "init", "extra_triplets", "out")   # stored absolute
 # an --init checkpoint's model wins over the flags: SPN's bank must be the stage-1 model's features
@@ -117,9 +118,10 @@ def parser(description=None):
     # memory: the same gradients for less of it (docs/gpu.md)
     add("--micro-batch", type=int, metavar="N", help="the towers run on micro-batches of N, the "
         "loss on the whole batch (gradient caching): the same gradients, the towers' memory of "
-        "N; ModifiedResNet's BatchNorm normalises each micro-batch")
-    add("--grad-checkpoint", action="store_true", help="activation checkpointing: each residual "
-        "block of the towers keeps only its input and runs again in the backward")
+        "N; ModifiedResNet's BatchNorm normalises each micro-batch (0: off)")
+    add("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+        help="activation checkpointing: each residual block of the towers keeps only its input "
+        "and runs again in the backward")
     # SPN
     add("--stage", type=int, default=1, choices=[1, 2], help="2: SPN static-bank stage")
     add("--init", help="checkpoint to start from (required by --stage 2)")
@@ -267,14 +269,14 @@ def check(a, p):
         (a.nfb_views[0] == "query" and len(set(a.nfb_views)) == len(a.nfb_views),
          f"--nfb-views {' '.join(a.nfb_views)}: list each view once, query first (its loss says "
          "whether there is noise at all), e.g. --nfb-views query text"),
-        (a.micro_batch is None or 1 <= a.micro_batch <= per and per % a.micro_batch == 0,
+        (not a.micro_batch or 1 <= a.micro_batch <= per and per % a.micro_batch == 0,
          f"--micro-batch {a.micro_batch}: must divide the batch of each process, {per} "
          f"(--batch-size {a.batch_size} over {world}), and not exceed it; e.g. --micro-batch "
          f"{max(d for d in range(1, min(32, per) + 1) if per % d == 0)}"),
         (not a.grad_checkpoint or a.encoder == "both" and a.stage == 1,
-         f"--grad-checkpoint: {'--stage 2' if a.stage == 2 else '--encoder text'} freezes the "
-         "image tower (its outputs computed once, no activations to spare); drop "
-         "--grad-checkpoint (--micro-batch N bounds the text tower's memory)"),
+         f"--grad-checkpoint is for fine-tuning both towers, and "
+         f"{'--stage 2' if a.stage == 2 else '--encoder text'} freezes the image tower (its "
+         "outputs computed once); bound the text side's memory with --micro-batch N instead"),
         (a.wcb_maps >= 2, f"--wcb-maps {a.wcb_maps}: the WCB needs K >= 2 maps to be diverse"),
         (a.workers >= 0, f"--workers {a.workers}: must be >= 0"),
         (a.max_steps is None or a.max_steps >= 1, f"--max-steps {a.max_steps}: must be >= 1"),

@@ -3251,7 +3251,7 @@ def test_grad_checkpoint_gives_the_same_step_and_running_statistics():
         for on in (False, True):
             torch.manual_seed(0)
             model = make()
-            M.grad_checkpoint(model, on)
+            M.set_grad_checkpoint(model, on)
             loss = train.train_step(_step_run(model, model), (tokens, *images, torch.arange(B)),
                                     None)
             out.append((loss, {k: p.grad.clone() for k, p in model.named_parameters()
@@ -3360,17 +3360,19 @@ def _rel_l2(a, b):
 AUTOCAST_TOL = {"bf16": (1e-2, 0.1), "fp16": (3e-3, 0.015)}    # (loss relative, gradient rel. L2)
 
 def _check_autocast_step(device):
-    """One step under bf16 and fp16 autocast (fp16 with its GradScaler) against fp32: the loss
-    and the gradient within the precision's error, and not equal (the autocast did act)."""
+    """One step under bf16 and fp16 autocast (fp16 with its GradScaler), whole batch and
+    micro-batches, against fp32: the loss and the gradient within the precision's error, and not
+    equal (the autocast did act)."""
     loss, grads, _ = _one_step(device, "none")
     for amp, (tol_loss, tol_grad) in AUTOCAST_TOL.items():
         ctx, scaler = runtime.autocast(amp, device)             # bf16 where the GPU has it
         bf16 = amp == "bf16" and torch.cuda.is_bf16_supported()
         assert ctx.fast_dtype == (torch.bfloat16 if bf16 else torch.float16)
         assert scaler.is_enabled() == (not bf16)
-        amp_loss, amp_grads, _ = _one_step(device, amp)
-        assert amp_loss == pytest.approx(loss, rel=tol_loss), amp
-        assert 0 < _rel_l2(amp_grads, grads) <= tol_grad, amp
+        for micro_batch in (None, 2):                  # gradient caching under autocast too
+            amp_loss, amp_grads, _ = _one_step(device, amp, micro_batch=micro_batch)
+            assert amp_loss == pytest.approx(loss, rel=tol_loss), (amp, micro_batch)
+            assert 0 < _rel_l2(amp_grads, grads) <= tol_grad, (amp, micro_batch)
 
 @cuda
 def test_cuda_step_under_fp16_and_bf16_autocast_matches_fp32(no_tf32):
@@ -3461,7 +3463,7 @@ def _check_retrieval_and_views(device):
 def test_cuda_retrieval_and_noise_views_match_the_cpu(no_tf32):
     _check_retrieval_and_views(torch.device("cuda"))
 
-def test_gpu_check_without_cuda_is_one_line_and_exit_2(tmp_path):
+def test_gpu_check_without_a_gpu_is_one_line_and_exit_2(tmp_path):
     """tools.gpu_check on a machine without CUDA: one line saying so, exit code 2, no report; its
     placeholder CIRR (the real val rows, one PNG under every name) reads as CIRR does."""
     from tools import gpu_check
@@ -3573,9 +3575,10 @@ def _settings_errors(toy_dir):
         (["--micro-batch", "48", *toy_args], "--micro-batch 48: must divide the batch of each "
          "process, 128 (--batch-size 128 over 1), and not exceed it; e.g. --micro-batch 32"),
         (["--micro-batch", "256", *toy_args], "--micro-batch 256: must divide"),
-        (["--micro-batch", "0", *toy_args], "--micro-batch 0: must divide"),
+        (["--micro-batch", "-4", *toy_args], "--micro-batch -4: must divide"),
         (["--grad-checkpoint", "--encoder", "text", *toy_args],
-         "--grad-checkpoint: --encoder text freezes the image tower"),
+         "--grad-checkpoint is for fine-tuning both towers, and --encoder text freezes the image "
+         "tower"),
         (["--clip", "ViT-Z/1", *toy_args], "--clip ViT-Z/1: not a released model"),
         (["--dataset", "fashioniq", "--data-root", str(toy_dir.parent), "--noise", "0.2",
           "--noise-kind", "partial"], "--noise-kind partial"),
@@ -3647,7 +3650,7 @@ def test_settings_given_again_on_resume_are_checked(tmp_path, capsys):
 def test_e2e_resume_takes_the_runs_own_settings(toy_run, capsys):
     """--resume: the settings are the run's args.json, whatever the dataset's presets say; --epochs,
     --amp, --workers, --micro-batch and --grad-checkpoint given again are applied (--epochs extends
-    the run; the memory flags change no result); any other
+    the run; the memory flags change no result but through ModifiedResNet's BatchNorm); any other
     setting given with another value is refused in one line naming it; a finished run says so and
     stops before anything is loaded."""
     saved = json.loads((toy_run / "args.json").read_text())

@@ -42,7 +42,7 @@ import runtime
 import toy
 from encode import Encoder, ImageSource, pair_features
 from loss import info_nce, soft_nce
-from model import CIRModel, grad_checkpoint, load_clip, running_stats_kept
+from model import CIRModel, load_clip, running_stats_kept, set_grad_checkpoint
 from nfb import NoiseFilter, pair_views
 from preprocess import make_transform, tokenize
 from util import atomic_write, error_line, log, strict_json
@@ -102,13 +102,15 @@ def build(args):
     init = resume or (runtime.load_checkpoint(args.init, "--init") if args.init else None)
     model = init_model(args, init).to(device)
     freeze(model, args)
-    grad_checkpoint(model, args.grad_checkpoint)
+    set_grad_checkpoint(model, args.grad_checkpoint)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
         log(runtime.describe(args))
     amp, scaler = runtime.autocast(args.amp, device)
-    enc = Encoder(model, args.batch_size, device, args.workers, amp, rank, world)
+    # the encoding passes (validation, the NFB's views, caches) take --micro-batch's rows at once
+    enc = Encoder(model, args.micro_batch or args.batch_size, device, args.workers, amp, rank,
+                  world)
     images, val = image_sources(args, enc, train, out / "bank.pt", resume is not None)
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -272,39 +274,45 @@ def cached_backward(run, tokens, ref, tgt, w):
       3. backward from q_m·∂L/∂q_m + t_m·∂L/∂t_m + λ (N/B) pen_m: the kept graph, then each other
          micro-batch run again with its graph. Under torchrun the gradients are summed locally
          and averaged once, in the last backward. -> the loss."""
-    a, B, n = run.args, len(tokens), run.args.micro_batch
-    parts, share = [slice(s, s + n) for s in range(0, B, n)], n / B
-    inputs = lambda s: (tokens[s], rows(ref, s), rows(tgt, s))
-    def backward(out, s):                                       # 3. for micro-batch s
-        q_m, t_m, pen_m = out
-        cached = (q_m.float() * q.grad[s]).sum() + a.div_weight * share * pen_m
-        if t is not None:
-            cached = cached + (t_m.float() * t.grad[s]).sum()
-        run.scaler.scale(cached).backward()
+    B, n = len(tokens), run.args.micro_batch
+    parts = [slice(s, s + n) for s in range(0, B, n)]
+    inputs = lambda s: (tokens[s], take_rows(ref, s), take_rows(tgt, s))
+    share = lambda s: len(range(B)[s]) / B                  # the micro-batch's part of the mean
     with torch.inference_mode(), run.amp, running_stats_kept(run.model):           # 1.
         outs = [features(run, run.model, *inputs(s)) for s in parts[:-1]]
     with run.amp, sync(run, len(parts) == 1):
         kept = features(run, run.net, *inputs(parts[-1]))
-    outs.append([x if x is None else x.detach() for x in kept])
-    q, t = (torch.cat(x).float().requires_grad_() if x[0] is not None else None  # (B, D)
-            for x in list(zip(*outs))[:2])
-    loss = batch_loss(run, q, t, tgt, w) + a.div_weight * share * sum(o[2] for o in outs)
+    qs, ts, pens = zip(*outs, [x if x is None else x.detach() for x in kept])
+    q = torch.cat(qs).float().requires_grad_()                                     # (B, D)
+    t = None if ts[0] is None else torch.cat(ts).float().requires_grad_()          # (B, D)
+    pen = sum(p * share(s) for p, s in zip(pens, parts))
+    loss = batch_loss(run, q, t, tgt, w) + run.args.div_weight * pen
     loss.backward()                                                                # 2.
+    grads = lambda s: (q.grad[s], None if t is None else t.grad[s])
     with sync(run, len(parts) == 1):                                               # 3.
-        backward(kept, parts[-1])
+        backward_cached(run, kept, *grads(parts[-1]), share(parts[-1]))
     for i, s in enumerate(parts[:-1]):
         with sync(run, i == len(parts) - 2):
             with run.amp:
                 out = features(run, run.net, *inputs(s))
-            backward(out, s)
+            backward_cached(run, out, *grads(s), share(s))
     return loss.detach()
+
+def backward_cached(run, out, g_q, g_t, share):
+    """Step 3 of cached_backward for one micro-batch: its features out = (q_m, t_m, pen_m), their
+    cached gradients g_q, g_t (N, D) (g_t None: stage 2's bank), its share N/B of the penalty."""
+    q_m, t_m, pen_m = out
+    cached = (q_m.float() * g_q).sum() + run.args.div_weight * share * pen_m
+    if g_t is not None:
+        cached = cached + (t_m.float() * g_t).sum()
+    run.scaler.scale(cached).backward()
 
 def sync(run, last):
     """Under torchrun, a micro-batch's forward and backward: its gradients summed locally
     (DDP's no_sync), but the last one's, whose backward averages the sums over the processes."""
     return nullcontext() if last or run.world == 1 else run.net.no_sync()
 
-def rows(x, s):
+def take_rows(x, s):
     """Rows s of a step's input: a tensor, or the Tokens / Features around one."""
     return x[s] if isinstance(x, torch.Tensor) else type(x)(x.f[s])
 
@@ -315,6 +323,8 @@ def train_epoch(run, epoch):
     """One pass: the epoch's pairs and soft labels, then train_step on each batch. -> log fields."""
     a = run.args
     run.model.train()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     keep, w_all = epoch_labels(run, epoch)
     total, steps, t_data, t_step = 0.0, 0, 0.0, 0.0
     loader = make_loader(run, epoch, keep=keep)
@@ -337,9 +347,8 @@ def train_epoch(run, epoch):
             break
     rec = dict(epoch=epoch, loss=total / max(1, steps), lr=run.sched.get_last_lr()[0],
                time_data=t_data, time_step=t_step)
-    if run.device.type == "cuda":     # the allocator's peak (tools.memory computes it beforehand)
+    if run.device.type == "cuda":     # the steps' peak (tools.memory computes it beforehand)
         rec["gpu_peak_gib"] = torch.cuda.max_memory_allocated(run.device) / 2 ** 30
-        torch.cuda.reset_peak_memory_stats(run.device)
     return rec
 
 def epoch_labels(run, epoch):

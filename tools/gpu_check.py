@@ -8,8 +8,9 @@
          once in the background (CUDA_VISIBLE_DEVICES=, 8 threads): wall time and the R@1 of
          each run's best epoch
   archs  a few training steps of ViT-B/32, RN50x4 and ViT-L/14 with random weights (nothing is
-         downloaded) at batch 128 on placeholder images in CIRR's layout: s/step, images/s, peak
-         GPU memory against tools.memory's computed estimate for the same flags
+         downloaded) at batch 128 on placeholder images in CIRR's layout, plain and with
+         --micro-batch 32 --grad-checkpoint: s/step, images/s, peak GPU memory against
+         tools.memory's computed estimate for the same flags
 Each part is timed and recorded even when it fails (its error line), and the report is written
 after each part: a check killed half-way keeps what it measured. Without CUDA: one line, exit 2.
 """
@@ -38,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 BUDGET = 480                 # seconds for the whole check (8 minutes)
 PARTS = ("tests", "toy", "archs")
 MODELS = ("ViT-B/32", "RN50x4", "ViT-L/14")
+MEMORY_FLAGS = ((), ("--micro-batch", "32", "--grad-checkpoint"))   # each model both ways
 BATCH, WARM, STEPS = 128, 2, 5           # triplets per step; untimed, timed steps per model
 CPU_THREADS = 8                          # the CPU run's, beside the GPU's work on 16 cores
 _T0 = time.perf_counter()
@@ -212,23 +214,25 @@ def arch_steps(tmp, deadline, names=MODELS, batch=BATCH, warm=WARM, steps=STEPS,
     import torch
     root = placeholder_cirr(tmp / "cirr", batch * (warm + steps))
     models = {}
-    for name in names:
+    for name, memory in ((n, m) for n in names for m in MEMORY_FLAGS):   # plain, then both flags
+        key = " ".join([name, *memory])
         if left(deadline) < 30:
-            models[name] = dict(ok=False, error="not run: the time budget is spent")
+            models[key] = dict(ok=False, error="not run: the time budget is spent")
             continue
-        say(f"archs: {name}")
+        say(f"archs: {key}")
         try:
-            models[name] = one_arch(name, root, tmp, batch, warm, steps, workers)
+            models[key] = one_arch(name, root, tmp, batch, warm, steps, workers, memory)
         except Exception as e:          # one model's failure (say, out of memory) is a result
-            models[name] = dict(ok=False, error=f"{type(e).__name__}: {first_line(e)}")
+            models[key] = dict(ok=False, error=f"{type(e).__name__}: {first_line(e)}")
         gc.collect()
         torch.cuda.empty_cache()
-        say(f"archs: {name}: {models[name]}")
+        say(f"archs: {key}: {models[key]}")
     return dict(ok=all(m["ok"] for m in models.values()), batch=batch, warm_steps=warm,
                 timed_steps=steps, models=models)
 
-def one_arch(name, root, tmp, batch, warm, steps, workers):
-    """The steps of one model, from its random weights saved as an OpenAI-format state dict."""
+def one_arch(name, root, tmp, batch, warm, steps, workers, memory=()):
+    """The steps of one model, from its random weights saved as an OpenAI-format state dict;
+    memory: train.py's memory flags."""
     import torch
     import model as M
     import runtime
@@ -238,7 +242,7 @@ def one_arch(name, root, tmp, batch, warm, steps, workers):
     torch.save(M.CLIP(**ARCHS[name]).state_dict(), weights)
     torch.cuda.reset_peak_memory_stats()
     flags = ["--dataset", "cirr", "--data-root", str(root), "--batch-size", str(batch),
-             "--workers", str(workers), "--no-nfb"]
+             "--workers", str(workers), "--no-nfb", *memory]
     with contextlib.redirect_stdout(io.StringIO()), all_images_distinct():
         run = train.build(runtime.settings([*flags, "--clip", str(weights),
                                             "--out", str(tmp / "runs" / weights.stem)]))

@@ -8,10 +8,11 @@ Takes train.py's own flags (no data is read, no weights are downloaded: a releas
 architecture, randomly initialised) and runs train.py's own `train_step` twice (the second counts
 AdamW's state) on fake tensors: every storage the step allocates is counted until it is freed
 (`Allocations`, rounded up to 512 bytes as CUDA's allocator does), nothing is computed, so it runs
-on a CPU in seconds. bf16 autocast is traced with the CPU's autocast, which casts the same matrix products. Not
-counted: the CUDA context (~0.5 GiB), cuBLAS / cuDNN workspaces and the allocator's
-fragmentation; the text runs over all 77 positions (a real batch stops at its last EOT). --real
-runs the step on the CPU's real tensors instead: the same accounting, measured.
+on a CPU in seconds. bf16 autocast is traced with the CPU's autocast, which casts the same
+matrix products. Not counted: the CUDA context (~0.5 GiB), cuBLAS / cuDNN workspaces and the
+allocator's fragmentation; the text runs over all 77 positions (a real batch stops at its last
+EOT). --real runs the step on the CPU's real tensors instead: the same accounting, measured.
+--stage 2 needs --init, as train.py does (the bank counted at BANK_ROWS rows).
 """
 
 import argparse
@@ -21,6 +22,7 @@ import sys
 import time
 import weakref
 from types import SimpleNamespace
+from unittest import mock
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -70,12 +72,8 @@ def settings(argv, gpus=1):
     p = runtime.parser("tools.memory: train.py's flags")
     a = runtime.resolve(p.parse_args(argv, namespace=runtime.Settings()))
     a.data_root = a.data_root or os.getcwd()       # no data is read: any folder passes the check
-    world = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(gpus)
-    try:
+    with mock.patch.dict(os.environ, WORLD_SIZE=str(gpus)):       # what the check divides by
         runtime.check(a, p)
-    finally:
-        os.environ.pop("WORLD_SIZE") if world is None else os.environ.update(WORLD_SIZE=world)
     if a.clip not in ARCHS and a.clip not in M.TINY_CONFIGS:
         p.error(f"--clip {a.clip}: tools.memory knows the architectures {', '.join(ARCHS)} and "
                 f"the tiny configs")
@@ -117,7 +115,7 @@ class Allocations(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.seen, self.now, self.peak = WeakIdKeyDictionary(), 0, 0
-        self.grads, self.start, self.act = 0, 0, 0
+        self.grads, self.start, self.act, self.counted = 0, 0, 0, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -135,8 +133,9 @@ class Allocations(TorchDispatchMode):
 
     def gradient(self, p):                        # a post-accumulate-grad hook: p.grad is made
         st = p.grad.untyped_storage()
-        if st in self.seen and not getattr(p, "_counted", False):
-            self.grads, p._counted = self.grads + self.seen[st], True
+        if st in self.seen and id(p) not in self.counted:
+            self.grads += self.seen[st]
+            self.counted.add(id(p))
 
 def measure(a, gpus=1, fake=True):
     """Peak memory of train.train_step under settings a on one of `gpus` processes: the second of
@@ -148,7 +147,7 @@ def measure(a, gpus=1, fake=True):
     with mode, traceable():
         model = M.CIRModel(M.CLIP(**cfg), wcb=not a.no_wcb, n_maps=a.wcb_maps).train()
         train.freeze(model, a)
-        M.grad_checkpoint(model, a.grad_checkpoint)
+        M.set_grad_checkpoint(model, a.grad_checkpoint)
         opt = torch.optim.AdamW(train.param_groups(model, a), fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -171,9 +170,8 @@ def measure(a, gpus=1, fake=True):
             with FlopCounterMode(display=False) as flops:
                 train.train_step(run, batch, None)
             opt.zero_grad(set_to_none=True)
-            for p in trained:
-                p._counted = False
             alloc.grads, alloc.start, alloc.act, alloc.peak = 0, alloc.now, 0, alloc.now
+            alloc.counted.clear()
             train.train_step(run, batch, None)
         for h in hooks:
             h.remove()
@@ -204,11 +202,13 @@ def report(a, gpus, mem, how="computed (fake tensors)"):
     need = mem["peak"] / GIB + 1.0   # CUDA's context and workspaces: ~1 GiB; a "24 GB" card: GiB
     print("  fits (~1 GiB more for CUDA's context and workspaces): " + ", ".join(
         f"{g} GB {'yes' if need <= g else 'no'}" for g in (24, 40, 80)))
+    per = a.batch_size // gpus
+    smaller = [d for d in range(1, min(32, (a.micro_batch or per + 1) - 1) + 1) if per % d == 0]
     less = [*([] if a.grad_checkpoint or a.encoder == "text" or a.stage == 2 else
-              ["--grad-checkpoint"]),
-            f"--micro-batch {a.micro_batch // 2}" if a.micro_batch else "--micro-batch 32"]
-    if need > 24 and (not a.micro_batch or a.micro_batch > 1):
-        print(f"  for less: {' or '.join(less)} (the same gradients; docs/gpu.md)")
+              ["--grad-checkpoint"]), *([f"--micro-batch {smaller[-1]}"] if smaller else [])]
+    if need > 24 and less:
+        print(f"  for less: {' or '.join(less)} (the same gradients, but for ModifiedResNet's "
+              "BatchNorm under --micro-batch; docs/gpu.md)")
 
 def table(models, batches):
     """docs/gpu.md's table: each model x batch x (plain, --micro-batch 32, --grad-checkpoint,
