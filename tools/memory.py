@@ -2,7 +2,7 @@
 
     python -m tools.memory --dataset cirr --clip ViT-L/14 --batch-size 512 --micro-batch 32
     python -m tools.memory --clip RN50x4 --batch-size 1024 --gpus 8 --grad-checkpoint
-    python -m tools.memory --table           # docs/gpu.md's table (a few minutes)
+    python -m tools.memory --table           # docs/gpu.md's table (~25 minutes on 2 cores)
 
 Takes train.py's own flags (no data is read, no weights are downloaded: a released name is its
 architecture, randomly initialised) and runs train.py's own `train_step` twice (the second counts
@@ -63,13 +63,19 @@ ARCHS = {  # OpenAI's released hyper-parameters (test_all.py checks them against
                            vision_width=1024, vision_patch_size=14,
                            **dict(_TEXT, transformer_width=768, transformer_heads=12)),
 }
+OWN_FLAGS = """
+its own flags (the rest are train.py's):
+  --gpus N   processes sharing --batch-size, as under torchrun --nproc_per_node N (1)
+  --real     the step on the CPU's real tensors: measured, not computed (slow for real CLIPs)
+  --table    docs/gpu.md's table
+"""
 BANK_ROWS = 20_000  # SPN stage 2: the bank's rows (CIRR's and FashionIQ's training images: fewer)
 GIB = 2 ** 30
 
 def settings(argv, gpus=1):
     """train.py's settings from its flags, checked as train.py checks them (its data folder
     aside), with `gpus` processes sharing --batch-size as under torchrun."""
-    p = runtime.parser("tools.memory: train.py's flags")
+    p = runtime.parser(__doc__ + OWN_FLAGS)
     a = runtime.resolve(p.parse_args(argv, namespace=runtime.Settings()))
     a.data_root = a.data_root or os.getcwd()       # no data is read: any folder passes the check
     with mock.patch.dict(os.environ, WORLD_SIZE=str(gpus)):       # what the check divides by
