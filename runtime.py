@@ -272,7 +272,7 @@ def check(a, p):
         (not a.micro_batch or 1 <= a.micro_batch <= per and per % a.micro_batch == 0,
          f"--micro-batch {a.micro_batch}: must divide the batch of each process, {per} "
          f"(--batch-size {a.batch_size} over {world}), and not exceed it; e.g. --micro-batch "
-         f"{max(d for d in range(1, min(32, per) + 1) if per % d == 0)}"),
+         f"{divisor_up_to(per, 32)}"),
         (not a.grad_checkpoint or a.encoder == "both" and a.stage == 1,
          f"--grad-checkpoint is for fine-tuning both towers, and "
          f"{'--stage 2' if a.stage == 2 else '--encoder text'} freezes the image tower (its "
@@ -312,6 +312,10 @@ def check(a, p):
         print(f"warning: --warmup-epochs {a.warmup_epochs} >= --epochs {a.epochs}: every epoch "
               "is a warm-up, the noise filter's labels are never used (pass --no-nfb, or more "
               "--epochs)", file=sys.stderr)
+
+def divisor_up_to(n, cap):
+    """The largest divisor of n that is at most cap (a --micro-batch to suggest), or None."""
+    return max((d for d in range(1, min(cap, n) + 1) if n % d == 0), default=None)
 
 def noise_of(args):
     return triplets.Noise(args.noise, args.noise_kind, args.seed)

@@ -33,7 +33,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-from tools.memory import ARCHS, estimate
+from tools.memory import ARCHS, estimate, every_image_distinct
 
 REPO = Path(__file__).resolve().parent.parent
 BUDGET = 480                 # seconds for the whole check (8 minutes)
@@ -195,19 +195,6 @@ def placeholder_cirr(root, rows_needed):
             shutil.copyfile(png, root / "img_raw" / rel)
     return root
 
-@contextlib.contextmanager
-def all_images_distinct():
-    """Every image of a batch through the tower: placeholders are all equal, and model.distinct
-    would send one image for the batch; real CIRR batches rarely repeat one (tools.memory
-    counts them so too)."""
-    import model as M
-    distinct = M.distinct
-    M.distinct = lambda x: (x, None)
-    try:
-        yield
-    finally:
-        M.distinct = distinct
-
 def arch_steps(tmp, deadline, names=MODELS, batch=BATCH, warm=WARM, steps=STEPS, workers=8):
     """Each model: `warm` then `steps` timed train_steps of train.py's own run at `batch`, bf16
     autocast (--amp auto), NFB off -> {name: s/step, images/s, peak GiB, the estimate}."""
@@ -243,7 +230,7 @@ def one_arch(name, root, tmp, batch, warm, steps, workers, memory=()):
     torch.cuda.reset_peak_memory_stats()
     flags = ["--dataset", "cirr", "--data-root", str(root), "--batch-size", str(batch),
              "--workers", str(workers), "--no-nfb", *memory]
-    with contextlib.redirect_stdout(io.StringIO()), all_images_distinct():
+    with contextlib.redirect_stdout(io.StringIO()), every_image_distinct():
         run = train.build(runtime.settings([*flags, "--clip", str(weights),
                                             "--out", str(tmp / "runs" / weights.stem)]))
         weights.unlink()

@@ -99,18 +99,29 @@ def step_inputs(a, cfg, B):
     return tokens, torch.randn(B, 3, res, res), torch.randn(B, 3, res, res)
 
 @contextlib.contextmanager
-def traceable():
-    """What fake tensors cannot do (no data): the text runs over all positions (its last EOT is
-    data), every image of a batch counts as distinct (finding repeats reads the pixels)."""
-    trunk, distinct = M.CLIP._text_trunk, M.distinct
-    def all_positions(self, text):
-        x = self.token_embedding(text).to(self.dtype) + self.positional_embedding.to(self.dtype)
-        return self.transformer(x), text.argmax(dim=-1)
-    M.CLIP._text_trunk, M.distinct = all_positions, lambda x: (x, None)
+def every_image_distinct():
+    """Every image of a batch through the tower, as if none repeated: finding repeats reads the
+    pixels (fake tensors have none; gpu_check's placeholder images are all one)."""
+    distinct, M.distinct = M.distinct, lambda x: (x, None)
     try:
         yield
     finally:
-        M.CLIP._text_trunk, M.distinct = trunk, distinct
+        M.distinct = distinct
+
+@contextlib.contextmanager
+def traceable():
+    """What fake tensors cannot do (no data): the text runs over all positions (its last EOT is
+    data), every image of a batch counts as distinct."""
+    trunk = M.CLIP._text_trunk
+    def all_positions(self, text):
+        x = self.token_embedding(text).to(self.dtype) + self.positional_embedding.to(self.dtype)
+        return self.transformer(x), text.argmax(dim=-1)
+    M.CLIP._text_trunk = all_positions
+    try:
+        with every_image_distinct():
+            yield
+    finally:
+        M.CLIP._text_trunk = trunk
 
 class Allocations(TorchDispatchMode):
     """Every tensor storage the ops create, counted until it is freed, each rounded up to 512 bytes
@@ -209,9 +220,9 @@ def report(a, gpus, mem, how="computed (fake tensors)"):
     print("  fits (~1 GiB more for CUDA's context and workspaces): " + ", ".join(
         f"{g} GB {'yes' if need <= g else 'no'}" for g in (24, 40, 80)))
     per = a.batch_size // gpus
-    smaller = [d for d in range(1, min(32, (a.micro_batch or per + 1) - 1) + 1) if per % d == 0]
+    smaller = runtime.divisor_up_to(per, min(32, (a.micro_batch or per + 1) - 1))
     less = [*([] if a.grad_checkpoint or a.encoder == "text" or a.stage == 2 else
-              ["--grad-checkpoint"]), *([f"--micro-batch {smaller[-1]}"] if smaller else [])]
+              ["--grad-checkpoint"]), *([f"--micro-batch {smaller}"] if smaller else [])]
     if need > 24 and less:
         print(f"  for less: {' or '.join(less)} (the same gradients, but for ModifiedResNet's "
               "BatchNorm under --micro-batch; docs/gpu.md)")
